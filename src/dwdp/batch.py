@@ -1,0 +1,65 @@
+"""Packed batches: many variable-length sequences as one flat token tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+import torch
+
+
+@dataclass
+class PackedBatch:
+    """New tokens of several sequences, back to back.
+
+    ``prefix_lens[i]`` tokens of sequence i are already in the KV cache (a chunked
+    prefill continues after them); positions of the new tokens start there.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    seq_lens: list[int]
+    prefix_lens: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.prefix_lens:
+            self.prefix_lens = [0] * len(self.seq_lens)
+        if len(self.prefix_lens) != len(self.seq_lens):
+            raise ValueError("prefix_lens and seq_lens differ in length")
+        if sum(self.seq_lens) != self.input_ids.numel():
+            raise ValueError(f"seq_lens sum to {sum(self.seq_lens)} but there are {self.input_ids.numel()} tokens")
+        if any(n <= 0 for n in self.seq_lens):
+            raise ValueError("every sequence in a batch needs at least one new token")
+
+    @classmethod
+    def from_sequences(cls, seqs: list[list[int]] | list[torch.Tensor], device="cpu",
+                       prefix_lens: list[int] | None = None) -> "PackedBatch":
+        flat = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]
+        ids = torch.cat(flat).to(device) if flat else torch.empty(0, dtype=torch.long, device=device)
+        return cls(ids, [t.numel() for t in flat], list(prefix_lens or []))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.numel()
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def cu_q(self) -> list[int]:
+        return [0, *accumulate(self.seq_lens)]
+
+    @property
+    def cu_k(self) -> list[int]:
+        return [0, *accumulate(p + n for p, n in zip(self.prefix_lens, self.seq_lens))]
+
+    @property
+    def cu_prefix(self) -> list[int]:
+        return [0, *accumulate(self.prefix_lens)]
+
+    def positions(self) -> torch.Tensor:
+        pos = [torch.arange(p, p + n) for p, n in zip(self.prefix_lens, self.seq_lens)]
+        return torch.cat(pos).to(self.input_ids.device)
+
+    def last_token_index(self) -> torch.Tensor:
+        return torch.tensor(self.cu_q[1:], device=self.input_ids.device) - 1

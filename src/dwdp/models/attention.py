@@ -1,0 +1,116 @@
+"""Causal attention over a packed batch of variable-length sequences.
+
+Each sequence attends to its own cached prefix (chunked prefill) plus its new tokens,
+causally aligned bottom-right. On CUDA we use PyTorch's variable-length FlashAttention
+kernel (``torch.nn.attention.varlen``) when it accepts the shapes; everywhere else a
+per-sequence SDPA call, which is also the reference path.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:  # older torch
+        return None
+    return varlen_attn
+
+
+_BACKEND = {"cuda": "auto"}
+
+
+def set_cuda_attention_backend(name: str) -> None:
+    """'auto' (varlen kernel where it applies) or 'sdpa' (per-sequence SDPA)."""
+    if name not in ("auto", "sdpa", "varlen"):
+        raise ValueError(f"attention backend {name!r}: choose auto, sdpa or varlen")
+    _BACKEND["cuda"] = name
+
+
+def packed_causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    scale: float,
+    cu_q_dev: torch.Tensor | None = None,
+    cu_k_dev: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q: [Tq, Hq, D]; k: [Tk, Hkv, D]; v: [Tk, Hkv, Dv] -> [Tq, Hq, Dv].
+
+    Sequence i's queries are rows cu_q[i]:cu_q[i+1] and its keys cu_k[i]:cu_k[i+1];
+    a sequence's keys are its prefix followed by its new tokens (so Tk_i >= Tq_i).
+    """
+    if q.is_cuda and _BACKEND["cuda"] != "sdpa" and _varlen_attn() is not None:
+        out = _try_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev)
+        if out is not None:
+            return out
+    return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale)
+
+
+def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale):
+    hq, hkv = q.shape[1], k.shape[1]
+    out = q.new_empty(q.shape[0], hq, v.shape[-1])
+    for i in range(len(cu_q) - 1):
+        q0, q1, k0, k1 = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+        nq, nk = q1 - q0, k1 - k0
+        if nq == 0:
+            continue
+        qi = q[q0:q1].transpose(0, 1)
+        ki = k[k0:k1].transpose(0, 1)
+        vi = v[k0:k1].transpose(0, 1)
+        if hkv != hq:
+            ki = ki.repeat_interleave(hq // hkv, dim=0)
+            vi = vi.repeat_interleave(hq // hkv, dim=0)
+        if nq == nk:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)
+        else:  # prefix present: query j sees keys [0, nk - nq + j]
+            mask = torch.ones(nq, nk, dtype=torch.bool, device=q.device).tril(diagonal=nk - nq)
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale)
+        out[q0:q1] = o.transpose(0, 1)
+    return out
+
+
+def _try_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv > d:
+        return None
+    if dv < d:  # the kernel needs one head dim: pad V (MLA has d=192, dv=128), then slice
+        v = F.pad(v, (0, d - dv))
+    if cu_q_dev is None:
+        cu_q_dev = torch.tensor(cu_q, dtype=torch.int32, device=q.device)
+    if cu_k_dev is None:
+        cu_k_dev = cu_q_dev if cu_k == cu_q else torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+    max_q = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
+    max_k = max(b - a for a, b in zip(cu_k[:-1], cu_k[1:]))
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv != hq:
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    try:
+        out = _varlen_attn()(q, k.contiguous(), v.contiguous(), cu_q_dev, cu_k_dev, max_q, max_k,
+                             is_causal=True, scale=scale)
+    except (RuntimeError, TypeError) as e:  # unsupported shape/arch: fall back, once noted
+        if _BACKEND["cuda"] == "varlen":
+            raise
+        _warn_once(str(e))
+        return None
+    if isinstance(out, tuple):
+        out = out[0]
+    return out[..., :dv]
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_once(msg: str) -> None:
+    import warnings
+
+    warnings.warn(f"varlen attention unavailable, using per-sequence SDPA: {msg[:200]}", stacklevel=3)

@@ -1,0 +1,189 @@
+"""Mixture-of-experts layer: router, routed experts, optional shared experts.
+
+The routed experts are reached through one narrow interface, :class:`RoutedExperts`:
+``forward(x, topk_ids, topk_weights) -> y``. The plain version here holds every expert
+(or a chosen subset, for loading a rank's share). Parallel strategies (DWDP, expert
+parallelism) replace the ``experts`` attribute of each :class:`MoEBlock` from outside
+with their own implementation of the same interface; nothing else in the model knows
+about parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import DenseMLP
+
+
+class Router(nn.Module):
+    """Top-k routing: softmax (Qwen3, DeepSeek-V2) or sigmoid + group-limited (DeepSeek-V3).
+
+    Parameter names match the Hugging Face checkpoints (``mlp.gate.weight``,
+    ``mlp.gate.e_score_correction_bias``). Routing runs in fp32: a flipped expert choice
+    from low-precision scores changes the output far more than rounding does.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.scoring, self.method = cfg.scoring_func, cfg.topk_method
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        if self.method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+        # Benchmarks only: an additive bias on router logits that makes some experts hot.
+        self.logit_bias: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        if self.method == "greedy":
+            weights, ids = torch.topk(scores, self.top_k, dim=-1)
+        else:
+            choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            if self.method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            top_groups = torch.topk(group_scores, self.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, top_groups, 1.0).bool()
+            expert_mask = group_mask[:, :, None].expand_as(grouped).reshape(-1, self.num_experts)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+            ids = torch.topk(choice, self.top_k, dim=-1, sorted=False)[1]
+            weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scale, ids
+
+
+@dataclass
+class ExpertSegment:
+    """A run of consecutive global experts [start, start + count) whose weights lie in
+    ``w13[i]`` / ``w2[i]`` for expert ``start + i`` (a resident shard, or a prefetch slot)."""
+
+    start: int
+    w13: torch.Tensor  # [count, 2 * inter, hidden]: gate rows then up rows
+    w2: torch.Tensor  # [count, hidden, inter]
+
+    @property
+    def count(self) -> int:
+        return self.w13.shape[0]
+
+
+def routed_experts_forward(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    segments: list[ExpertSegment],
+    num_experts: int,
+    on_segment_start=None,
+) -> torch.Tensor:
+    """Compute sum_k w_k * expert_{id_k}(x) reading each expert where it lies.
+
+    Tokens are sorted by expert once; each segment then runs one grouped GEMM over its
+    contiguous block of sorted rows, so weights split across a resident shard and a
+    prefetch slot are used in place (no merge copy). ``on_segment_start(seg)`` lets the
+    caller wait for a segment's weights just before it is used (DWDP: local first).
+    """
+    T, K = topk_ids.shape
+    hidden = x.shape[-1]
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    ends = counts.cumsum(0).tolist()  # one host sync per layer, for the segment boundaries
+    x_sorted = x[order // K]
+    y_sorted = torch.empty_like(x_sorted)
+    for seg in segments:  # caller's order: DWDP puts resident experts first
+        e0, e1 = seg.start, seg.start + seg.count
+        r0, r1 = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]
+        if on_segment_start is not None:
+            on_segment_start(seg)
+        if r1 == r0:
+            continue
+        y_sorted[r0:r1] = _grouped_swiglu(x_sorted[r0:r1], seg, counts[e0:e1], ends, e0)
+    # Un-permute to [T, K, hidden] and reduce over k in a fixed order.
+    y = torch.empty_like(y_sorted)
+    y[order] = y_sorted
+    y = y.view(T, K, hidden) * topk_weights.to(y.dtype)[..., None]
+    return y.sum(dim=1)
+
+
+def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
+    if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        offs = counts.cumsum(0).to(torch.int32)
+        h = torch._grouped_mm(xs, seg.w13.transpose(-2, -1), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, seg.w2.transpose(-2, -1), offs=offs)
+    # Reference path: one matmul pair per expert.
+    out = torch.empty_like(xs)
+    base = ends[e0 - 1] if e0 else 0
+    for i in range(seg.count):
+        r0 = (ends[e0 + i - 1] if e0 + i else 0) - base
+        r1 = ends[e0 + i] - base
+        if r1 == r0:
+            continue
+        gate, up = F.linear(xs[r0:r1], seg.w13[i]).chunk(2, dim=-1)
+        out[r0:r1] = F.linear(F.silu(gate) * up, seg.w2[i])
+    return out
+
+
+class RoutedExperts(nn.Module):
+    """The routed experts of one MoE layer, all held in this process.
+
+    ``expert_ids`` may be a contiguous subset [start, start + count): that is how a rank
+    loads only its share; computing with a subset is only meaningful under a parallel
+    strategy that supplies the rest.
+    """
+
+    def __init__(self, num_experts: int, hidden: int, inter: int, start: int = 0, count: int | None = None):
+        super().__init__()
+        count = num_experts - start if count is None else count
+        self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
+        self.start = start
+        self.w13 = nn.Parameter(torch.empty(count, 2 * inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(count, hidden, inter))
+
+    @property
+    def expert_range(self) -> range:
+        return range(self.start, self.start + self.w13.shape[0])
+
+    def segments(self) -> list[ExpertSegment]:
+        return [ExpertSegment(self.start, self.w13, self.w2)]
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        if len(self.expert_range) != self.num_experts:
+            raise RuntimeError(
+                f"this MoE layer holds experts {self.expert_range.start}..{self.expert_range.stop - 1} of "
+                f"{self.num_experts}: apply a parallel strategy (DWDP/EP) to supply the others"
+            )
+        return routed_experts_forward(x, topk_ids, topk_weights, self.segments(), self.num_experts)
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts: nn.Module = RoutedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        y = self.experts(x, ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

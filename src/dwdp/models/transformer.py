@@ -1,0 +1,200 @@
+"""The decoder-only MoE transformer, for the qwen3_moe and deepseek_v2/v3 families.
+
+Module and parameter names follow the Hugging Face checkpoints (``model.layers.3.
+self_attn.q_proj.weight`` ...) so loading is a name lookup; the only exception is the
+routed experts, fused per layer into ``w13``/``w2`` (see :mod:`.moe`).
+
+The forward pass takes a :class:`~dwdp.batch.PackedBatch` and returns the last-token
+logits of each sequence and the KV cache entries its new tokens produced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..batch import PackedBatch
+from ..config import ModelConfig
+from .attention import packed_causal_attention
+from .layers import DenseMLP, RMSNorm, Rotary, yarn_softmax_scale
+from .moe import MoEBlock
+
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+"""Per-token cache of one layer, packed over tokens: GQA (k, v) [T, kv_heads, d];
+MLA (compressed kv after its norm [T, kv_lora_rank], roped shared key [T, rope_dim])."""
+
+
+@dataclass
+class ForwardContext:
+    batch: PackedBatch
+    cos: torch.Tensor
+    sin: torch.Tensor
+    cu_q_dev: torch.Tensor
+    cu_k_dev: torch.Tensor
+
+
+def _with_prefix(prefix: torch.Tensor, new: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+    """Interleave cached prefixes and new tokens: [p_0, n_0, p_1, n_1, ...]."""
+    parts = []
+    cp, cq = batch.cu_prefix, batch.cu_q
+    for i in range(batch.num_seqs):
+        parts += [prefix[cp[i]:cp[i + 1]], new[cq[i]:cq[i + 1]]]
+    return torch.cat(parts)
+
+
+class GQAAttention(nn.Module):
+    """Grouped-query attention with per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.hkv, self.d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.h * self.d, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.hkv * self.d, bias=bias)
+        self.o_proj = nn.Linear(self.h * self.d, cfg.hidden_size, bias=bias)
+        self.q_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg.rope, self.d)
+        self.scale = self.d ** -0.5
+
+    def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
+        T = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(T, self.h, self.d))
+        k = self.k_norm(self.k_proj(x).view(T, self.hkv, self.d))
+        v = self.v_proj(x).view(T, self.hkv, self.d)
+        q, k = self.rotary.apply(q, ctx.cos, ctx.sin), self.rotary.apply(k, ctx.cos, ctx.sin)
+        k_all, v_all = (k, v) if past is None else (_with_prefix(past[0], k, ctx.batch),
+                                                     _with_prefix(past[1], v, ctx.batch))
+        b = ctx.batch
+        o = packed_causal_attention(q, k_all, v_all, b.cu_q, b.cu_k, self.scale, ctx.cu_q_dev, ctx.cu_k_dev)
+        return self.o_proj(o.reshape(T, -1)), (k, v)
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank q, compressed kv, decoupled rope.
+
+    The cache keeps the compressed latent and the shared roped key (what decode reads);
+    prefill expands them to per-head keys and values.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h = cfg.num_heads
+        self.nope, self.rope_d, self.vd = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        qd = self.nope + self.rope_d
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, self.h * qd, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.h * qd, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope_d, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.rank, self.h * (self.nope + self.vd), bias=False)
+        self.o_proj = nn.Linear(self.h * self.vd, cfg.hidden_size, bias=cfg.attention_bias)
+        self.rotary = Rotary(cfg.rope, self.rope_d, interleaved=cfg.rope_interleave)
+        self.scale = qd ** -0.5 * yarn_softmax_scale(cfg.rope)
+
+    def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
+        T = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, self.h, self.nope + self.rope_d)
+        q_nope, q_rot = q.split([self.nope, self.rope_d], dim=-1)
+        c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_d], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_rot = self.rotary.apply(q_rot, ctx.cos, ctx.sin)
+        k_rot = self.rotary.apply(k_rot[:, None, :], ctx.cos, ctx.sin)[:, 0]
+        new_kv = (c_kv, k_rot)
+        if past is not None:
+            c_kv, k_rot = _with_prefix(past[0], c_kv, ctx.batch), _with_prefix(past[1], k_rot, ctx.batch)
+        Tk = c_kv.shape[0]
+        kv = self.kv_b_proj(c_kv).view(Tk, self.h, self.nope + self.vd)
+        k_nope, v = kv.split([self.nope, self.vd], dim=-1)
+        k = torch.cat([k_nope, k_rot[:, None, :].expand(Tk, self.h, self.rope_d)], dim=-1)
+        q = torch.cat([q_nope, q_rot], dim=-1)
+        b = ctx.batch
+        o = packed_causal_attention(q, k, v, b.cu_q, b.cu_k, self.scale, ctx.cu_q_dev, ctx.cu_k_dev)
+        return self.o_proj(o.reshape(T, -1)), new_kv
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, idx: int):
+        super().__init__()
+        self.idx = idx
+        self.self_attn = MLAttention(cfg) if cfg.is_mla else GQAAttention(cfg)
+        self.is_moe = cfg.moe_layer_mask[idx]
+        self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
+        a, kv = self.self_attn(self.input_layernorm(x), ctx, past)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class PrefillOutput:
+    logits: torch.Tensor  # [num_seqs, vocab], fp32, at each sequence's last new token
+    kv: list[LayerKV]  # per layer, packed over the batch's new tokens (batch.cu_q)
+
+
+class MoECausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def moe_blocks(self) -> list[MoEBlock]:
+        return [layer.mlp for layer in self.model.layers if layer.is_moe]
+
+    def check_prompt_lengths(self, batch: PackedBatch) -> None:
+        limit = self.config.max_position_embeddings
+        for i, (p, n) in enumerate(zip(batch.prefix_lens, batch.seq_lens)):
+            if p + n > limit:
+                raise ValueError(
+                    f"sequence {i} reaches {p + n} tokens, over the model's max_position_embeddings={limit}; "
+                    "shorten the prompt"
+                )
+
+    @torch.inference_mode()
+    def forward(self, batch: PackedBatch, past: list[LayerKV] | None = None) -> PrefillOutput:
+        """``past``: per layer, the cached prefixes of the batch's sequences packed by
+        ``batch.cu_prefix`` (omit when every prefix is empty)."""
+        self.check_prompt_lengths(batch)
+        if past is None and any(batch.prefix_lens):
+            raise ValueError("the batch continues cached sequences (prefix_lens > 0) but no past KV was given")
+        ids = batch.input_ids
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) for this model")
+        x = self.model.embed_tokens(ids)
+        rot = self.model.layers[0].self_attn.rotary
+        cos, sin = rot.cos_sin(batch.positions(), x.dtype)
+        dev = x.device
+        cu_q_dev = torch.tensor(batch.cu_q, dtype=torch.int32, device=dev)
+        cu_k_dev = cu_q_dev if past is None else torch.tensor(batch.cu_k, dtype=torch.int32, device=dev)
+        ctx = ForwardContext(batch, cos, sin, cu_q_dev, cu_k_dev)
+        kvs: list[LayerKV] = []
+        for i, layer in enumerate(self.model.layers):
+            x, kv = layer(x, ctx, None if past is None else past[i])
+            kvs.append(kv)
+        last = self.model.norm(x[batch.last_token_index()])
+        return PrefillOutput(self.lm_head(last).float(), kvs)
