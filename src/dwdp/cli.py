@@ -1,0 +1,189 @@
+"""The ``dwdp`` command line: ``run`` (prefill), ``info`` (where the bytes are), ``dwdp``
+(a DWDP group of local processes)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from .config import ConfigError
+from .presets import DEFAULT_MODEL, PRESETS
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"preset ({', '.join(PRESETS)}) or a Hugging Face checkpoint directory "
+                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument("--num-layers", type=int, default=None, help="keep only the first N layers")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_model_args(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="weight/activation dtype (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="comma-separated token ids; repeat for several prompts")
+    p.add_argument("--lengths", default="16,48,7,100",
+                   help="random prompts of these lengths when no --prompt is given (default: 16,48,7,100)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and prompts")
+    p.add_argument("--max-num-tokens", type=int, default=8192, help="token budget per step (MNT)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+def _prompts(args, vocab: int) -> list[list[int]]:
+    if args.prompt:
+        try:
+            return [[int(t) for t in p.split(",") if t.strip()] for p in args.prompt]
+        except ValueError:
+            raise SystemExit("error: --prompt takes comma-separated integer token ids, e.g. --prompt 1,2,3")
+    g = torch.Generator().manual_seed(args.seed + 1)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def load_model_from_args(args, expert_shard=None):
+    from .checkpoint import load_checkpoint
+    from .models import build_model, init_random
+    from .presets import resolve_model
+
+    cfg, ckpt = resolve_model(args.model, args.num_layers)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = build_model(cfg, dtype, device, expert_shard)
+    if ckpt is not None:
+        load_checkpoint(model, ckpt, progress=sys.stderr.isatty())
+    else:
+        init_random(model, args.seed)
+    return cfg, model
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .engine import PrefillEngine, Request
+
+    console = Console()
+    t0 = time.perf_counter()
+    cfg, model = load_model_from_args(args)
+    load_s = time.perf_counter() - t0
+    prompts = _prompts(args, cfg.vocab_size)
+    engine = PrefillEngine(model, max_num_tokens=args.max_num_tokens, keep_kv=False)
+    t0 = time.perf_counter()
+    results = engine.run([Request(i, p) for i, p in enumerate(prompts)])
+    wall = time.perf_counter() - t0
+    results.sort(key=lambda r: r.id)
+    table = Table(title=f"prefill on {cfg.name or args.model} ({args.device}, {next(model.parameters()).dtype})")
+    for col in ("seq", "prompt tokens", "next token", "TTFT ms"):
+        table.add_column(col, justify="right")
+    for r in results:
+        table.add_row(str(r.id), str(r.prompt_len), str(r.next_token), f"{r.ttft * 1e3:.1f}")
+    console.print(table)
+    ntok = sum(r.prompt_len for r in results)
+    step_s = sum(s.seconds for s in engine.steps)
+    console.print(f"{ntok} tokens in {len(engine.steps)} step(s): {step_s * 1e3:.1f} ms forward, "
+                  f"{ntok / step_s:,.0f} tokens/s (load {load_s:.2f} s, wall {wall * 1e3:.1f} ms)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "device": args.device, "tokens": ntok, "forward_s": step_s,
+                       "tokens_per_s": ntok / step_s,
+                       "results": [{"id": r.id, "prompt_len": r.prompt_len, "next_token": r.next_token,
+                                    "ttft_s": r.ttft} for r in results]}, f, indent=2)
+    return 0
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_info(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .info import dwdp_rank_memory, param_breakdown
+    from .parallel.placement import Placement
+    from .presets import resolve_model
+
+    cfg, _ = resolve_model(args.model, args.num_layers)
+    bpp = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
+    ebpp = {"same": bpp, "fp8": 1.0, "fp4": 0.5}[args.expert_dtype]
+    pb = param_breakdown(cfg)
+    console = Console()
+    t = Table(title=f"{cfg.name or args.model}: {cfg.model_type}, {cfg.num_layers} layers "
+                    f"({len(cfg.moe_layers)} MoE), {cfg.num_experts} routed experts, top-{cfg.top_k}")
+    for col in ("part", "parameters", "bytes", "share"):
+        t.add_column(col, justify="right" if col != "part" else "left")
+    rows = [("embeddings + lm_head", pb.embeddings, bpp), ("attention", pb.attention, bpp),
+            ("norms", pb.norms, bpp), ("dense MLP", pb.dense_mlp, bpp),
+            ("shared experts", pb.shared_experts, bpp), ("routers", pb.routers, bpp),
+            ("routed experts", pb.routed_experts, ebpp)]
+    total_bytes = sum(n * b for _, n, b in rows)
+    for name, n, b in rows:
+        t.add_row(name, f"{n:,}", _fmt_bytes(n * b), f"{100 * n * b / total_bytes:.1f}%")
+    t.add_row("total", f"{pb.total:,}", _fmt_bytes(total_bytes), "100%")
+    console.print(t)
+    if pb.num_moe_layers:
+        e_bytes = pb.expert_numel * ebpp
+        console.print(f"routed experts per MoE layer: {cfg.num_experts} x {pb.expert_numel:,} params = "
+                      f"{_fmt_bytes(cfg.num_experts * e_bytes)}; one expert: {_fmt_bytes(e_bytes)}")
+    if args.group_size:
+        pl = Placement.create(cfg.num_experts, args.group_size, args.local_experts)
+        mem = dwdp_rank_memory(cfg, pl, bpp, ebpp)
+        t2 = Table(title=f"DWDP per-rank memory: {pl.describe()}")
+        for col in ("part", "bytes"):
+            t2.add_column(col)
+        t2.add_row("non-expert weights (replicated)", _fmt_bytes(mem.non_expert))
+        t2.add_row(f"resident experts ({pl.local} per MoE layer)", _fmt_bytes(mem.resident_experts))
+        t2.add_row(f"two prefetch slots ({pl.remote} experts each)", _fmt_bytes(mem.slots))
+        t2.add_row("total", _fmt_bytes(mem.total))
+        console.print(t2)
+        console.print(f"bytes pulled per rank per MoE layer: {_fmt_bytes(pl.remote * pb.expert_numel * ebpp)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dwdp", description="DWDP: an MoE prefill engine built around "
+                                "Distributed Weight Data Parallelism.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="prefill prompts on one device (default: a tiny model on CPU)")
+    _add_run_args(run)
+    run.set_defaults(func=cmd_run)
+    info = sub.add_parser("info", help="parameter and byte breakdown of a model (and DWDP per-rank memory)")
+    _add_model_args(info)
+    info.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
+    info.add_argument("--expert-dtype", default="same", choices=["same", "fp8", "fp4"],
+                      help="routed expert storage format (default: same as --dtype)")
+    info.add_argument("--group-size", "-N", type=int, default=0, help="DWDP group size N: show per-rank memory")
+    info.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP local experts per rank L")
+    info.set_defaults(func=cmd_info)
+    # DWDP_SUBCOMMAND
+
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
