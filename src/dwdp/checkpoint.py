@@ -77,6 +77,8 @@ def _ignorable(name: str, model: MoECausalLM) -> bool:
     cfg = model.config
     if name.endswith("rotary_emb.inv_freq") or name.endswith(".weight_scale_inv"):
         return True
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:  # some tied checkpoints store it anyway
+        return True
     m = _LAYER.match(name)
     if m and int(m.group(1)) >= cfg.num_layers:  # truncated model, or DeepSeek's MTP layers
         return True

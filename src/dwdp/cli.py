@@ -17,6 +17,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
+def _console():
+    from rich.console import Console
+
+    # Wide enough for our tables when output goes to a file or a pipe (rich assumes 80).
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"preset ({', '.join(PRESETS)}) or a Hugging Face checkpoint directory "
@@ -36,6 +43,16 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and prompts")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="token budget per step (MNT)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    d = p.add_argument_group("DWDP (several processes; under torchrun each process is one rank)")
+    d.add_argument("--group-size", "-N", type=int, default=1, help="DWDP group size N (1: a single process)")
+    d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
+    d.add_argument("--local-experts", "-L", type=int, default=None,
+                   help="experts each rank keeps per MoE layer (default: the smallest valid L)")
+    d.add_argument("--peer-timeout", type=float, default=60.0,
+                   help="seconds without a peer heartbeat before the group fails (default 60)")
+    d.add_argument("--slice-mb", type=float, default=None,
+                   help="cut pulls into slices of this many MiB issued round-robin over peers")
+    d.add_argument("--timeout", type=float, default=1800.0, help="overall limit for spawned runs, seconds")
 
 
 def _prompts(args, vocab: int) -> list[list[int]]:
@@ -73,7 +90,9 @@ def cmd_run(args) -> int:
 
     from .engine import PrefillEngine, Request
 
-    console = Console()
+    console = _console()
+    if args.group_size > 1 or (args.world_size or 1) > 1:
+        return _cmd_run_dwdp(args, console)
     t0 = time.perf_counter()
     cfg, model = load_model_from_args(args)
     load_s = time.perf_counter() - t0
@@ -102,6 +121,39 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _cmd_run_dwdp(args, console) -> int:
+    from rich.table import Table
+
+    from .parallel.launch import run_dwdp_from_cli
+    from .presets import resolve_model
+
+    cfg, _ = resolve_model(args.model, args.num_layers)
+    prompts = _prompts(args, cfg.vocab_size)
+    ranks = run_dwdp_from_cli(args, prompts)
+    table = Table(title=f"DWDP prefill on {cfg.name or args.model}: {ranks[0]['placement']}")
+    for col in ("rank", "experts kept", "seqs", "tokens", "steps", "forward ms", "tokens/s",
+                "exposed wait ms", "pulled GiB", "pull GB/s"):
+        table.add_column(col, justify="right")
+    for r in ranks:
+        ntok = sum(x["prompt_len"] for x in r["results"])
+        fwd = sum(s["seconds"] for s in r["steps"])
+        wait = sum(s["exposed_wait_s"] for s in r["dwdp_steps"])
+        pulled = sum(s["pulled_bytes"] for s in r["dwdp_steps"])
+        gbps = [s["pull_gbps"] for s in r["dwdp_steps"]]
+        table.add_row(str(r["rank"]), f"{r['local_experts'][0]}..{r['local_experts'][1] - 1}",
+                      str(len(r["results"])), str(ntok), str(len(r["steps"])), f"{fwd * 1e3:.1f}",
+                      f"{ntok / fwd:,.0f}" if fwd else "-", f"{wait * 1e3:.2f}", f"{pulled / 2**30:.3f}",
+                      f"{sum(gbps) / len(gbps):.1f}" if gbps else "-")
+    console.print(table)
+    seqs = sorted((x["id"], r["rank"], x["prompt_len"], x["next_token"]) for r in ranks for x in r["results"])
+    console.print("next tokens: " + ", ".join(f"seq {i} (rank {rk}, {n} tok) -> {t}" for i, rk, n, t in seqs))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{k: v for k, v in r.items() if k != "results"} | {"results": [
+                {k: v for k, v in x.items() if k != "logits"} for x in r["results"]]} for r in ranks], f, indent=2)
+    return 0
+
+
 def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -122,7 +174,7 @@ def cmd_info(args) -> int:
     bpp = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
     ebpp = {"same": bpp, "fp8": 1.0, "fp4": 0.5}[args.expert_dtype]
     pb = param_breakdown(cfg)
-    console = Console()
+    console = _console()
     t = Table(title=f"{cfg.name or args.model}: {cfg.model_type}, {cfg.num_layers} layers "
                     f"({len(cfg.moe_layers)} MoE), {cfg.num_experts} routed experts, top-{cfg.top_k}")
     for col in ("part", "parameters", "bytes", "share"):
@@ -170,8 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--group-size", "-N", type=int, default=0, help="DWDP group size N: show per-rank memory")
     info.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP local experts per rank L")
     info.set_defaults(func=cmd_info)
-    # DWDP_SUBCOMMAND
-
 
     return p
 

@@ -45,6 +45,9 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: st
             from .layers import rope_inv_freq
 
             mod.inv_freq = rope_inv_freq(cfg.rope, mod.inv_freq.numel() * 2)[0].to(device)
+    if cfg.tie_word_embeddings:  # to_empty() gave lm_head its own tensor: tie again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.requires_grad_(False)  # inference only
     model.eval()
     return model
 

@@ -1,0 +1,175 @@
+"""Asynchronous copies beside the compute, with cross-queue signals.
+
+One interface, two implementations chosen by device:
+
+* CUDA: a dedicated copy stream (the copy engine does the work, no SMs) and CUDA events.
+* CPU: a copy thread that executes submitted copies in order, and threading events.
+
+Both give the same guarantees: copies of one submission run after the signals it
+waits for, in submission order, and ``compute_wait(signal)`` makes subsequent compute
+observe the finished copies.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+class TransportTimeout(RuntimeError):
+    """A copy or a wait did not finish within the configured time."""
+
+
+Copy = tuple[torch.Tensor, torch.Tensor]  # (dst, src)
+
+
+class CopyEngine:
+    """Abstract interface; see the module docstring."""
+
+    def submit(self, copies: list[Copy], wait_for=None, nbytes: int = 0):
+        raise NotImplementedError
+
+    def compute_signal(self):
+        """A signal that fires once the compute issued so far has finished."""
+        raise NotImplementedError
+
+    def compute_wait(self, signal) -> float:
+        """Make later compute wait for ``signal``; returns seconds spent waiting on the
+        host (CPU) or 0 (CUDA: the wait is measured on the device, see ``wait_timers``)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------- CPU
+@dataclass
+class _CpuSignal:
+    event: threading.Event = field(default_factory=threading.Event)
+    start: float = 0.0
+    end: float = 0.0
+    nbytes: int = 0
+    error: BaseException | None = None
+
+
+class CpuCopyEngine(CopyEngine):
+    def __init__(self, timeout_s: float = 60.0, copy_delay: Callable[[], float] | None = None):
+        self.timeout_s = timeout_s
+        self.copy_delay = copy_delay  # tests: a random sleep before each copy
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="dwdp-copy", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            copies, wait_for, sig = item
+            try:
+                if wait_for is not None and not wait_for.event.wait(self.timeout_s):
+                    raise TransportTimeout(f"copy waited over {self.timeout_s:.0f} s for its slot to be released")
+                sig.start = time.perf_counter()
+                for dst, src in copies:
+                    if self.copy_delay is not None:
+                        time.sleep(self.copy_delay())
+                    dst.copy_(src)
+                sig.end = time.perf_counter()
+            except BaseException as e:  # surfaced to whoever waits on this signal
+                sig.error = e
+            sig.event.set()
+
+    def submit(self, copies, wait_for=None, nbytes: int = 0):
+        sig = _CpuSignal(nbytes=nbytes)
+        self._q.put((copies, wait_for, sig))
+        return sig
+
+    def compute_signal(self):
+        sig = _CpuSignal()
+        sig.event.set()  # CPU compute is synchronous: everything issued so far is done
+        return sig
+
+    def compute_wait(self, signal) -> float:
+        t0 = time.perf_counter()
+        if not signal.event.wait(self.timeout_s):
+            raise TransportTimeout(
+                f"a peer pull did not finish within {self.timeout_s:.0f} s (is a peer's memory unreachable?)"
+            )
+        if signal.error is not None:
+            raise RuntimeError(f"a peer pull failed: {signal.error}") from signal.error
+        return time.perf_counter() - t0
+
+    @staticmethod
+    def copy_seconds(signal) -> float:
+        return signal.end - signal.start
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=5)
+
+
+# ---------------------------------------------------------------------------- CUDA
+@dataclass
+class _CudaSignal:
+    done: "torch.cuda.Event"
+    start: "torch.cuda.Event | None" = None
+    nbytes: int = 0
+
+
+class CudaCopyEngine(CopyEngine):
+    def __init__(self, device: torch.device, timing: bool = True):
+        self.device = device
+        # Low priority would let compute preempt; copies are DMA work so priority matters little.
+        self.stream = torch.cuda.Stream(device=device)
+        self.timing = timing
+        self.wait_timers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def submit(self, copies, wait_for=None, nbytes: int = 0):
+        with torch.cuda.stream(self.stream):
+            if wait_for is not None:
+                self.stream.wait_event(wait_for.done)
+            start = torch.cuda.Event(enable_timing=True) if self.timing else None
+            if start is not None:
+                start.record(self.stream)
+            for dst, src in copies:
+                dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event(enable_timing=self.timing)
+            done.record(self.stream)
+        return _CudaSignal(done, start, nbytes)
+
+    def compute_signal(self):
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        return _CudaSignal(ev)
+
+    def compute_wait(self, signal) -> float:
+        cur = torch.cuda.current_stream(self.device)
+        if self.timing:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record(cur)
+            cur.wait_event(signal.done)
+            b.record(cur)
+            self.wait_timers.append((a, b))
+        else:
+            cur.wait_event(signal.done)
+        return 0.0
+
+    @staticmethod
+    def copy_seconds(signal) -> float:
+        if signal.start is None:
+            return float("nan")
+        return signal.start.elapsed_time(signal.done) / 1e3
+
+    def drain_wait_seconds(self) -> float:
+        """Device time the compute stream stalled on pulls since the last drain (syncs)."""
+        if not self.wait_timers:
+            return 0.0
+        self.wait_timers[-1][1].synchronize()
+        total = sum(a.elapsed_time(b) for a, b in self.wait_timers) / 1e3
+        self.wait_timers.clear()
+        return total

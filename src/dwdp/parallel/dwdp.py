@@ -1,0 +1,215 @@
+"""Distributed Weight Data Parallelism, applied to a model from outside.
+
+``apply_dwdp(model, ctx, placement)`` takes a model whose MoE layers hold only this
+rank's resident experts (built with ``expert_shard=placement.local_range(rank)``),
+moves those experts into peer-visible memory, allocates two prefetch slots, and swaps
+each MoE block's ``experts`` for a :class:`DWDPExperts` that
+
+1. issues the pull of the *next* MoE layer's remote experts (overlapping this MoE and
+   the next attention), then
+2. computes its resident experts first, waits for its own slot only before the first
+   remote segment (local-first), reading every expert where it lies (no merge copy),
+3. releases its slot for the refill two layers later.
+
+A forward pre-hook primes the first MoE layer at every step start. No collective is
+issued during steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..models.moe import ExpertSegment, MoEBlock, RoutedExperts, routed_experts_forward
+from ..models.transformer import MoECausalLM
+from .copy_engine import CpuCopyEngine, CudaCopyEngine
+from .group import DWDPContext
+from .placement import Placement
+from .prefetch import SlotPrefetcher
+from .transport import PeerMemory
+
+
+def expert_views(block: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[count, 3*inter*hidden] rows (w13 then w2 of each expert) -> (w13, w2) views."""
+    n13 = 2 * inter * hidden
+    w13 = block[:, :n13].view(block.shape[0], 2 * inter, hidden)
+    w2 = block[:, n13:].view(block.shape[0], hidden, inter)
+    return w13, w2
+
+
+@dataclass
+class DWDPStepStats:
+    exposed_wait_s: float
+    pulled_bytes: int
+    pull_seconds: list[float] = field(default_factory=list)  # per MoE layer
+
+    @property
+    def pull_gbps(self) -> float:
+        secs = sum(s for s in self.pull_seconds if not math.isnan(s))
+        return self.pulled_bytes / secs / 1e9 if secs > 0 else float("nan")
+
+
+class DWDPExperts(nn.Module):
+    """Routed experts of one MoE layer under DWDP (same interface as RoutedExperts)."""
+
+    def __init__(self, runtime: "DWDPRuntime", moe_index: int, resident: torch.Tensor):
+        super().__init__()
+        self.runtime, self.moe_index = runtime, moe_index
+        pl, rank = runtime.placement, runtime.ctx.group_rank
+        self.local = ExpertSegment(pl.local_range(rank).start, *expert_views(resident, runtime.hidden, runtime.inter))
+
+    def forward(self, x, topk_ids, topk_weights):
+        rt = self.runtime
+        m = self.moe_index
+        if m + 1 < rt.prefetcher.num_layers:
+            rt.prefetcher.prefetch(m + 1)  # overlaps this MoE and the next attention
+        segments = [self.local]
+        if rt.remote_segments_for_slot:
+            slot_idx = m % 2
+            segments += rt.remote_segments_for_slot[slot_idx]
+        waited = []
+
+        def on_segment_start(seg: ExpertSegment) -> None:
+            if seg is not self.local and not waited:
+                if rt.compute_delay is not None:
+                    time.sleep(rt.compute_delay())
+                rt.prefetcher.acquire(m)
+                waited.append(True)
+
+        y = routed_experts_forward(x, topk_ids, topk_weights, segments, rt.placement.num_experts,
+                                   on_segment_start)
+        if rt.remote_segments_for_slot:
+            if not waited:
+                rt.prefetcher.acquire(m)
+            rt.prefetcher.release(m)
+        return y
+
+
+class DWDPRuntime:
+    def __init__(self, model: MoECausalLM, ctx: DWDPContext, placement: Placement, peer_memory: PeerMemory,
+                 slots: list[torch.Tensor], engine, layer_copies, unsafe_skip_raw=False, unsafe_skip_war=False):
+        cfg = model.config
+        self.model, self.ctx, self.placement = model, ctx, placement
+        self.hidden, self.inter = cfg.hidden_size, cfg.moe_intermediate_size
+        self.peer_memory, self.engine = peer_memory, engine
+        self.prefetcher = SlotPrefetcher(engine, slots, layer_copies, unsafe_skip_raw, unsafe_skip_war)
+        self.compute_delay = None  # tests: a random sleep before waiting for a slot
+        rank, L = ctx.group_rank, placement.local
+        lo = placement.local_range(rank).start  # remote experts below ours: [0, lo)
+        self.remote_segments_for_slot: list[list[ExpertSegment]] = []
+        for slot in (slots if placement.remote else []):
+            w13, w2 = expert_views(slot, self.hidden, self.inter)
+            segs = []
+            if lo:
+                segs.append(ExpertSegment(0, w13[:lo], w2[:lo]))
+            if lo + L < placement.num_experts:
+                segs.append(ExpertSegment(lo + L, w13[lo:], w2[lo:]))
+            self.remote_segments_for_slot.append(segs)
+        self.step_stats: list[DWDPStepStats] = []
+        self._hooks = [model.register_forward_pre_hook(self._begin_step),
+                       model.register_forward_hook(self._end_step)]
+
+    def _begin_step(self, module, args):
+        if self.prefetcher.num_layers and self.remote_segments_for_slot:
+            self.prefetcher.prefetch(0)
+
+    def _end_step(self, module, args, output):
+        st = self.prefetcher.take_stats()
+        wait = st.exposed_wait_s
+        if isinstance(self.engine, CudaCopyEngine):
+            wait += self.engine.drain_wait_seconds()
+            secs = [self.engine.copy_seconds(p.signal) for p in st.pulls]
+        else:
+            secs = []
+            for p in st.pulls:
+                self.engine.compute_wait(p.signal)
+                secs.append(self.engine.copy_seconds(p.signal))
+        self.step_stats.append(DWDPStepStats(wait, sum(p.nbytes for p in st.pulls), secs))
+
+    def memory_bytes(self) -> dict[str, int]:
+        local = self.peer_memory.local
+        slot_bytes = sum(s.numel() * s.element_size() for s in self.prefetcher.slots)
+        expert_params = {id(p) for b in self.model.moe_blocks() for p in b.experts.parameters()}
+        non_expert = sum(p.numel() * p.element_size() for p in self.model.parameters() if id(p) not in expert_params)
+        return {"non_expert": non_expert, "resident_experts": local.numel() * local.element_size(),
+                "slots": slot_bytes}
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self.engine.close()
+
+
+@torch.no_grad()
+def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, copy_timeout_s: float = 60.0,
+               slice_bytes: int | None = None, unsafe_skip_raw: bool = False,
+               unsafe_skip_war: bool = False, copy_delay=None) -> DWDPRuntime:
+    """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group."""
+    cfg = model.config
+    rank = ctx.group_rank
+    blocks: list[MoEBlock] = model.moe_blocks()
+    want = placement.local_range(rank)
+    for b in blocks:
+        ex = b.experts
+        if not isinstance(ex, RoutedExperts) or ex.expert_range != want:
+            raise ValueError(f"apply_dwdp needs each MoE layer to hold exactly experts {want.start}..{want.stop - 1} "
+                             f"(build_model(expert_shard=...)); found {getattr(ex, 'expert_range', type(ex))}")
+    H, I = cfg.hidden_size, cfg.moe_intermediate_size
+    row = 3 * H * I
+    dtype = blocks[0].experts.w13.dtype if blocks else torch.float32
+    device = ctx.device
+    pending = PeerMemory.allocate((len(blocks), placement.local, row), dtype, device, ctx.group)
+    # Move resident experts into the peer-visible storage, one layer at a time.
+    for m, b in enumerate(blocks):
+        w13, w2 = expert_views(pending.local[m], H, I)
+        w13.copy_(b.experts.w13)
+        w2.copy_(b.experts.w2)
+        b.experts = None
+    peer_memory = pending.connect()
+    R = placement.remote
+    slots = [torch.empty((R, row), dtype=dtype, device=device) for _ in range(2)] if R else []
+    if device.type == "cuda":
+        engine = CudaCopyEngine(device)
+    else:
+        engine = CpuCopyEngine(timeout_s=copy_timeout_s, copy_delay=copy_delay)
+    layer_copies = [_layer_copy_plan(m, placement, rank, peer_memory, slots, slice_bytes) for m in range(len(blocks))] \
+        if R else []
+    rt = DWDPRuntime(model, ctx, placement, peer_memory, slots or [torch.empty(0)] * 2, engine, layer_copies,
+                     unsafe_skip_raw, unsafe_skip_war)
+    for m, b in enumerate(blocks):
+        b.experts = DWDPExperts(rt, m, peer_memory.local[m])
+    return rt
+
+
+def _layer_copy_plan(m: int, placement: Placement, rank: int, peer_memory: PeerMemory, slots, slice_bytes):
+    """Copies that bring MoE layer m's remote experts into slot m % 2.
+
+    With ``slice_bytes`` each peer's block is cut into slices issued round-robin across
+    peers, each rank starting at a different peer (spreads load over source copy engines).
+    """
+    slot = slots[m % 2]
+    lo = placement.local_range(rank).start
+    per_peer = []
+    for pp in placement.pulls(rank):
+        dst0 = pp.start if pp.start < lo else pp.start - placement.local
+        src = peer_memory.peer(pp.peer)[m, pp.peer_offset:pp.peer_offset + pp.count]
+        dst = slot[dst0:dst0 + pp.count]
+        if slice_bytes:
+            per_row = src[0].numel() * src.element_size()
+            rows = max(1, slice_bytes // per_row)
+            per_peer.append([(dst[i:i + rows], src[i:i + rows]) for i in range(0, pp.count, rows)])
+        else:
+            per_peer.append([(dst, src)])
+    n = len(per_peer)
+    start = rank % n if n else 0
+    order = per_peer[start:] + per_peer[:start]
+    copies = []
+    for i in range(max((len(p) for p in order), default=0)):
+        for p in order:
+            if i < len(p):
+                copies.append(p[i])
+    return copies
