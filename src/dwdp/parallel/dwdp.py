@@ -115,6 +115,7 @@ class DWDPRuntime:
 
     def _begin_step(self, module, args):
         if self.prefetcher.num_layers and self.remote_segments_for_slot:
+            self.prefetcher.new_step()
             self.prefetcher.prefetch(0)
 
     def _end_step(self, module, args, output):

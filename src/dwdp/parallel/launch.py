@@ -120,9 +120,11 @@ class SpawnError(RuntimeError):
     pass
 
 
-def spawn_local(fn: Callable, world: int, args: tuple = (), timeout_s: float = 600.0) -> list[Any]:
+def spawn_local(fn: Callable, world: int, args: tuple = (), timeout_s: float = 600.0,
+                failure_grace_s: float = 15.0) -> list[Any]:
     """Run ``fn(*args)`` in ``world`` fresh processes forming one torch.distributed world;
-    returns their results by rank. Raises :class:`SpawnError` naming each failed rank."""
+    returns their results by rank. Raises :class:`SpawnError` naming each failed rank.
+    Once one rank fails, the rest get ``failure_grace_s`` to finish before being killed."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port, run_id = free_port(), uuid.uuid4().hex[:8]
@@ -137,6 +139,8 @@ def spawn_local(fn: Callable, world: int, args: tuple = (), timeout_s: float = 6
             try:
                 rank, status, value = q.get(timeout=0.2)
                 results[rank] = (status, value)
+                if status == "error":  # the others get a short grace, then are killed
+                    deadline = min(deadline, time.monotonic() + failure_grace_s)
             except Exception:  # queue empty: stop once every process has exited
                 if all(p.exitcode is not None for p in procs):
                     break
@@ -150,8 +154,9 @@ def spawn_local(fn: Callable, world: int, args: tuple = (), timeout_s: float = 6
     errors = []
     for r in range(world):
         if r not in results:
-            errors.append(f"rank {r}: exited with code {procs[r].exitcode} and no result"
-                          + (" (timed out)" if time.monotonic() >= deadline else ""))
+            code = procs[r].exitcode
+            errors.append(f"rank {r}: " + ("killed: no result in time" if code is not None and code < 0
+                                           else f"exited with code {code} and no result"))
         elif results[r][0] == "error":
             errors.append(f"rank {r}: {results[r][1]}")
     if errors:

@@ -57,7 +57,9 @@ class Placement:
     def create(cls, num_experts: int, group_size: int, local: int | None = None) -> "Placement":
         """Smallest valid L (least memory, disjoint when N divides E) unless L is given."""
         if local is None:
-            valid = valid_local_counts(num_experts, group_size) if 1 <= group_size <= num_experts else []
+            if not 1 <= group_size <= num_experts:
+                return cls(num_experts, group_size, num_experts)  # raises, saying why
+            valid = valid_local_counts(num_experts, group_size)
             if not valid:
                 raise PlacementError(f"no placement exists for E={num_experts} experts on N={group_size} ranks")
             local = valid[0]

@@ -49,6 +49,12 @@ class SlotPrefetcher:
     def num_layers(self) -> int:
         return len(self.layer_copies)
 
+    def new_step(self) -> None:
+        """Forget which layer each slot holds: every step pulls every layer again (a slot
+        could keep its layer only when a model has at most two MoE layers; benchmarks
+        on truncated models must not profit from that)."""
+        self._filled = [None, None]
+
     def prefetch(self, layer: int) -> None:
         """Issue the pulls of ``layer`` into its slot, after the slot's last reader."""
         s = layer % 2

@@ -1,0 +1,124 @@
+"""Functions that run inside spawned DWDP ranks (importable by the child processes)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from dwdp.batch import PackedBatch
+from dwdp.checkpoint import load_checkpoint
+from dwdp.models import build_model, init_random
+from dwdp.parallel.dwdp import apply_dwdp
+from dwdp.parallel.group import PeerFailure, PeerWatchdog, check_agreement, init_dwdp_groups
+from dwdp.parallel.placement import Placement
+from dwdp.presets import resolve_model
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_to_all", "all_to_all_single", "barrier",
+               "broadcast", "broadcast_object_list", "reduce", "reduce_scatter", "send", "recv", "isend", "irecv",
+               "gather", "scatter", "all_gather_into_tensor", "reduce_scatter_tensor", "monitored_barrier")
+
+
+def build_dwdp_rank(ctx, model_spec: str, local: int | None, **dwdp_kw):
+    cfg, ckpt = resolve_model(model_spec)
+    pl = Placement.create(cfg.num_experts, ctx.group_size, local)
+    mine = pl.local_range(ctx.group_rank)
+    model = build_model(cfg, torch.float32, "cpu", expert_shard=lambda _: (mine.start, len(mine)))
+    if ckpt is not None:
+        load_checkpoint(model, ckpt)
+    else:
+        init_random(model, 0)
+    return model, apply_dwdp(model, ctx, pl, **dwdp_kw)
+
+
+def reference_logits(model_spec: str, batches: list[list[list[int]]]) -> list[torch.Tensor]:
+    """Single-process reference: every expert resident, same kernels."""
+    cfg, ckpt = resolve_model(model_spec)
+    model = build_model(cfg, torch.float32, "cpu")
+    if ckpt is not None:
+        load_checkpoint(model, ckpt)
+    else:
+        init_random(model, 0)
+    return [model(PackedBatch.from_sequences(b)).logits for b in batches]
+
+
+def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches, opts: dict | None = None):
+    """For each (model, L) case: build a DWDP rank, run every batch as one step, return logits.
+
+    opts: copy_delay_ms / compute_delay_ms (random sleeps up to that), unsafe_skip_raw,
+    count_collectives (return how many torch.distributed calls the steps made).
+    """
+    opts = opts or {}
+    torch.set_num_threads(1)
+    ctx = init_dwdp_groups(group_size, "cpu", timeout_s=60)
+    wd = PeerWatchdog(ctx, 30)
+    rng = random.Random(1000 + ctx.rank)
+    out = []
+    counts = {}
+    try:
+        for spec, local in cases:
+            kw = {"unsafe_skip_raw": opts.get("unsafe_skip_raw", False)}
+            if opts.get("copy_delay_ms"):
+                kw["copy_delay"] = lambda: rng.uniform(0, opts["copy_delay_ms"]) / 1e3
+            model, rt = build_dwdp_rank(ctx, spec, local, **kw)
+            if opts.get("compute_delay_ms"):
+                rt.compute_delay = lambda: rng.uniform(0, opts["compute_delay_ms"]) / 1e3
+            originals = {}
+            if opts.get("count_collectives"):
+                for name in COLLECTIVES:
+                    if hasattr(dist, name):
+                        originals[name] = getattr(dist, name)
+
+                        def counted(*a, _n=name, **k):
+                            counts[_n] = counts.get(_n, 0) + 1
+                            return originals[_n](*a, **k)
+
+                        setattr(dist, name, counted)
+            try:
+                logits = [model(PackedBatch.from_sequences(b)).logits.numpy() for b in batches]
+            finally:
+                for name, fn in originals.items():
+                    setattr(dist, name, fn)
+            out.append({"logits": logits, "stats": [(s.exposed_wait_s, s.pulled_bytes) for s in rt.step_stats]})
+            rt.close()
+    finally:
+        wd.stop()
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"cases": out, "collectives_during_steps": counts}
+
+
+def failure_worker(group_size: int, mode: str, peer_timeout_s: float):
+    """Rank 1 dies (mode='exit') or freezes (mode='stop'); the others keep stepping and must
+    fail with PeerFailure, reporting how long detection took."""
+    torch.set_num_threads(1)
+    ctx = init_dwdp_groups(group_size, "cpu", timeout_s=60)
+    wd = PeerWatchdog(ctx, peer_timeout_s, grace_s=3.0)
+    model, rt = build_dwdp_rank(ctx, "tiny-qwen3-moe", None)
+    if ctx.rank == 1:
+        if mode == "exit":
+            os._exit(3)
+        os.kill(os.getpid(), signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        while time.monotonic() - t0 < 10 * peer_timeout_s + 30:
+            model(PackedBatch.from_sequences([[1, 2, 3, 4]]))
+            wd.check()
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        raise PeerFailure(f"{wd.failure} (detected after {time.monotonic() - t0:.1f} s)") from None
+    except PeerFailure as e:
+        raise PeerFailure(f"{e} (detected after {time.monotonic() - t0:.1f} s)") from None
+    return "no failure detected"
+
+
+def mismatch_worker(group_size: int):
+    """Rank 1 uses a different model config: setup must fail naming the difference."""
+    ctx = init_dwdp_groups(group_size, "cpu", timeout_s=60)
+    cfg, _ = resolve_model("tiny-qwen3-moe", num_layers=4 if ctx.group_rank == 0 else 3)
+    check_agreement(ctx, {"model config": cfg.to_dict(), "placement": "same"})
+    return "agreed"

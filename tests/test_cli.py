@@ -1,0 +1,80 @@
+"""The command line, run as a user would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dwdp.cli import main
+from dwdp.engine import PrefillEngine, Request
+from dwdp.models import build_model, init_random
+from dwdp.presets import resolve_model
+
+
+def test_dwdp_run_default_is_a_tiny_cpu_prefill(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert main(["run", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["tokens"] == 16 + 48 + 7 + 100 and data["tokens_per_s"] > 0
+    # next tokens equal a direct forward of the same prompts, one at a time
+    cfg, _ = resolve_model("tiny-qwen3-moe")
+    model = init_random(build_model(cfg), 0)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in (16, 48, 7, 100)]
+    for r in data["results"]:
+        res = PrefillEngine(model).run([Request(0, prompts[r["id"]])])[0]
+        assert res.next_token == r["next_token"]
+
+
+def test_scheduler_chunks_long_prompts_under_the_token_budget():
+    cfg, _ = resolve_model("tiny-deepseek-v3")
+    model = init_random(build_model(cfg), 3)
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(i, torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()) for i, n in enumerate((70, 5, 33))]
+    whole = {r.id: r for r in PrefillEngine(model, max_num_tokens=4096).run(reqs)}
+    eng = PrefillEngine(model, max_num_tokens=16)
+    chunked = {r.id: r for r in eng.run(reqs)}
+    assert all(s.num_tokens <= 16 for s in eng.steps) and len(eng.steps) == -(-108 // 16)
+    for i in whole:
+        torch.testing.assert_close(chunked[i].logits, whole[i].logits, rtol=1e-5, atol=1e-5)
+        for (a1, b1), (a2, b2) in zip(chunked[i].kv, whole[i].kv):
+            torch.testing.assert_close(a1, a2, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_longer_than_the_model_allows_is_refused():
+    cfg, _ = resolve_model("tiny-qwen3-moe")
+    model = init_random(build_model(cfg), 0)
+    with pytest.raises(ValueError, match="longer than the model allows"):
+        PrefillEngine(model).run([Request(7, [1] * (cfg.max_position_embeddings + 1))])
+    with pytest.raises(ValueError, match="token ids"):
+        PrefillEngine(model).run([Request(8, [cfg.vocab_size])])
+
+
+def test_info_shows_experts_dominate_and_dwdp_memory(capsys):
+    assert main(["info", "--model", "deepseek-v3", "-N", "4"]) == 0
+    text = capsys.readouterr().out
+    assert "671,026,404,352" in text and "97.4%" in text and "two prefetch slots" in text
+
+
+def test_bad_input_gives_a_clear_error(capsys):
+    assert main(["run", "--model", "no-such-model"]) == 2
+    assert "neither a preset" in capsys.readouterr().err
+    assert main(["info", "-N", "5", "-L", "3"]) == 2
+    assert "Valid L: 4, 8" in capsys.readouterr().err
+
+
+def test_dwdp_run_spawns_a_group_and_matches_single_process():
+    single = subprocess.run([sys.executable, "-m", "dwdp.cli", "run", "--lengths", "9,30,4"],
+                            capture_output=True, text=True, check=True).stdout
+    group = subprocess.run([sys.executable, "-m", "dwdp.cli", "run", "-N", "3", "--lengths", "9,30,4"],
+                           capture_output=True, text=True, check=True, timeout=300).stdout
+    assert "E=12 N=3 L=4 P=4" in group
+    import re
+    single_next = [int(x) for x in re.findall(r"│\s+\d+ │\s+\d+ │\s+(\d+) │", single)]
+    group_next = [int(x) for x in re.findall(r"-> (\d+)", group)]
+    assert single_next and single_next == group_next
