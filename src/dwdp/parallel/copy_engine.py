@@ -122,8 +122,9 @@ class _CudaSignal:
 
 
 class CudaCopyEngine(CopyEngine):
-    def __init__(self, device: torch.device, timing: bool = True):
+    def __init__(self, device: torch.device, timing: bool = True, delay_cycles: int = 0):
         self.device = device
+        self.delay_cycles = delay_cycles  # tests: a device-side sleep before each submission's copies
         # Low priority would let compute preempt; copies are DMA work so priority matters little.
         self.stream = torch.cuda.Stream(device=device)
         self.timing = timing
@@ -136,6 +137,8 @@ class CudaCopyEngine(CopyEngine):
             start = torch.cuda.Event(enable_timing=True) if self.timing else None
             if start is not None:
                 start.record(self.stream)
+            if self.delay_cycles:
+                torch.cuda._sleep(self.delay_cycles)
             for dst, src in copies:
                 dst.copy_(src, non_blocking=True)
             done = torch.cuda.Event(enable_timing=self.timing)

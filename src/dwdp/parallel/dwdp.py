@@ -79,6 +79,8 @@ class DWDPExperts(nn.Module):
                     time.sleep(rt.compute_delay())
                 rt.prefetcher.acquire(m)
                 waited.append(True)
+                if rt.device_delay_cycles and x.is_cuda:  # tests: keep this MoE's slot reads in flight
+                    torch.cuda._sleep(rt.device_delay_cycles)
 
         y = routed_experts_forward(x, topk_ids, topk_weights, segments, rt.placement.num_experts,
                                    on_segment_start)
@@ -98,6 +100,7 @@ class DWDPRuntime:
         self.peer_memory, self.engine = peer_memory, engine
         self.prefetcher = SlotPrefetcher(engine, slots, layer_copies, unsafe_skip_raw, unsafe_skip_war)
         self.compute_delay = None  # tests: a random sleep before waiting for a slot
+        self.device_delay_cycles = 0  # tests (CUDA): a device-side sleep before reading a slot
         rank, L = ctx.group_rank, placement.local
         lo = placement.local_range(rank).start  # remote experts below ours: [0, lo)
         self.remote_segments_for_slot: list[list[ExpertSegment]] = []
@@ -148,7 +151,7 @@ class DWDPRuntime:
 @torch.no_grad()
 def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, copy_timeout_s: float = 60.0,
                slice_bytes: int | None = None, unsafe_skip_raw: bool = False,
-               unsafe_skip_war: bool = False, copy_delay=None) -> DWDPRuntime:
+               unsafe_skip_war: bool = False, copy_delay=None, copy_delay_cycles: int = 0) -> DWDPRuntime:
     """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group."""
     cfg = model.config
     rank = ctx.group_rank
@@ -174,7 +177,7 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     R = placement.remote
     slots = [torch.empty((R, row), dtype=dtype, device=device) for _ in range(2)] if R else []
     if device.type == "cuda":
-        engine = CudaCopyEngine(device)
+        engine = CudaCopyEngine(device, delay_cycles=copy_delay_cycles)
     else:
         engine = CpuCopyEngine(timeout_s=copy_timeout_s, copy_delay=copy_delay)
     layer_copies = [_layer_copy_plan(m, placement, rank, peer_memory, slots, slice_bytes) for m in range(len(blocks))] \

@@ -41,6 +41,8 @@ class SlotPrefetcher:
             raise ValueError("double buffering needs exactly two slots")
         self.engine, self.slots, self.layer_copies = engine, slots, layer_copies
         self.skip_raw, self.skip_war = unsafe_skip_raw, unsafe_skip_war
+        # Benchmarks only: no pulls at all (outputs are wrong) = the communication-free limit.
+        self.benchmark_skip_pulls = False
         self._filled: list[tuple[int, object] | None] = [None, None]  # (layer, signal) per slot
         self._released: list[object | None] = [None, None]
         self.stats = StepStats()
@@ -58,7 +60,7 @@ class SlotPrefetcher:
     def prefetch(self, layer: int) -> None:
         """Issue the pulls of ``layer`` into its slot, after the slot's last reader."""
         s = layer % 2
-        if self._filled[s] is not None and self._filled[s][0] == layer:
+        if self.benchmark_skip_pulls or (self._filled[s] is not None and self._filled[s][0] == layer):
             return  # already issued
         wait = None if self.skip_war else self._released[s]
         copies = self.layer_copies[layer]
@@ -70,6 +72,8 @@ class SlotPrefetcher:
     def acquire(self, layer: int) -> torch.Tensor:
         """The slot holding ``layer``'s remote experts, once they have landed."""
         s = layer % 2
+        if self.benchmark_skip_pulls:
+            return self.slots[s]
         if self._filled[s] is None or self._filled[s][0] != layer:
             self.prefetch(layer)  # not issued early (first step of a caller that skipped priming)
         if not self.skip_raw:

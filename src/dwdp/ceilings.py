@@ -1,0 +1,61 @@
+"""Hardware ceilings measured on the machine that runs a benchmark (GPU only).
+
+Every speed we report is set against one of these, measured in the same run: a large
+bf16 matmul (FLOP/s), a device-to-device copy (bytes read + written per second), and
+peer pulls over NVLink (see :mod:`dwdp.parallel` benchmarks).
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+
+import torch
+
+
+def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds of ``fn`` timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    t = time_cuda(lambda: a @ b)
+    return 2 * n**3 / t / 1e12
+
+
+def copy_gbps(nbytes: int = 2 << 30) -> float:
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_cuda(lambda: dst.copy_(src))
+    return 2 * nbytes / t / 1e9  # read + write
+
+
+def machine_info() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda"] = torch.version.cuda
+    import os
+
+    if os.environ.get("DWDP_COMMIT"):
+        info["commit"] = os.environ["DWDP_COMMIT"]
+        return info
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        timeout=5).stdout.strip() or None
+    except Exception:
+        info["commit"] = None
+    return info
