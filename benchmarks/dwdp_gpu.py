@@ -207,11 +207,12 @@ def main():
     ap.add_argument("--lengths", default="4096,4096,4096,4096")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--pull-mb", type=int, default=1024)
+    ap.add_argument("--timeout", type=float, default=560, help="seconds before the ranks are killed")
     a = ap.parse_args()
     args = dict(model=a.model, layers=a.layers, correct_layers=a.correct_layers,
                 lengths=[int(x) for x in a.lengths.split(",")], steps=a.steps, pull_mb=a.pull_mb)
     t0 = time.time()
-    ranks = spawn_local(rank_main, a.N, (a.N, args), timeout_s=560)
+    ranks = spawn_local(rank_main, a.N, (a.N, args), timeout_s=a.timeout)
     result = {"what": "dwdp_gpu", "N": a.N, "args": args, "machine": machine_info(), "ranks": ranks,
               "wall_s": time.time() - t0}
     with open(a.out, "w") as f:
