@@ -23,6 +23,15 @@ def _varlen_attn():
     return varlen_attn
 
 
+@functools.lru_cache(maxsize=1)
+def _causal_kwargs() -> dict:
+    """torch 2.11 spells causal as a (-1, 0) window; later releases add ``is_causal``."""
+    import inspect
+
+    params = inspect.signature(_varlen_attn()).parameters
+    return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+
+
 _BACKEND = {"cuda": "auto"}
 
 
@@ -98,7 +107,7 @@ def _try_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
         v = v.repeat_interleave(hq // hkv, dim=1)
     try:
         out = _varlen_attn()(q, k.contiguous(), v.contiguous(), cu_q_dev, cu_k_dev, max_q, max_k,
-                             is_causal=True, scale=scale)
+                             scale=scale, **_causal_kwargs())
     except (RuntimeError, TypeError) as e:  # unsupported shape/arch: fall back, once noted
         if _BACKEND["cuda"] == "varlen":
             raise

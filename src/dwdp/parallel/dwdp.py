@@ -125,6 +125,9 @@ class DWDPRuntime:
         st = self.prefetcher.take_stats()
         wait = st.exposed_wait_s
         if isinstance(self.engine, CudaCopyEngine):
+            # Reading the timers syncs with this step's copies; a step ends in a sync anyway.
+            for p in st.pulls:
+                p.signal.done.synchronize()
             wait += self.engine.drain_wait_seconds()
             secs = [self.engine.copy_seconds(p.signal) for p in st.pulls]
         else:
