@@ -183,7 +183,8 @@ def rank_main(N: int, args: dict) -> dict:
     for name, fn in [
         ("pull_ceilings", lambda: pull_ceilings(ctx, args["pull_mb"] * MB)),
         ("correctness", lambda: correctness(ctx, args["model"], args["correct_layers"])),
-        ("perf", lambda: perf(ctx, args["model"], args["layers"], args["lengths"], args["steps"], peak)),
+        *[(f"perf_{sum(w)}tok", lambda w=w: perf(ctx, args["model"], args["layers"], w, args["steps"], peak))
+          for w in args["workloads"]],
     ]:
         t0 = time.time()
         try:
@@ -204,13 +205,14 @@ def main():
     ap.add_argument("--model", default="qwen3-30b-a3b")
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--correct-layers", type=int, default=4)
-    ap.add_argument("--lengths", default="4096,4096,4096,4096")
+    ap.add_argument("--workloads", default="4096,4096,4096,4096;4096",
+                    help="per-rank step shapes: sequence lengths, workloads separated by ';'")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--pull-mb", type=int, default=1024)
     ap.add_argument("--timeout", type=float, default=560, help="seconds before the ranks are killed")
     a = ap.parse_args()
     args = dict(model=a.model, layers=a.layers, correct_layers=a.correct_layers,
-                lengths=[int(x) for x in a.lengths.split(",")], steps=a.steps, pull_mb=a.pull_mb)
+                workloads=[[int(x) for x in w.split(",")] for w in a.workloads.split(";")], steps=a.steps, pull_mb=a.pull_mb)
     t0 = time.time()
     ranks = spawn_local(rank_main, a.N, (a.N, args), timeout_s=a.timeout)
     result = {"what": "dwdp_gpu", "N": a.N, "args": args, "machine": machine_info(), "ranks": ranks,
