@@ -78,3 +78,34 @@ def test_dwdp_run_spawns_a_group_and_matches_single_process():
     single_next = [int(x) for x in re.findall(r"│\s+\d+ │\s+\d+ │\s+(\d+) │", single)]
     group_next = [int(x) for x in re.findall(r"-> (\d+)", group)]
     assert single_next and single_next == group_next
+
+
+def test_bench_then_report(tmp_path):
+    import json
+
+    from dwdp.cli import main
+
+    out = tmp_path / "b.json"
+    assert main(["bench", "--num-requests", "3", "--isl", "40", "--cv", "0,0.3", "--dist", "normal",
+                 "--strategies", "dep,dwdp", "--max-num-tokens", "32", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert "torch" in data["machine"] and len(data["runs"]) == 2
+    assert [r["spec"]["workload"]["cv"] for r in data["runs"]] == [0.0, 0.3]
+    for run in data["runs"]:
+        assert set(run["results"]) == {"dep", "dwdp"}
+        assert run["results"]["dep"]["tokens"] == run["results"]["dwdp"]["tokens"]
+    assert main(["report", str(out), "-o", str(tmp_path / "png")]) == 0
+    pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
+    assert pngs == ["breakdown.png", "throughput.png", "ttft.png"]
+    assert all((tmp_path / "png" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_bench_rejects_bad_input(capsys):
+    from dwdp.cli import main
+
+    with pytest.raises(SystemExit, match="unknown strategy tp"):
+        main(["bench", "--strategies", "dep,tp"])
+    assert main(["bench", "--isl", "100000"]) == 2
+    assert "max_position_embeddings" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a multiple"):
+        main(["bench", "--world-size", "3", "--group-size", "2"])

@@ -59,3 +59,16 @@ def machine_info() -> dict:
     except Exception:
         info["commit"] = None
     return info
+
+
+def all_to_all_gbps(process_group=None, nbytes_per_rank: int = 256 << 20, iters: int = 10) -> float:
+    """Per-rank all-to-all bandwidth: bytes each rank sends to *other* ranks per second,
+    with equal splits (NCCL's best case; what DEP's dispatch and combine can approach)."""
+    import torch.distributed as dist
+
+    n = dist.get_world_size(process_group)
+    numel = (nbytes_per_rank // 2 // n) * n
+    src = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    t = time_cuda(lambda: dist.all_to_all_single(dst, src, group=process_group), warmup=3, iters=iters)
+    return numel * 2 * (n - 1) / n / t / 1e9

@@ -207,6 +207,71 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: expected comma-separated numbers, got {text!r}")
+
+
+def cmd_bench(args) -> int:
+    from .bench.runner import comparison_table, sweep, write_json
+    from .bench.worker import STRATEGIES, BenchSpec
+    from .ceilings import machine_info
+    from .parallel.launch import SpawnError
+    from .presets import resolve_model
+    from .workload import WorkloadSpec
+
+    console = _console()
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad:
+        raise SystemExit(f"error: unknown strategy {', '.join(bad)}; choose from {', '.join(STRATEGIES)}")
+    device = "cuda" if args.device.startswith("cuda") else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+        if torch.cuda.device_count() < args.world_size:
+            raise SystemExit(f"error: --world-size {args.world_size} needs {args.world_size} GPUs; "
+                             f"{torch.cuda.device_count()} visible")
+    cfg, _ = resolve_model(args.model, args.num_layers)
+    cvs = _floats(args.cv)
+    mnts = [int(x) for x in _floats(args.max_num_tokens)]
+    workload = WorkloadSpec(num_requests=args.num_requests, isl=args.isl, dist=args.dist, ratio=args.ratio,
+                            cv=cvs[0], trace=args.trace, rate=args.rate, assign=args.assign, seed=args.seed)
+    workload.validate(cfg.max_position_embeddings)
+    spec = BenchSpec(model=args.model, num_layers=args.num_layers, dtype=args.dtype, device=device,
+                     world_size=args.world_size, group_size=args.group_size, strategies=strategies,
+                     workload=workload, max_num_tokens=mnts[0], skew=args.skew, local_experts=args.local_experts,
+                     slice_mb=args.slice_mb, seed=args.seed, peer_timeout_s=args.peer_timeout,
+                     ceilings=args.ceilings, progress=sys.stderr.isatty())
+    if args.world_size % spec.n:
+        raise SystemExit(f"error: --world-size {args.world_size} is not a multiple of --group-size {spec.n}")
+    try:
+        runs = sweep(spec, cvs if len(cvs) > 1 else None, mnts if len(mnts) > 1 else None, args.timeout,
+                     log=lambda m: console.print(m, highlight=False, markup=False))
+    except SpawnError as e:
+        console.print(f"[red]error:[/red] a rank failed:\n{e}", highlight=False)
+        return 1
+    for run in runs:
+        console.print(comparison_table(run))
+    if args.out:
+        import os
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        write_json(args.out, runs, machine_info())
+        console.print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .bench.report import render
+
+    for p in render(args.files, args.out_dir):
+        print(f"wrote {p}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dwdp", description="DWDP: an MoE prefill engine built around "
                                 "Distributed Weight Data Parallelism.")
@@ -222,6 +287,42 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--group-size", "-N", type=int, default=0, help="DWDP group size N: show per-rank memory")
     info.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP local experts per rank L")
     info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", help="compare dp / dep / dwdp on one seeded workload (default: tiny, CPU)")
+    _add_model_args(bench)
+    bench.add_argument("--device", default="cpu", help="cpu (processes) or cuda (one GPU per rank)")
+    bench.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                       help="default: float32 on cpu, bfloat16 on cuda")
+    bench.add_argument("--world-size", "-W", type=int, default=2, help="ranks (GPUs or CPU processes), default 2")
+    bench.add_argument("--group-size", "-N", type=int, default=None,
+                       help="DEP / DWDP group size (default: the whole world)")
+    bench.add_argument("--strategies", default="dp,dep,dwdp", help="comma-separated subset of dp,dep,dwdp")
+    w = bench.add_argument_group("workload (seeded: every strategy sees the same requests)")
+    w.add_argument("--num-requests", type=int, default=8, help="requests in total (default 8)")
+    w.add_argument("--isl", type=int, default=96, help="mean input length (uniform: the maximum); default 96")
+    w.add_argument("--dist", default="uniform", choices=["fixed", "uniform", "normal", "lognormal", "trace"],
+                   help="input length distribution (default uniform)")
+    w.add_argument("--ratio", type=float, default=0.5, help="uniform: lengths over [ratio*ISL, ISL] (default 0.5)")
+    w.add_argument("--cv", default="0", help="normal/lognormal coefficient of variation; comma list = sweep")
+    w.add_argument("--trace", default=None, help="JSONL trace: {\"input_len\": n, \"arrival\": s} per line")
+    w.add_argument("--rate", type=float, default=None, help="Poisson arrivals, requests/s (default: all at once)")
+    w.add_argument("--assign", default="round_robin", choices=["round_robin", "least_loaded"],
+                   help="how requests are spread over ranks")
+    w.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of a router bias (hot experts); 0: none")
+    w.add_argument("--seed", type=int, default=0, help="workload and random-weight seed")
+    bench.add_argument("--max-num-tokens", default="256", help="MNT per step; comma list = sweep (default 256)")
+    bench.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP experts kept per rank")
+    bench.add_argument("--slice-mb", type=float, default=None, help="DWDP pull slices of this many MiB")
+    bench.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent peer fails the run")
+    bench.add_argument("--ceilings", action="store_true", help="GPU: also measure all-to-all bandwidth")
+    bench.add_argument("--timeout", type=float, default=1800.0, help="limit per strategy run, seconds")
+    bench.add_argument("--out", default="bench.json", help="JSON results file (default bench.json)")
+    bench.set_defaults(func=cmd_bench)
+
+    rep = sub.add_parser("report", help="PNG plots from dwdp bench JSON files")
+    rep.add_argument("files", nargs="+", help="JSON files written by dwdp bench --out")
+    rep.add_argument("--out-dir", "-o", default="bench-report", help="directory for the PNGs (default bench-report)")
+    rep.set_defaults(func=cmd_report)
 
     return p
 

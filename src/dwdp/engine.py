@@ -64,6 +64,13 @@ def _sync(device: torch.device) -> None:
 
 
 class PrefillEngine:
+    """One rank's prefill scheduler: a FIFO of admitted requests, stepped under an MNT budget.
+
+    Drive it with :meth:`run` (a rank on its own: DP, DWDP) or :func:`run_lockstep`
+    (ranks whose steps must line up: expert parallelism), or step by step with
+    :meth:`submit` / :meth:`step`.
+    """
+
     def __init__(self, model: MoECausalLM, max_num_tokens: int = 8192, keep_kv: bool = True):
         if max_num_tokens < 1:
             raise ValueError("max_num_tokens must be at least 1")
@@ -72,6 +79,7 @@ class PrefillEngine:
         self.max_num_tokens = max_num_tokens
         self.keep_kv = keep_kv
         self.steps: list[StepRecord] = []
+        self.queue: deque[_Running] = deque()
 
     def validate(self, req: Request) -> None:
         limit = self.model.config.max_position_embeddings
@@ -85,6 +93,14 @@ class PrefillEngine:
         vocab = self.model.config.vocab_size
         if min(req.prompt) < 0 or max(req.prompt) >= vocab:
             raise ValueError(f"request {req.id}: token ids must lie in [0, {vocab})")
+
+    def submit(self, req: Request) -> None:
+        self.validate(req)
+        self.queue.append(_Running(req))
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.queue)
 
     def plan_step(self, queue: deque[_Running]) -> list[tuple[_Running, int]]:
         """Take up to MNT tokens from the head of the queue, splitting the last prompt."""
@@ -123,38 +139,92 @@ class PrefillEngine:
                 finished.append(run)
         return finished
 
+    def step(self, now) -> list[RequestResult]:
+        """Run one step over the queue; ``now()`` gives the run clock for TTFTs."""
+        plan = self.plan_step(self.queue)
+        results = []
+        for run in self.run_step(plan):
+            self.queue.remove(run)
+            results.append(RequestResult(run.req.id, len(run.req.prompt), int(run.logits.argmax()), run.logits,
+                                         run.cached() if self.keep_kv else [], now() - run.req.arrival))
+        return results
+
+    def dummy_step(self) -> None:
+        """A one-token forward whose output is dropped: what an idle rank runs so that the
+        collectives of a lockstep group (expert parallelism) line up."""
+        batch = PackedBatch.from_sequences([[0]], self.device)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        self.model(batch)
+        _sync(self.device)
+        self.steps.append(StepRecord(0, 0, time.perf_counter() - t0))
+
     def run(self, requests: list[Request], progress: bool = False) -> list[RequestResult]:
         """Offline or timed arrivals: requests join the queue at their arrival time."""
         for r in requests:
             self.validate(r)
         pending = deque(sorted(requests, key=lambda r: r.arrival))
-        queue: deque[_Running] = deque()
         results: list[RequestResult] = []
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=sum(len(r.prompt) for r in requests), unit="tok", desc="prefill")
+        bar = _bar(progress, sum(len(r.prompt) for r in requests))
         start = time.perf_counter()
-        while pending or queue:
-            now = time.perf_counter() - start
+        clock = lambda: time.perf_counter() - start  # noqa: E731
+        while pending or self.queue:
+            now = clock()
             while pending and pending[0].arrival <= now:
-                queue.append(_Running(pending.popleft()))
-            if not queue:
+                self.submit(pending.popleft())
+            if not self.queue:
                 time.sleep(max(0.0, pending[0].arrival - now))
                 continue
-            plan = self.plan_step(queue)
-            for run in self.run_step(plan):
-                queue.remove(run)
-                t = time.perf_counter() - start
-                results.append(RequestResult(run.req.id, len(run.req.prompt), int(run.logits.argmax()),
-                                             run.logits, run.cached() if self.keep_kv else [],
-                                             t - run.req.arrival))
+            results += self.step(clock)
             if bar:
-                bar.update(sum(n for _, n in plan))
+                bar.update(self.steps[-1].num_tokens)
         if bar:
             bar.close()
         return results
+
+
+def run_lockstep(engine: PrefillEngine, requests: list[Request], any_rank, progress: bool = False,
+                 idle_poll_s: float = 0.0005) -> list[RequestResult]:
+    """Like :meth:`PrefillEngine.run`, for a group whose ranks must step together.
+
+    ``any_rank(flags) -> flags`` ORs a few booleans over the group (one small all-reduce).
+    Each round every rank reports whether it has work and whether arrivals are still to
+    come; while any rank has work, all step, idle ones with :meth:`~PrefillEngine.dummy_step`.
+    """
+    for r in requests:
+        engine.validate(r)
+    pending = deque(sorted(requests, key=lambda r: r.arrival))
+    results: list[RequestResult] = []
+    bar = _bar(progress, sum(len(r.prompt) for r in requests))
+    start = time.perf_counter()
+    clock = lambda: time.perf_counter() - start  # noqa: E731
+    while True:
+        now = clock()
+        while pending and pending[0].arrival <= now:
+            engine.submit(pending.popleft())
+        someone_busy, more_coming = any_rank([engine.has_work, bool(pending)])
+        if not someone_busy:
+            if not more_coming:
+                break
+            time.sleep(min(idle_poll_s, max(0.0, pending[0].arrival - now)) if pending else idle_poll_s)
+            continue
+        if engine.has_work:
+            results += engine.step(clock)
+            if bar:
+                bar.update(engine.steps[-1].num_tokens)
+        else:
+            engine.dummy_step()
+    if bar:
+        bar.close()
+    return results
+
+
+def _bar(progress: bool, total: int):
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="tok", desc="prefill")
 
 
 def _pack_layer(per_seq: list[LayerKV | None]) -> LayerKV:

@@ -95,6 +95,8 @@ def routed_experts_forward(
     contiguous block of sorted rows, so weights split across a resident shard and a
     prefetch slot are used in place (no merge copy). ``on_segment_start(seg)`` lets the
     caller wait for a segment's weights just before it is used (DWDP: local first).
+    An id equal to ``num_experts`` means "no expert here" (expert parallelism: a slot
+    whose expert lives on another rank); it contributes zero.
     """
     T, K = topk_ids.shape
     hidden = x.shape[-1]
@@ -104,6 +106,8 @@ def routed_experts_forward(
     ends = counts.cumsum(0).tolist()  # one host sync per layer, for the segment boundaries
     x_sorted = x[order // K]
     y_sorted = torch.empty_like(x_sorted)
+    if len(ends) > num_experts:  # "no expert" rows sort last: they must add nothing
+        y_sorted[ends[num_experts - 1] if num_experts else 0:] = 0
     for seg in segments:  # caller's order: DWDP puts resident experts first
         e0, e1 = seg.start, seg.start + seg.count
         r0, r1 = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]

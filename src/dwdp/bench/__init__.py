@@ -1,0 +1,1 @@
+"""Strategy comparison: ``dwdp bench`` (run) and ``dwdp report`` (plots)."""

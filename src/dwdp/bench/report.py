@@ -1,0 +1,123 @@
+"""``dwdp report``: PNG plots from ``dwdp bench`` JSON files.
+
+* throughput.png: tokens/s per GPU against the workload's length spread (CV, or the
+  input ratio for uniform lengths), one line per strategy and MNT;
+* breakdown.png: per-rank time of each strategy, split into compute, time at
+  collectives (dep) or exposed prefetch wait (dwdp), and idle until the last rank ends;
+* ttft.png: TTFT percentiles per strategy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    runs = []
+    for p in paths:
+        try:
+            data = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: not a readable dwdp bench JSON file ({e})")
+        if "runs" not in data:
+            raise ValueError(f"{p}: no 'runs' key: write it with `dwdp bench --out`")
+        for r in data["runs"]:
+            r["_machine"] = data.get("machine", {})
+        runs += data["runs"]
+    if not runs:
+        raise ValueError("no runs in the given files")
+    return runs
+
+
+def _spread(run: dict) -> tuple[str, float]:
+    w = run["spec"]["workload"]
+    if w["dist"] == "uniform":
+        return "input ratio (uniform lengths)", w["ratio"]
+    return "ISL coefficient of variation", w["cv"]
+
+
+def render(paths: list[str], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = load_runs(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    colors = {"dp": "tab:gray", "dep": "tab:red", "dwdp": "tab:blue"}
+
+    # Throughput vs spread.
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    xlabel = None
+    for r in runs:
+        xlabel, x = _spread(r)
+        for strat, s in r["results"].items():
+            if "skipped" not in s:
+                lines.setdefault((strat, r["spec"]["max_num_tokens"]), []).append((x, s["tps_per_gpu"]))
+    styles = ["-", "--", ":", "-."]
+    mnts = sorted({m for _, m in lines})
+    for (strat, mnt), pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors.get(strat),
+                linestyle=styles[mnts.index(mnt) % len(styles)], label=f"{strat} MNT {mnt}")
+    ax.set_xlabel(xlabel or "spread")
+    ax.set_ylabel("input tokens / s / GPU")
+    ax.set_ylim(bottom=0)
+    spec = runs[0]["spec"]
+    ax.set_title(f"{spec['model']} ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} ranks")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out / "throughput.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    written.append(str(p))
+
+    # Per-rank breakdown of the run with the largest spread (most imbalance).
+    run = max(runs, key=lambda r: _spread(r)[1])
+    strategies = [k for k, v in run["results"].items() if "skipped" not in v]
+    if strategies:
+        fig, axes = plt.subplots(1, len(strategies), figsize=(4 * len(strategies), 4), sharey=True, squeeze=False)
+        for ax, strat in zip(axes[0], strategies):
+            ranks = run["results"][strat]["ranks"]
+            xs = [str(rr["rank"]) for rr in ranks]
+            wait = [rr.get("collective_s", rr.get("exposed_wait_s", 0.0)) for rr in ranks]
+            compute = [rr["busy_s"] - w for rr, w in zip(ranks, wait)]
+            idle = [rr["idle_s"] for rr in ranks]
+            ax.bar(xs, compute, label="compute", color="tab:green")
+            ax.bar(xs, wait, bottom=compute, color="tab:orange",
+                   label="at collectives" if strat == "dep" else "exposed prefetch wait")
+            ax.bar(xs, idle, bottom=[c + w for c, w in zip(compute, wait)], color="lightgray", label="idle")
+            ax.set_title(strat)
+            ax.set_xlabel("rank")
+            ax.legend(fontsize=7)
+        axes[0][0].set_ylabel("seconds")
+        label, x = _spread(run)
+        fig.suptitle(f"per-rank time, {label} = {x:g}, MNT {run['spec']['max_num_tokens']}")
+        fig.tight_layout()
+        p = out / "breakdown.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        written.append(str(p))
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        qs = ("p50", "p90", "p99")
+        width = 0.8 / len(strategies)
+        for i, strat in enumerate(strategies):
+            t = run["results"][strat]["ttft_s"]
+            ax.bar([j + i * width for j in range(len(qs))], [t[q] * 1e3 for q in qs], width, label=strat,
+                   color=colors.get(strat))
+        ax.set_xticks([j + width * (len(strategies) - 1) / 2 for j in range(len(qs))], qs)
+        ax.set_ylabel("TTFT ms")
+        ax.set_title(f"TTFT, {label} = {x:g}")
+        ax.legend()
+        fig.tight_layout()
+        p = out / "ttft.png"
+        fig.savefig(p, dpi=120)
+        plt.close(fig)
+        written.append(str(p))
+    return written

@@ -1,0 +1,146 @@
+"""``dwdp bench``: run strategies on one seeded workload, summarise, compare, write JSON.
+
+Each strategy runs in its own fresh set of local processes (one per GPU, or CPU
+processes), one after another on the same machine, over exactly the same requests.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from .worker import BenchSpec, bench_worker
+
+
+def percentile(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else float("nan")
+
+
+def summarize(ranks: list[dict], world: int) -> dict[str, Any]:
+    """Per-strategy metrics from the ranks' reports.
+
+    tps_per_gpu: input tokens / makespan (until the last rank finishes) / GPUs: offline
+    throughput. tps_per_busy_gpu: input tokens / GPU-seconds spent in steps (a DEP rank in
+    a dummy step or waiting at a collective is busy; a DWDP or DP rank that ran out of
+    work is free for other requests): the capacity measure when traffic keeps coming.
+    """
+    if any("skipped" in r for r in ranks):
+        return {"skipped": next(r["skipped"] for r in ranks if "skipped" in r)}
+    reqs = [q for r in ranks for q in r["requests"]]
+    tokens = sum(q["prompt_len"] for q in reqs)
+    makespan = max(r["makespan_s"] for r in ranks)
+    busy = [r["busy_s"] for r in ranks]
+    ttft = [q["ttft_s"] for q in reqs]
+    per_rank = []
+    for r in ranks:
+        rank_tokens = sum(q["prompt_len"] for q in r["requests"])
+        row = {"rank": r["rank"], "tokens": rank_tokens, "requests": len(r["requests"]),
+               "steps": sum(1 for s in r["steps"] if s["num_tokens"]),
+               "dummy_steps": sum(1 for s in r["steps"] if not s["num_tokens"]),
+               "busy_s": r["busy_s"], "makespan_s": r["makespan_s"], "idle_s": max(0.0, makespan - r["busy_s"]),
+               "peak_memory_bytes": r["peak_memory_bytes"], "memory": r.get("memory"),
+               "step_tokens": [s["num_tokens"] for s in r["steps"]],
+               "step_seconds": [s["seconds"] for s in r["steps"]]}
+        if "collective_s" in r:
+            row["collective_s"] = sum(r["collective_s"])
+            row["a2a_sent_bytes"] = r["a2a_sent_bytes"]
+            if "a2a_ceiling_gbps" in r:
+                row["a2a_ceiling_gbps"] = r["a2a_ceiling_gbps"]
+        if "exposed_wait_s" in r:
+            row["exposed_wait_s"] = sum(r["exposed_wait_s"])
+            row["pulled_bytes"] = r["pulled_bytes"]
+            row["pull_gbps"] = r["pulled_bytes"] / r["pull_seconds"] / 1e9 if r["pull_seconds"] else float("nan")
+        per_rank.append(row)
+    out = {
+        "tokens": tokens, "requests": len(reqs), "makespan_s": makespan,
+        "tps_per_gpu": tokens / makespan / world, "tps_per_busy_gpu": tokens / sum(busy),
+        "ttft_s": {"mean": float(np.mean(ttft)), "p50": percentile(ttft, 50), "p90": percentile(ttft, 90),
+                   "p99": percentile(ttft, 99)},
+        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks),
+        "ranks": per_rank,
+    }
+    if any("collective_s" in r for r in per_rank):
+        out["collective_share"] = sum(r["collective_s"] for r in per_rank) / sum(busy)
+    if any("exposed_wait_s" in r for r in per_rank):
+        out["exposed_wait_share"] = sum(r["exposed_wait_s"] for r in per_rank) / sum(busy)
+        out["pull_gbps"] = float(np.nanmean([r["pull_gbps"] for r in per_rank]))
+    return out
+
+
+def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print) -> dict[str, Any]:
+    """All of ``spec.strategies`` on ``spec.workload``: {"spec", "results": {strategy: summary}}."""
+    from ..parallel.launch import spawn_local
+
+    results: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    for strategy in spec.strategies:
+        log(f"[{strategy}] {spec.world_size} ranks, {spec.workload.describe()}, MNT {spec.max_num_tokens}")
+        t0 = time.perf_counter()
+        ranks = spawn_local(bench_worker, spec.world_size, (spec, strategy), timeout_s=timeout_s)
+        results[strategy] = summarize(ranks, spec.world_size)
+        raw[strategy] = ranks
+        s = results[strategy]
+        log(f"[{strategy}] " + (f"skipped: {s['skipped']}" if "skipped" in s else
+                                f"{s['tps_per_gpu']:,.0f} tok/s/GPU ({time.perf_counter() - t0:.1f} s wall)"))
+    return {"spec": spec.to_dict(), "results": results, "_raw": raw}
+
+
+def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, timeout_s: float, log=print):
+    """One run per (MNT, CV) combination; each a full strategy comparison."""
+    runs = []
+    for mnt in mnts or [spec.max_num_tokens]:
+        for cv in cvs if cvs is not None else [None]:
+            s = copy.deepcopy(spec)
+            s.max_num_tokens = mnt
+            if cv is not None:
+                s.workload.cv = cv
+            runs.append(run_bench(s, timeout_s, log))
+    return runs
+
+
+def write_json(path: str, runs: list[dict], machine: dict) -> None:
+    def clean(o):
+        if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
+            return None
+        if isinstance(o, dict):
+            return {k: clean(v) for k, v in o.items() if k != "_raw" and k != "logits"}
+        if isinstance(o, list):
+            return [clean(v) for v in o]
+        return o
+
+    with open(path, "w") as f:
+        json.dump(clean({"machine": machine, "runs": runs}), f, indent=1)
+
+
+def comparison_table(run: dict, title: str | None = None):
+    """A rich Table comparing the strategies of one run, with ratios to dep."""
+    from rich.table import Table
+
+    res = run["results"]
+    base = res.get("dep", {}).get("tps_per_gpu")
+    w = run["spec"]["workload"]
+    t = Table(title=title or f"{run['spec']['model']} x{run['spec']['world_size']}, MNT {run['spec']['max_num_tokens']}, "
+                             f"{w['dist']} ISL {w['isl']} CV {w['cv']:g} ratio {w['ratio']:g}, skew {run['spec']['skew']:g}")
+    cols = ("strategy", "tok/s/GPU", "vs dep", "tok/s/busy GPU", "TTFT mean ms", "p50", "p90", "p99",
+            "steps", "collective %", "exposed wait %", "pull GB/s", "peak GiB")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "strategy" else "right")
+    for name, s in res.items():
+        if "skipped" in s:
+            t.add_row(name, "skipped", "", "", "", "", "", "", "", "", "", "", "")
+            continue
+        f = s["ttft_s"]
+        steps = max(r["steps"] + r["dummy_steps"] for r in s["ranks"])
+        t.add_row(name, f"{s['tps_per_gpu']:,.0f}", f"{s['tps_per_gpu'] / base:.3f}" if base else "-",
+                  f"{s['tps_per_busy_gpu']:,.0f}", f"{f['mean'] * 1e3:.1f}", f"{f['p50'] * 1e3:.1f}",
+                  f"{f['p90'] * 1e3:.1f}", f"{f['p99'] * 1e3:.1f}", str(steps),
+                  f"{100 * s['collective_share']:.1f}" if "collective_share" in s else "-",
+                  f"{100 * s['exposed_wait_share']:.2f}" if "exposed_wait_share" in s else "-",
+                  f"{s['pull_gbps']:.0f}" if s.get("pull_gbps") == s.get("pull_gbps") and "pull_gbps" in s else "-",
+                  f"{s['peak_memory_bytes'] / 2**30:.2f}")
+    return t

@@ -1,0 +1,187 @@
+"""One rank of a benchmark run: build the model under a strategy, run its requests, report.
+
+Strategies are applied to the plain model from outside:
+
+* ``dp``: a full replica, no communication (refused with the numbers where it does not fit);
+* ``dep``: attention DP + expert parallelism over the group (all-to-all in every MoE layer,
+  lockstep steps, dummy steps on idle ranks);
+* ``dwdp``: attention DP + distributed weights pulled one layer ahead.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..workload import WorkloadSpec
+
+STRATEGIES = ("dp", "dep", "dwdp")
+
+
+@dataclass
+class BenchSpec:
+    model: str = "tiny-qwen3-moe"
+    num_layers: int | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    world_size: int = 2
+    group_size: int | None = None  # DEP / DWDP group size (default: the whole world)
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    workload: WorkloadSpec = field(default_factory=WorkloadSpec)
+    max_num_tokens: int = 8192
+    skew: float = 0.0  # Zipf exponent of the router bias (0: the model's own routing)
+    local_experts: int | None = None  # DWDP L
+    slice_mb: float | None = None  # DWDP sliced pulls
+    warmup: bool = True
+    seed: int = 0  # random weights
+    peer_timeout_s: float = 120.0
+    ceilings: bool = False  # GPU: also measure all-to-all bandwidth (dep)
+    return_logits: bool = False  # tests: ship each request's logits back
+    progress: bool = True
+
+    @property
+    def n(self) -> int:
+        return self.group_size or self.world_size
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["workload"] = self.workload.to_dict()
+        return d
+
+
+class _Skip(Exception):
+    pass
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def bench_worker(spec: BenchSpec, strategy: str) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from ..checkpoint import load_checkpoint
+    from ..cli import DTYPES
+    from ..engine import PrefillEngine, Request, run_lockstep
+    from ..info import dwdp_rank_memory, param_breakdown
+    from ..models import build_model, init_random
+    from ..parallel.dwdp import apply_dwdp
+    from ..parallel.ep import apply_dep, ep_ranges
+    from ..parallel.group import PeerFailure, PeerWatchdog, init_dwdp_groups
+    from ..parallel.placement import Placement
+    from ..parallel.replica import DoesNotFit, check_fits, replica_weight_bytes
+    from ..presets import resolve_model
+    from ..workload import apply_router_skew, assign, generate
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    ctx = init_dwdp_groups(spec.n, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
+    watchdog = PeerWatchdog(ctx, spec.peer_timeout_s)
+    out: dict[str, Any] = {"rank": ctx.rank, "strategy": strategy}
+    try:
+        cfg, ckpt = resolve_model(spec.model, spec.num_layers)
+        dtype = DTYPES[spec.dtype] if spec.dtype else (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
+        esz = torch.empty(0, dtype=dtype).element_size()
+        pb = param_breakdown(cfg)
+        N, r = ctx.group_size, ctx.group_rank
+        shard, rt = None, None
+        try:
+            if strategy == "dp":
+                check_fits("dp (a full replica per GPU)", replica_weight_bytes(cfg, dtype), cfg, spec.max_num_tokens,
+                           dtype, ctx.device)
+            elif strategy == "dep":
+                mine = ep_ranges(cfg.num_experts, N)[r]
+                shard = (mine.start, len(mine))
+                check_fits(f"dep (EP{N})", (pb.non_expert + len(mine) * pb.num_moe_layers * pb.expert_numel) * esz,
+                           cfg, spec.max_num_tokens, dtype, ctx.device)
+            else:
+                placement = Placement.create(cfg.num_experts, N, spec.local_experts)
+                mine = placement.local_range(r)
+                shard = (mine.start, len(mine))
+                check_fits(f"dwdp ({placement.describe()})", dwdp_rank_memory(cfg, placement, esz).total, cfg,
+                           spec.max_num_tokens, dtype, ctx.device)
+        except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then tear down together
+            out["skipped"] = str(e)
+            raise _Skip from None
+        model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None)
+        if ckpt is not None:
+            load_checkpoint(model, ckpt)
+        else:
+            init_random(model, spec.seed)
+        if strategy == "dep":
+            rt = apply_dep(model, ctx.group.process_group, r, N)
+        elif strategy == "dwdp":
+            rt = apply_dwdp(model, ctx, placement, copy_timeout_s=spec.peer_timeout_s,
+                            slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None)
+            out["placement"] = placement.describe()
+        apply_router_skew(model, spec.skew, spec.workload.seed)
+
+        requests = generate(spec.workload, cfg.vocab_size, cfg.max_position_embeddings)
+        # Every DEP/DWDP group serves the same request stream shape; groups split the world's requests.
+        mine_reqs = assign(requests, ctx.world_size, spec.workload.assign)[ctx.rank]
+        pg = ctx.group.process_group
+
+        def any_rank(flags: list[bool]) -> list[bool]:
+            t = torch.tensor([int(f) for f in flags], device=ctx.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
+            return [bool(v) for v in t.tolist()]
+
+        def drive(engine, reqs, progress=False):
+            if strategy == "dep":
+                return run_lockstep(engine, reqs, any_rank, progress=progress)
+            return engine.run(reqs, progress=progress)
+
+        with torch.no_grad():
+            if spec.warmup:  # kernels, allocator, NCCL channels: not part of the measurement
+                n = min(spec.workload.isl, spec.max_num_tokens, cfg.max_position_embeddings)
+                drive(PrefillEngine(model, spec.max_num_tokens, keep_kv=False), [Request("warmup", [1] * n)])
+            if rt is not None:
+                rt.step_stats.clear()
+            if spec.ceilings and strategy == "dep" and ctx.device.type == "cuda":
+                from ..ceilings import all_to_all_gbps
+
+                out["a2a_ceiling_gbps"] = all_to_all_gbps(pg)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            engine = PrefillEngine(model, spec.max_num_tokens, keep_kv=False)
+            dist.barrier()
+            t0 = time.perf_counter()
+            results = drive(engine, mine_reqs, progress=spec.progress and ctx.rank == 0)
+            makespan = time.perf_counter() - t0
+        watchdog.check()
+        out.update(
+            makespan_s=makespan,
+            busy_s=sum(s.seconds for s in engine.steps),
+            steps=[asdict(s) for s in engine.steps],
+            requests=[{"id": x.id, "prompt_len": x.prompt_len, "ttft_s": x.ttft, "next_token": x.next_token}
+                      for x in results],
+            peak_memory_bytes=_peak_memory(ctx.device),
+        )
+        if spec.return_logits:
+            out["logits"] = {x.id: x.logits.float().cpu().numpy() for x in results}
+        if strategy == "dep":
+            out["collective_s"] = [s.collective_s for s in rt.step_stats]
+            out["a2a_sent_bytes"] = sum(s.sent_bytes for s in rt.step_stats)
+        elif strategy == "dwdp":
+            out["exposed_wait_s"] = [s.exposed_wait_s for s in rt.step_stats]
+            out["pulled_bytes"] = sum(s.pulled_bytes for s in rt.step_stats)
+            out["pull_seconds"] = sum(sum(s.pull_seconds) for s in rt.step_stats)
+        out["memory"] = rt.memory_bytes() if rt is not None else {"replica": pb.total * esz}
+        if rt is not None:
+            rt.close()
+    except _Skip:
+        pass
+    except KeyboardInterrupt:
+        raise PeerFailure(watchdog.failure or "interrupted") from None
+    finally:
+        watchdog.stop()
+    dist.barrier()  # teardown: keep rank 0's store alive until everyone is done
+    dist.destroy_process_group()
+    return out
