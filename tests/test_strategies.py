@@ -20,7 +20,7 @@ from dwdp.workload import WorkloadSpec, generate
 def _check(ref, spec: BenchSpec, strategies):
     spec.strategies = list(strategies)
     spec.return_logits, spec.progress, spec.warmup = True, False, True
-    out = run_bench(spec, timeout_s=240, log=lambda m: None)
+    out = run_bench(spec, timeout_s=240, log=lambda m: None)[0]
     reqs = {r.id: r.prompt for r in generate(spec.workload, ref.vocab, ref.cfg.max_position_embeddings)}
     for strat in strategies:
         ranks = out["_raw"][strat]

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..workload import WorkloadSpec
 from .worker import BenchSpec, bench_worker
 
 
@@ -72,35 +73,46 @@ def summarize(ranks: list[dict], world: int) -> dict[str, Any]:
     return out
 
 
-def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print) -> dict[str, Any]:
-    """All of ``spec.strategies`` on ``spec.workload``: {"spec", "results": {strategy: summary}}."""
+def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
+              configs: list[tuple[WorkloadSpec, int]] | None = None) -> list[dict[str, Any]]:
+    """Every strategy of ``spec`` on each (workload, MNT) of ``configs`` (default: the spec's).
+
+    A strategy's processes build the model once and run every config; returns one run per
+    config: {"spec", "results": {strategy: summary}, "_raw": {strategy: per-rank reports}}.
+    """
     from ..parallel.launch import spawn_local
 
-    results: dict[str, Any] = {}
-    raw: dict[str, Any] = {}
+    configs = configs or [(spec.workload, spec.max_num_tokens)]
+    runs = []
+    for wl, mnt in configs:
+        s = copy.deepcopy(spec)
+        s.workload, s.max_num_tokens = copy.deepcopy(wl), mnt
+        runs.append({"spec": s.to_dict(), "results": {}, "_raw": {}})
     for strategy in spec.strategies:
-        log(f"[{strategy}] {spec.world_size} ranks, {spec.workload.describe()}, MNT {spec.max_num_tokens}")
+        log(f"[{strategy}] {spec.world_size} ranks, {len(configs)} workload(s): "
+            + "; ".join(f"{wl.describe()}, MNT {mnt}" for wl, mnt in configs))
         t0 = time.perf_counter()
-        ranks = spawn_local(bench_worker, spec.world_size, (spec, strategy), timeout_s=timeout_s)
-        results[strategy] = summarize(ranks, spec.world_size)
-        raw[strategy] = ranks
-        s = results[strategy]
+        ranks = spawn_local(bench_worker, spec.world_size, (spec, strategy, configs), timeout_s=timeout_s)
+        for i, run in enumerate(runs):
+            per_rank = [rk[i] for rk in ranks]
+            run["results"][strategy] = summarize(per_rank, spec.world_size)
+            run["_raw"][strategy] = per_rank
+        s = runs[0]["results"][strategy]
         log(f"[{strategy}] " + (f"skipped: {s['skipped']}" if "skipped" in s else
-                                f"{s['tps_per_gpu']:,.0f} tok/s/GPU ({time.perf_counter() - t0:.1f} s wall)"))
-    return {"spec": spec.to_dict(), "results": results, "_raw": raw}
+                                "done: " + ", ".join(f"{r['results'][strategy]['tps_per_gpu']:,.0f}" for r in runs)
+                                + f" tok/s/GPU ({time.perf_counter() - t0:.1f} s wall)"))
+    return runs
 
 
 def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, timeout_s: float, log=print):
-    """One run per (MNT, CV) combination; each a full strategy comparison."""
-    runs = []
+    """One run per (MNT, CV) combination, each comparing every strategy."""
+    configs = []
     for mnt in mnts or [spec.max_num_tokens]:
-        for cv in cvs if cvs is not None else [None]:
-            s = copy.deepcopy(spec)
-            s.max_num_tokens = mnt
-            if cv is not None:
-                s.workload.cv = cv
-            runs.append(run_bench(s, timeout_s, log))
-    return runs
+        for cv in cvs if cvs is not None else [spec.workload.cv]:
+            wl = copy.deepcopy(spec.workload)
+            wl.cv = cv
+            configs.append((wl, mnt))
+    return run_bench(spec, timeout_s, log, configs)
 
 
 def write_json(path: str, runs: list[dict], machine: dict) -> None:

@@ -63,12 +63,14 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def bench_worker(spec: BenchSpec, strategy: str) -> dict[str, Any]:
+def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpec, int]] | None = None
+                 ) -> list[dict[str, Any]]:
+    """Build the model once under ``strategy``, then run each (workload, MNT) of ``configs``
+    (default: the spec's own); one report per config."""
     import torch.distributed as dist
 
     from ..checkpoint import load_checkpoint
     from ..cli import DTYPES
-    from ..engine import PrefillEngine, Request, run_lockstep
     from ..info import dwdp_rank_memory, param_breakdown
     from ..models import build_model, init_random
     from ..parallel.dwdp import apply_dwdp
@@ -77,37 +79,38 @@ def bench_worker(spec: BenchSpec, strategy: str) -> dict[str, Any]:
     from ..parallel.placement import Placement
     from ..parallel.replica import DoesNotFit, check_fits, replica_weight_bytes
     from ..presets import resolve_model
-    from ..workload import apply_router_skew, assign, generate
 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    configs = configs or [(spec.workload, spec.max_num_tokens)]
+    max_mnt = max(m for _, m in configs)
     ctx = init_dwdp_groups(spec.n, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
     watchdog = PeerWatchdog(ctx, spec.peer_timeout_s)
-    out: dict[str, Any] = {"rank": ctx.rank, "strategy": strategy}
+    outs: list[dict[str, Any]] = []
     try:
         cfg, ckpt = resolve_model(spec.model, spec.num_layers)
         dtype = DTYPES[spec.dtype] if spec.dtype else (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
         esz = torch.empty(0, dtype=dtype).element_size()
         pb = param_breakdown(cfg)
         N, r = ctx.group_size, ctx.group_rank
-        shard, rt = None, None
+        shard, rt, placement = None, None, None
         try:
             if strategy == "dp":
-                check_fits("dp (a full replica per GPU)", replica_weight_bytes(cfg, dtype), cfg, spec.max_num_tokens,
+                check_fits("dp (a full replica per GPU)", replica_weight_bytes(cfg, dtype), cfg, max_mnt,
                            dtype, ctx.device)
             elif strategy == "dep":
                 mine = ep_ranges(cfg.num_experts, N)[r]
                 shard = (mine.start, len(mine))
                 check_fits(f"dep (EP{N})", (pb.non_expert + len(mine) * pb.num_moe_layers * pb.expert_numel) * esz,
-                           cfg, spec.max_num_tokens, dtype, ctx.device)
+                           cfg, max_mnt, dtype, ctx.device)
             else:
                 placement = Placement.create(cfg.num_experts, N, spec.local_experts)
                 mine = placement.local_range(r)
                 shard = (mine.start, len(mine))
                 check_fits(f"dwdp ({placement.describe()})", dwdp_rank_memory(cfg, placement, esz).total, cfg,
-                           spec.max_num_tokens, dtype, ctx.device)
+                           max_mnt, dtype, ctx.device)
         except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then tear down together
-            out["skipped"] = str(e)
+            outs = [{"rank": ctx.rank, "strategy": strategy, "skipped": str(e)} for _ in configs]
             raise _Skip from None
         model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None)
         if ckpt is not None:
@@ -119,61 +122,13 @@ def bench_worker(spec: BenchSpec, strategy: str) -> dict[str, Any]:
         elif strategy == "dwdp":
             rt = apply_dwdp(model, ctx, placement, copy_timeout_s=spec.peer_timeout_s,
                             slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None)
-            out["placement"] = placement.describe()
-        apply_router_skew(model, spec.skew, spec.workload.seed)
-
-        requests = generate(spec.workload, cfg.vocab_size, cfg.max_position_embeddings)
-        # Every DEP/DWDP group serves the same request stream shape; groups split the world's requests.
-        mine_reqs = assign(requests, ctx.world_size, spec.workload.assign)[ctx.rank]
-        pg = ctx.group.process_group
-
-        def any_rank(flags: list[bool]) -> list[bool]:
-            t = torch.tensor([int(f) for f in flags], device=ctx.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
-            return [bool(v) for v in t.tolist()]
-
-        def drive(engine, reqs, progress=False):
-            if strategy == "dep":
-                return run_lockstep(engine, reqs, any_rank, progress=progress)
-            return engine.run(reqs, progress=progress)
-
-        with torch.no_grad():
-            if spec.warmup:  # kernels, allocator, NCCL channels: not part of the measurement
-                n = min(spec.workload.isl, spec.max_num_tokens, cfg.max_position_embeddings)
-                drive(PrefillEngine(model, spec.max_num_tokens, keep_kv=False), [Request("warmup", [1] * n)])
-            if rt is not None:
-                rt.step_stats.clear()
-            if spec.ceilings and strategy == "dep" and ctx.device.type == "cuda":
-                from ..ceilings import all_to_all_gbps
-
-                out["a2a_ceiling_gbps"] = all_to_all_gbps(pg)
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            engine = PrefillEngine(model, spec.max_num_tokens, keep_kv=False)
-            dist.barrier()
-            t0 = time.perf_counter()
-            results = drive(engine, mine_reqs, progress=spec.progress and ctx.rank == 0)
-            makespan = time.perf_counter() - t0
-        watchdog.check()
-        out.update(
-            makespan_s=makespan,
-            busy_s=sum(s.seconds for s in engine.steps),
-            steps=[asdict(s) for s in engine.steps],
-            requests=[{"id": x.id, "prompt_len": x.prompt_len, "ttft_s": x.ttft, "next_token": x.next_token}
-                      for x in results],
-            peak_memory_bytes=_peak_memory(ctx.device),
-        )
-        if spec.return_logits:
-            out["logits"] = {x.id: x.logits.float().cpu().numpy() for x in results}
-        if strategy == "dep":
-            out["collective_s"] = [s.collective_s for s in rt.step_stats]
-            out["a2a_sent_bytes"] = sum(s.sent_bytes for s in rt.step_stats)
-        elif strategy == "dwdp":
-            out["exposed_wait_s"] = [s.exposed_wait_s for s in rt.step_stats]
-            out["pulled_bytes"] = sum(s.pulled_bytes for s in rt.step_stats)
-            out["pull_seconds"] = sum(sum(s.pull_seconds) for s in rt.step_stats)
-        out["memory"] = rt.memory_bytes() if rt is not None else {"replica": pb.total * esz}
+        warmed: set[int] = set()
+        for workload, mnt in configs:
+            out = _run_config(spec, strategy, ctx, model, rt, cfg, workload, mnt, warmed)
+            out["placement"] = placement.describe() if placement else None
+            out["memory"] = rt.memory_bytes() if rt is not None else {"replica": pb.total * esz}
+            outs.append(out)
+            watchdog.check()
         if rt is not None:
             rt.close()
     except _Skip:
@@ -184,4 +139,68 @@ def bench_worker(spec: BenchSpec, strategy: str) -> dict[str, Any]:
         watchdog.stop()
     dist.barrier()  # teardown: keep rank 0's store alive until everyone is done
     dist.destroy_process_group()
+    return outs
+
+
+def _run_config(spec: BenchSpec, strategy: str, ctx, model, rt, cfg, workload: WorkloadSpec, mnt: int,
+                warmed: set[int]) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from ..engine import PrefillEngine, Request, run_lockstep
+    from ..workload import apply_router_skew, assign, generate
+
+    out: dict[str, Any] = {"rank": ctx.rank, "strategy": strategy}
+    apply_router_skew(model, spec.skew, workload.seed)
+    requests = generate(workload, cfg.vocab_size, cfg.max_position_embeddings)
+    # Ranks (of every group) split the world's requests, as a front-end balancer would.
+    mine_reqs = assign(requests, ctx.world_size, workload.assign)[ctx.rank]
+    pg = ctx.group.process_group
+
+    def any_rank(flags: list[bool]) -> list[bool]:
+        t = torch.tensor([int(f) for f in flags], device=ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
+        return [bool(v) for v in t.tolist()]
+
+    def drive(engine, reqs, progress=False):
+        if strategy == "dep":
+            return run_lockstep(engine, reqs, any_rank, progress=progress)
+        return engine.run(reqs, progress=progress)
+
+    with torch.no_grad():
+        if spec.warmup and mnt not in warmed:  # kernels, allocator, NCCL channels: not measured
+            n = min(workload.isl, mnt, cfg.max_position_embeddings)
+            drive(PrefillEngine(model, mnt, keep_kv=False), [Request("warmup", [1] * n)])
+            warmed.add(mnt)
+        if spec.ceilings and strategy == "dep" and ctx.device.type == "cuda" and "a2a" not in warmed:
+            from ..ceilings import all_to_all_gbps
+
+            out["a2a_ceiling_gbps"] = all_to_all_gbps(pg)
+            warmed.add("a2a")
+        if rt is not None:
+            rt.step_stats.clear()
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        engine = PrefillEngine(model, mnt, keep_kv=False)
+        dist.barrier()
+        t0 = time.perf_counter()
+        results = drive(engine, mine_reqs, progress=spec.progress and ctx.rank == 0)
+        makespan = time.perf_counter() - t0
+    out.update(
+        makespan_s=makespan,
+        busy_s=sum(s.seconds for s in engine.steps),
+        steps=[asdict(s) for s in engine.steps],
+        requests=[{"id": x.id, "prompt_len": x.prompt_len, "ttft_s": x.ttft, "next_token": x.next_token}
+                  for x in results],
+        peak_memory_bytes=_peak_memory(ctx.device),
+    )
+    if spec.return_logits:
+        out["logits"] = {x.id: x.logits.float().cpu().numpy() for x in results}
+    if strategy == "dep":
+        out["collective_s"] = [s.collective_s for s in rt.step_stats]
+        out["a2a_sent_bytes"] = sum(s.sent_bytes for s in rt.step_stats)
+    elif strategy == "dwdp":
+        out["exposed_wait_s"] = [s.exposed_wait_s for s in rt.step_stats]
+        out["pulled_bytes"] = sum(s.pulled_bytes for s in rt.step_stats)
+        out["pull_seconds"] = sum(sum(s.pull_seconds) for s in rt.step_stats)
     return out

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Strategy comparison on one multi-GPU machine (issue 4): dp / dep / dwdp on the same
+# seeded workloads. Usage: benchmarks/strategies_gpu.sh OUT_DIR [WORLD] [WHICH]
+# WHICH: qwen (qwen3-235b-a22b shape, 8 layers), dsv3 (deepseek-v3 shape, 5 layers), tiny, all.
+set -euo pipefail
+OUT=${1:?output dir}; W=${2:-4}; WHICH=${3:-all}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export DWDP_COMMIT=${DWDP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+DWDP="python3 -m dwdp.cli"
+if [[ $WHICH == tiny || $WHICH == all ]]; then
+  $DWDP bench --device cuda -W "$W" --num-requests 16 --isl 512 --max-num-tokens 1024 --out "$OUT/tiny_gpu.json"
+fi
+if [[ $WHICH == qwen || $WHICH == all ]]; then
+  $DWDP bench --device cuda -W "$W" --model qwen3-235b-a22b --num-layers 8 --num-requests $((8 * W)) \
+    --isl 8192 --dist normal --cv 0,0.1,0.2,0.3 --max-num-tokens 16384,32768 --ceilings --timeout 580 \
+    --out "$OUT/qwen3-235b-a22b_L8_W${W}.json"
+fi
+if [[ $WHICH == dsv3 || $WHICH == all ]]; then
+  $DWDP bench --device cuda -W "$W" --model deepseek-v3 --num-layers 5 --num-requests $((8 * W)) \
+    --isl 8192 --dist normal --cv 0,0.2 --max-num-tokens 16384,32768 --ceilings --timeout 580 \
+    --out "$OUT/deepseek-v3_L5_W${W}.json"
+fi
