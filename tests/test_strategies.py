@@ -62,3 +62,29 @@ def test_dep_and_dwdp_match_transformers_uneven_expert_split(ref_cases, world, f
     w = WorkloadSpec(**{**WORKLOAD, "num_requests": 7, "assign": "least_loaded" if world == 3 else "round_robin"})
     spec = BenchSpec(model=str(ref.path), world_size=world, workload=w, max_num_tokens=48)
     _check(ref, spec, ["dep", "dwdp"])
+
+
+def test_expert_pairs_forward_equals_topk_form():
+    """DEP's receiver computes over (row, expert) pairs; with every pair present it must
+    equal the top-k form, and with some pairs dropped it must equal a float64 sum of the rest."""
+    from dwdp.models.moe import ExpertSegment, expert_pairs_forward, routed_experts_forward
+
+    g = torch.Generator().manual_seed(0)
+    E, H, I, T, K = 6, 16, 8, 30, 3
+    seg = ExpertSegment(0, torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g))
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    rows = torch.arange(T).repeat_interleave(K)
+    full = expert_pairs_forward(x, rows, ids.flatten(), w.flatten(), seg)
+    assert torch.allclose(full, routed_experts_forward(x, ids, w, [seg], E), atol=1e-5)
+    keep = ids.flatten() % 2 == 0  # a rank holding only the even experts
+    part = expert_pairs_forward(x, rows[keep], ids.flatten()[keep], w.flatten()[keep], seg)
+    want = torch.zeros(T, H, dtype=torch.float64)
+    for t in range(T):
+        for k in range(K):
+            e = int(ids[t, k])
+            if e % 2 == 0:
+                gate, up = (seg.w13[e].double() @ x[t].double()).chunk(2)
+                want[t] += w[t, k].double() * (seg.w2[e].double() @ (torch.nn.functional.silu(gate) * up))
+    assert torch.allclose(part.double(), want, atol=1e-4)

@@ -95,8 +95,6 @@ def routed_experts_forward(
     contiguous block of sorted rows, so weights split across a resident shard and a
     prefetch slot are used in place (no merge copy). ``on_segment_start(seg)`` lets the
     caller wait for a segment's weights just before it is used (DWDP: local first).
-    An id equal to ``num_experts`` means "no expert here" (expert parallelism: a slot
-    whose expert lives on another rank); it contributes zero.
     """
     T, K = topk_ids.shape
     hidden = x.shape[-1]
@@ -106,8 +104,6 @@ def routed_experts_forward(
     ends = counts.cumsum(0).tolist()  # one host sync per layer, for the segment boundaries
     x_sorted = x[order // K]
     y_sorted = torch.empty_like(x_sorted)
-    if len(ends) > num_experts:  # "no expert" rows sort last: they must add nothing
-        y_sorted[ends[num_experts - 1] if num_experts else 0:] = 0
     for seg in segments:  # caller's order: DWDP puts resident experts first
         e0, e1 = seg.start, seg.start + seg.count
         r0, r1 = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]
@@ -122,6 +118,25 @@ def routed_experts_forward(
     inverse[order] = torch.arange(order.numel(), device=order.device)
     y = y_sorted[inverse].view(T, K, hidden)
     return torch.bmm(topk_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+
+def expert_pairs_forward(
+    x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
+    segment: ExpertSegment,
+) -> torch.Tensor:
+    """out[r] = sum over pairs p with rows[p] == r of weights[p] * expert_{expert_ids[p]}(x[r]).
+
+    The pair form of :func:`routed_experts_forward`, for rows that need only some of the
+    segment's experts (expert parallelism: a received token carries just the experts this
+    rank holds). Work is proportional to the pairs, not to rows x top-k.
+    """
+    order = torch.argsort(expert_ids, stable=True)
+    counts = torch.bincount(expert_ids, minlength=segment.count)
+    ends = counts.cumsum(0).tolist()  # host sync: group boundaries
+    src = rows[order]
+    ys = _grouped_swiglu(x[src], segment, counts, ends, 0)
+    ys = ys * weights[order].to(ys.dtype).unsqueeze(1)
+    return torch.zeros_like(x).index_add_(0, src, ys)
 
 
 def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:

@@ -7,8 +7,8 @@ E/N share of each MoE layer's routed experts. In each MoE layer
 1. dispatch: every token is sent once to each rank that holds at least one of its top-k
    experts (not once per expert), together with those experts' ids and routing weights,
    in one ``all_to_all_single`` (after a tiny one for the counts);
-2. each rank runs its experts over what it received (slots for experts held elsewhere
-   are marked "no expert"), weighting and summing the k outputs of each received row;
+2. each rank runs its experts over the (token, expert) pairs it received — one grouped
+   GEMM over pairs sorted by expert — and sums each token's weighted outputs;
 3. combine: the partial sums go back in one ``all_to_all_single`` and each token adds
    the partial sums of the ranks it visited.
 
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.moe import ExpertSegment, MoEBlock, RoutedExperts, routed_experts_forward
+from ..models.moe import ExpertSegment, MoEBlock, RoutedExperts, expert_pairs_forward
 from ..models.transformer import MoECausalLM
 
 
@@ -82,15 +82,14 @@ class DEPExperts(nn.Module):
         dist.all_to_all_single(recv, payload, out_splits, in_splits, group=pg)
         rt.end_collective(t0)
 
-        K = topk_ids.shape[1]
         width = payload.shape[1] - H
         rx = recv[:, :H]
         meta = recv[:, H:].contiguous()
         rids = meta[:, :width // 2].contiguous().view(torch.int32).long()
         rw = meta[:, width // 2:].contiguous().view(torch.float32)
-        assert rids.shape[1] == K
-        local = torch.where(rids >= 0, rids - self.start, self.count)  # count = "no expert here"
-        partial = routed_experts_forward(rx, local, rw, [ExpertSegment(0, self.w13, self.w2)], self.count)
+        row, slot = (rids >= 0).nonzero(as_tuple=True)  # only the (token, expert) pairs held here
+        partial = expert_pairs_forward(rx, row, rids[row, slot] - self.start, rw[row, slot],
+                                       ExpertSegment(0, self.w13, self.w2))
 
         back = partial.new_empty((send_tok.numel(), H))
         t0 = rt.begin_collective()
