@@ -49,11 +49,13 @@ def summarize(ranks: list[dict], world: int) -> dict[str, Any]:
                "step_seconds": [s["seconds"] for s in r["steps"]]}
         if "collective_s" in r:
             row["collective_s"] = sum(r["collective_s"])
+            row["step_collective_s"] = r["collective_s"]
             row["a2a_sent_bytes"] = r["a2a_sent_bytes"]
             if "a2a_ceiling_gbps" in r:
                 row["a2a_ceiling_gbps"] = r["a2a_ceiling_gbps"]
         if "exposed_wait_s" in r:
             row["exposed_wait_s"] = sum(r["exposed_wait_s"])
+            row["step_exposed_wait_s"] = r["exposed_wait_s"]
             row["pulled_bytes"] = r["pulled_bytes"]
             row["pull_gbps"] = r["pulled_bytes"] / r["pull_seconds"] / 1e9 if r["pull_seconds"] else float("nan")
         per_rank.append(row)
