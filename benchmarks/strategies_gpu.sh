@@ -6,7 +6,7 @@ set -euo pipefail
 OUT=${1:?output dir}; W=${2:-4}; WHICH=${3:-all}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export DWDP_COMMIT=${DWDP_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# Pass DWDP_COMMIT=<hash> from the machine that has the git history (the GPU copy may not).
 DWDP="python3 -m dwdp.cli"
 if [[ $WHICH == tiny || $WHICH == all ]]; then
   $DWDP bench --device cuda -W "$W" --num-requests 16 --isl 512 --max-num-tokens 1024 --out "$OUT/tiny_gpu.json"

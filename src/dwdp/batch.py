@@ -19,6 +19,8 @@ class PackedBatch:
     input_ids: torch.Tensor  # [T] int64
     seq_lens: list[int]
     prefix_lens: list[int] = field(default_factory=list)
+    id_bounds: tuple[int, int] | None = None  # (min, max) token id, known without a device sync
+    _meta: "BatchMeta | None" = field(default=None, repr=False)
 
     def __post_init__(self):
         if not self.prefix_lens:
@@ -34,8 +36,9 @@ class PackedBatch:
     def from_sequences(cls, seqs: list[list[int]] | list[torch.Tensor], device="cpu",
                        prefix_lens: list[int] | None = None) -> "PackedBatch":
         flat = [torch.as_tensor(s, dtype=torch.long).reshape(-1) for s in seqs]
-        ids = torch.cat(flat).to(device) if flat else torch.empty(0, dtype=torch.long, device=device)
-        return cls(ids, [t.numel() for t in flat], list(prefix_lens or []))
+        cpu = torch.cat(flat) if flat else torch.empty(0, dtype=torch.long)
+        bounds = (int(cpu.min()), int(cpu.max())) if cpu.numel() and cpu.device.type == "cpu" else None
+        return cls(cpu.to(device), [t.numel() for t in flat], list(prefix_lens or []), bounds)
 
     @property
     def num_tokens(self) -> int:
@@ -57,9 +60,32 @@ class PackedBatch:
     def cu_prefix(self) -> list[int]:
         return [0, *accumulate(self.prefix_lens)]
 
+    def meta(self) -> "BatchMeta":
+        """Positions, cumulative lengths and last-token indices on the batch's device,
+        built with one host-to-device copy and cached: an engine prepares them before the
+        step, so the forward itself never waits on a transfer."""
+        if self._meta is None:
+            T, B = self.num_tokens, self.num_seqs
+            pos = [torch.arange(p, p + n) for p, n in zip(self.prefix_lens, self.seq_lens)]
+            host = torch.cat([torch.cat(pos) if pos else torch.empty(0, dtype=torch.long),
+                              torch.tensor(self.cu_q + self.cu_k, dtype=torch.long),
+                              torch.tensor(self.cu_q[1:], dtype=torch.long) - 1])
+            dev = host.to(self.input_ids.device)
+            cu = dev[T:T + 2 * (B + 1)].to(torch.int32)
+            self._meta = BatchMeta(dev[:T], cu[:B + 1], cu[B + 1:], dev[T + 2 * (B + 1):])
+        return self._meta
+
     def positions(self) -> torch.Tensor:
         pos = [torch.arange(p, p + n) for p, n in zip(self.prefix_lens, self.seq_lens)]
         return torch.cat(pos).to(self.input_ids.device)
 
     def last_token_index(self) -> torch.Tensor:
         return torch.tensor(self.cu_q[1:], device=self.input_ids.device) - 1
+
+
+@dataclass
+class BatchMeta:
+    positions: torch.Tensor  # [T] int64
+    cu_q: torch.Tensor  # [B + 1] int32
+    cu_k: torch.Tensor  # [B + 1] int32 (prefix + new tokens)
+    last_index: torch.Tensor  # [B] int64: each sequence's last new token

@@ -267,6 +267,11 @@ def cmd_bench(args) -> int:
 def cmd_report(args) -> int:
     from .bench.report import render
 
+    if args.markdown:
+        from .bench.report import markdown
+
+        print(markdown(args.files))
+        return 0
     for p in render(args.files, args.out_dir):
         print(f"wrote {p}")
     return 0
@@ -322,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="PNG plots from dwdp bench JSON files")
     rep.add_argument("files", nargs="+", help="JSON files written by dwdp bench --out")
     rep.add_argument("--out-dir", "-o", default="bench-report", help="directory for the PNGs (default bench-report)")
+    rep.add_argument("--markdown", action="store_true", help="print markdown tables instead of plotting")
     rep.set_defaults(func=cmd_report)
 
     return p

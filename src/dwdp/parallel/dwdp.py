@@ -18,6 +18,7 @@ issued during steps.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -75,6 +76,8 @@ class DWDPExperts(nn.Module):
 
         def on_segment_start(seg: ExpertSegment) -> None:
             if seg is not self.local and not waited:
+                if rt.trace is not None:
+                    rt.trace.append((f"acquire{m}", time.perf_counter()))
                 if rt.compute_delay is not None:
                     time.sleep(rt.compute_delay())
                 rt.prefetcher.acquire(m)
@@ -113,15 +116,21 @@ class DWDPRuntime:
                 segs.append(ExpertSegment(lo + L, w13[lo:], w2[lo:]))
             self.remote_segments_for_slot.append(segs)
         self.step_stats: list[DWDPStepStats] = []
+        # Diagnostics: DWDP_TRACE=1 records host times of step start, slot acquires and step end.
+        self.trace: list | None = [] if os.environ.get("DWDP_TRACE") else None
         self._hooks = [model.register_forward_pre_hook(self._begin_step),
                        model.register_forward_hook(self._end_step)]
 
     def _begin_step(self, module, args):
+        if self.trace is not None:
+            self.trace.append(("begin", time.perf_counter()))
         if self.prefetcher.num_layers and self.remote_segments_for_slot:
             self.prefetcher.new_step()
             self.prefetcher.prefetch(0)
 
     def _end_step(self, module, args, output):
+        if self.trace is not None:
+            self.trace.append(("end", time.perf_counter()))
         st = self.prefetcher.take_stats()
         wait = st.exposed_wait_s
         if isinstance(self.engine, CudaCopyEngine):
