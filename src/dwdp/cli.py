@@ -277,6 +277,148 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _plan_input(args):
+    from .planner.hardware import resolve_profile
+    from .planner.plan import PlanInput
+    from .presets import resolve_model
+    from .workload import WorkloadSpec
+
+    cfg, _ = resolve_model(args.model, args.num_layers)
+    if not cfg.name:
+        cfg.name = args.model
+    hw = resolve_profile(args.hardware)
+    if args.interference is not None:
+        import dataclasses
+
+        hw = dataclasses.replace(hw, interference=args.interference)
+    wl = WorkloadSpec(num_requests=args.requests_per_rank, isl=args.isl, dist=args.dist, ratio=args.ratio,
+                      cv=args.cv, assign=args.assign, seed=args.seed)
+    wl.validate(cfg.max_position_embeddings)
+    return PlanInput(cfg, hw, args.expert_dtype, args.group_size, args.local_experts, wl, args.max_num_tokens,
+                     args.skew, args.sliced)
+
+
+def cmd_plan(args) -> int:
+    from rich.table import Table
+
+    from .planner.plan import crossover, memory_per_gpu, predict_all, recommend, sweep, validate
+
+    console = _console()
+    if args.validate:
+        from .bench.report import load_runs
+        from .planner.hardware import resolve_profile
+
+        rows = validate(load_runs(args.validate), resolve_profile(args.hardware))
+        t = Table(title=f"predicted vs measured ({args.hardware})")
+        for c in ("model", "MNT", "CV", "strategy", "measured step ms", "predicted", "error", "measured tok/s/GPU",
+                  "predicted", "error"):
+            t.add_column(c, justify="right")
+        for r in rows:
+            t.add_row(r["model"], str(r["mnt"]), f"{r['cv']:g}", r["strategy"], f"{r['measured_step_s'] * 1e3:.1f}",
+                      f"{r['predicted_step_s'] * 1e3:.1f}", f"{100 * r['step_error']:+.1f}%", f"{r['measured_tps']:,.0f}",
+                      f"{r['predicted_tps']:,.0f}", f"{100 * r['tps_error']:+.1f}%")
+        console.print(t)
+        errs = [abs(r["step_error"]) for r in rows]
+        within = sum(e <= 0.15 for e in errs)
+        console.print(f"step time within +-15%: {within} of {len(rows)} settings; mean |error| "
+                      f"{100 * sum(errs) / len(errs):.1f}%")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
+    p = _plan_input(args)
+    hw = p.hw
+    console.print(f"[bold]{p.cfg.name}[/bold] ({p.cfg.num_layers} layers, E={p.cfg.num_experts}, top-{p.cfg.top_k}), "
+                  f"experts {p.expert_dtype}; hardware {hw.name} ({hw.source}); "
+                  f"{p.workload.describe().replace(str(p.workload.num_requests) + ' requests', str(p.workload.num_requests) + ' requests per rank')}, "
+                  f"MNT {p.mnt}, skew {p.skew:g}", highlight=False)
+    if args.sweep:
+        what, _, vals = args.sweep.partition("=")
+        values = [float(v) for v in vals.split(",")] if vals else {
+            "isl": [1024, 2048, 4096, 8192, 16384, 32768], "mnt": [4096, 8192, 16384, 32768, 65536],
+            "cv": [0, 0.1, 0.2, 0.3, 0.5], "skew": [0, 0.5, 1.0, 1.5]}.get(what, [])
+        rows = sweep(p, what, values)
+        t = Table(title=f"sweep over {what}")
+        for c in (what, "dep tok/s/GPU", "dwdp tok/s/GPU", "dwdp / dep", "dep sync share"):
+            t.add_column(c, justify="right")
+        for r in rows:
+            t.add_row(f"{r[what]:g}", f"{r['dep']:,.0f}", f"{r['dwdp']:,.0f}", f"{r['ratio']:.2f}",
+                      f"{100 * r['dep_sync_share']:.1f}%")
+        console.print(t)
+        if args.png:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6.5, 4))
+            xs = [r[what] for r in rows]
+            ax.plot(xs, [r["dep"] for r in rows], "o-", color="tab:red", label="dep (predicted)")
+            ax.plot(xs, [r["dwdp"] for r in rows], "o-", color="tab:blue", label="dwdp (predicted)")
+            ax.set_xlabel(what)
+            ax.set_ylabel("input tokens / s / GPU")
+            if what in ("isl", "mnt"):
+                ax.set_xscale("log", base=2)
+            ax.set_ylim(bottom=0)
+            ax.set_title(f"{p.cfg.name} on {hw.name}, N={p.group_size}, {p.expert_dtype} experts")
+            ax.grid(alpha=0.3)
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(args.png, dpi=120)
+            console.print(f"wrote {args.png}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
+    pr = predict_all(p)
+    base = pr["dep"].tps_per_gpu
+    t = Table(title=f"predicted, group of N={p.group_size}")
+    for c in ("strategy", "memory/GPU", "mean step ms", "tok/s/GPU", "vs dep", "where the time goes"):
+        t.add_column(c, justify="left" if c in ("strategy", "where the time goes") else "right")
+    budget = hw.memory_gib * 0.92
+    for name, x in pr.items():
+        mem = memory_per_gpu(p.cfg, name, p.group_size, p.local_experts, p.expert_dtype, p.mnt) / 2**30
+        steps = [s for rank in x.step_s for s in rank]
+        if name == "dep":
+            note = (f"all-to-all {100 * x.extra['a2a_s'] * p.group_size / sum(x.busy_s):.1f}%, "
+                    f"waiting for the slowest rank {100 * x.extra['sync_share']:.1f}%")
+        elif name == "dwdp":
+            wait = sum(x.extra["exposed_wait_s"]) / sum(x.busy_s)
+            note = f"pull {x.extra['pull_s_per_layer'] * 1e3:.1f} ms per MoE layer, exposed {100 * wait:.1f}%"
+        else:
+            note = "compute only"
+        fits = "" if mem <= budget else " [red](does not fit)[/red]"
+        t.add_row(name, f"{mem:.1f} GiB{fits}", f"{1e3 * sum(steps) / len(steps):.1f}", f"{x.tps_per_gpu:,.0f}",
+                  f"{x.tps_per_gpu / base:.2f}", note)
+    console.print(t)
+    rows, first = crossover(p)
+    console.print("dwdp / dep over ISL (this MNT): " + ", ".join(f"{isl // 1024}K {r:.2f}" for isl, _, _, r in rows)
+                  + (f" -> dwdp wins from ISL {first}" if first else " -> dwdp does not win in this range"))
+    rows1, first1 = crossover(p, batch_one=True)
+    console.print("batch 1 (one prompt per step, MNT = ISL): " + ", ".join(
+        f"{isl // 1024}K {r:.2f}" for isl, _, _, r in rows1) + (f" -> dwdp wins from ISL {first1}" if first1 else ""))
+    cands, best = recommend(p, args.memory_gib)
+    if best:
+        console.print(f"recommended under {args.memory_gib or budget:.0f} GiB/GPU: N={best['N']} L={best['L']} "
+                      f"({best['memory_gib']:.1f} GiB, {best['tps_per_gpu']:,.0f} tok/s/GPU predicted)")
+    else:
+        console.print("no DWDP group size fits the memory budget")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({name: {"tps_per_gpu": x.tps_per_gpu, "busy_s": x.busy_s, "makespan_s": x.makespan_s}
+                       for name, x in pr.items()} | {"crossover": rows, "candidates": cands}, f, indent=1, default=float)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .planner.calibrate import calibrate
+
+    prof = calibrate(args.model, args.num_layers)
+    prof.to_json(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dwdp", description="DWDP: an MoE prefill engine built around "
                                 "Distributed Weight Data Parallelism.")
@@ -323,6 +465,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--timeout", type=float, default=1800.0, help="limit per strategy run, seconds")
     bench.add_argument("--out", default="bench.json", help="JSON results file (default bench.json)")
     bench.set_defaults(func=cmd_bench)
+
+    plan = sub.add_parser("plan", help="predict dwdp vs dep (and dp) without a GPU; --sweep, --validate")
+    _add_model_args(plan)
+    plan.add_argument("--hardware", default="h200",
+                      help="h100-sxm, h200, b200, gb200-nvl72 (datasheet) or a `dwdp calibrate` JSON (default h200)")
+    plan.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8", "fp4"])
+    plan.add_argument("--group-size", "-N", type=int, default=4, help="DWDP / EP group size (default 4)")
+    plan.add_argument("--local-experts", "-L", type=int, default=None)
+    plan.add_argument("--isl", type=int, default=8192)
+    plan.add_argument("--dist", default="uniform", choices=["fixed", "uniform", "normal", "lognormal"])
+    plan.add_argument("--ratio", type=float, default=0.8)
+    plan.add_argument("--cv", type=float, default=0.0)
+    plan.add_argument("--assign", default="round_robin", choices=["round_robin", "least_loaded"])
+    plan.add_argument("--requests-per-rank", type=int, default=8)
+    plan.add_argument("--max-num-tokens", type=int, default=16384)
+    plan.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of expert popularity")
+    plan.add_argument("--sliced", action="store_true", help="model the sliced round-robin pull plan")
+    plan.add_argument("--interference", type=float, default=None,
+                      help="compute slowdown while pulls run (0.07 = 7%%); default: the profile's")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--memory-gib", type=float, default=None, help="memory budget per GPU (default 92%% of it)")
+    plan.add_argument("--sweep", default=None, help="isl|mnt|cv|skew[=v1,v2,...]: a table (and --png)")
+    plan.add_argument("--png", default=None, help="with --sweep: write a plot here")
+    plan.add_argument("--validate", nargs="+", default=None, help="dwdp bench JSON files: predicted vs measured")
+    plan.add_argument("--json", default=None, help="also write the numbers here")
+    plan.set_defaults(func=cmd_plan)
+
+    cal = sub.add_parser("calibrate", help="measure a hardware profile on this GPU machine")
+    cal.add_argument("--model", default=None, help="also fit the engine's step time for this model's shape")
+    cal.add_argument("--num-layers", type=int, default=None)
+    cal.add_argument("--out", default="hardware.json")
+    cal.set_defaults(func=cmd_calibrate)
 
     rep = sub.add_parser("report", help="PNG plots from dwdp bench JSON files")
     rep.add_argument("files", nargs="+", help="JSON files written by dwdp bench --out")

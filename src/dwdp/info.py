@@ -6,6 +6,7 @@ Counted on a meta-device model (no memory allocated), so it works for DeepSeek-V
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,7 @@ class ParamBreakdown:
                 + self.routers)
 
 
+@functools.lru_cache(maxsize=64)
 def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
     from .models.transformer import MoECausalLM
 

@@ -1,0 +1,161 @@
+"""``dwdp calibrate``: measure a hardware profile on the machine it runs on.
+
+Measured: a large bf16 matmul (and fp8 where ``torch._scaled_mm`` runs), a device copy,
+single-peer and all-peer pulls through symmetric memory on the copy engine, NCCL
+all-to-all bandwidth and latency (all with every visible GPU), and, for a model, a fit of
+the engine's own step times (GEMM and attention efficiency, per-layer overhead) from a
+few one-GPU steps of that model's shape.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+
+import numpy as np
+import torch
+
+from .hardware import HardwareProfile
+
+MB = 1 << 20
+
+
+def _fp8_tflops(n: int = 8192) -> float | None:
+    try:
+        a = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn)
+        b = torch.randn(n, n, device="cuda").to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device="cuda")
+        from ..ceilings import time_cuda
+
+        t = time_cuda(lambda: torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.bfloat16))
+        return 2 * n**3 / t / 1e12
+    except Exception:
+        return None
+
+
+def _comm_worker(n: int, nbytes: int) -> dict:
+    """Per rank: single-peer pull (rank 0 only pulls), all-peer pulls, all-to-all."""
+    import torch.distributed as dist
+    import torch.distributed._symmetric_memory as symm_mem
+
+    from ..ceilings import all_to_all_gbps, time_cuda
+    from ..parallel.group import init_dwdp_groups
+
+    ctx = init_dwdp_groups(n, "cuda")
+    r, pg = ctx.group_rank, ctx.group.process_group
+    buf = symm_mem.empty(nbytes, dtype=torch.uint8, device=ctx.device)
+    buf.fill_(r)
+    h = symm_mem.rendezvous(buf, pg)
+    peers = {q: h.get_buffer(q, (nbytes,), torch.uint8) for q in range(n) if q != r}
+    dst = torch.empty((n, nbytes), dtype=torch.uint8, device=ctx.device)
+    stream = torch.cuda.Stream(ctx.device)
+
+    def pull(qs):
+        with torch.cuda.stream(stream):
+            for q in qs:
+                dst[q].copy_(peers[q], non_blocking=True)
+        torch.cuda.current_stream().wait_stream(stream)
+
+    out = {}
+    dist.barrier(group=pg)
+    if r == 0:
+        out["pull_single_gbps"] = nbytes / time_cuda(lambda: pull([1]), warmup=2, iters=5) / 1e9
+    dist.barrier(group=pg)
+    order = [(r + i) % n for i in range(1, n)]
+    pull(order)
+    torch.cuda.synchronize()
+    dist.barrier(group=pg)
+    t = time_cuda(lambda: pull(order), warmup=1, iters=5)
+    out["pull_all_gbps"] = (n - 1) * nbytes / t / 1e9
+    out["a2a_gbps"] = all_to_all_gbps(pg, 512 * MB)
+    small = torch.zeros(n * 256, device=ctx.device, dtype=torch.bfloat16)
+    small_out = torch.empty_like(small)
+    out["a2a_latency_us"] = time_cuda(lambda: dist.all_to_all_single(small_out, small, group=pg), 5, 20) * 1e6
+    dist.barrier(group=pg)
+    dist.destroy_process_group()
+    return out
+
+
+def fit_model(model: str, num_layers: int | None, peak_tflops: float, hbm_gbps: float) -> dict:
+    """Time one-GPU steps of ``model`` (every expert local) at several shapes and fit
+    step = sum over layers of (GEMM FLOPs / (gemm_eff peak) + attention FLOPs / (attn_eff
+    peak) + overhead) by least squares."""
+    from ..batch import PackedBatch
+    from ..ceilings import time_cuda
+    from ..models import build_model, init_random
+    from ..presets import resolve_model
+    from .model import layer_work
+
+    cfg, _ = resolve_model(model, num_layers)
+    net = init_random(build_model(cfg, torch.bfloat16, "cuda"), 0)
+    shapes = [[256], [2048], [4096] * 4, [16384], [8192] * 2, [1024] * 8]
+    rows, ts = [], []
+    for lens in shapes:
+        if max(lens) > cfg.max_position_embeddings:
+            continue
+        batch = PackedBatch.from_sequences([[1] * n for n in lens], "cuda")
+        batch.meta()
+        with torch.no_grad():
+            t = time_cuda(lambda: net(batch), warmup=2, iters=3)
+        g = a = 0.0
+        for layer in range(cfg.num_layers):
+            w = layer_work(cfg, layer, lens, [0] * len(lens))
+            g += w.gemm_flops + w.expert_flops
+            a += w.attn_flops
+        rows.append([g / (peak_tflops * 1e12), a / (peak_tflops * 1e12), cfg.num_layers,
+                     sum(lens) * cfg.num_layers / (hbm_gbps * 1e9)])
+        ts.append(t)
+    A, y = np.array(rows), np.array(ts)
+    coef = np.linalg.lstsq(A, y, rcond=None)[0]
+    keep = list(range(4))
+    while (coef[keep] < 0).any():  # non-negative: drop a term that fits below zero
+        keep.remove(keep[int(np.argmin(coef[keep]))])
+        coef = np.zeros(4)
+        coef[keep] = np.linalg.lstsq(A[:, keep], y, rcond=None)[0]
+    pred = A @ coef
+    fit = {"gemm_eff": 1 / coef[0] if coef[0] > 0 else 1.0, "attn_eff": 1 / coef[1] if coef[1] > 0 else 1.0,
+           "layer_overhead_us": coef[2] * 1e6, "bytes_per_token_layer": coef[3],
+           "samples": [{"lengths": s, "measured_s": float(t), "fit_s": float(p)}
+                       for s, t, p in zip(shapes, ts, pred)]}
+    return fit
+
+
+def calibrate(model: str | None = None, num_layers: int | None = None, log=print) -> HardwareProfile:
+    if not torch.cuda.is_available():
+        raise ValueError("dwdp calibrate measures a GPU machine; no CUDA device is visible here. "
+                         "Use a built-in --hardware profile (h100-sxm, h200, b200, gb200-nvl72) instead")
+    from ..ceilings import copy_gbps, matmul_tflops
+    from ..parallel.launch import spawn_local
+
+    n = torch.cuda.device_count()
+    name = torch.cuda.get_device_name(0)
+    log(f"calibrating {n} x {name}")
+    bf16 = matmul_tflops()
+    fp8 = _fp8_tflops() or 2 * bf16
+    hbm = copy_gbps()
+    log(f"  matmul bf16 {bf16:.0f} TFLOP/s, fp8 {fp8:.0f}, device copy {hbm:.0f} GB/s")
+    comm = {}
+    if n > 1:
+        ranks = spawn_local(_comm_worker, n, (n, 1024 * MB), timeout_s=300)
+        comm = {"pull_single_gbps": ranks[0]["pull_single_gbps"],
+                "pull_all_gbps": float(np.mean([r["pull_all_gbps"] for r in ranks])),
+                "a2a_gbps": float(np.mean([r["a2a_gbps"] for r in ranks])),
+                "a2a_latency_us": float(np.mean([r["a2a_latency_us"] for r in ranks]))}
+        log("  pulls: single peer {pull_single_gbps:.0f} GB/s, all peers {pull_all_gbps:.0f} GB/s/rank; "
+            "all-to-all {a2a_gbps:.0f} GB/s/rank, latency {a2a_latency_us:.0f} us".format(**comm))
+    total = torch.cuda.get_device_properties(0).total_memory / 2**30
+    prof = HardwareProfile(
+        name=f"{n}x {name}", source=f"measured on {platform.node()}, {datetime.date.today()}, torch {torch.__version__}",
+        bf16_tflops=bf16, fp8_tflops=fp8, hbm_gbps=hbm / 2,  # copy moves each byte twice
+        link_gbps=comm.get("pull_single_gbps", 0.0), pull_single_gbps=comm.get("pull_single_gbps", 0.0),
+        pull_all_gbps=comm.get("pull_all_gbps", 0.0), a2a_gbps=comm.get("a2a_gbps", 0.0),
+        a2a_latency_us=comm.get("a2a_latency_us", 0.0), memory_gib=total, domain=n,
+        gemm_eff=1.0, attn_eff=0.8)
+    if model:
+        t0 = time.perf_counter()
+        fit = fit_model(model, num_layers, bf16, hbm / 2)
+        prof.fits[model] = fit
+        log(f"  {model}: gemm_eff {fit['gemm_eff']:.2f}, attn_eff {fit['attn_eff']:.2f}, overhead "
+            f"{fit['layer_overhead_us']:.0f} us/layer ({time.perf_counter() - t0:.0f} s)")
+    return prof

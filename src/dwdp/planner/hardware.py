@@ -1,0 +1,87 @@
+"""Hardware profiles: what the planner needs to know about a GPU and its NVLink domain.
+
+Built-in profiles come from public datasheet figures (dense, no sparsity) and are labelled
+as such; the achievable fractions (``*_eff``) are assumptions, to be replaced by
+``dwdp calibrate`` on a real machine, which measures every field it can.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class HardwareProfile:
+    name: str
+    source: str  # "datasheet (...)" or "measured on <host>, <date>"
+    bf16_tflops: float  # dense peak or measured large-matmul rate
+    fp8_tflops: float
+    hbm_gbps: float
+    link_gbps: float  # NVLink bandwidth per direction per GPU
+    pull_single_gbps: float  # one rank pulling from one peer, copy engine
+    pull_all_gbps: float  # ingress per rank when every rank pulls from every peer at once
+    a2a_gbps: float  # per-rank all-to-all bandwidth (bytes sent to others / s)
+    a2a_latency_us: float
+    memory_gib: float
+    domain: int  # GPUs in one NVLink domain
+    # Achieved fractions of the peak for the engine's kernels (1.0 when the rate is measured).
+    gemm_eff: float = 0.6
+    attn_eff: float = 0.45
+    interference: float = 0.07  # compute slowdown while pulls run (measured 1.06-1.15x on H200)
+    layer_overhead_us: float = 300.0  # launches, host syncs, elementwise glue per layer
+    bytes_per_token_layer: float = 0.0  # activation traffic per token per layer (fit), bytes
+    # Per-model fits of step time from `dwdp calibrate --model`: {model: {"gemm_eff", "attn_eff", ...}}
+    fits: dict = field(default_factory=dict)
+
+    def to_json(self, path: str) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def from_json(cls, path: str) -> "HardwareProfile":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{path}: not a hardware profile written by `dwdp calibrate` ({e})")
+
+    def for_model(self, model: str) -> "HardwareProfile":
+        """This profile with the per-model fit applied when there is one."""
+        fit = self.fits.get(model)
+        if not fit:
+            return self
+        d = asdict(self)
+        d.update({k: v for k, v in fit.items() if k in d})
+        return HardwareProfile(**d)
+
+
+def _datasheet(name, bf16, fp8, hbm, link, mem, domain, note) -> HardwareProfile:
+    # Copy-engine pulls and NCCL all-to-all reach a fraction of the link: 0.87 / 0.82 / 0.66
+    # of it on our H200 machine (394 / 370 / 295 GB/s of 450); the same fractions are assumed.
+    return HardwareProfile(name, f"datasheet ({note}); efficiencies assumed", bf16, fp8, hbm, link,
+                           0.87 * link, 0.82 * link, 0.66 * link, 25.0, mem, domain)
+
+
+PROFILES: dict[str, HardwareProfile] = {
+    "h100-sxm": _datasheet("H100 SXM", 989, 1979, 3350, 450, 80, 8, "NVIDIA H100 SXM: 989 TF bf16, 3.35 TB/s, "
+                           "NVLink4 900 GB/s bidirectional"),
+    "h200": _datasheet("H200 SXM", 989, 1979, 4800, 450, 141, 8, "NVIDIA H200: 989 TF bf16, 4.8 TB/s, 141 GB, "
+                       "NVLink4 900 GB/s bidirectional"),
+    "b200": _datasheet("B200 (HGX)", 2250, 4500, 8000, 900, 180, 8, "NVIDIA HGX B200: 2.25 PF bf16 dense, "
+                       "8 TB/s, NVLink5 1.8 TB/s bidirectional"),
+    "gb200-nvl72": _datasheet("GB200 NVL72", 2500, 5000, 8000, 900, 186, 72, "NVIDIA GB200 NVL72 per GPU: "
+                              "2.5 PF bf16 dense, 8 TB/s, 186 GB, NVLink5 1.8 TB/s bidirectional, 72-GPU domain"),
+}
+for _p in PROFILES.values():
+    if _p.name == "GB200 NVL72":
+        _p.interference = 0.19  # the DWDP authors measured ~1.19x attention slowdown on GB200
+
+
+def resolve_profile(spec: str) -> HardwareProfile:
+    if spec in PROFILES:
+        return PROFILES[spec]
+    if Path(spec).is_file():
+        return HardwareProfile.from_json(spec)
+    raise ValueError(f"--hardware {spec!r} is neither a built-in profile ({', '.join(PROFILES)}) "
+                     "nor a profile JSON written by `dwdp calibrate`")

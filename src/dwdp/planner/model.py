@@ -1,0 +1,295 @@
+"""The planner's performance model: step times of dp, dep and dwdp from FLOPs and bytes.
+
+Per layer and per rank step (sequences with their cached prefixes):
+
+* compute = GEMM FLOPs / (gemm_eff x peak) + attention FLOPs / (attn_eff x peak)
+  + activation bytes / HBM + a fixed per-layer overhead; a routed-expert GEMM never runs
+  faster than reading the experts it touches from HBM.
+* dwdp: the copy stream pulls each MoE layer's (E - L) remote experts one layer ahead (the
+  first at step start); a MoE layer's remote experts wait for their pull, so the step is
+  the critical path of that two-stream pipeline; compute is slowed by ``interference``
+  while pulls are in flight.
+* dep: ranks step in lockstep and every MoE layer is a barrier: its time is the slowest
+  rank's attention + the slowest rank's expert share (router skew makes some ranks hot)
+  + dispatch and combine all-to-alls.
+* dp: compute only.
+
+Pull bandwidth: a measured all-peer ingress when the profile has one; the DWDP authors'
+contention model (each pull meets Binomial(N-2, 1/(N-1)) competitors at its source) for
+unsliced whole-block pulls, or the link rate for the sliced round-robin plan.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..flops import attention_proj_params
+from ..parallel.placement import Placement
+from .hardware import HardwareProfile
+
+EXPERT_BYTES = {"bf16": 2.0, "fp8": 1.0 + 1 / 64, "fp4": 0.5 + 1 / 16}  # block scales included
+
+
+@dataclass
+class LayerWork:
+    gemm_flops: float  # projections, dense MLP / shared experts, router
+    attn_flops: float
+    expert_flops: float  # routed experts, all of this rank's tokens
+    tokens: int
+    is_moe: bool
+
+
+def layer_work(cfg: ModelConfig, layer: int, seq_lens: list[int], prefix_lens: list[int]) -> LayerWork:
+    return _layer_work(cfg, layer in set(cfg.moe_layers), tuple(seq_lens), tuple(prefix_lens))
+
+
+@functools.lru_cache(maxsize=65536)
+def _layer_work(cfg: ModelConfig, is_moe: bool, seq_lens: tuple, prefix_lens: tuple) -> LayerWork:
+    T = sum(seq_lens)
+    H = cfg.hidden_size
+    gemm = attention_proj_params(cfg)
+    if is_moe:
+        gemm += 3 * H * cfg.moe_intermediate_size * cfg.n_shared_experts + H * cfg.num_experts
+    else:
+        gemm += 3 * H * cfg.intermediate_size
+    pairs = sum(p * n + n * (n + 1) / 2 for p, n in zip(prefix_lens, seq_lens))
+    d_v = cfg.v_head_dim if cfg.is_mla else cfg.head_dim
+    attn = 2.0 * pairs * cfg.num_heads * (cfg.qk_head_dim + d_v)
+    experts = 2.0 * T * cfg.top_k * 3 * H * cfg.moe_intermediate_size if is_moe else 0.0
+    return LayerWork(2.0 * T * gemm, attn, experts, T, is_moe)
+
+
+def expected_distinct(num_experts: int, draws: float) -> float:
+    """Experts touched by ``draws`` uniform routing choices (bounds the weight bytes read)."""
+    return num_experts * (1 - (1 - 1 / num_experts) ** draws)
+
+
+def zipf_shares(num_experts: int, s: float) -> np.ndarray:
+    w = np.arange(1, num_experts + 1, dtype=float) ** -s
+    return w / w.sum()
+
+
+class CostModel:
+    def __init__(self, cfg: ModelConfig, hw: HardwareProfile, expert_dtype: str = "bf16", act_bytes: int = 2):
+        if expert_dtype not in EXPERT_BYTES:
+            raise ValueError(f"unknown expert dtype {expert_dtype!r}; choose from {', '.join(EXPERT_BYTES)}")
+        self.cfg, self.hw = cfg, hw
+        self.expert_dtype = expert_dtype
+        self.expert_bytes = cfg.expert_numel() * EXPERT_BYTES[expert_dtype]
+        self.act_bytes = act_bytes
+        expert_peak = hw.fp8_tflops if expert_dtype != "bf16" else hw.bf16_tflops
+        self.gemm_rate = hw.gemm_eff * hw.bf16_tflops * 1e12
+        self.expert_rate = hw.gemm_eff * expert_peak * 1e12
+        self.attn_rate = hw.attn_eff * hw.bf16_tflops * 1e12
+
+    # -- per layer ----------------------------------------------------------------------
+    def dense_part(self, w: LayerWork) -> float:
+        """Attention + projections + glue of one layer on one rank (no routed experts)."""
+        if w.tokens == 0:
+            return 0.0
+        t = w.gemm_flops / self.gemm_rate + w.attn_flops / self.attn_rate
+        t += w.tokens * self.hw.bytes_per_token_layer / (self.hw.hbm_gbps * 1e9)
+        return t + self.hw.layer_overhead_us * 1e-6
+
+    def experts_part(self, tokens_k: float, experts_held: int) -> float:
+        """Routed experts over ``tokens_k`` (token, expert) pairs spread over ``experts_held``."""
+        if tokens_k <= 0:
+            return 0.0
+        flops = 2.0 * tokens_k * 3 * self.cfg.hidden_size * self.cfg.moe_intermediate_size
+        touched = expected_distinct(experts_held, tokens_k) * self.expert_bytes
+        return max(flops / self.expert_rate, touched / (self.hw.hbm_gbps * 1e9))
+
+    # -- pulls --------------------------------------------------------------------------
+    def pull_gbps(self, n: int, sliced: bool = False) -> float:
+        """Per-rank ingress while every rank pulls (measured, or the contention model)."""
+        hw = self.hw
+        if n <= 2:
+            return hw.pull_single_gbps
+        if hw.source.startswith("measured"):
+            return hw.pull_all_gbps
+        if sliced:
+            return min(hw.pull_all_gbps, hw.pull_single_gbps)
+        return hw.pull_single_gbps / expected_contention(n)
+
+    def pull_seconds(self, placement: Placement, sliced: bool = False) -> float:
+        return placement.remote * self.expert_bytes / (self.pull_gbps(placement.group_size, sliced) * 1e9)
+
+    # -- one step per strategy -------------------------------------------------------------
+    def step_dp(self, seq_lens, prefix_lens) -> float:
+        cfg = self.cfg
+        n_moe = len(cfg.moe_layers)
+        t = 0.0
+        for is_moe, count in ((True, n_moe), (False, cfg.num_layers - n_moe)):
+            if count:
+                w = _layer_work(cfg, is_moe, tuple(seq_lens), tuple(prefix_lens))
+                t += count * (self.dense_part(w) + (self.experts_part(w.tokens * cfg.top_k, cfg.num_experts)
+                                                    if is_moe else 0.0))
+        return t
+
+    def step_dwdp(self, seq_lens, prefix_lens, placement: Placement, sliced: bool = False) -> tuple[float, float]:
+        """(step seconds, exposed pull wait) for one rank's step."""
+        cfg = self.cfg
+        pull = self.pull_seconds(placement, sliced) if placement.remote else 0.0
+        local_share = placement.local / cfg.num_experts
+        moe_layers = cfg.moe_layers
+        t, copy_free, waited = 0.0, 0.0, 0.0
+        pull_end: dict[int, float] = {}
+        if moe_layers and pull:
+            pull_end[0] = copy_free = pull  # primed at step start
+        m = 0
+        slow = 1.0 + self.hw.interference
+
+        def run(t0: float, work: float) -> float:
+            """Finish time of ``work`` seconds of compute started at t0; slowed while pulls run."""
+            overlap = max(0.0, copy_free - t0)
+            if work * slow <= overlap:
+                return t0 + work * slow
+            return t0 + overlap + (work - overlap / slow)
+
+        for layer in range(cfg.num_layers):
+            w = layer_work(cfg, layer, seq_lens, prefix_lens)
+            t = run(t, self.dense_part(w))
+            if not w.is_moe:
+                continue
+            if pull and m + 1 < len(moe_layers):
+                start = max(t, copy_free)
+                pull_end[m + 1] = copy_free = start + pull
+            tk = w.tokens * cfg.top_k
+            t = run(t, self.experts_part(tk * local_share, placement.local))
+            if pull:
+                ready = pull_end[m]
+                if ready > t:
+                    waited += ready - t
+                    t = ready
+            t += self.experts_part(tk * (1 - local_share), cfg.num_experts - placement.local)
+            m += 1
+        return t, waited
+
+    def dep_layer(self, works: list[LayerWork], shares: np.ndarray, n: int) -> tuple[float, float]:
+        """(layer seconds, of which all-to-all) for one lockstep layer over ``n`` ranks."""
+        cfg = self.cfg
+        dense = max(self.dense_part(w) for w in works)
+        if not works[0].is_moe:
+            return dense, 0.0
+        total_pairs = sum(w.tokens for w in works) * cfg.top_k
+        held = [math.ceil(cfg.num_experts / n)] * n
+        expert = max(self.experts_part(total_pairs * s, h) for s, h in zip(shares, held))
+        # Each token goes once to every rank holding one of its k experts, and comes back.
+        dest = n * (1 - (1 - 1 / n) ** cfg.top_k)
+        max_tokens = max(w.tokens for w in works)
+        per_rank = max_tokens * dest * (n - 1) / n * cfg.hidden_size * self.act_bytes * 2
+        a2a = per_rank / (self.hw.a2a_gbps * 1e9) + 4 * self.hw.a2a_latency_us * 1e-6 if n > 1 else 0.0
+        return dense + expert + a2a, a2a
+
+
+def expected_contention(n: int) -> float:
+    """E[1 + C] with C ~ Binomial(N-2, 1/(N-1)): other ranks pulling from the same source."""
+    return 1.0 + (n - 2) / (n - 1)
+
+
+def ep_rank_shares(num_experts: int, n: int, skew: float, seed: int = 0) -> np.ndarray:
+    """Share of routed pairs each EP rank serves, experts ranked hot-to-cold by a seeded
+    random permutation (as `--skew` does in `dwdp bench`)."""
+    probs = zipf_shares(num_experts, skew)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(num_experts)
+    per_expert = np.empty(num_experts)
+    per_expert[order] = probs
+    bounds = [r * num_experts // n for r in range(n + 1)]
+    return np.array([per_expert[bounds[r]:bounds[r + 1]].sum() for r in range(n)])
+
+
+# ------------------------------------------------------------------------------ workloads
+def pack_steps(lengths: list[int], mnt: int) -> list[tuple[list[int], list[int]]]:
+    """The engine's scheduler, without a model: FIFO, MNT tokens per step, chunked prefill."""
+    queue = [[n, 0] for n in lengths]  # [length, done]
+    steps = []
+    while queue:
+        budget, seqs, prefix = mnt, [], []
+        for item in queue:
+            if budget == 0:
+                break
+            take = min(item[0] - item[1], budget)
+            seqs.append(take)
+            prefix.append(item[1])
+            budget -= take
+        for item, take in zip(queue[:len(seqs)], seqs):
+            item[1] += take
+        queue = [it for it in queue if it[1] < it[0]]
+        steps.append((seqs, prefix))
+    return steps
+
+
+@dataclass
+class Prediction:
+    strategy: str
+    makespan_s: float
+    busy_s: list[float]
+    step_s: list[list[float]]  # per rank, per step (dep: lockstep, dummy steps included)
+    tokens: int
+    world: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tps_per_gpu(self) -> float:
+        return self.tokens / self.makespan_s / self.world
+
+    @property
+    def tps_per_busy_gpu(self) -> float:
+        return self.tokens / sum(self.busy_s)
+
+
+def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy: str, n: int,
+            local: int | None = None, skew: float = 0.0, sliced: bool = False, seed: int = 0) -> Prediction:
+    cfg = cm.cfg
+    world = len(per_rank_lengths)
+    tokens = sum(map(sum, per_rank_lengths))
+    plans = [pack_steps(ls, mnt) for ls in per_rank_lengths]
+    if strategy == "dp":
+        steps = [[cm.step_dp(s, p) for s, p in plan] for plan in plans]
+        busy = [sum(x) for x in steps]
+        return Prediction("dp", max(busy), busy, steps, tokens, world)
+    if strategy == "dwdp":
+        pl = Placement.create(cfg.num_experts, n, local)
+        steps, waits = [], []
+        for plan in plans:
+            res = [cm.step_dwdp(s, p, pl, sliced) for s, p in plan]
+            steps.append([r[0] for r in res])
+            waits.append(sum(r[1] for r in res))
+        busy = [sum(x) for x in steps]
+        return Prediction("dwdp", max(busy), busy, steps, tokens, world,
+                          {"exposed_wait_s": waits, "pull_s_per_layer": cm.pull_seconds(pl, sliced)})
+    if strategy == "dep":
+        shares = ep_rank_shares(cfg.num_experts, n, skew, seed)
+        steps_by_rank: list[list[float]] = [[] for _ in range(world)]
+        a2a_total, sync_total = 0.0, 0.0
+        for g in range(world // n):  # each EP group steps in lockstep on its own
+            ranks = list(range(g * n, (g + 1) * n))
+            num = max(len(plans[r]) for r in ranks)
+            for k in range(num):
+                per = [plans[r][k] if k < len(plans[r]) else ([1], [0]) for r in ranks]  # idle: dummy step
+                t, own, step_a2a = 0.0, [0.0] * n, 0.0
+                n_moe = len(cfg.moe_layers)
+                for is_moe, count in ((True, n_moe), (False, cfg.num_layers - n_moe)):
+                    if not count:
+                        continue
+                    works = [_layer_work(cfg, is_moe, tuple(s), tuple(p)) for s, p in per]
+                    lt, a2a = cm.dep_layer(works, shares, n)
+                    t += count * lt
+                    step_a2a += count * a2a
+                    for i, w in enumerate(works):  # its own work, were every layer perfectly balanced
+                        own[i] += count * (cm.dense_part(w) + (cm.experts_part(w.tokens * cfg.top_k,
+                                                                                cfg.num_experts // n) if is_moe else 0))
+                a2a_total += step_a2a
+                sync_total += sum(t - step_a2a - o for o in own)  # waiting for the slowest rank
+                for r in ranks:
+                    steps_by_rank[r].append(t)
+        busy = [sum(x) for x in steps_by_rank]
+        return Prediction("dep", max(busy), busy, steps_by_rank, tokens, world,
+                          {"a2a_s": a2a_total, "sync_share": sync_total / sum(busy) if sum(busy) else 0.0})
+    raise ValueError(f"unknown strategy {strategy!r}")

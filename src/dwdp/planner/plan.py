@@ -1,0 +1,159 @@
+"""What ``dwdp plan`` computes: predictions, crossover, recommended group, sweeps, and the
+check of predictions against ``dwdp bench`` measurements."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import ModelConfig
+from ..info import dwdp_rank_memory, param_breakdown
+from ..parallel.placement import Placement, PlacementError, valid_local_counts
+from ..parallel.replica import activation_bytes
+from ..workload import WorkloadSpec, assign, generate
+from .hardware import HardwareProfile
+from .model import EXPERT_BYTES, CostModel, Prediction, predict
+
+GiB = 2**30
+
+
+@dataclass
+class PlanInput:
+    cfg: ModelConfig
+    hw: HardwareProfile
+    expert_dtype: str = "bf16"
+    group_size: int = 4
+    local_experts: int | None = None
+    workload: WorkloadSpec = None  # num_requests is per rank here
+    mnt: int = 16384
+    skew: float = 0.0
+    sliced: bool = False
+
+    def lengths(self, world: int | None = None) -> list[list[int]]:
+        world = world or self.group_size
+        wl = copy.deepcopy(self.workload)
+        wl.num_requests = self.workload.num_requests * world
+        wl.rate = None
+        reqs = generate(wl, 2, self.cfg.max_position_embeddings)
+        return [[len(r.prompt) for r in part] for part in assign(reqs, world, wl.assign)]
+
+
+def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, expert_dtype: str, mnt: int) -> float:
+    pb = param_breakdown(cfg)
+    eb = EXPERT_BYTES[expert_dtype]
+    act = activation_bytes(cfg, mnt, 2)
+    if strategy == "dp":
+        return pb.non_expert * 2 + pb.routed_experts * eb + act
+    if strategy == "dep":
+        share = -(-cfg.num_experts // n)
+        return pb.non_expert * 2 + share * pb.num_moe_layers * pb.expert_numel * eb + act
+    pl = Placement.create(cfg.num_experts, n, local)
+    return dwdp_rank_memory(cfg, pl, 2, eb).total + act
+
+
+def predict_all(p: PlanInput, strategies=("dp", "dep", "dwdp")) -> dict[str, Prediction]:
+    cm = CostModel(p.cfg, p.hw.for_model(p.cfg.name or ""), p.expert_dtype)
+    lengths = p.lengths()
+    return {s: predict(cm, lengths, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced) for s in strategies}
+
+
+def crossover(p: PlanInput, isls=(1024, 2048, 4096, 8192, 16384, 32768, 65536), batch_one: bool = False):
+    """Predicted dwdp / dep TPS ratio over ISL; the first ISL from which dwdp wins.
+
+    batch_one: one prompt per step (MNT = ISL), the authors' roofline setting."""
+    rows, first = [], None
+    for isl in isls:
+        if isl > p.cfg.max_position_embeddings:
+            continue
+        q = copy.deepcopy(p)
+        q.workload.isl = isl
+        if batch_one:
+            q.mnt = isl
+            q.workload.dist, q.workload.num_requests = "fixed", 1
+        else:  # enough requests for several full steps per rank
+            q.workload.num_requests = max(p.workload.num_requests, -(-4 * p.mnt // isl))
+        pr = predict_all(q, ("dep", "dwdp"))
+        ratio = pr["dwdp"].tps_per_gpu / pr["dep"].tps_per_gpu
+        rows.append((isl, pr["dep"].tps_per_gpu, pr["dwdp"].tps_per_gpu, ratio))
+        if first is None and ratio > 1:
+            first = isl
+    return rows, first
+
+
+def recommend(p: PlanInput, memory_gib: float | None = None, max_group: int | None = None):
+    """Best predicted dwdp (N, L) that fits the memory budget; rows for every candidate."""
+    budget = (memory_gib or p.hw.memory_gib * 0.92) * GiB
+    E = p.cfg.num_experts
+    rows = []
+    sizes = [n for n in (2, 3, 4, 6, 8, 12, 16, 24, 32, 36, 48, 64, 72) if n <= min(max_group or p.hw.domain, E)]
+    for n in sizes:
+        cands = valid_local_counts(E, n)
+        for L in sorted(set([cands[0], cands[len(cands) // 4], cands[len(cands) // 2]])):
+            try:
+                mem = memory_per_gpu(p.cfg, "dwdp", n, L, p.expert_dtype, p.mnt)
+            except PlacementError:
+                continue
+            q = copy.deepcopy(p)
+            q.group_size, q.local_experts = n, L
+            pr = predict_all(q, ("dwdp",))["dwdp"]
+            rows.append({"N": n, "L": L, "memory_gib": mem / GiB, "fits": mem <= budget, "tps_per_gpu": pr.tps_per_gpu})
+    fitting = [r for r in rows if r["fits"]]
+    best = max(fitting, key=lambda r: r["tps_per_gpu"]) if fitting else None
+    return rows, best
+
+
+def sweep(p: PlanInput, what: str, values: list[float]):
+    rows = []
+    for v in values:
+        q = copy.deepcopy(p)
+        if what == "isl":
+            q.workload.isl = int(v)
+        elif what == "mnt":
+            q.mnt = int(v)
+        elif what == "cv":
+            q.workload.cv = v
+        elif what == "skew":
+            q.skew = v
+        else:
+            raise ValueError(f"--sweep takes isl, mnt, cv or skew, not {what!r}")
+        pr = predict_all(q, ("dep", "dwdp"))
+        rows.append({what: v, "dep": pr["dep"].tps_per_gpu, "dwdp": pr["dwdp"].tps_per_gpu,
+                     "ratio": pr["dwdp"].tps_per_gpu / pr["dep"].tps_per_gpu,
+                     "dep_sync_share": pr["dep"].extra["sync_share"]})
+    return rows
+
+
+def validate(runs: list[dict], hw: HardwareProfile) -> list[dict]:
+    """Predicted vs measured for each (run, strategy) of ``dwdp bench`` JSON runs."""
+    from ..presets import resolve_model
+
+    out = []
+    for run in runs:
+        spec = run["spec"]
+        cfg, _ = resolve_model(spec["model"], spec.get("num_layers"))
+        wl = WorkloadSpec(**spec["workload"])
+        reqs = generate(wl, 2, cfg.max_position_embeddings)
+        world = spec["world_size"]
+        lengths = [[len(r.prompt) for r in part] for part in assign(reqs, world, wl.assign)]
+        n = spec.get("group_size") or world
+        cm = CostModel(cfg, hw.for_model(spec["model"]), "bf16")
+        for strat, res in run["results"].items():
+            if "skipped" in res:
+                continue
+            pr = predict(cm, lengths, spec["max_num_tokens"], strat, n, spec.get("local_experts"), spec.get("skew", 0.0),
+                         bool(spec.get("slice_mb")))
+            # Compare the mean time of real (non-dummy) steps, and throughput.
+            meas_steps = [s for r in res["ranks"] for s, t in zip(r["step_seconds"], r["step_tokens"]) if t]
+            pred_real = []
+            for rk, steps in enumerate(pr.step_s):
+                real = sum(1 for t in res["ranks"][rk]["step_tokens"] if t)
+                pred_real += steps[:real]
+            out.append({"model": spec["model"], "mnt": spec["max_num_tokens"], "cv": wl.cv, "dist": wl.dist,
+                        "strategy": strat,
+                        "measured_step_s": float(np.mean(meas_steps)), "predicted_step_s": float(np.mean(pred_real)),
+                        "measured_tps": res["tps_per_gpu"], "predicted_tps": pr.tps_per_gpu,
+                        "step_error": float(np.mean(pred_real) / np.mean(meas_steps) - 1),
+                        "tps_error": pr.tps_per_gpu / res["tps_per_gpu"] - 1})
+    return out
