@@ -413,7 +413,7 @@ def cmd_plan(args) -> int:
 def cmd_calibrate(args) -> int:
     from .planner.calibrate import calibrate
 
-    prof = calibrate(args.model, args.num_layers)
+    prof = calibrate(args.model or [], args.num_layers)
     prof.to_json(args.out)
     print(f"wrote {args.out}")
     return 0
@@ -493,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.set_defaults(func=cmd_plan)
 
     cal = sub.add_parser("calibrate", help="measure a hardware profile on this GPU machine")
-    cal.add_argument("--model", default=None, help="also fit the engine's step time for this model's shape")
+    cal.add_argument("--model", action="append", default=None,
+                     help="also fit the engine's step time for this model's shape (repeatable)")
     cal.add_argument("--num-layers", type=int, default=None)
     cal.add_argument("--out", default="hardware.json")
     cal.set_defaults(func=cmd_calibrate)

@@ -121,7 +121,7 @@ def fit_model(model: str, num_layers: int | None, peak_tflops: float, hbm_gbps: 
     return fit
 
 
-def calibrate(model: str | None = None, num_layers: int | None = None, log=print) -> HardwareProfile:
+def calibrate(models: list[str] = (), num_layers: int | None = None, log=print) -> HardwareProfile:
     if not torch.cuda.is_available():
         raise ValueError("dwdp calibrate measures a GPU machine; no CUDA device is visible here. "
                          "Use a built-in --hardware profile (h100-sxm, h200, b200, gb200-nvl72) instead")
@@ -152,10 +152,11 @@ def calibrate(model: str | None = None, num_layers: int | None = None, log=print
         pull_all_gbps=comm.get("pull_all_gbps", 0.0), a2a_gbps=comm.get("a2a_gbps", 0.0),
         a2a_latency_us=comm.get("a2a_latency_us", 0.0), memory_gib=total, domain=n,
         gemm_eff=1.0, attn_eff=0.8)
-    if model:
+    for model in models:
         t0 = time.perf_counter()
         fit = fit_model(model, num_layers, bf16, hbm / 2)
         prof.fits[model] = fit
+        torch.cuda.empty_cache()
         log(f"  {model}: gemm_eff {fit['gemm_eff']:.2f}, attn_eff {fit['attn_eff']:.2f}, overhead "
             f"{fit['layer_overhead_us']:.0f} us/layer ({time.perf_counter() - t0:.0f} s)")
     return prof
