@@ -147,14 +147,14 @@ def calibrate(models: list[str] = (), num_layers: int | None = None, log=print) 
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     prof = HardwareProfile(
         name=f"{n}x {name}", source=f"measured on {platform.node()}, {datetime.date.today()}, torch {torch.__version__}",
-        bf16_tflops=bf16, fp8_tflops=fp8, hbm_gbps=hbm / 2,  # copy moves each byte twice
+        bf16_tflops=bf16, fp8_tflops=fp8, hbm_gbps=hbm,  # bytes moved (read + written) per second
         link_gbps=comm.get("pull_single_gbps", 0.0), pull_single_gbps=comm.get("pull_single_gbps", 0.0),
         pull_all_gbps=comm.get("pull_all_gbps", 0.0), a2a_gbps=comm.get("a2a_gbps", 0.0),
         a2a_latency_us=comm.get("a2a_latency_us", 0.0), memory_gib=total, domain=n,
         gemm_eff=1.0, attn_eff=0.8)
     for model in models:
         t0 = time.perf_counter()
-        fit = fit_model(model, num_layers, bf16, hbm / 2)
+        fit = fit_model(model, num_layers, bf16, hbm)
         prof.fits[model] = fit
         torch.cuda.empty_cache()
         log(f"  {model}: gemm_eff {fit['gemm_eff']:.2f}, attn_eff {fit['attn_eff']:.2f}, overhead "
