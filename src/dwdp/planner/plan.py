@@ -110,6 +110,7 @@ def sweep(p: PlanInput, what: str, values: list[float]):
         q = copy.deepcopy(p)
         if what == "isl":
             q.workload.isl = int(v)
+            q.workload.num_requests = max(p.workload.num_requests, -(-4 * p.mnt // int(v)))  # full steps
         elif what == "mnt":
             q.mnt = int(v)
         elif what == "cv":
