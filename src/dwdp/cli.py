@@ -419,6 +419,46 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .serve.server import Server
+    from .serve.worker import ServingWorker
+
+    cfg, model = load_model_from_args(args)
+    tokenizer = None
+    if os.path.isdir(args.model) and any(os.path.exists(os.path.join(args.model, f))
+                                         for f in ("tokenizer.json", "tokenizer_config.json")):
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.model)
+        except Exception as e:  # token ids still work
+            print(f"warning: could not load the tokenizer ({e}); prompts must be token ids", file=sys.stderr)
+    worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue)
+    api_key = args.api_key or os.environ.get("DWDP_API_KEY")
+    server = Server(worker, cfg.name or args.model, args.host, args.port, tokenizer, api_key)
+    print(f"dwdp serve: {cfg.name or args.model} on {args.device} at http://{args.host}:{server.port} "
+          f"(/v1/completions, /v1/models, /health, /metrics{'; API key required' if api_key else ''})", flush=True)
+    server.serve_until_signal()
+    print("dwdp serve: stopped", flush=True)
+    return 0
+
+
+def cmd_loadtest(args) -> int:
+    from .serve.loadtest import run_loadtest
+    from .workload import WorkloadSpec
+
+    wl = WorkloadSpec(num_requests=args.num_requests, isl=args.isl, dist=args.dist, ratio=args.ratio, cv=args.cv,
+                      rate=args.rate, seed=args.seed)
+    summary = run_loadtest(args.url, wl, args.max_tokens, args.gpus, args.max_concurrency, args.api_key)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+        print(f"wrote {args.out}")
+    return 0 if summary["failed"] == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dwdp", description="DWDP: an MoE prefill engine built around "
                                 "Distributed Weight Data Parallelism.")
@@ -498,6 +538,35 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--num-layers", type=int, default=None)
     cal.add_argument("--out", default="hardware.json")
     cal.set_defaults(func=cmd_calibrate)
+
+    srv = sub.add_parser("serve", help="OpenAI-compatible completions server (default: tiny model, CPU)")
+    _add_model_args(srv)
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    srv.add_argument("--seed", type=int, default=0, help="seed for random weights (presets)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="require this bearer key (or set DWDP_API_KEY)")
+    srv.add_argument("--max-num-tokens", type=int, default=8192, help="prefill token budget per step")
+    srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
+    srv.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    srv.set_defaults(func=cmd_serve)
+
+    lt = sub.add_parser("loadtest", help="replay a workload against a local dwdp serve")
+    lt.add_argument("--url", default="http://127.0.0.1:8000")
+    lt.add_argument("--num-requests", type=int, default=32)
+    lt.add_argument("--isl", type=int, default=64)
+    lt.add_argument("--dist", default="uniform", choices=["fixed", "uniform", "normal", "lognormal"])
+    lt.add_argument("--ratio", type=float, default=0.5)
+    lt.add_argument("--cv", type=float, default=0.0)
+    lt.add_argument("--rate", type=float, default=None, help="requests/s (Poisson); default all at once")
+    lt.add_argument("--max-tokens", type=int, default=16, help="output tokens per request (OSL)")
+    lt.add_argument("--max-concurrency", type=int, default=64)
+    lt.add_argument("--gpus", type=int, default=1, help="GPUs behind the server, for tokens/s per GPU")
+    lt.add_argument("--api-key", default=None)
+    lt.add_argument("--seed", type=int, default=0)
+    lt.add_argument("--out", default=None, help="JSON summary")
+    lt.set_defaults(func=cmd_loadtest)
 
     rep = sub.add_parser("report", help="PNG plots from dwdp bench JSON files")
     rep.add_argument("files", nargs="+", help="JSON files written by dwdp bench --out")

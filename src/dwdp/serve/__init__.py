@@ -1,0 +1,2 @@
+"""``dwdp serve``: an OpenAI-compatible completions server over the prefill and decode
+engines, with Prometheus metrics; ``dwdp loadtest``: a bounded loopback load generator."""
