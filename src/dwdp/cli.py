@@ -435,7 +435,16 @@ def cmd_serve(args) -> int:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
         except Exception as e:  # token ids still work
             print(f"warning: could not load the tokenizer ({e}); prompts must be token ids", file=sys.stderr)
-    worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue)
+    if args.prefill == "local":
+        worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue)
+    else:
+        from .serve.disagg import DisaggServingWorker, PrefillPool, PrefillPoolSpec
+
+        spec = PrefillPoolSpec(args.model, args.prefill, args.prefill_ranks, args.num_layers, args.dtype,
+                               "cuda" if args.device.startswith("cuda") else "cpu", args.local_experts,
+                               args.max_num_tokens, args.seed)
+        print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
+        worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue)
     api_key = args.api_key or os.environ.get("DWDP_API_KEY")
     server = Server(worker, cfg.name or args.model, args.host, args.port, tokenizer, api_key)
     print(f"dwdp serve: {cfg.name or args.model} on {args.device} at http://{args.host}:{server.port} "
@@ -550,6 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-tokens", type=int, default=8192, help="prefill token budget per step")
     srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     srv.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    srv.add_argument("--prefill", default="local", choices=["local", "dwdp", "dep", "dp"],
+                     help="local: prefill in the server process; else a prefill group of --prefill-ranks processes "
+                          "(GPUs cuda:0..R-1) handing KV caches to decode here (--device, e.g. cuda:4)")
+    srv.add_argument("--prefill-ranks", type=int, default=2)
+    srv.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP prefill: experts kept per rank")
     srv.set_defaults(func=cmd_serve)
 
     lt = sub.add_parser("loadtest", help="replay a workload against a local dwdp serve")

@@ -19,7 +19,7 @@ import torch
 
 from ..workload import WorkloadSpec
 
-STRATEGIES = ("dp", "dep", "dwdp")
+from ..parallel.strategies import STRATEGIES  # noqa: E402
 
 
 @dataclass
@@ -69,16 +69,10 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
     (default: the spec's own); one report per config."""
     import torch.distributed as dist
 
-    from ..checkpoint import load_checkpoint
     from ..cli import DTYPES
-    from ..info import dwdp_rank_memory, param_breakdown
-    from ..models import build_model, init_random
-    from ..parallel.dwdp import apply_dwdp
-    from ..parallel.ep import apply_dep, ep_ranges
     from ..parallel.group import PeerFailure, PeerWatchdog, init_dwdp_groups
-    from ..parallel.placement import Placement
-    from ..parallel.replica import DoesNotFit, check_fits, replica_weight_bytes
-    from ..presets import resolve_model
+    from ..parallel.replica import DoesNotFit
+    from ..parallel.strategies import build_rank_model
 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
@@ -88,45 +82,18 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
     watchdog = PeerWatchdog(ctx, spec.peer_timeout_s)
     outs: list[dict[str, Any]] = []
     try:
-        cfg, ckpt = resolve_model(spec.model, spec.num_layers)
-        dtype = DTYPES[spec.dtype] if spec.dtype else (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
-        esz = torch.empty(0, dtype=dtype).element_size()
-        pb = param_breakdown(cfg)
-        N, r = ctx.group_size, ctx.group_rank
-        shard, rt, placement = None, None, None
         try:
-            if strategy == "dp":
-                check_fits("dp (a full replica per GPU)", replica_weight_bytes(cfg, dtype), cfg, max_mnt,
-                           dtype, ctx.device)
-            elif strategy == "dep":
-                mine = ep_ranges(cfg.num_experts, N)[r]
-                shard = (mine.start, len(mine))
-                check_fits(f"dep (EP{N})", (pb.non_expert + len(mine) * pb.num_moe_layers * pb.expert_numel) * esz,
-                           cfg, max_mnt, dtype, ctx.device)
-            else:
-                placement = Placement.create(cfg.num_experts, N, spec.local_experts)
-                mine = placement.local_range(r)
-                shard = (mine.start, len(mine))
-                check_fits(f"dwdp ({placement.describe()})", dwdp_rank_memory(cfg, placement, esz).total, cfg,
-                           max_mnt, dtype, ctx.device)
+            rm = build_rank_model(strategy, ctx, spec.model, spec.num_layers, DTYPES[spec.dtype] if spec.dtype else None,
+                                  spec.local_experts, spec.slice_mb, spec.seed, spec.peer_timeout_s, max_mnt)
         except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then tear down together
             outs = [{"rank": ctx.rank, "strategy": strategy, "skipped": str(e)} for _ in configs]
             raise _Skip from None
-        model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None)
-        if ckpt is not None:
-            load_checkpoint(model, ckpt)
-        else:
-            init_random(model, spec.seed)
-        if strategy == "dep":
-            rt = apply_dep(model, ctx.group.process_group, r, N)
-        elif strategy == "dwdp":
-            rt = apply_dwdp(model, ctx, placement, copy_timeout_s=spec.peer_timeout_s,
-                            slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None)
-        warmed: set[int] = set()
+        model, rt, placement, cfg = rm.model, rm.runtime, rm.placement, rm.cfg
+        warmed: set = set()
         for workload, mnt in configs:
             out = _run_config(spec, strategy, ctx, model, rt, cfg, workload, mnt, warmed)
             out["placement"] = placement.describe() if placement else None
-            out["memory"] = rt.memory_bytes() if rt is not None else {"replica": pb.total * esz}
+            out["memory"] = rm.memory_bytes()
             outs.append(out)
             watchdog.check()
         if rt is not None:

@@ -121,21 +121,22 @@ class ServingWorker(threading.Thread):
     def run(self) -> None:
         try:
             while not self._halt.is_set():
-                if not self._admit() and not self.prefill.has_work and not self.decode.has_work:
+                if not self._admit() and not self._prefill_pending() and not self.decode.has_work:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                if self.prefill.has_work:
+                if self._prefill_pending():
                     self._prefill_step()
                 if self.decode.has_work:
                     self._decode_step()
-                self.metrics.set("dwdp_queue_depth", len(self.prefill.queue) + len(self.decode.waiting))
+                self.metrics.set("dwdp_queue_depth", self._prefill_queue_depth() + len(self.decode.waiting))
                 self.metrics.set("dwdp_running_requests", len(self.decode.active))
         except BaseException as e:  # report, fail every request, never hang a client
             self.failure = f"serving loop crashed: {type(e).__name__}: {e}"
             traceback.print_exc()
             self._fail_all(self.failure)
 
+    # -- prefill: in this process (overridden by a remote prefill pool) ------------------
     def _admit(self) -> bool:
         got = False
         while True:
@@ -143,22 +144,34 @@ class ServingWorker(threading.Thread):
                 req = self.inbox.get_nowait()
             except queue.Empty:
                 return got
-            self.prefill.submit(Request(req.id, req.prompt, req.arrival - self._start))
+            self._dispatch(req)
             got = True
+
+    def _dispatch(self, req: ServeRequest) -> None:
+        self.prefill.submit(Request(req.id, req.prompt, req.arrival - self._start))
+
+    def _prefill_pending(self) -> bool:
+        return self.prefill.has_work
+
+    def _prefill_queue_depth(self) -> int:
+        return len(self.prefill.queue)
 
     def _prefill_step(self) -> None:
         clock = lambda: time.perf_counter() - self._start  # noqa: E731
         for res in self.prefill.step(clock):
-            req = self._live.get(res.id)
-            if req is None:
-                continue
-            p = req.params
-            gen = torch.Generator().manual_seed(p.seed) if p.temperature > 0 and p.seed is not None else None
-            first = sample(res.logits, p, gen)
-            self.metrics.observe("ttft", time.perf_counter() - req.arrival)
-            dreq = DecodeRequest(res.id, self.handoff.send(res.kv), first, p, res.prompt_len)
-            self.decode.add(dreq)
-            self._emit_new(req, [first], 0)
+            self._prefilled(res.id, res.logits, res.kv, res.prompt_len)
+
+    def _prefilled(self, rid, logits, kv, prompt_len) -> None:
+        """A prompt is prefilled: sample its first token, hand its KV cache to decode."""
+        req = self._live.get(rid)
+        if req is None:
+            return
+        p = req.params
+        gen = torch.Generator().manual_seed(p.seed) if p.temperature > 0 and p.seed is not None else None
+        first = sample(logits, p, gen)
+        self.metrics.observe("ttft", time.perf_counter() - req.arrival)
+        self.decode.add(DecodeRequest(rid, self.handoff.send(kv), first, p, prompt_len))
+        self._emit_new(req, [first], 0)
 
     def _decode_step(self) -> None:
         t0 = time.perf_counter()

@@ -1,0 +1,210 @@
+"""Disaggregated serving: a prefill group (DWDP, or DEP / DP for comparison) in its own
+processes, decode in the server process.
+
+Each prefill rank runs the MNT-budgeted prefill engine on the requests the server routes
+to it (least outstanding prompt tokens first) and sends back each finished request's
+last logits and KV cache. Transfer is a shared-memory copy through a multiprocessing
+queue (CPU tensors; on GPU: device -> host -> decode device); :class:`KVHandoff` is the
+seam where a network transfer would go. DEP ranks step in lockstep (dummy steps when
+idle), DWDP and DP ranks step on their own. A prefill process that dies fails every
+request in flight with an error naming it, and ``/health`` turns 503.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from ..engine import PrefillEngine, Request
+from .worker import ServeRequest, ServingWorker
+
+
+@dataclass
+class PrefillPoolSpec:
+    model: str
+    strategy: str = "dwdp"
+    world_size: int = 2
+    num_layers: int | None = None
+    dtype: str | None = None
+    device: str = "cpu"
+    local_experts: int | None = None
+    max_num_tokens: int = 8192
+    seed: int = 0
+    peer_timeout_s: float = 60.0
+
+
+def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq, outq) -> None:
+    import torch.distributed as dist
+
+    from ..cli import DTYPES
+    from ..engine import run_lockstep  # noqa: F401  (same lockstep rule, inlined below for a live queue)
+    from ..parallel.group import PeerWatchdog, init_dwdp_groups
+    from ..parallel.strategies import build_rank_model
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(spec.world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DWDP_RUN_ID=run_id)
+    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(k, v)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (spec.world_size + 1)))
+    try:
+        group = 1 if spec.strategy == "dp" else spec.world_size
+        ctx = init_dwdp_groups(group, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
+        watchdog = PeerWatchdog(ctx, spec.peer_timeout_s) if group > 1 else None
+        rm = build_rank_model(spec.strategy, ctx, spec.model, spec.num_layers,
+                              DTYPES[spec.dtype] if spec.dtype else None, spec.local_experts, None, spec.seed,
+                              spec.peer_timeout_s, spec.max_num_tokens)
+        engine = PrefillEngine(rm.model, spec.max_num_tokens, keep_kv=True)
+        lockstep = spec.strategy == "dep"
+        pg = ctx.group.process_group
+        outq.put(("ready", rank, None))
+        start = time.perf_counter()
+        clock = lambda: time.perf_counter() - start  # noqa: E731
+        stopping = False
+        while True:
+            try:
+                while True:  # drain the inbox
+                    item = inq.get(timeout=0 if (engine.has_work or lockstep) else 0.05)
+                    if item is None:
+                        stopping = True
+                        break
+                    rid, prompt = item
+                    engine.submit(Request(rid, prompt, clock()))
+            except queue.Empty:
+                pass
+            if lockstep:
+                t = torch.tensor([int(engine.has_work), int(not stopping)], device=ctx.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
+                busy, alive = (bool(v) for v in t.tolist())
+                if not busy:
+                    if not alive:
+                        break
+                    time.sleep(0.002)
+                    continue
+                results = engine.step(clock) if engine.has_work else (engine.dummy_step() or [])
+            else:
+                if stopping and not engine.has_work:
+                    break
+                results = engine.step(clock) if engine.has_work else []
+            for r in results:
+                outq.put(("done", rank, (r.id, r.logits.float().cpu(), [(a.cpu(), b.cpu()) for a, b in r.kv],
+                                         r.prompt_len)))
+            if watchdog is not None:
+                watchdog.check()
+        if watchdog is not None:
+            watchdog.stop()
+        if rm.runtime is not None:
+            rm.runtime.close()
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException as e:
+        outq.put(("error", rank, f"{type(e).__name__}: {e}"))
+        raise SystemExit(1)
+
+
+class PrefillPool:
+    def __init__(self, spec: PrefillPoolSpec, ready_timeout_s: float = 300.0):
+        if spec.world_size < 1:
+            raise ValueError("the prefill group needs at least one rank")
+        self.spec = spec
+        ctx = mp.get_context("spawn")
+        from ..parallel.launch import free_port
+
+        port, run_id = free_port(), uuid.uuid4().hex[:8]
+        self.inqs = [ctx.Queue() for _ in range(spec.world_size)]
+        self.outq = ctx.Queue()
+        self.procs = [ctx.Process(target=_prefill_rank, args=(r, port, run_id, spec, self.inqs[r], self.outq),
+                                  daemon=True) for r in range(spec.world_size)]
+        for p in self.procs:
+            p.start()
+        self.load = [0] * spec.world_size  # outstanding prompt tokens per rank
+        self.where: dict[str, tuple[int, int]] = {}
+        ready, deadline = set(), time.monotonic() + ready_timeout_s
+        while len(ready) < spec.world_size:
+            try:
+                kind, rank, val = self.outq.get(timeout=0.5)
+            except queue.Empty:
+                if time.monotonic() > deadline or self.dead():
+                    self.close()
+                    raise RuntimeError(f"prefill group did not start: {self.dead() or 'timed out'}")
+                continue
+            if kind == "error":
+                self.close()
+                raise RuntimeError(f"prefill rank {rank} failed to start: {val}")
+            ready.add(rank)
+
+    def dead(self) -> str | None:
+        gone = [f"prefill rank {r} exited (code {p.exitcode})" for r, p in enumerate(self.procs) if not p.is_alive()]
+        return "; ".join(gone) or None
+
+    def send(self, rid: str, prompt: list[int]) -> None:
+        r = min(range(len(self.load)), key=lambda i: (self.load[i], i))
+        self.load[r] += len(prompt)
+        self.where[rid] = (r, len(prompt))
+        self.inqs[r].put((rid, prompt))
+
+    def poll(self):
+        """Finished prefills so far: [(id, logits, kv, prompt_len)]; raises if a rank failed."""
+        out = []
+        while True:
+            try:
+                kind, rank, val = self.outq.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "error":
+                raise RuntimeError(f"prefill rank {rank} failed: {val}")
+            if kind == "done":
+                r, n = self.where.pop(val[0], (rank, 0))
+                self.load[r] -= n
+                out.append(val)
+        dead = self.dead()  # a group with a dead rank cannot serve (its peers' pulls would fail)
+        if dead:
+            raise RuntimeError(dead)
+        return out
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.where)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        for q in self.inqs:
+            q.put(None)
+        deadline = time.monotonic() + timeout_s
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+class DisaggServingWorker(ServingWorker):
+    """ServingWorker whose prefill runs on a :class:`PrefillPool`; decode stays here."""
+
+    def __init__(self, decode_model, pool: PrefillPool, max_batch: int = 64, max_queue: int = 256, **kw):
+        super().__init__(decode_model, pool.spec.max_num_tokens, max_batch, max_queue, **kw)
+        self.pool = pool
+
+    def _dispatch(self, req: ServeRequest) -> None:
+        self.pool.send(req.id, req.prompt)
+
+    def _prefill_pending(self) -> bool:
+        return self.pool.outstanding > 0
+
+    def _prefill_queue_depth(self) -> int:
+        return self.pool.outstanding
+
+    def _prefill_step(self) -> None:
+        got = self.pool.poll()
+        if not got and not self.decode.has_work:
+            time.sleep(0.001)
+        for rid, logits, kv, n in got:
+            self._prefilled(rid, logits, kv, n)
+
+    def stop(self, drain_timeout_s: float = 30.0) -> None:
+        super().stop(drain_timeout_s)
+        self.pool.close()
