@@ -42,6 +42,9 @@ def test_disaggregated_greedy_equals_transformers(ref_cases, strategy):
                                    pad_token_id=0)[0, len(p):].tolist()
             assert (tokens, reason) == (want, "length"), f"{strategy} prompt {p[:3]}..."
         assert sorted(pool.load) == [0, 0]  # every routed prompt came back
+        if strategy == "dwdp":  # the prefill ranks' pull waits reach the server's metrics
+            assert "dwdp_prefill_exposed_wait_seconds_total" in worker.metrics.render()
+            assert pool.exposed_wait_s >= 0
     finally:
         worker.stop(10)
 

@@ -196,3 +196,26 @@ def test_loadtest_against_server(served):
     assert s["tps_per_gpu"] > 0 and s["tps_per_user"] > 0 and s["ttft_s"]["p50"] > 0
     with pytest.raises(ValueError, match="only targets a server on this machine"):
         run_loadtest("http://10.0.0.1:8000", WorkloadSpec(num_requests=1), 1)
+
+
+def test_text_prompts_with_a_tokenizer(ref_cases, tmp_path):
+    """A checkpoint with a Hugging Face tokenizer accepts text and returns text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(320)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+    srv = Server(ServingWorker(ref_cases["qwen3_moe"].ours()), "tiny", "127.0.0.1", 0, hf_tok, None)
+    srv.start()
+    url = f"http://127.0.0.1:{srv.port}"
+    try:
+        code, body = _post(url, {"prompt": "t5 t9 t2 t7", "max_tokens": 4, "temperature": 0})
+        assert code == 200, body
+        by_text = json.loads(body)["choices"][0]
+        by_ids = json.loads(_post(url, {"prompt": [5, 9, 2, 7], "max_tokens": 4, "temperature": 0})[1])["choices"][0]
+        assert by_text["token_ids"] == by_ids["token_ids"]
+        assert by_text["text"].split() == [f"t{i}" for i in by_text["token_ids"]]
+    finally:
+        srv.shutdown(5)

@@ -91,6 +91,9 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
                 if stopping and not engine.has_work:
                     break
                 results = engine.step(clock) if engine.has_work else []
+            if results and spec.strategy == "dwdp" and rm.runtime.step_stats:
+                outq.put(("stats", rank, rm.runtime.step_stats[-1].exposed_wait_s))
+                rm.runtime.step_stats.clear()
             for r in results:
                 outq.put(("done", rank, (r.id, r.logits.float().cpu(), [(a.cpu(), b.cpu()) for a, b in r.kv],
                                          r.prompt_len)))
@@ -123,6 +126,7 @@ class PrefillPool:
         for p in self.procs:
             p.start()
         self.load = [0] * spec.world_size  # outstanding prompt tokens per rank
+        self.exposed_wait_s = 0.0  # DWDP prefill: pull wait the steps could not hide, summed over ranks
         self.where: dict[str, tuple[int, int]] = {}
         ready, deadline = set(), time.monotonic() + ready_timeout_s
         while len(ready) < spec.world_size:
@@ -158,6 +162,8 @@ class PrefillPool:
                 break
             if kind == "error":
                 raise RuntimeError(f"prefill rank {rank} failed: {val}")
+            if kind == "stats":
+                self.exposed_wait_s += val
             if kind == "done":
                 r, n = self.where.pop(val[0], (rank, 0))
                 self.load[r] -= n
@@ -199,7 +205,10 @@ class DisaggServingWorker(ServingWorker):
         return self.pool.outstanding
 
     def _prefill_step(self) -> None:
+        before = self.pool.exposed_wait_s
         got = self.pool.poll()
+        if self.pool.exposed_wait_s > before:
+            self.metrics.inc("dwdp_prefill_exposed_wait_seconds_total", self.pool.exposed_wait_s - before)
         if not got and not self.decode.has_work:
             time.sleep(0.001)
         for rid, logits, kv, n in got:
