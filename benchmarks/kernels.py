@@ -1,0 +1,157 @@
+"""Kernel microbenchmarks against ceilings measured in the same run (one GPU).
+
+* ceilings: a large bf16 matmul (FLOP/s) and a device-to-device copy (bytes/s);
+* the MoE layer, split into routing, permute (sort + gather), grouped GEMMs (gate/up,
+  SwiGLU, down) and combine (un-permute + weighted sum), for one resident segment and for
+  the same experts split across two base tensors (resident shard + prefetch slot: DWDP's
+  split-weight path) - GEMM FLOP/s as a share of the matmul ceiling, permute + combine as
+  a share of MoE time;
+* causal variable-length attention for GQA (Qwen3-235B: 64 q / 4 kv heads, d 128) and
+  MLA prefill (DeepSeek-V3: 128 heads, d_qk 192, d_v 128), FLOP/s against the ceiling.
+
+    python benchmarks/kernels.py --out kernels.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from dwdp.ceilings import copy_gbps, machine_info, matmul_tflops, time_cuda
+from dwdp.models.attention import packed_causal_attention
+from dwdp.models.moe import ExpertSegment, Router, _grouped_swiglu
+from dwdp.presets import resolve_model
+
+
+def moe_parts(cfg, T: int, split: bool) -> dict:
+    E, H, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.top_k
+    dev, dt = "cuda", torch.bfloat16
+    w13 = torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02
+    w2 = torch.randn(E, H, I, device=dev, dtype=dt) * 0.02
+    if split:  # experts [0, E/4) resident, the rest in a separate "slot" tensor
+        L = E // 4
+        segs = [ExpertSegment(0, w13[:L].clone(), w2[:L].clone()), ExpertSegment(L, w13[L:].clone(), w2[L:].clone())]
+    else:
+        segs = [ExpertSegment(0, w13, w2)]
+    router = Router(cfg).to(dev)
+    torch.nn.init.normal_(router.weight, std=0.02)
+    x = torch.randn(T, H, device=dev, dtype=dt)
+    weights, ids = router(x)
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    ends = counts.cumsum(0).tolist()
+    xs = x[order // K]
+
+    def route():
+        return router(x)
+
+    def permute():
+        o = torch.argsort(flat, stable=True)
+        c = torch.bincount(flat, minlength=E)
+        c.cumsum(0).tolist()
+        return x[o // K]
+
+    def gemms():
+        out = torch.empty_like(xs)
+        for s in segs:
+            r0 = ends[s.start - 1] if s.start else 0
+            r1 = ends[s.start + s.count - 1]
+            out[r0:r1] = _grouped_swiglu(xs[r0:r1], s, counts[s.start:s.start + s.count], ends, s.start)
+        return out
+
+    ys = gemms()
+
+    def combine():
+        inv = torch.empty_like(order)
+        inv[order] = torch.arange(order.numel(), device=dev)
+        y = ys[inv].view(T, K, H)
+        return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+    t = {name: time_cuda(fn, 3, 10) for name, fn in
+         (("routing", route), ("permute", permute), ("grouped_gemms", gemms), ("combine", combine))}
+    flops = 2.0 * T * K * 3 * H * I
+    total = sum(t.values())
+    return {"tokens": T, "rows_per_expert": T * K / E, "split_segments": split, "seconds": t,
+            "gemm_tflops": flops / t["grouped_gemms"] / 1e12,
+            "permute_combine_share": (t["permute"] + t["combine"]) / total, "moe_s": total}
+
+
+def attention(kind: str, lens: list[int]) -> dict:
+    dev, dt = "cuda", torch.bfloat16
+    T = sum(lens)
+    cu = [0]
+    for n in lens:
+        cu.append(cu[-1] + n)
+    if kind == "gqa":
+        hq, hkv, d, dv = 64, 4, 128, 128
+    else:
+        hq, hkv, d, dv = 128, 128, 192, 128
+    q = torch.randn(T, hq, d, device=dev, dtype=dt)
+    k = torch.randn(T, hkv, d, device=dev, dtype=dt)
+    v = torch.randn(T, hkv, dv, device=dev, dtype=dt)
+    scale = d**-0.5
+    cu_dev = torch.tensor(cu, dtype=torch.int32, device=dev)
+    s = time_cuda(lambda: packed_causal_attention(q, k, v, cu, cu, scale, cu_dev, cu_dev), 3, 10)
+    pairs = sum(n * (n + 1) / 2 for n in lens)
+    flops = 2.0 * pairs * hq * (d + dv)
+    return {"kind": kind, "lengths": lens, "seconds": s, "tflops": flops / s / 1e12}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    res = {"machine": machine_info(), "device": torch.cuda.get_device_name(0)}
+    res["matmul_tflops"] = matmul_tflops()
+    res["copy_gbps"] = copy_gbps()
+    print(f"ceilings: matmul {res['matmul_tflops']:.0f} TFLOP/s, device copy {res['copy_gbps']:.0f} GB/s")
+    res["moe"] = []
+    for model in ("qwen3-235b-a22b", "deepseek-v3"):
+        cfg, _ = resolve_model(model, 1)
+        for T in (2048, 16384):
+            for split in (False, True):
+                r = moe_parts(cfg, T, split) | {"model": model}
+                res["moe"].append(r)
+                print(f"{model:16s} T={T:6d} rows/expert {r['rows_per_expert']:6.0f} split={split!s:5s} "
+                      f"GEMMs {r['gemm_tflops']:6.0f} TFLOP/s ({r['gemm_tflops'] / res['matmul_tflops']:.0%}) "
+                      f"permute+combine {r['permute_combine_share']:.0%} of {r['moe_s'] * 1e3:.2f} ms "
+                      + " ".join(f"{k} {v * 1e3:.2f}" for k, v in r["seconds"].items()))
+    res["attention"] = []
+    for kind in ("gqa", "mla"):
+        for lens in ([16384], [4096] * 4, [8192, 6000, 2192]):
+            r = attention(kind, lens)
+            res["attention"].append(r)
+            print(f"attention {kind} {lens}: {r['seconds'] * 1e3:.2f} ms, {r['tflops']:.0f} TFLOP/s "
+                  f"({r['tflops'] / res['matmul_tflops']:.0%})")
+    # End to end: one prefill step of a real architecture's layers on this GPU (MFU).
+    from dwdp.batch import PackedBatch
+    from dwdp.flops import prefill_flops
+    from dwdp.models import build_model, init_random
+
+    res["steps"] = []
+    for model, layers in (("qwen3-235b-a22b", 8), ("qwen3-30b-a3b", 48)):
+        cfg, _ = resolve_model(model, layers)
+        net = init_random(build_model(cfg, torch.bfloat16, "cuda"), 0)
+        for lens in ([4096] * 4, [16384]):
+            batch = PackedBatch.from_sequences([[1] * n for n in lens], "cuda")
+            batch.meta()
+            with torch.no_grad():
+                s = time_cuda(lambda: net(batch), 2, 5)
+            fl = prefill_flops(cfg, lens).total
+            r = {"model": model, "layers": layers, "lengths": lens, "seconds": s, "tflops": fl / s / 1e12,
+                 "mfu": fl / s / 1e12 / res["matmul_tflops"], "tokens_per_s": sum(lens) / s}
+            res["steps"].append(r)
+            print(f"step {model} x{layers} {lens}: {s * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, "
+                  f"{r['tflops']:.0f} TFLOP/s, MFU {r['mfu']:.1%}")
+        del net
+        torch.cuda.empty_cache()
+    with open(a.out, "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
