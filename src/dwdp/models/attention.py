@@ -59,10 +59,6 @@ def packed_causal_attention(
     a sequence's keys are its prefix followed by its new tokens (so Tk_i >= Tq_i).
     """
     if q.is_cuda and _BACKEND["cuda"] != "sdpa" and _varlen_attn() is not None:
-        if v.shape[-1] < q.shape[-1] and cu_q == cu_k and _BACKEND["cuda"] == "auto":
-            # MLA without cached prefixes: SDPA takes d_v < d_qk as is, 2.4x faster on H200
-            # than the varlen kernel on V zero-padded to d_qk (benchmarks/kernels.py).
-            return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale)
         out = _try_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev)
         if out is not None:
             return out
