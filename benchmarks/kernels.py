@@ -18,7 +18,6 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 from dwdp.ceilings import copy_gbps, machine_info, matmul_tflops, time_cuda
 from dwdp.models.attention import packed_causal_attention

@@ -4,7 +4,6 @@ transformers' generate, and a dead prefill rank fails requests loudly."""
 
 from __future__ import annotations
 
-import queue
 
 import pytest
 import torch

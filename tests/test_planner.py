@@ -15,7 +15,7 @@ from dwdp.models import build_model, init_random
 from dwdp.parallel.placement import Placement
 from dwdp.planner.hardware import PROFILES, HardwareProfile, resolve_profile
 from dwdp.planner.model import CostModel, ep_rank_shares, expected_contention, pack_steps, predict
-from dwdp.planner.plan import PlanInput, crossover, predict_all, recommend
+from dwdp.planner.plan import PlanInput, crossover, recommend
 from dwdp.presets import resolve_model
 from dwdp.workload import WorkloadSpec
 

@@ -85,7 +85,6 @@ def load_model_from_args(args, expert_shard=None):
 
 
 def cmd_run(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from .engine import PrefillEngine, Request
@@ -163,7 +162,6 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_info(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from .info import dwdp_rank_memory, param_breakdown

@@ -53,10 +53,6 @@ class BenchSpec:
         return d
 
 
-class _Skip(Exception):
-    pass
-
-
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -67,10 +63,9 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
                  ) -> list[dict[str, Any]]:
     """Build the model once under ``strategy``, then run each (workload, MNT) of ``configs``
     (default: the spec's own); one report per config."""
-    import torch.distributed as dist
 
     from ..cli import DTYPES
-    from ..parallel.group import PeerFailure, PeerWatchdog, init_dwdp_groups
+    from ..parallel.group import group_session, init_dwdp_groups
     from ..parallel.replica import DoesNotFit
     from ..parallel.strategies import build_rank_model
 
@@ -79,33 +74,22 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
     configs = configs or [(spec.workload, spec.max_num_tokens)]
     max_mnt = max(m for _, m in configs)
     ctx = init_dwdp_groups(spec.n, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
-    watchdog = PeerWatchdog(ctx, spec.peer_timeout_s)
     outs: list[dict[str, Any]] = []
-    try:
+    with group_session(ctx, spec.peer_timeout_s) as watchdog:
         try:
             rm = build_rank_model(strategy, ctx, spec.model, spec.num_layers, DTYPES[spec.dtype] if spec.dtype else None,
                                   spec.local_experts, spec.slice_mb, spec.seed, spec.peer_timeout_s, max_mnt)
-        except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then tear down together
-            outs = [{"rank": ctx.rank, "strategy": strategy, "skipped": str(e)} for _ in configs]
-            raise _Skip from None
-        model, rt, placement, cfg = rm.model, rm.runtime, rm.placement, rm.cfg
+        except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then leave together
+            return [{"rank": ctx.rank, "strategy": strategy, "skipped": str(e)} for _ in configs]
         warmed: set = set()
         for workload, mnt in configs:
-            out = _run_config(spec, strategy, ctx, model, rt, cfg, workload, mnt, warmed)
-            out["placement"] = placement.describe() if placement else None
+            out = _run_config(spec, strategy, ctx, rm.model, rm.runtime, rm.cfg, workload, mnt, warmed)
+            out["placement"] = rm.placement.describe() if rm.placement else None
             out["memory"] = rm.memory_bytes()
             outs.append(out)
             watchdog.check()
-        if rt is not None:
-            rt.close()
-    except _Skip:
-        pass
-    except KeyboardInterrupt:
-        raise PeerFailure(watchdog.failure or "interrupted") from None
-    finally:
-        watchdog.stop()
-    dist.barrier()  # teardown: keep rank 0's store alive until everyone is done
-    dist.destroy_process_group()
+        if rm.runtime is not None:
+            rm.runtime.close()
     return outs
 
 

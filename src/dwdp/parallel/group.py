@@ -10,6 +10,7 @@ time instead of a silent hang.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import hashlib
 import json
 import os
@@ -176,3 +177,19 @@ class PeerWatchdog:
             pass
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def group_session(ctx: DWDPContext, peer_timeout_s: float):
+    """A rank's working life in its group: a watchdog while inside; a peer failure (the
+    watchdog interrupts the main thread) surfaces as :class:`PeerFailure`; on a clean exit
+    every rank meets at a barrier (rank 0's store must outlive the others) and leaves."""
+    watchdog = PeerWatchdog(ctx, peer_timeout_s)
+    try:
+        yield watchdog
+    except KeyboardInterrupt:
+        raise PeerFailure(watchdog.failure or "interrupted") from None
+    finally:
+        watchdog.stop()
+    dist.barrier()
+    dist.destroy_process_group()

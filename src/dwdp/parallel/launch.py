@@ -36,20 +36,17 @@ class DWDPRunSpec:
 
 def dwdp_worker(spec: DWDPRunSpec, after_setup: Callable | None = None) -> dict[str, Any]:
     """One rank: join the group, load its share of experts, prefill its own prompts."""
-    import torch.distributed as dist
-
     from ..checkpoint import load_checkpoint
     from ..cli import DTYPES
     from ..engine import PrefillEngine, Request
     from ..models import build_model, init_random
     from ..presets import resolve_model
     from .dwdp import apply_dwdp
-    from .group import PeerWatchdog, check_agreement, fingerprint_checkpoint, init_dwdp_groups
+    from .group import check_agreement, fingerprint_checkpoint, group_session, init_dwdp_groups
     from .placement import Placement
 
     ctx = init_dwdp_groups(spec.group_size, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
-    watchdog = PeerWatchdog(ctx, spec.peer_timeout_s)
-    try:
+    with group_session(ctx, spec.peer_timeout_s) as watchdog:
         cfg, ckpt = resolve_model(spec.model, spec.num_layers)
         placement = Placement.create(cfg.num_experts, spec.group_size, spec.local_experts)
         dtype = DTYPES[spec.dtype] if spec.dtype else (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
@@ -83,14 +80,6 @@ def dwdp_worker(spec: DWDPRunSpec, after_setup: Callable | None = None) -> dict[
             "memory": rt.memory_bytes(), "wall_s": wall,
         }
         rt.close()
-    except KeyboardInterrupt:
-        from .group import PeerFailure
-
-        raise PeerFailure(watchdog.failure or "interrupted") from None
-    finally:
-        watchdog.stop()
-    dist.barrier()  # teardown: keep rank 0's store alive until everyone is done
-    dist.destroy_process_group()
     return out
 
 
