@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dwdp.serve.loadtest import run_loadtest
-from dwdp.serve.server import Server
+from dwdp.serve.server import Server, load_tokenizer
 from dwdp.serve.worker import ServingWorker
 from dwdp.workload import WorkloadSpec
 
@@ -206,7 +206,9 @@ def test_text_prompts_with_a_tokenizer(ref_cases, tmp_path):
     vocab = {f"t{i}": i for i in range(320)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(tmp_path)
+    assert load_tokenizer(str(tmp_path.parent / "missing")) is None
+    hf_tok = load_tokenizer(str(tmp_path))  # what `dwdp serve --model <checkpoint dir>` does
     srv = Server(ServingWorker(ref_cases["qwen3_moe"].ours()), "tiny", "127.0.0.1", 0, hf_tok, None)
     srv.start()
     url = f"http://127.0.0.1:{srv.port}"

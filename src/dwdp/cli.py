@@ -424,15 +424,9 @@ def cmd_serve(args) -> int:
     from .serve.worker import ServingWorker
 
     cfg, model = load_model_from_args(args)
-    tokenizer = None
-    if os.path.isdir(args.model) and any(os.path.exists(os.path.join(args.model, f))
-                                         for f in ("tokenizer.json", "tokenizer_config.json")):
-        try:
-            from transformers import AutoTokenizer
+    from .serve.server import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(args.model)
-        except Exception as e:  # token ids still work
-            print(f"warning: could not load the tokenizer ({e}); prompts must be token ids", file=sys.stderr)
+    tokenizer = load_tokenizer(args.model)
     if args.prefill == "local":
         worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue)
     else:

@@ -17,6 +17,24 @@ from .worker import QueueFull, ServeRequest, ServingWorker, WorkerDown
 MAX_BODY = 16 << 20
 
 
+def load_tokenizer(model_dir: str):
+    """The checkpoint's Hugging Face tokenizer, or None (then prompts must be token ids)."""
+    import os
+    import sys
+
+    if not (os.path.isdir(model_dir) and any(os.path.exists(os.path.join(model_dir, f))
+                                             for f in ("tokenizer.json", "tokenizer_config.json"))):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # token ids still work
+        print(f"warning: could not load the tokenizer in {model_dir} ({e}); prompts must be token ids",
+              file=sys.stderr)
+        return None
+
+
 class BadRequest(ValueError):
     pass
 
