@@ -89,9 +89,9 @@ def _ignorable(name: str, model: MoECausalLM) -> bool:
 
 
 def _dequant_fp8(w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
-    rows, cols = w.shape
-    s = scale_inv.float().repeat_interleave(_FP8_BLOCK, 0).repeat_interleave(_FP8_BLOCK, 1)[:rows, :cols]
-    return w.float() * s
+    from .quant import dequantize_fp8_blockwise
+
+    return dequantize_fp8_blockwise(w, scale_inv, torch.float32, _FP8_BLOCK)
 
 
 @torch.no_grad()
