@@ -39,3 +39,9 @@ def dequantize_fp8_blockwise(q: torch.Tensor, scale_inv: torch.Tensor, dtype: to
     *_, rows, cols = q.shape
     s = scale_inv.float().repeat_interleave(block, -2).repeat_interleave(block, -1)[..., :rows, :cols]
     return (q.float() * s).to(dtype)
+
+
+def quantize_experts_fp8(model) -> None:
+    """Quantise every MoE layer's routed experts (as loaded: full or a rank's shard) to FP8."""
+    for block in model.moe_blocks():
+        block.experts.quantize_fp8()

@@ -75,10 +75,19 @@ class ExpertSegment:
     start: int
     w13: torch.Tensor  # [count, 2 * inter, hidden]: gate rows then up rows
     w2: torch.Tensor  # [count, hidden, inter]
+    # FP8 experts: w13/w2 are e4m3 and these their 128x128 block scales (w ~= q * scale).
+    w13_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
         return self.w13.shape[0]
+
+    def dequantized(self, dtype: torch.dtype) -> "ExpertSegment":
+        from ..quant import dequantize_fp8_blockwise
+
+        return ExpertSegment(self.start, dequantize_fp8_blockwise(self.w13, self.w13_scale, dtype),
+                             dequantize_fp8_blockwise(self.w2, self.w2_scale, dtype))
 
 
 def routed_experts_forward(
@@ -140,6 +149,10 @@ def expert_pairs_forward(
 
 
 def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
+    if seg.w13_scale is not None:
+        # FP8 experts are stored and pulled as FP8; here they are widened to the activation
+        # dtype segment by segment (an FP8 grouped GEMM would skip this; see issue 5).
+        return _grouped_swiglu(xs, seg.dequantized(xs.dtype), counts, ends, e0)
     if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, seg.w13.transpose(-2, -1), offs=offs)
@@ -179,7 +192,24 @@ class RoutedExperts(nn.Module):
         return range(self.start, self.start + self.w13.shape[0])
 
     def segments(self) -> list[ExpertSegment]:
-        return [ExpertSegment(self.start, self.w13, self.w2)]
+        return [ExpertSegment(self.start, self.w13, self.w2, getattr(self, "w13_scale", None),
+                              getattr(self, "w2_scale", None))]
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.w13.dtype == torch.float8_e4m3fn
+
+    @torch.no_grad()
+    def quantize_fp8(self) -> None:
+        """Store these experts as FP8 e4m3 with 128x128 block scales (as DeepSeek-V3 does)."""
+        from ..quant import quantize_fp8_blockwise
+
+        if self.is_fp8:
+            return
+        for name in ("w13", "w2"):
+            q, s = quantize_fp8_blockwise(getattr(self, name))
+            setattr(self, name, nn.Parameter(q, requires_grad=False))
+            setattr(self, f"{name}_scale", nn.Parameter(s, requires_grad=False))
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if len(self.expert_range) != self.num_experts:

@@ -34,12 +34,47 @@ from .prefetch import SlotPrefetcher
 from .transport import PeerMemory
 
 
+class ExpertRows:
+    """How one expert is laid out in a row of peer-visible storage: [w13 | w2] in the
+    weights' dtype, or for FP8 experts the bytes [w13 | w2 | w13 scales | w2 scales], so a
+    pull moves one byte per weight plus the block scales (half of bf16)."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype):
+        self.hidden, self.inter, self.dtype = hidden, inter, dtype
+        self.fp8 = dtype == torch.float8_e4m3fn
+        n13, n2 = 2 * inter * hidden, hidden * inter
+        if self.fp8:
+            from ..quant import BLOCK
+
+            self.s13 = (-(-2 * inter // BLOCK), -(-hidden // BLOCK))
+            self.s2 = (-(-hidden // BLOCK), -(-inter // BLOCK))
+            self.bounds = [0, n13, n13 + n2, n13 + n2 + 4 * self.s13[0] * self.s13[1]]
+            self.bounds.append(self.bounds[-1] + 4 * self.s2[0] * self.s2[1])
+            if (n13 + n2) % 4:
+                raise ValueError(f"FP8 experts need hidden x inter divisible by 4 (got {hidden} x {inter})")
+            self.storage_dtype = torch.uint8
+        else:
+            self.bounds = [0, n13, n13 + n2]
+            self.storage_dtype = dtype
+
+    @property
+    def width(self) -> int:
+        return self.bounds[-1]
+
+    def views(self, block: torch.Tensor) -> tuple:
+        """[count, width] storage -> (w13, w2, w13_scale, w2_scale) views (scales None unless FP8)."""
+        n, H, I, b = block.shape[0], self.hidden, self.inter, self.bounds
+        if not self.fp8:
+            return (block[:, b[0]:b[1]].view(n, 2 * I, H), block[:, b[1]:b[2]].view(n, H, I), None, None)
+        f8 = torch.float8_e4m3fn
+        return (block[:, b[0]:b[1]].view(f8).view(n, 2 * I, H), block[:, b[1]:b[2]].view(f8).view(n, H, I),
+                block[:, b[2]:b[3]].view(torch.float32).view(n, *self.s13),
+                block[:, b[3]:b[4]].view(torch.float32).view(n, *self.s2))
+
+
 def expert_views(block: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[count, 3*inter*hidden] rows (w13 then w2 of each expert) -> (w13, w2) views."""
-    n13 = 2 * inter * hidden
-    w13 = block[:, :n13].view(block.shape[0], 2 * inter, hidden)
-    w2 = block[:, n13:].view(block.shape[0], hidden, inter)
-    return w13, w2
+    return ExpertRows(hidden, inter, block.dtype).views(block)[:2]
 
 
 @dataclass
@@ -61,7 +96,7 @@ class DWDPExperts(nn.Module):
         super().__init__()
         self.runtime, self.moe_index = runtime, moe_index
         pl, rank = runtime.placement, runtime.ctx.group_rank
-        self.local = ExpertSegment(pl.local_range(rank).start, *expert_views(resident, runtime.hidden, runtime.inter))
+        self.local = ExpertSegment(pl.local_range(rank).start, *runtime.rows.views(resident))
 
     def forward(self, x, topk_ids, topk_weights):
         rt = self.runtime
@@ -96,8 +131,10 @@ class DWDPExperts(nn.Module):
 
 class DWDPRuntime:
     def __init__(self, model: MoECausalLM, ctx: DWDPContext, placement: Placement, peer_memory: PeerMemory,
-                 slots: list[torch.Tensor], engine, layer_copies, unsafe_skip_raw=False, unsafe_skip_war=False):
+                 slots: list[torch.Tensor], engine, layer_copies, unsafe_skip_raw=False, unsafe_skip_war=False,
+                 rows: ExpertRows | None = None):
         cfg = model.config
+        self.rows = rows or ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, peer_memory.local.dtype)
         self.model, self.ctx, self.placement = model, ctx, placement
         self.hidden, self.inter = cfg.hidden_size, cfg.moe_intermediate_size
         self.peer_memory, self.engine = peer_memory, engine
@@ -108,12 +145,12 @@ class DWDPRuntime:
         lo = placement.local_range(rank).start  # remote experts below ours: [0, lo)
         self.remote_segments_for_slot: list[list[ExpertSegment]] = []
         for slot in (slots if placement.remote else []):
-            w13, w2 = expert_views(slot, self.hidden, self.inter)
+            parts = self.rows.views(slot)
             segs = []
             if lo:
-                segs.append(ExpertSegment(0, w13[:lo], w2[:lo]))
+                segs.append(ExpertSegment(0, *[p[:lo] if p is not None else None for p in parts]))
             if lo + L < placement.num_experts:
-                segs.append(ExpertSegment(lo + L, w13[lo:], w2[lo:]))
+                segs.append(ExpertSegment(lo + L, *[p[lo:] if p is not None else None for p in parts]))
             self.remote_segments_for_slot.append(segs)
         self.step_stats: list[DWDPStepStats] = []
         # Diagnostics: DWDP_TRACE=1 records host times of step start, slot acquires and step end.
@@ -175,19 +212,23 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
             raise ValueError(f"apply_dwdp needs each MoE layer to hold exactly experts {want.start}..{want.stop - 1} "
                              f"(build_model(expert_shard=...)); found {getattr(ex, 'expert_range', type(ex))}")
     H, I = cfg.hidden_size, cfg.moe_intermediate_size
-    row = 3 * H * I
     dtype = blocks[0].experts.w13.dtype if blocks else torch.float32
+    rows = ExpertRows(H, I, dtype)
+    row = rows.width
     device = ctx.device
-    pending = PeerMemory.allocate((len(blocks), placement.local, row), dtype, device, ctx.group)
+    pending = PeerMemory.allocate((len(blocks), placement.local, row), rows.storage_dtype, device, ctx.group)
     # Move resident experts into the peer-visible storage, one layer at a time.
     for m, b in enumerate(blocks):
-        w13, w2 = expert_views(pending.local[m], H, I)
+        w13, w2, s13, s2 = rows.views(pending.local[m])
         w13.copy_(b.experts.w13)
         w2.copy_(b.experts.w2)
+        if rows.fp8:
+            s13.copy_(b.experts.w13_scale)
+            s2.copy_(b.experts.w2_scale)
         b.experts = None
     peer_memory = pending.connect()
     R = placement.remote
-    slots = [torch.empty((R, row), dtype=dtype, device=device) for _ in range(2)] if R else []
+    slots = [torch.empty((R, row), dtype=rows.storage_dtype, device=device) for _ in range(2)] if R else []
     if device.type == "cuda":
         engine = CudaCopyEngine(device, delay_cycles=copy_delay_cycles)
     else:
@@ -195,7 +236,7 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     layer_copies = [_layer_copy_plan(m, placement, rank, peer_memory, slots, slice_bytes) for m in range(len(blocks))] \
         if R else []
     rt = DWDPRuntime(model, ctx, placement, peer_memory, slots or [torch.empty(0)] * 2, engine, layer_copies,
-                     unsafe_skip_raw, unsafe_skip_war)
+                     unsafe_skip_raw, unsafe_skip_war, rows)
     for m, b in enumerate(blocks):
         b.experts = DWDPExperts(rt, m, peer_memory.local[m])
     return rt

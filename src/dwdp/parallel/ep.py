@@ -58,6 +58,8 @@ class DEPExperts(nn.Module):
         self.runtime = runtime
         self.start, self.count = experts.start, experts.w13.shape[0]
         self.w13, self.w2 = experts.w13, experts.w2  # parameters stay where they were loaded
+        self.w13_scale = getattr(experts, "w13_scale", None)  # FP8 experts
+        self.w2_scale = getattr(experts, "w2_scale", None)
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
@@ -89,7 +91,7 @@ class DEPExperts(nn.Module):
         rw = meta[:, width // 2:].contiguous().view(torch.float32)
         row, slot = (rids >= 0).nonzero(as_tuple=True)  # only the (token, expert) pairs held here
         partial = expert_pairs_forward(rx, row, rids[row, slot] - self.start, rw[row, slot],
-                                       ExpertSegment(0, self.w13, self.w2))
+                                       ExpertSegment(0, self.w13, self.w2, self.w13_scale, self.w2_scale))
 
         back = partial.new_empty((send_tok.numel(), H))
         t0 = rt.begin_collective()

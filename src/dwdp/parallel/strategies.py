@@ -28,7 +28,7 @@ class RankModel:
 
 def build_rank_model(strategy: str, ctx, model_spec: str, num_layers: int | None = None, dtype=None,
                      local_experts: int | None = None, slice_mb: float | None = None, seed: int = 0,
-                     peer_timeout_s: float = 60.0, max_num_tokens: int = 8192) -> RankModel:
+                     peer_timeout_s: float = 60.0, max_num_tokens: int = 8192, expert_dtype: str = "same") -> RankModel:
     """Check the strategy fits (:class:`DoesNotFit` otherwise), build this rank's share,
     load or randomly initialise it, and apply the strategy."""
     from ..checkpoint import load_checkpoint
@@ -38,35 +38,42 @@ def build_rank_model(strategy: str, ctx, model_spec: str, num_layers: int | None
     from .dwdp import apply_dwdp
     from .ep import apply_dep, ep_ranges
     from .placement import Placement
-    from .replica import check_fits, replica_weight_bytes
+    from .replica import check_fits
 
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     cfg, ckpt = resolve_model(model_spec, num_layers)
     dtype = dtype or (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
     esz = torch.empty(0, dtype=dtype).element_size()
+    if expert_dtype not in ("same", "fp8"):
+        raise ValueError(f"expert dtype {expert_dtype!r}: choose same or fp8")
+    eb = 1.0 if expert_dtype == "fp8" else esz  # bytes per expert weight (FP8 scales are ~0.01%)
     pb = param_breakdown(cfg)
     N, r = ctx.group_size, ctx.group_rank
     shard, placement = None, None
     if strategy == "dp":
-        check_fits("dp (a full replica per GPU)", replica_weight_bytes(cfg, dtype), cfg, max_num_tokens, dtype,
-                   ctx.device)
+        check_fits("dp (a full replica per GPU)", int(pb.non_expert * esz + pb.routed_experts * eb), cfg,
+                   max_num_tokens, dtype, ctx.device)
     elif strategy == "dep":
         mine = ep_ranges(cfg.num_experts, N)[r]
         shard = (mine.start, len(mine))
-        check_fits(f"dep (EP{N})", (pb.non_expert + len(mine) * pb.num_moe_layers * pb.expert_numel) * esz,
+        check_fits(f"dep (EP{N})", int(pb.non_expert * esz + len(mine) * pb.num_moe_layers * pb.expert_numel * eb),
                    cfg, max_num_tokens, dtype, ctx.device)
     else:
         placement = Placement.create(cfg.num_experts, N, local_experts)
         mine = placement.local_range(r)
         shard = (mine.start, len(mine))
-        check_fits(f"dwdp ({placement.describe()})", dwdp_rank_memory(cfg, placement, esz).total, cfg,
+        check_fits(f"dwdp ({placement.describe()})", dwdp_rank_memory(cfg, placement, esz, eb).total, cfg,
                    max_num_tokens, dtype, ctx.device)
     model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None)
     if ckpt is not None:
         load_checkpoint(model, ckpt)
     else:
         init_random(model, seed)
+    if expert_dtype == "fp8":
+        from ..quant import quantize_experts_fp8
+
+        quantize_experts_fp8(model)  # stored, pulled (DWDP) and sent to GEMMs as FP8 + block scales
     rt = None
     if strategy == "dep":
         rt = apply_dep(model, ctx.group.process_group, r, N)
