@@ -45,3 +45,26 @@ def test_batched_experts_equal_per_matrix():
         assert torch.equal(q[e].float(), qe.float()) and torch.equal(s[e], se)
         assert torch.equal(dequantize_fp8_blockwise(q, s)[e], dequantize_fp8_blockwise(qe, se))
     assert dequantize_fp8_blockwise(q, s, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_fp8_experts_compute_in_chunks_equals_whole_dequant(monkeypatch):
+    """The FP8 expert path widens a few experts at a time; the result equals widening the
+    whole segment first (same values, same per-expert kernels)."""
+    import dwdp.models.moe as moe
+    from dwdp.models.moe import ExpertSegment, routed_experts_forward
+
+    g = torch.Generator().manual_seed(2)
+    E, H, I, T, K = 37, 64, 32, 90, 4
+    q13, s13 = quantize_fp8_blockwise(torch.randn(E, 2 * I, H, generator=g) * 0.1)
+    q2, s2 = quantize_fp8_blockwise(torch.randn(E, H, I, generator=g) * 0.1)
+    fp8 = ExpertSegment(0, q13, q2, s13, s2)
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand(T, K, generator=g)
+    monkeypatch.setattr(moe, "FP8_WIDEN_CHUNK", 5)
+    # Split across two segments as DWDP does (resident + slot), chunk boundaries inside both.
+    split = [ExpertSegment(0, q13[:12], q2[:12], s13[:12], s2[:12]),
+             ExpertSegment(12, q13[12:], q2[12:], s13[12:], s2[12:])]
+    got = routed_experts_forward(x, ids, w, split, E)
+    want = routed_experts_forward(x, ids, w, [fp8.dequantized(torch.float32)], E)
+    assert torch.equal(got, want)

@@ -67,6 +67,9 @@ class Router(nn.Module):
         return weights * self.scale, ids
 
 
+FP8_WIDEN_CHUNK = 16  # FP8 experts widened to the activation dtype this many at a time
+
+
 @dataclass
 class ExpertSegment:
     """A run of consecutive global experts [start, start + count) whose weights lie in
@@ -151,8 +154,20 @@ def expert_pairs_forward(
 def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
     if seg.w13_scale is not None:
         # FP8 experts are stored and pulled as FP8; here they are widened to the activation
-        # dtype segment by segment (an FP8 grouped GEMM would skip this; see issue 5).
-        return _grouped_swiglu(xs, seg.dequantized(xs.dtype), counts, ends, e0)
+        # dtype a few experts at a time, so the bf16 copy stays small (an FP8 grouped GEMM
+        # would skip this; see issue 5).
+        out = torch.empty_like(xs)
+        base = ends[e0 - 1] if e0 else 0
+        for c0 in range(0, seg.count, FP8_WIDEN_CHUNK):
+            c1 = min(seg.count, c0 + FP8_WIDEN_CHUNK)
+            r0 = (ends[e0 + c0 - 1] if e0 + c0 else 0) - base
+            r1 = ends[e0 + c1 - 1] - base
+            if r1 == r0:
+                continue
+            part = ExpertSegment(seg.start + c0, seg.w13[c0:c1], seg.w2[c0:c1], seg.w13_scale[c0:c1],
+                                 seg.w2_scale[c0:c1]).dequantized(xs.dtype)
+            out[r0:r1] = _grouped_swiglu(xs[r0:r1], part, counts[c0:c1], ends, e0 + c0)
+        return out
     if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, seg.w13.transpose(-2, -1), offs=offs)
