@@ -48,7 +48,8 @@ def worker(n, model_name, layers, sizes, slice_mb):
     pl = Placement.create(cfg.num_experts, n)
     mine = pl.local_range(ctx.group_rank)
     model = init_random(build_model(cfg, torch.bfloat16, ctx.device, lambda _: (mine.start, len(mine))), 0)
-    rt = apply_dwdp(model, ctx, pl, slice_bytes=int(slice_mb * 2**20) if slice_mb else None)
+    rt = apply_dwdp(model, ctx, pl, slice_bytes=int(slice_mb * 2**20) if slice_mb else None,
+                    copy_streams=int(os.environ.get("DWDP_COPY_STREAMS", "1")))
     out = {"rank": ctx.rank, "events": event_check(), "steps": []}
     g = torch.Generator().manual_seed(ctx.rank)
     with torch.no_grad():

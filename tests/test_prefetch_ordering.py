@@ -40,7 +40,7 @@ def test_refill_waits_for_the_slots_last_reader(skip_war):
     layers = [torch.full((4, 4096), float(layer)) for layer in range(3)]
     slots = [torch.full((4, 4096), -1.0), torch.full((4, 4096), -1.0)]
     engine = AsyncComputeEngine()
-    pre = SlotPrefetcher(engine, slots, [[(slots[m % 2], layers[m])] for m in range(3)], unsafe_skip_war=skip_war)
+    pre = SlotPrefetcher(engine, slots, [[[(slots[m % 2], layers[m])]] for m in range(3)], unsafe_skip_war=skip_war)
 
     pre.prefetch(0)
     slot = pre.acquire(0)  # read-after-write: layer 0 has landed
@@ -67,3 +67,31 @@ def test_refill_waits_for_the_slots_last_reader(skip_war):
         assert corrupted, "without the write-after-read wait the reader should have seen layer 2"
     else:
         assert not corrupted, f"the refill overwrote the slot while it was being read: {seen}"
+
+
+def test_parts_of_a_layer_are_acquired_separately():
+    """Local-first per peer: the MoE may start on the first peer's experts while the
+    second peer's block is still in flight; acquiring every part waits for all."""
+    gate = threading.Event()
+    calls = []
+
+    def delay():  # the second copy (the second peer's block) stalls until the gate opens
+        calls.append(1)
+        if len(calls) == 2:
+            assert gate.wait(10), "test gate never opened"
+        return 0.0
+
+    engine = CpuCopyEngine(timeout_s=10, copy_delay=delay)
+    src = [torch.full((2, 8), 1.0), torch.full((2, 8), 2.0)]
+    slots = [torch.zeros(4, 8), torch.zeros(4, 8)]
+    parts = [[(slots[0][0:2], src[0])], [(slots[0][2:4], src[1])]]
+    pre = SlotPrefetcher(engine, slots, [parts])
+    pre.prefetch(0)
+    slot = pre.acquire(0, part=0)  # must not wait for part 1 (it cannot land yet)
+    assert torch.equal(slot[0:2], src[0])
+    assert not torch.equal(slot[2:4], src[1])
+    gate.set()
+    pre.acquire(0)  # every part
+    assert torch.equal(slot[2:4], src[1])
+    assert len(pre.take_stats().pulls) == 2
+    engine.close()

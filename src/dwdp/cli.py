@@ -241,7 +241,8 @@ def cmd_bench(args) -> int:
     spec = BenchSpec(model=args.model, num_layers=args.num_layers, dtype=args.dtype, device=device,
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, local_experts=args.local_experts,
-                     slice_mb=args.slice_mb, expert_dtype=args.expert_dtype, seed=args.seed,
+                     slice_mb=args.slice_mb, copy_streams=args.copy_streams, expert_dtype=args.expert_dtype,
+                     seed=args.seed,
                      peer_timeout_s=args.peer_timeout,
                      ceilings=args.ceilings, progress=sys.stderr.isatty())
     if args.world_size % spec.n:
@@ -502,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-num-tokens", default="256", help="MNT per step; comma list = sweep (default 256)")
     bench.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP experts kept per rank")
     bench.add_argument("--slice-mb", type=float, default=None, help="DWDP pull slices of this many MiB")
+    bench.add_argument("--copy-streams", type=int, default=1,
+                       help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
     bench.add_argument("--expert-dtype", default="same", choices=["same", "fp8"],
                        help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
     bench.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent peer fails the run")

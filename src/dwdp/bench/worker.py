@@ -36,6 +36,7 @@ class BenchSpec:
     skew: float = 0.0  # Zipf exponent of the router bias (0: the model's own routing)
     local_experts: int | None = None  # DWDP L
     slice_mb: float | None = None  # DWDP sliced pulls
+    copy_streams: int = 1  # DWDP copy streams per rank
     expert_dtype: str = "same"  # "fp8": routed experts stored and pulled as FP8 e4m3 + block scales
     warmup: bool = True
     seed: int = 0  # random weights
@@ -80,7 +81,7 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
         try:
             rm = build_rank_model(strategy, ctx, spec.model, spec.num_layers, DTYPES[spec.dtype] if spec.dtype else None,
                                   spec.local_experts, spec.slice_mb, spec.seed, spec.peer_timeout_s, max_mnt,
-                                  spec.expert_dtype)
+                                  spec.expert_dtype, spec.copy_streams)
         except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then leave together
             return [{"rank": ctx.rank, "strategy": strategy, "skipped": str(e)} for _ in configs]
         warmed: set = set()

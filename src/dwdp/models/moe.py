@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from .layers import DenseMLP
 
@@ -114,8 +115,16 @@ def routed_experts_forward(
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=num_experts)
     ends = counts.cumsum(0).tolist()  # one host sync per layer, for the segment boundaries
-    x_sorted = x[order // K]
-    y_sorted = torch.empty_like(x_sorted)
+    src = order // K
+    fp8 = _fp8_kernel_applies(x, segments)
+    if fp8:  # quantise each token once, then permute the (half-size) FP8 rows
+        from ..kernels.fp8_grouped import quantize_rows
+
+        xq, xsc = quantize_rows(x)
+        xq, xsc = xq[src], xsc[src]
+    else:
+        x_sorted = x[src]
+    y_sorted = torch.empty(T * K, hidden, dtype=x.dtype, device=x.device)
     for seg in segments:  # caller's order: DWDP puts resident experts first
         e0, e1 = seg.start, seg.start + seg.count
         r0, r1 = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]
@@ -123,13 +132,31 @@ def routed_experts_forward(
             on_segment_start(seg)
         if r1 == r0:
             continue
-        y_sorted[r0:r1] = _grouped_swiglu(x_sorted[r0:r1], seg, counts[e0:e1], ends, e0)
+        if fp8:
+            from ..kernels.fp8_grouped import grouped_swiglu_fp8
+
+            grouped_swiglu_fp8(xq[r0:r1], xsc[r0:r1], seg.w13, seg.w13_scale, seg.w2, seg.w2_scale,
+                               counts[e0:e1], x.dtype, out=y_sorted[r0:r1])
+        else:
+            y_sorted[r0:r1] = _grouped_swiglu(x_sorted[r0:r1], seg, counts[e0:e1], ends, e0)
+    if kernels.enabled(x):
+        from ..kernels.moe_epilogue import weighted_combine
+
+        return weighted_combine(y_sorted, order, topk_weights)
     # Un-permute with a gather (cheaper than a scatter) and combine the k outputs of each
     # token with one batched [1, K] x [K, hidden] product.
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     y = y_sorted[inverse].view(T, K, hidden)
     return torch.bmm(topk_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+
+def _fp8_kernel_applies(x: torch.Tensor, segments: list["ExpertSegment"]) -> bool:
+    """FP8 experts are computed in FP8 (Triton) on CUDA when the shapes fit 128 blocks."""
+    if not segments or segments[0].w13_scale is None or not kernels.enabled(x):
+        return False
+    seg = segments[0]
+    return seg.w13.shape[-1] % 128 == 0 and seg.w2.shape[-1] % 128 == 0
 
 
 def expert_pairs_forward(
@@ -146,16 +173,23 @@ def expert_pairs_forward(
     counts = torch.bincount(expert_ids, minlength=segment.count)
     ends = counts.cumsum(0).tolist()  # host sync: group boundaries
     src = rows[order]
-    ys = _grouped_swiglu(x[src], segment, counts, ends, 0)
+    if _fp8_kernel_applies(x, [segment]):
+        from ..kernels.fp8_grouped import grouped_swiglu_fp8, quantize_rows
+
+        xq, xsc = quantize_rows(x)
+        ys = grouped_swiglu_fp8(xq[src], xsc[src], segment.w13, segment.w13_scale, segment.w2,
+                                segment.w2_scale, counts, x.dtype)
+    else:
+        ys = _grouped_swiglu(x[src], segment, counts, ends, 0)
     ys = ys * weights[order].to(ys.dtype).unsqueeze(1)
     return torch.zeros_like(x).index_add_(0, src, ys)
 
 
 def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
     if seg.w13_scale is not None:
-        # FP8 experts are stored and pulled as FP8; here they are widened to the activation
-        # dtype a few experts at a time, so the bf16 copy stays small (an FP8 grouped GEMM
-        # would skip this; see issue 5).
+        # Without Triton (CPU) FP8 experts are widened to the activation dtype a few experts
+        # at a time, so the wide copy stays small; on CUDA kernels/fp8_grouped.py computes
+        # in FP8 instead.
         out = torch.empty_like(xs)
         base = ends[e0 - 1] if e0 else 0
         for c0 in range(0, seg.count, FP8_WIDEN_CHUNK):
@@ -171,8 +205,14 @@ def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
     if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, seg.w13.transpose(-2, -1), offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, seg.w2.transpose(-2, -1), offs=offs)
+        if kernels.enabled(xs):
+            from ..kernels.moe_epilogue import silu_mul
+
+            act = silu_mul(h)
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        return torch._grouped_mm(act, seg.w2.transpose(-2, -1), offs=offs)
     # Reference path: one matmul pair per expert.
     out = torch.empty_like(xs)
     base = ends[e0 - 1] if e0 else 0

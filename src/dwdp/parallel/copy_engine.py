@@ -122,27 +122,49 @@ class _CudaSignal:
 
 
 class CudaCopyEngine(CopyEngine):
-    def __init__(self, device: torch.device, timing: bool = True, delay_cycles: int = 0):
+    """Copies on ``num_streams`` side streams. One stream runs a submission's copies back to
+    back; with several, copy i goes to stream i % num_streams (the copy plan interleaves
+    peers, so each stream then serves one peer) and the submission is done when all are."""
+
+    def __init__(self, device: torch.device, timing: bool = True, delay_cycles: int = 0, num_streams: int = 1):
+        if num_streams < 1:
+            raise ValueError(f"num_streams must be >= 1, got {num_streams}")
         self.device = device
         self.delay_cycles = delay_cycles  # tests: a device-side sleep before each submission's copies
-        # Low priority would let compute preempt; copies are DMA work so priority matters little.
-        self.stream = torch.cuda.Stream(device=device)
+        # Copies are DMA work on the copy engines; stream priority matters little.
+        self.streams = [torch.cuda.Stream(device=device) for _ in range(num_streams)]
+        self.stream = self.streams[0]
         self.timing = timing
         self.wait_timers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
 
     def submit(self, copies, wait_for=None, nbytes: int = 0):
-        with torch.cuda.stream(self.stream):
+        main = self.stream
+        with torch.cuda.stream(main):
             if wait_for is not None:
-                self.stream.wait_event(wait_for.done)
+                main.wait_event(wait_for.done)
             start = torch.cuda.Event(enable_timing=True) if self.timing else None
             if start is not None:
-                start.record(self.stream)
+                start.record(main)
             if self.delay_cycles:
                 torch.cuda._sleep(self.delay_cycles)
-            for dst, src in copies:
-                dst.copy_(src, non_blocking=True)
+            if len(self.streams) == 1:
+                for dst, src in copies:
+                    dst.copy_(src, non_blocking=True)
+            else:
+                fork = torch.cuda.Event()
+                fork.record(main)
+                used = self.streams[:min(len(self.streams), len(copies))]
+                for i, s in enumerate(used):
+                    s.wait_event(fork)
+                    with torch.cuda.stream(s):
+                        for dst, src in copies[i::len(used)]:
+                            dst.copy_(src, non_blocking=True)
+                for s in used[1:]:
+                    joined = torch.cuda.Event()
+                    joined.record(s)
+                    main.wait_event(joined)
             done = torch.cuda.Event(enable_timing=self.timing)
-            done.record(self.stream)
+            done.record(main)
         return _CudaSignal(done, start, nbytes)
 
     def compute_signal(self):

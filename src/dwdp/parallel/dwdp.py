@@ -7,8 +7,9 @@ each MoE block's ``experts`` for a :class:`DWDPExperts` that
 
 1. issues the pull of the *next* MoE layer's remote experts (overlapping this MoE and
    the next attention), then
-2. computes its resident experts first, waits for its own slot only before the first
-   remote segment (local-first), reading every expert where it lies (no merge copy),
+2. computes its resident experts first, then each peer's experts in the order they were
+   pulled, waiting for a peer's block only just before using it (local-first, per-peer
+   signals), reading every expert where it lies (no merge copy),
 3. releases its slot for the refill two layers later.
 
 A forward pre-hook primes the first MoE layer at every step start. No collective is
@@ -104,53 +105,60 @@ class DWDPExperts(nn.Module):
         if m + 1 < rt.prefetcher.num_layers:
             rt.prefetcher.prefetch(m + 1)  # overlaps this MoE and the next attention
         segments = [self.local]
-        if rt.remote_segments_for_slot:
-            slot_idx = m % 2
-            segments += rt.remote_segments_for_slot[slot_idx]
-        waited = []
+        remote = rt.remote_segments_for_slot[m % 2] if rt.remote_segments_for_slot else []
+        part_of = {id(seg): part for seg, part in remote}
+        segments += [seg for seg, _ in remote]
+        waited: set[int] = set()
 
         def on_segment_start(seg: ExpertSegment) -> None:
-            if seg is not self.local and not waited:
-                if rt.trace is not None:
-                    rt.trace.append((f"acquire{m}", time.perf_counter()))
-                if rt.compute_delay is not None:
-                    time.sleep(rt.compute_delay())
-                rt.prefetcher.acquire(m)
-                waited.append(True)
-                if rt.device_delay_cycles and x.is_cuda:  # tests: keep this MoE's slot reads in flight
-                    torch.cuda._sleep(rt.device_delay_cycles)
+            part = part_of.get(id(seg))
+            if part is None or part in waited:
+                return
+            if rt.trace is not None:
+                rt.trace.append((f"acquire{m}.{part}", time.perf_counter()))
+            if rt.compute_delay is not None:
+                time.sleep(rt.compute_delay())
+            rt.prefetcher.acquire(m, part)
+            waited.add(part)
+            if rt.device_delay_cycles and x.is_cuda:  # tests: keep this MoE's slot reads in flight
+                torch.cuda._sleep(rt.device_delay_cycles)
 
         y = routed_experts_forward(x, topk_ids, topk_weights, segments, rt.placement.num_experts,
                                    on_segment_start)
-        if rt.remote_segments_for_slot:
-            if not waited:
-                rt.prefetcher.acquire(m)
+        if remote:
+            for part in sorted(set(part_of.values()) - waited):
+                rt.prefetcher.acquire(m, part)
             rt.prefetcher.release(m)
         return y
 
 
 class DWDPRuntime:
     def __init__(self, model: MoECausalLM, ctx: DWDPContext, placement: Placement, peer_memory: PeerMemory,
-                 slots: list[torch.Tensor], engine, layer_copies, unsafe_skip_raw=False, unsafe_skip_war=False,
-                 rows: ExpertRows | None = None):
+                 slots: list[torch.Tensor], engine, layer_parts, unsafe_skip_raw=False, unsafe_skip_war=False,
+                 rows: ExpertRows | None = None, remote_parts: list[list[range]] | None = None):
         cfg = model.config
         self.rows = rows or ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, peer_memory.local.dtype)
         self.model, self.ctx, self.placement = model, ctx, placement
         self.hidden, self.inter = cfg.hidden_size, cfg.moe_intermediate_size
         self.peer_memory, self.engine = peer_memory, engine
-        self.prefetcher = SlotPrefetcher(engine, slots, layer_copies, unsafe_skip_raw, unsafe_skip_war)
+        self.prefetcher = SlotPrefetcher(engine, slots, layer_parts, unsafe_skip_raw, unsafe_skip_war)
         self.compute_delay = None  # tests: a random sleep before waiting for a slot
         self.device_delay_cycles = 0  # tests (CUDA): a device-side sleep before reading a slot
         rank, L = ctx.group_rank, placement.local
         lo = placement.local_range(rank).start  # remote experts below ours: [0, lo)
-        self.remote_segments_for_slot: list[list[ExpertSegment]] = []
+        # Remote experts in the order they are pulled, grouped by the copy part (one per peer
+        # for whole-block plans, one for sliced plans) whose signal says they have landed.
+        if remote_parts is None:
+            remote_parts = [[r for r in (range(0, lo), range(lo + L, placement.num_experts)) if len(r)]]
+        self.remote_segments_for_slot: list[list[tuple[ExpertSegment, int]]] = []
         for slot in (slots if placement.remote else []):
-            parts = self.rows.views(slot)
+            views = self.rows.views(slot)
             segs = []
-            if lo:
-                segs.append(ExpertSegment(0, *[p[:lo] if p is not None else None for p in parts]))
-            if lo + L < placement.num_experts:
-                segs.append(ExpertSegment(lo + L, *[p[lo:] if p is not None else None for p in parts]))
+            for part, ranges in enumerate(remote_parts):
+                for r in ranges:
+                    s0 = r.start if r.start < lo else r.start - L  # slot row of global expert r.start
+                    segs.append((ExpertSegment(r.start, *[v[s0:s0 + len(r)] if v is not None else None
+                                                          for v in views]), part))
             self.remote_segments_for_slot.append(segs)
         self.step_stats: list[DWDPStepStats] = []
         # Diagnostics: DWDP_TRACE=1 records host times of step start, slot acquires and step end.
@@ -200,8 +208,13 @@ class DWDPRuntime:
 @torch.no_grad()
 def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, copy_timeout_s: float = 60.0,
                slice_bytes: int | None = None, unsafe_skip_raw: bool = False,
-               unsafe_skip_war: bool = False, copy_delay=None, copy_delay_cycles: int = 0) -> DWDPRuntime:
-    """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group."""
+               unsafe_skip_war: bool = False, copy_delay=None, copy_delay_cycles: int = 0,
+               copy_streams: int = 1) -> DWDPRuntime:
+    """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group.
+
+    ``slice_bytes``/``copy_streams`` choose the pull plan: whole per-peer blocks on one
+    stream (the default: fastest measured on H100/H200, see BENCHMARKS.md) or slices
+    issued round-robin over peers, on one or several copy streams (CUDA)."""
     cfg = model.config
     rank = ctx.group_rank
     blocks: list[MoEBlock] = model.moe_blocks()
@@ -230,23 +243,26 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     R = placement.remote
     slots = [torch.empty((R, row), dtype=rows.storage_dtype, device=device) for _ in range(2)] if R else []
     if device.type == "cuda":
-        engine = CudaCopyEngine(device, delay_cycles=copy_delay_cycles)
+        engine = CudaCopyEngine(device, delay_cycles=copy_delay_cycles, num_streams=copy_streams)
     else:
         engine = CpuCopyEngine(timeout_s=copy_timeout_s, copy_delay=copy_delay)
-    layer_copies = [_layer_copy_plan(m, placement, rank, peer_memory, slots, slice_bytes) for m in range(len(blocks))] \
+    plans = [_layer_copy_plan(m, placement, rank, peer_memory, slots, slice_bytes) for m in range(len(blocks))] \
         if R else []
-    rt = DWDPRuntime(model, ctx, placement, peer_memory, slots or [torch.empty(0)] * 2, engine, layer_copies,
-                     unsafe_skip_raw, unsafe_skip_war, rows)
+    rt = DWDPRuntime(model, ctx, placement, peer_memory, slots or [torch.empty(0)] * 2, engine,
+                     [p[0] for p in plans], unsafe_skip_raw, unsafe_skip_war, rows, plans[0][1] if plans else None)
     for m, b in enumerate(blocks):
         b.experts = DWDPExperts(rt, m, peer_memory.local[m])
     return rt
 
 
 def _layer_copy_plan(m: int, placement: Placement, rank: int, peer_memory: PeerMemory, slots, slice_bytes):
-    """Copies that bring MoE layer m's remote experts into slot m % 2.
+    """Copies that bring MoE layer m's remote experts into slot m % 2, as
+    (parts: list of copy lists issued in order, experts: the global expert ranges of each part).
 
+    Whole blocks: one part per peer, starting at a different peer on each rank (spreads the
+    load over the source GPUs), so the MoE can use a peer's experts as soon as they land.
     With ``slice_bytes`` each peer's block is cut into slices issued round-robin across
-    peers, each rank starting at a different peer (spreads load over source copy engines).
+    peers: one part (slices of every peer land together).
     """
     slot = slots[m % 2]
     lo = placement.local_range(rank).start
@@ -258,15 +274,16 @@ def _layer_copy_plan(m: int, placement: Placement, rank: int, peer_memory: PeerM
         if slice_bytes:
             per_row = src[0].numel() * src.element_size()
             rows = max(1, slice_bytes // per_row)
-            per_peer.append([(dst[i:i + rows], src[i:i + rows]) for i in range(0, pp.count, rows)])
+            copies = [(dst[i:i + rows], src[i:i + rows]) for i in range(0, pp.count, rows)]
         else:
-            per_peer.append([(dst, src)])
+            copies = [(dst, src)]
+        per_peer.append((copies, range(pp.start, pp.start + pp.count)))
     n = len(per_peer)
     start = rank % n if n else 0
     order = per_peer[start:] + per_peer[:start]
+    if not slice_bytes:
+        return [c for c, _ in order], [[r] for _, r in order]
     copies = []
-    for i in range(max((len(p) for p in order), default=0)):
-        for p in order:
-            if i < len(p):
-                copies.append(p[i])
-    return copies
+    for i in range(max((len(c) for c, _ in order), default=0)):
+        copies += [c[i] for c, _ in order if i < len(c)]
+    return [copies], [[r for _, r in order]]

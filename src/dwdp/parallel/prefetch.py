@@ -3,7 +3,8 @@
 Two slots; MoE layer m uses slot m % 2. Two orderings are enforced with signals:
 
 * read-after-write (RAW): the MoE that reads a slot waits for the copies that filled it
-  (:meth:`SlotPrefetcher.acquire`);
+  (:meth:`SlotPrefetcher.acquire`); a layer's copies may come in parts (one per peer),
+  each with its own signal, so the MoE can start on the experts that landed first;
 * write-after-read (WAR): the copies that refill a slot wait for the MoE that last read
   it (:meth:`SlotPrefetcher.release` records that point *after* the reading compute
   was issued; :meth:`prefetch` makes the copies wait for it).
@@ -36,20 +37,21 @@ class StepStats:
 
 class SlotPrefetcher:
     def __init__(self, engine: CopyEngine, slots: list[torch.Tensor],
-                 layer_copies: list[list[Copy]], unsafe_skip_raw: bool = False, unsafe_skip_war: bool = False):
+                 layer_parts: list[list[list[Copy]]], unsafe_skip_raw: bool = False, unsafe_skip_war: bool = False):
+        """``layer_parts[m]``: the copies that fill layer m's slot, in parts issued in order."""
         if len(slots) != 2:
             raise ValueError("double buffering needs exactly two slots")
-        self.engine, self.slots, self.layer_copies = engine, slots, layer_copies
+        self.engine, self.slots, self.layer_parts = engine, slots, layer_parts
         self.skip_raw, self.skip_war = unsafe_skip_raw, unsafe_skip_war
         # Benchmarks only: no pulls at all (outputs are wrong) = the communication-free limit.
         self.benchmark_skip_pulls = False
-        self._filled: list[tuple[int, object] | None] = [None, None]  # (layer, signal) per slot
+        self._filled: list[tuple[int, list] | None] = [None, None]  # (layer, signal per part) per slot
         self._released: list[object | None] = [None, None]
         self.stats = StepStats()
 
     @property
     def num_layers(self) -> int:
-        return len(self.layer_copies)
+        return len(self.layer_parts)
 
     def new_step(self) -> None:
         """Forget which layer each slot holds: every step pulls every layer again (a slot
@@ -63,21 +65,26 @@ class SlotPrefetcher:
         if self.benchmark_skip_pulls or (self._filled[s] is not None and self._filled[s][0] == layer):
             return  # already issued
         wait = None if self.skip_war else self._released[s]
-        copies = self.layer_copies[layer]
-        nbytes = sum(d.numel() * d.element_size() for d, _ in copies)
-        sig = self.engine.submit(copies, wait_for=wait, nbytes=nbytes)
-        self._filled[s] = (layer, sig)
-        self.stats.pulls.append(PullStats(layer, nbytes, sig))
+        sigs = []
+        for copies in self.layer_parts[layer]:
+            nbytes = sum(d.numel() * d.element_size() for d, _ in copies)
+            sig = self.engine.submit(copies, wait_for=wait, nbytes=nbytes)
+            sigs.append(sig)
+            self.stats.pulls.append(PullStats(layer, nbytes, sig))
+        self._filled[s] = (layer, sigs)
 
-    def acquire(self, layer: int) -> torch.Tensor:
-        """The slot holding ``layer``'s remote experts, once they have landed."""
+    def acquire(self, layer: int, part: int | None = None) -> torch.Tensor:
+        """The slot holding ``layer``'s remote experts, once part ``part`` (default: every
+        part) has landed."""
         s = layer % 2
         if self.benchmark_skip_pulls:
             return self.slots[s]
         if self._filled[s] is None or self._filled[s][0] != layer:
             self.prefetch(layer)  # not issued early (first step of a caller that skipped priming)
         if not self.skip_raw:
-            self.stats.exposed_wait_s += self.engine.compute_wait(self._filled[s][1])
+            sigs = self._filled[s][1]
+            for sig in (sigs if part is None else [sigs[part]]):
+                self.stats.exposed_wait_s += self.engine.compute_wait(sig)
         return self.slots[s]
 
     def release(self, layer: int) -> None:

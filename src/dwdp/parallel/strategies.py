@@ -28,7 +28,8 @@ class RankModel:
 
 def build_rank_model(strategy: str, ctx, model_spec: str, num_layers: int | None = None, dtype=None,
                      local_experts: int | None = None, slice_mb: float | None = None, seed: int = 0,
-                     peer_timeout_s: float = 60.0, max_num_tokens: int = 8192, expert_dtype: str = "same") -> RankModel:
+                     peer_timeout_s: float = 60.0, max_num_tokens: int = 8192, expert_dtype: str = "same",
+                     copy_streams: int = 1) -> RankModel:
     """Check the strategy fits (:class:`DoesNotFit` otherwise), build this rank's share,
     load or randomly initialise it, and apply the strategy."""
     from ..checkpoint import load_checkpoint
@@ -79,5 +80,5 @@ def build_rank_model(strategy: str, ctx, model_spec: str, num_layers: int | None
         rt = apply_dep(model, ctx.group.process_group, r, N)
     elif strategy == "dwdp":
         rt = apply_dwdp(model, ctx, placement, copy_timeout_s=peer_timeout_s,
-                        slice_bytes=int(slice_mb * 2**20) if slice_mb else None)
+                        slice_bytes=int(slice_mb * 2**20) if slice_mb else None, copy_streams=copy_streams)
     return RankModel(model, rt, placement, cfg)

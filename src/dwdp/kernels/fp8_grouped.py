@@ -1,0 +1,152 @@
+"""FP8 (e4m3) grouped GEMM with DeepSeek-V3 block scales, in Triton.
+
+Weights: ``w [G, N, K]`` e4m3 with one fp32 scale per 128 x 128 block
+(``w_scale [G, N/128, K/128]``, as the checkpoints store them). Activations are quantised
+per token and per 128 columns (``a_scale [M, K/128]``), so every 128-wide K step of the
+GEMM has exactly one activation scale per row and one weight scale per tile: the
+accumulator adds ``dot(a, b) * a_scale * w_scale`` in fp32 (DeepGEMM's recipe).
+
+Rows are grouped by expert (``counts[g]`` consecutive rows each). The launch grid covers
+an upper bound of M tiles; a small device-side map tells each program its expert and
+rows, so there is no host sync. The weights may be any strided view of a larger buffer
+(a DWDP prefetch slot, a resident shard): the kernel takes the expert stride.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import FP8, FP8_MAX
+
+BLOCK = 128  # the scale block along K and N
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, s_xm, s_qm, s_sm, half,
+                      SWIGLU: tl.constexpr, BLOCK_R: tl.constexpr, FMAX: tl.constexpr):
+    # One program quantises BLOCK_R rows x 128 columns (optionally of silu(gate) * up first).
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * 128 + tl.arange(0, 128)
+    rmask = rows[:, None] < M
+    base = x_ptr + rows[:, None].to(tl.int64) * s_xm + cols[None, :]
+    if SWIGLU:
+        gate = tl.load(base, mask=rmask, other=0.0).to(tl.float32)
+        up = tl.load(base + half, mask=rmask, other=0.0).to(tl.float32)
+        v = gate * tl.sigmoid(gate) * up
+    else:
+        v = tl.load(base, mask=rmask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-10)
+    scale = amax / FMAX
+    q = (v / scale[:, None]).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * s_qm + cols[None, :], q, mask=rmask)
+    tl.store(s_ptr + rows.to(tl.int64) * s_sm + tl.program_id(1), scale, mask=rows < M)
+
+
+def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, C] (or [M, 2C] = gate | up with ``swiglu``) -> (e4m3 [M, C], fp32 scales [M, C/128])."""
+    M = x.shape[0]
+    C = x.shape[1] // 2 if swiglu else x.shape[1]
+    if C % BLOCK or x.stride(-1) != 1:
+        raise ValueError(f"FP8 activations need contiguous rows with a multiple of {BLOCK} columns (got {C})")
+    q = torch.empty((M, C), dtype=FP8, device=x.device)
+    s = torch.empty((M, C // BLOCK), dtype=torch.float32, device=x.device)
+    if M:
+        grid = (triton.cdiv(M, 16), C // BLOCK)
+        _act_quant_kernel[grid](x, q, s, M, x.stride(0), q.stride(0), s.stride(0), C,
+                                SWIGLU=swiglu, BLOCK_R=16, FMAX=FP8_MAX)
+    return q, s
+
+
+@triton.jit
+def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
+                        N, K, s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_e_ptr + pid_m)
+    if e < 0:  # past the last tile of the last expert
+        return
+    r0 = tl.load(tile_r0_ptr + pid_m)
+    r1 = tl.load(tile_r1_ptr + pid_m)
+    offs_m = r0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < r1
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    e64 = e.to(tl.int64)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * s_am + offs_k[None, :]
+    b_ptrs = b_ptr + e64 * s_be + offs_n[None, :].to(tl.int64) * s_bn + offs_k[:, None]
+    as_ptrs = as_ptr + offs_m.to(tl.int64) * s_asm
+    bs_ptrs = bs_ptr + e64 * s_bse + (pid_n * BLOCK_N // 128) * s_bsn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K // BLOCK_K):
+        a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        sa = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+        sb = tl.load(bs_ptrs + kb)
+        acc += tl.dot(a, b) * (sa[:, None] * sb)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * s_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _config(rows_per_group: float) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); tuned on H100/H200 (benchmarks/kernels.py)."""
+    if rows_per_group >= 256:
+        return 128, 128, 8, 4
+    return 64, 128, 4, 4
+
+
+def _tile_map(counts: torch.Tensor, block_m: int, max_tiles: int):
+    """Per M tile: its group (-1 past the end), first row and row end, on the device."""
+    dev = counts.device
+    counts = counts.to(torch.int64)
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = tiles.cumsum(0)
+    row_end = counts.cumsum(0)
+    t = torch.arange(max_tiles, device=dev)
+    g = torch.searchsorted(tile_end, t, right=True).clamp_(max=counts.numel() - 1)
+    r0 = row_end[g] - counts[g] + (t - (tile_end[g] - tiles[g])) * block_m
+    valid = t < tile_end[-1]
+    return (torch.where(valid, g, -1).to(torch.int32), r0.to(torch.int32), row_end[g].to(torch.int32))
+
+
+def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                     counts: torch.Tensor, out_dtype=torch.bfloat16, tile_map=None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[rows of group g] = (a * a_scale)[rows] @ (w[g] * w_scale[g]).T, for consecutive row groups."""
+    M, K = a.shape
+    G, N, Kw = w.shape
+    if Kw != K or K % BLOCK or N % BLOCK:
+        raise ValueError(f"FP8 grouped GEMM needs K and N multiples of {BLOCK} (a {tuple(a.shape)}, w {tuple(w.shape)})")
+    if a.stride(1) != 1 or w.stride(2) != 1 or a_scale.stride(1) != 1 or w_scale.stride(2) != 1:
+        raise ValueError("FP8 grouped GEMM needs row-contiguous operands and scales")
+    if out is None:
+        out = torch.empty((M, N), dtype=out_dtype, device=a.device)
+    elif out.shape != (M, N) or out.stride(1) != 1:
+        raise ValueError(f"out must be a row-contiguous [{M}, {N}] tensor, got {tuple(out.shape)}")
+    if M == 0:
+        return out
+    bm, bn, warps, stages = _config(M / max(1, G))
+    max_tiles = triton.cdiv(M, bm) + G
+    te, tr0, tr1 = tile_map if tile_map is not None else _tile_map(counts, bm, max_tiles)
+    grid = (max_tiles, N // bn)
+    _grouped_fp8_kernel[grid](a, a_scale, w, w_scale, out, te, tr0, tr1, N, K,
+                              a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0),
+                              w_scale.stride(1), out.stride(0),
+                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, num_warps=warps, num_stages=stages)
+    return out
+
+
+def grouped_swiglu_fp8(xq: torch.Tensor, xs: torch.Tensor, w13, w13_scale, w2, w2_scale,
+                       counts: torch.Tensor, out_dtype=torch.bfloat16, out=None) -> torch.Tensor:
+    """The routed-expert MLP in FP8: gate/up GEMM, fused SwiGLU + re-quantisation, down GEMM."""
+    M, G = xq.shape[0], counts.numel()
+    bm = _config(M / max(1, G))[0]
+    tmap = _tile_map(counts, bm, triton.cdiv(M, bm) + G) if M else None
+    h = grouped_gemm_fp8(xq, xs, w13, w13_scale, counts, out_dtype, tmap)
+    hq, hs = quantize_rows(h, swiglu=True)
+    return grouped_gemm_fp8(hq, hs, w2, w2_scale, counts, out_dtype, tmap, out)
