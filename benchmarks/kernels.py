@@ -129,19 +129,23 @@ def fp8_accuracy(model: str, layers: int, T: int) -> dict:
     cfg, _ = resolve_model(model, layers)
     net = init_random(build_model(cfg, torch.bfloat16, "cuda"), 0)
     g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(0, cfg.vocab_size, (T // 4,), generator=g).tolist() for _ in range(4)]
+    seqs = [torch.randint(0, cfg.vocab_size, (64,), generator=g).tolist() for _ in range(T // 64)]
     batch = PackedBatch.from_sequences(seqs, "cuda")
+    hidden = []
+    hook = net.model.norm.register_forward_hook(lambda m, i, o: hidden.append(o.float()))
     with torch.no_grad():
-        ref = net(batch).float()
+        ref = net(batch).logits.float()
         quantize_experts_fp8(net)
-        out = net(batch).float()
+        out = net(batch).logits.float()
+    hook.remove()
     rel = ((out - ref).norm() / ref.norm()).item()
     agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1).mean().item()
+    h_rel = ((hidden[1] - hidden[0]).norm() / hidden[0].norm()).item()
     del net
     torch.cuda.empty_cache()
-    return {"model": model, "layers": layers, "tokens": T, "logits_rel_err": rel, "top1_agreement": agree,
-            "logits_cosine": cos}
+    return {"model": model, "layers": layers, "tokens": T, "sequences": len(seqs), "logits_rel_err": rel,
+            "top1_agreement": agree, "logits_cosine": cos, "final_hidden_rel_err_all_tokens": h_rel}
 
 
 def attention(kind: str, lens: list[int]) -> dict:
@@ -200,7 +204,8 @@ def main():
         for model, layers in (("qwen3-30b-a3b", 8), ("deepseek-v3", 4)):
             r = fp8_accuracy(model, layers, 4096)
             res["fp8_accuracy"].append(r)
-            print(f"fp8 accuracy {model} x{layers}: logits rel err {r['logits_rel_err']:.3f}, cosine "
+            print(f"fp8 accuracy {model} x{layers}: hidden rel err {r['final_hidden_rel_err_all_tokens']:.3f}, "
+                  f"last-token logits rel err {r['logits_rel_err']:.3f}, cosine "
                   f"{r['logits_cosine']:.4f}, top-1 agreement {r['top1_agreement']:.1%}", flush=True)
     if "attention" in want:
         res["attention"] = []

@@ -61,10 +61,18 @@ def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, 
 
 @triton.jit
 def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
-                        N, K, s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+                        num_tiles_m, N, K, s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        GROUP_M: tl.constexpr):
+    # Programs walk GROUP_M row tiles across all column tiles before moving on, so a
+    # group's activation tiles and its expert's weights are re-read from L2, not HBM.
+    pid = tl.program_id(0)
+    num_n = N // BLOCK_N
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
     e = tl.load(tile_e_ptr + pid_m)
     if e < 0:  # past the last tile of the last expert
         return
@@ -73,31 +81,32 @@ def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0
     offs_m = r0 + tl.arange(0, BLOCK_M)
     mask_m = offs_m < r1
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     e64 = e.to(tl.int64)
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * s_am + offs_k[None, :]
     b_ptrs = b_ptr + e64 * s_be + offs_n[None, :].to(tl.int64) * s_bn + offs_k[:, None]
     as_ptrs = as_ptr + offs_m.to(tl.int64) * s_asm
-    bs_ptrs = bs_ptr + e64 * s_bse + (pid_n * BLOCK_N // 128) * s_bsn
+    bs_ptrs = bs_ptr + e64 * s_bse + (offs_n // 128) * s_bsn  # one weight scale per 128 columns
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, K // BLOCK_K):
         a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
+        b = tl.load(b_ptrs)
         sa = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
         sb = tl.load(bs_ptrs + kb)
-        acc += tl.dot(a, b) * (sa[:, None] * sb)
+        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * s_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def _config(rows_per_group: float) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); tuned on H100/H200 (benchmarks/kernels.py)."""
-    if rows_per_group >= 256:
-        return 128, 128, 8, 4
-    return 64, 128, 4, 4
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, GROUP_M) by rows per expert; benchmarks/tune_fp8.py
+CONFIGS = {"small": (64, 128, 4, 4, 8), "large": (128, 128, 8, 4, 8)}
+
+
+def _config(rows_per_group: float, n: int) -> tuple[int, int, int, int, int]:
+    bm, bn, warps, stages, group_m = CONFIGS["large" if rows_per_group >= 256 else "small"]
+    return bm, (bn if n % bn == 0 else BLOCK), warps, stages, group_m
 
 
 def _tile_map(counts: torch.Tensor, block_m: int, max_tiles: int):
@@ -120,7 +129,8 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     """out[rows of group g] = (a * a_scale)[rows] @ (w[g] * w_scale[g]).T, for consecutive row groups."""
     M, K = a.shape
     G, N, Kw = w.shape
-    if Kw != K or K % BLOCK or N % BLOCK:
+    bm, bn, warps, stages, group_m = _config(M / max(1, G), N)
+    if Kw != K or K % BLOCK or N % BLOCK or N % bn:
         raise ValueError(f"FP8 grouped GEMM needs K and N multiples of {BLOCK} (a {tuple(a.shape)}, w {tuple(w.shape)})")
     if a.stride(1) != 1 or w.stride(2) != 1 or a_scale.stride(1) != 1 or w_scale.stride(2) != 1:
         raise ValueError("FP8 grouped GEMM needs row-contiguous operands and scales")
@@ -130,14 +140,12 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
         raise ValueError(f"out must be a row-contiguous [{M}, {N}] tensor, got {tuple(out.shape)}")
     if M == 0:
         return out
-    bm, bn, warps, stages = _config(M / max(1, G))
     max_tiles = triton.cdiv(M, bm) + G
     te, tr0, tr1 = tile_map if tile_map is not None else _tile_map(counts, bm, max_tiles)
-    grid = (max_tiles, N // bn)
-    _grouped_fp8_kernel[grid](a, a_scale, w, w_scale, out, te, tr0, tr1, N, K,
-                              a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0),
-                              w_scale.stride(1), out.stride(0),
-                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, num_warps=warps, num_stages=stages)
+    _grouped_fp8_kernel[(max_tiles * (N // bn),)](
+        a, a_scale, w, w_scale, out, te, tr0, tr1, max_tiles, N, K,
+        a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1), out.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=group_m, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -145,7 +153,7 @@ def grouped_swiglu_fp8(xq: torch.Tensor, xs: torch.Tensor, w13, w13_scale, w2, w
                        counts: torch.Tensor, out_dtype=torch.bfloat16, out=None) -> torch.Tensor:
     """The routed-expert MLP in FP8: gate/up GEMM, fused SwiGLU + re-quantisation, down GEMM."""
     M, G = xq.shape[0], counts.numel()
-    bm = _config(M / max(1, G))[0]
+    bm = _config(M / max(1, G), w13.shape[1])[0]
     tmap = _tile_map(counts, bm, triton.cdiv(M, bm) + G) if M else None
     h = grouped_gemm_fp8(xq, xs, w13, w13_scale, counts, out_dtype, tmap)
     hq, hs = quantize_rows(h, swiglu=True)
