@@ -42,12 +42,16 @@ def event_check() -> dict:
     return {"event_wait_s": a.elapsed_time(b) / 1e3, "host_wall_s": time.perf_counter() - t0}
 
 
-def worker(n, model_name, layers, sizes, slice_mb):
+def worker(n, model_name, layers, sizes, slice_mb, expert_dtype="same"):
     ctx = init_dwdp_groups(n, "cuda")
     cfg, _ = resolve_model(model_name, layers)
     pl = Placement.create(cfg.num_experts, n)
     mine = pl.local_range(ctx.group_rank)
     model = init_random(build_model(cfg, torch.bfloat16, ctx.device, lambda _: (mine.start, len(mine))), 0)
+    if expert_dtype == "fp8":
+        from dwdp.quant import quantize_experts_fp8
+
+        quantize_experts_fp8(model)
     rt = apply_dwdp(model, ctx, pl, slice_bytes=int(slice_mb * 2**20) if slice_mb else None,
                     copy_streams=int(os.environ.get("DWDP_COPY_STREAMS", "1")))
     out = {"rank": ctx.rank, "events": event_check(), "steps": []}
@@ -87,12 +91,13 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--sizes", default="128,2048,16384")
     p.add_argument("--slice-mb", type=float, default=None)
+    p.add_argument("--expert-dtype", default="same", choices=["same", "fp8"])
     p.add_argument("--out", required=True)
     a = p.parse_args()
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(k, v)
     sizes = [int(x) for x in a.sizes.split(",")]
-    ranks = spawn_local(worker, a.N, (a.N, a.model, a.layers, sizes, a.slice_mb), timeout_s=500)
+    ranks = spawn_local(worker, a.N, (a.N, a.model, a.layers, sizes, a.slice_mb, a.expert_dtype), timeout_s=500)
     with open(a.out, "w") as f:
         json.dump({"machine": machine_info(), "args": vars(a), "ranks": ranks}, f, indent=1)
     r0 = ranks[0]

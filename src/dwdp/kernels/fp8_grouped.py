@@ -101,7 +101,7 @@ def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, GROUP_M) by rows per expert; benchmarks/tune_fp8.py
-CONFIGS = {"small": (64, 128, 4, 4, 8), "large": (128, 128, 8, 4, 8)}
+CONFIGS = {"small": (128, 128, 8, 4, 8), "large": (128, 128, 8, 4, 8)}
 
 
 def _config(rows_per_group: float, n: int) -> tuple[int, int, int, int, int]:
