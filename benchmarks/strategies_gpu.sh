@@ -21,3 +21,12 @@ if [[ $WHICH == dsv3 || $WHICH == all ]]; then
     --isl 8192 --dist normal --cv 0,0.2 --max-num-tokens 16384,32768 --ceilings --timeout 580 \
     --out "$OUT/deepseek-v3_L5_W${W}.json"
 fi
+if [[ $WHICH == fp8 ]]; then  # FP8 experts vs bf16 experts, DWDP vs DEP, same workloads (issue 5)
+  for M in deepseek-v3:5 qwen3-235b-a22b:8; do
+    for ED in same fp8; do
+      $DWDP bench --device cuda -W "$W" --model "${M%:*}" --num-layers "${M#*:}" --num-requests $((8 * W)) \
+        --isl 8192 --dist normal --cv 0.2 --max-num-tokens 16384 --strategies dwdp,dep --expert-dtype $ED \
+        --timeout 280 --out "$OUT/${M%:*}_L${M#*:}_W${W}_${ED}.json"
+    done
+  done
+fi
