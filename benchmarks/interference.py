@@ -61,7 +61,7 @@ def worker(n: int, per_peer_mb: int):
     dst = torch.empty((n, nbytes), dtype=torch.uint8, device=dev)
     stream = torch.cuda.Stream(dev)
 
-    def pull(kind, rounds, slice_bytes=None):
+    def pull(kind, rounds, slice_bytes=None, gap_cycles=0):
         peers = sym_peers if kind == "symm" else ipc_peers
         step = slice_bytes or nbytes
         with torch.cuda.stream(stream):
@@ -70,6 +70,8 @@ def worker(n: int, per_peer_mb: int):
                     for i in range(1, n):  # each rank starts at a different peer
                         q = (r + i) % n
                         dst[q, off:off + step].copy_(peers[q][off:off + step], non_blocking=True)
+                    if gap_cycles:  # pacing: idle the copy stream between slice rounds
+                        torch.cuda._sleep(gap_cycles)
             done = torch.cuda.Event(enable_timing=True)
             done.record(stream)
         return done
@@ -123,12 +125,42 @@ def worker(n: int, per_peer_mb: int):
         "flash_causal_8k": (lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True),
                             2 * 8192 * 8192 * 32 * 256 // 2, "flop"),
     }
+    # Pacing: 32 MiB slices with idle gaps on the copy stream, at lower pull rates.
+    s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        s0.record(stream)
+        torch.cuda._sleep(10_000_000)
+        s1.record(stream)
+    s1.synchronize()
+    cycles_per_s = 10_000_000 / (s0.elapsed_time(s1) / 1e3)
+    slice_round_s = (n - 1) * 32 * MB / (out["symm_ingress_gbps"] * 1e9)
+    paces = {"paced_slices32": 0, "paced_gap1x": int(slice_round_s * cycles_per_s),
+             "paced_gap3x": int(3 * slice_round_s * cycles_per_s)}
+    out["pacing"] = {}
+    for label, gap in paces.items():
+        dist.barrier(group=pg)
+        torch.cuda.synchronize()
+        a = torch.cuda.Event(enable_timing=True)
+        a.record(stream)
+        done = pull("symm", 2, 32 * MB, gap)
+        done.synchronize()
+        out["pacing"][label] = {"gap_cycles": gap,
+                                "ingress_gbps": 2 * (n - 1) * nbytes / (a.elapsed_time(done) / 1e3) / 1e9}
     for name, (fn, work, unit) in ops.items():
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
         alone = _time(fn, 10)
         row = {"alone_s": alone, "unit": unit, "rate_alone": work / alone}
+        for label, gap in paces.items():
+            dist.barrier(group=pg)
+            torch.cuda.synchronize()
+            per_round = (n - 1) * nbytes / (out["pacing"][label]["ingress_gbps"] * 1e9)
+            done = pull("symm", max(2, int(12 * alone / per_round) + 2), 32 * MB, gap)
+            t = _time(fn, 10)
+            row[f"slowdown_{label}"] = t / alone
+            row[f"pulls_outlasted_{label}"] = not done.query()
+            done.synchronize()
         for kind in ("symm", "ipc"):
             dist.barrier(group=pg)
             torch.cuda.synchronize()
@@ -174,6 +206,10 @@ def main():
         print(f"{name:22s} alone {row['alone_s'] * 1e3:7.3f} ms  with symm pulls x{row['slowdown_symm']:.2f} "
               f"(outlasted {row['pulls_outlasted_symm']})  with ipc pulls x{row['slowdown_ipc']:.2f} "
               f"(outlasted {row['pulls_outlasted_ipc']})")
+    for label, p in r0["pacing"].items():
+        print(f"{label:16s} pull {p['ingress_gbps']:5.0f} GB/s: " + ", ".join(
+            f"{name} x{r0[name]['slowdown_' + label]:.2f}{'' if r0[name]['pulls_outlasted_' + label] else '?'}"
+            for name in ("gemm_8192", "elementwise_256MiB", "flash_causal_8k")))
 
 
 if __name__ == "__main__":
