@@ -1,8 +1,8 @@
 """FP8 (e4m3) block quantisation as DeepSeek-V3 checkpoints store it: one fp32 scale per
 128 x 128 block of a weight matrix, ``w ~= q * scale_inv``.
 
-Used to read FP8 checkpoints, and to quantise bf16 experts (so a DWDP rank would store
-and pull half the bytes; that runtime path is still to come, see issue 5).
+Used to read FP8 checkpoints, and to quantise bf16 experts at load, so a DWDP rank stores
+and pulls half the bytes and computes in FP8 (kernels/fp8_grouped.py).
 """
 
 from __future__ import annotations
