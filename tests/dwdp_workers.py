@@ -49,7 +49,7 @@ def reference_logits(model_spec: str, batches: list[list[list[int]]]) -> list[to
 def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches, opts: dict | None = None):
     """For each (model, L) case: build a DWDP rank, run every batch as one step, return logits.
 
-    opts: copy_delay_ms / compute_delay_ms (random sleeps up to that), unsafe_skip_raw,
+    opts: copy_delay_ms / compute_delay_ms (random sleeps up to that), unsafe_skip_raw, slice_bytes,
     count_collectives (return how many torch.distributed calls the steps made).
     """
     opts = opts or {}
@@ -61,7 +61,7 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
     counts = {}
     try:
         for spec, local in cases:
-            kw = {"unsafe_skip_raw": opts.get("unsafe_skip_raw", False)}
+            kw = {"unsafe_skip_raw": opts.get("unsafe_skip_raw", False), "slice_bytes": opts.get("slice_bytes")}
             if opts.get("copy_delay_ms"):
                 kw["copy_delay"] = lambda: rng.uniform(0, opts["copy_delay_ms"]) / 1e3
             model, rt = build_dwdp_rank(ctx, spec, local, **kw)

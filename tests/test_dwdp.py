@@ -74,6 +74,20 @@ def test_random_delays_in_copies_and_compute_keep_outputs_identical(models):
                 assert np.array_equal(got, want)
 
 
+@pytest.mark.parametrize("slice_bytes", [None, 3000])
+def test_three_ranks_per_peer_parts_and_sliced_plans_under_random_delays(models, slice_bytes):
+    """N=3: each layer's pulls come in one part per peer (whole blocks; the MoE waits for
+    each peer's part separately) or as one part of slices interleaved over both peers."""
+    cases = [(models["qwen3"], None), (models["dsv3"], 6)]
+    ranks = spawn_local(logits_worker, 3, (3, cases, BATCHES, {"copy_delay_ms": 10, "compute_delay_ms": 10,
+                                                               "slice_bytes": slice_bytes}), timeout_s=300)
+    for c, (spec, _) in enumerate(cases):
+        ref = _reference(spec)
+        for res in ranks:
+            for got, want in zip(res["cases"][c]["logits"], ref):
+                assert np.array_equal(got, want)
+
+
 def test_removing_the_read_after_write_wait_breaks_outputs(models):
     """The same stress with the MoE no longer waiting for its slot's copies: it reads
     experts of an older layer (or half-written ones) and the logits change. This shows
