@@ -30,3 +30,10 @@ if [[ $WHICH == fp8 ]]; then  # FP8 experts vs bf16 experts, DWDP vs DEP, same w
     done
   done
 fi
+if [[ $WHICH == groups ]]; then  # issue 8 at the sizes a 4-GPU box allows: DWDP4, two DWDP2 groups, DEP4
+  M=qwen3-235b-a22b; L=8
+  $DWDP bench --device cuda -W "$W" -N "$W" --model $M --num-layers $L --num-requests $((8 * W)) --isl 8192 \
+    --dist normal --cv 0,0.2 --max-num-tokens 32768 --strategies dwdp,dep --timeout 280 --out "$OUT/${M}_L${L}_W${W}_N${W}.json"
+  $DWDP bench --device cuda -W "$W" -N $((W / 2)) --model $M --num-layers $L --num-requests $((8 * W)) --isl 8192 \
+    --dist normal --cv 0,0.2 --max-num-tokens 32768 --strategies dwdp --timeout 280 --out "$OUT/${M}_L${L}_W${W}_N$((W / 2)).json"
+fi
