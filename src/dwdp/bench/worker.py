@@ -10,6 +10,8 @@ Strategies are applied to the plain model from outside:
 
 from __future__ import annotations
 
+import os
+
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -84,10 +86,17 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
                                   spec.expert_dtype, spec.copy_streams)
         except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then leave together
             return [{"rank": ctx.rank, "strategy": strategy, "skipped": str(e)} for _ in configs]
+        # Diagnostics only: DWDP_BENCH_SKIP_PULLS=1 times DWDP with no pulls at all (wrong
+        # outputs; the communication-free limit of the same schedule). Marked in the JSON.
+        skip_pulls = strategy == "dwdp" and bool(os.environ.get("DWDP_BENCH_SKIP_PULLS"))
+        if skip_pulls and rm.runtime is not None:
+            rm.runtime.prefetcher.benchmark_skip_pulls = True
         warmed: set = set()
         for workload, mnt in configs:
             out = _run_config(spec, strategy, ctx, rm.model, rm.runtime, rm.cfg, workload, mnt, warmed)
             out["placement"] = rm.placement.describe() if rm.placement else None
+            if skip_pulls:
+                out["diagnostic_pulls_skipped"] = True
             out["memory"] = rm.memory_bytes()
             outs.append(out)
             watchdog.check()
