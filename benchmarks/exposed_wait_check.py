@@ -42,7 +42,7 @@ def event_check() -> dict:
     return {"event_wait_s": a.elapsed_time(b) / 1e3, "host_wall_s": time.perf_counter() - t0}
 
 
-def worker(n, model_name, layers, sizes, slice_mb, expert_dtype="same"):
+def worker(n, model_name, layers, sizes, slice_mb, expert_dtype="same", seqs=1, fresh_batch=False):
     ctx = init_dwdp_groups(n, "cuda")
     cfg, _ = resolve_model(model_name, layers)
     pl = Placement.create(cfg.num_experts, n)
@@ -58,8 +58,8 @@ def worker(n, model_name, layers, sizes, slice_mb, expert_dtype="same"):
     g = torch.Generator().manual_seed(ctx.rank)
     with torch.no_grad():
         for T in sizes:
-            batch = PackedBatch.from_sequences([torch.randint(0, cfg.vocab_size, (T,), generator=g).tolist()],
-                                               ctx.device)
+            toks = [torch.randint(0, cfg.vocab_size, (T // seqs,), generator=g).tolist() for _ in range(seqs)]
+            batch = PackedBatch.from_sequences(toks, ctx.device)
             row = {"tokens": T}
             for mode in ("pulls", "no_pulls", "pulls"):
                 rt.prefetcher.benchmark_skip_pulls = mode == "no_pulls"
@@ -69,6 +69,8 @@ def worker(n, model_name, layers, sizes, slice_mb, expert_dtype="same"):
                     dist.barrier()
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
+                    if fresh_batch:  # as the engine does: a new packed batch (H2D copies) every step
+                        batch = PackedBatch.from_sequences(toks, ctx.device)
                     model(batch)
                     torch.cuda.synchronize()
                     ts.append(time.perf_counter() - t0)
@@ -92,12 +94,14 @@ def main():
     p.add_argument("--sizes", default="128,2048,16384")
     p.add_argument("--slice-mb", type=float, default=None)
     p.add_argument("--expert-dtype", default="same", choices=["same", "fp8"])
+    p.add_argument("--seqs", type=int, default=1, help="split each step into this many sequences")
+    p.add_argument("--fresh-batch", action="store_true", help="build the packed batch inside each timed step")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(k, v)
     sizes = [int(x) for x in a.sizes.split(",")]
-    ranks = spawn_local(worker, a.N, (a.N, a.model, a.layers, sizes, a.slice_mb, a.expert_dtype), timeout_s=500)
+    ranks = spawn_local(worker, a.N, (a.N, a.model, a.layers, sizes, a.slice_mb, a.expert_dtype, a.seqs, a.fresh_batch), timeout_s=500)
     with open(a.out, "w") as f:
         json.dump({"machine": machine_info(), "args": vars(a), "ranks": ranks}, f, indent=1)
     r0 = ranks[0]
