@@ -101,7 +101,13 @@ def _entry(rank, world, port, run_id, fn, args, q):
     try:
         q.put((rank, "ok", fn(*args)))
     except BaseException as e:
-        q.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        report = (rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        for _ in range(3):  # a peer watchdog's pending interrupt can land inside put(): report anyway
+            try:
+                q.put(report)
+                break
+            except KeyboardInterrupt:
+                continue
         raise SystemExit(1)
 
 
