@@ -42,12 +42,18 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32,
                           beta_slow=1, mscale=0.707, mscale_all_dim=0.707))),
 }
+# A large rms_norm_eps: the MLA latent norms must keep the reference's fixed 1e-6 while
+# every other norm takes the config's eps (tested on its own, not in every fixture).
+EPS_VARIANTS = {f"{name}_eps": (VARIANTS[name][0], {**VARIANTS[name][1], "rms_norm_eps": 1e-3})
+                for name in ("deepseek_v3", "deepseek_v2")}
+VARIANTS.update(EPS_VARIANTS)
+CORE_VARIANTS = [v for v in VARIANTS if v not in EPS_VARIANTS]
 
 # Variants whose HF cache stores the roped key interleaved ([re0, im0, re1, im1, ...]):
 # transformers' DeepSeek-V2 applies rope as a complex product. Our cache (like
 # transformers' DeepSeek-V3 and DeepSeek's own code) de-interleaves it; attention scores
 # are invariant to that fixed permutation, so the tests de-interleave HF's copy.
-INTERLEAVED_HF_CACHE = {"deepseek_v2"}
+INTERLEAVED_HF_CACHE = {"deepseek_v2", "deepseek_v2_eps"}
 
 SEEDS = {name: i + 1 for i, name in enumerate(VARIANTS)}
 
@@ -152,7 +158,7 @@ def qwen3_sparse_ref(ref_cases) -> RefCase:
     return ref_cases["qwen3_moe_sparse"]
 
 
-@pytest.fixture(scope="session", params=list(VARIANTS))
+@pytest.fixture(scope="session", params=CORE_VARIANTS)
 def any_ref(request, ref_cases) -> RefCase:
     """Every reference variant (tests using it run once per variant)."""
     return ref_cases[request.param]
@@ -160,7 +166,7 @@ def any_ref(request, ref_cases) -> RefCase:
 
 # Self-consistency tests (packed vs alone, chunked vs one shot) need a model whose
 # output is well defined; the tied variant is covered by the vs-HF tests.
-@pytest.fixture(scope="session", params=[v for v in VARIANTS if v != "qwen3_moe_tied"])
+@pytest.fixture(scope="session", params=[v for v in CORE_VARIANTS if v != "qwen3_moe_tied"])
 def self_ref(request, ref_cases) -> RefCase:
     return ref_cases[request.param]
 

@@ -82,6 +82,18 @@ def test_kv_cache_matches_hf(any_ref, lengths):
             assert ea <= HF_TOL and eb <= HF_TOL, f"{case.name} seq {i} layer {layer}: kv errors {ea}, {eb}"
 
 
+@pytest.mark.parametrize("name", ["deepseek_v3_eps", "deepseek_v2_eps"])
+def test_mla_latent_norms_keep_reference_eps(ref_cases, name):
+    """rms_norm_eps=1e-3: transformers builds q_a_layernorm / kv_a_layernorm with eps 1e-6
+    regardless; taking the config's eps there moves the logits by ~1e-3 relative."""
+    case = ref_cases[name]
+    assert case.cfg.rms_norm_eps == 1e-3
+    seqs = make_seqs([9, 21], case.vocab, _seed(name, [9, 21]))
+    out = case.ours()(PackedBatch.from_sequences(seqs))
+    errs = [rel_err(out.logits[i], case.reference(s)[0]) for i, s in enumerate(seqs)]
+    assert max(errs) <= HF_TOL, f"{name}: relative logit errors vs transformers {errs}"
+
+
 def test_tied_embeddings_lm_head_is_the_embedding(ref_cases):
     """With tie_word_embeddings the checkpoint has no lm_head.weight: the output
     projection must be the (loaded) embedding matrix, as in transformers."""

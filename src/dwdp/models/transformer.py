@@ -21,6 +21,10 @@ from .attention import packed_causal_attention
 from .layers import DenseMLP, RMSNorm, Rotary, yarn_softmax_scale
 from .moe import MoEBlock
 
+# DeepSeek's reference code (and transformers') builds the two MLA latent norms with the
+# RMSNorm default eps, whatever config.rms_norm_eps says.
+MLA_LATENT_NORM_EPS = 1e-6
+
 LayerKV = tuple[torch.Tensor, torch.Tensor]
 """Per-token cache of one layer, packed over tokens: GQA (k, v) [T, kv_heads, d];
 MLA (compressed kv after its norm [T, kv_lora_rank], roped shared key [T, rope_dim])."""
@@ -90,10 +94,10 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(cfg.hidden_size, self.h * qd, bias=False)
         else:
             self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, MLA_LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.h * qd, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.rope_d, bias=cfg.attention_bias)
-        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.rank, MLA_LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.rank, self.h * (self.nope + self.vd), bias=False)
         self.o_proj = nn.Linear(self.h * self.vd, cfg.hidden_size, bias=cfg.attention_bias)
         self.rotary = Rotary(cfg.rope, self.rope_d, interleaved=cfg.rope_interleave)
