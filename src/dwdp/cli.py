@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -284,12 +285,10 @@ def _plan_input(args):
     from .workload import WorkloadSpec
 
     cfg, _ = resolve_model(args.model, args.num_layers)
-    if not cfg.name:
-        cfg.name = args.model
+    if not cfg.name:  # a bare config.json: name it after its path (ModelConfig is frozen)
+        cfg = dataclasses.replace(cfg, name=args.model)
     hw = resolve_profile(args.hardware)
     if args.interference is not None:
-        import dataclasses
-
         hw = dataclasses.replace(hw, interference=args.interference)
     wl = WorkloadSpec(num_requests=args.requests_per_rank, isl=args.isl, dist=args.dist, ratio=args.ratio,
                       cv=args.cv, assign=args.assign, seed=args.seed)
