@@ -123,14 +123,15 @@ def test_plan_cli(tmp_path, capsys):
     assert png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_plan_takes_a_bare_config_json(tmp_path, capsys):
-    """A config.json path (no preset name) used to crash assigning to the frozen config."""
+def test_plan_takes_a_bare_config_json(tmp_path, capsys, monkeypatch):
+    """`--model config.json` (no directory to name the model after) used to crash
+    assigning the name to the frozen config."""
     from dwdp.presets import preset_hf_dict
 
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(preset_hf_dict("qwen3-235b-a22b") | {"num_hidden_layers": 4}))
-    assert main(["plan", "--model", str(path), "--requests-per-rank", "2"]) == 0
-    assert str(path) in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(preset_hf_dict("qwen3-235b-a22b") | {"num_hidden_layers": 4}))
+    assert main(["plan", "--model", "config.json", "--requests-per-rank", "2"]) == 0
+    assert capsys.readouterr().out.startswith("config.json (4 layers")
 
 
 def test_calibrate_without_gpu_says_so(capsys):
