@@ -13,9 +13,9 @@ import torch.distributed as dist
 from dwdp.batch import PackedBatch
 from dwdp.checkpoint import load_checkpoint
 from dwdp.models import build_model, init_random
-from dwdp.parallel.dwdp import apply_dwdp
 from dwdp.parallel.group import PeerFailure, PeerWatchdog, check_agreement, init_dwdp_groups
-from dwdp.parallel.placement import Placement
+from dwdp.parallel.hooks import NO_HOOKS, RuntimeHooks
+from dwdp.parallel.rank import RankSpec, build_rank
 from dwdp.presets import resolve_model
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_to_all", "all_to_all_single", "barrier",
@@ -23,16 +23,29 @@ COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_to_all", "a
                "gather", "scatter", "all_gather_into_tensor", "reduce_scatter_tensor", "monitored_barrier")
 
 
-def build_dwdp_rank(ctx, model_spec: str, local: int | None, **dwdp_kw):
-    cfg, ckpt = resolve_model(model_spec)
-    pl = Placement.create(cfg.num_experts, ctx.group_size, local)
-    mine = pl.local_range(ctx.group_rank)
-    model = build_model(cfg, torch.float32, "cpu", expert_shard=lambda _: (mine.start, len(mine)))
-    if ckpt is not None:
-        load_checkpoint(model, ckpt)
-    else:
-        init_random(model, 0)
-    return model, apply_dwdp(model, ctx, pl, **dwdp_kw)
+class StressHooks(RuntimeHooks):
+    """Random host-side delays before copies and before slot waits; optionally no RAW wait."""
+
+    def __init__(self, rng: random.Random, copy_delay_ms: float = 0.0, compute_delay_ms: float = 0.0,
+                 skip_raw_wait: bool = False):
+        self.rng, self.copy_ms, self.compute_ms = rng, copy_delay_ms, compute_delay_ms
+        self.skip_raw_wait = skip_raw_wait
+
+    def copy_delay_s(self) -> float:
+        return self.rng.uniform(0, self.copy_ms) / 1e3
+
+    def before_acquire(self, layer: int, part: int) -> None:
+        if self.compute_ms:
+            time.sleep(self.rng.uniform(0, self.compute_ms) / 1e3)
+
+
+def build_dwdp_rank(ctx, model_spec: str, local: int | None, hooks: RuntimeHooks = NO_HOOKS,
+                    slice_bytes: int | None = None):
+    """The same build_rank every entry point uses, at fp32 on CPU."""
+    spec = RankSpec(model=model_spec, strategy="dwdp", group_size=ctx.group_size, local_experts=local,
+                    slice_mb=slice_bytes / 2**20 if slice_bytes else None, peer_timeout_s=30.0)
+    rank = build_rank(spec, ctx, hooks)
+    return rank.model, rank.runtime
 
 
 def reference_logits(model_spec: str, batches: list[list[list[int]]]) -> list[torch.Tensor]:
@@ -49,7 +62,7 @@ def reference_logits(model_spec: str, batches: list[list[list[int]]]) -> list[to
 def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches, opts: dict | None = None):
     """For each (model, L) case: build a DWDP rank, run every batch as one step, return logits.
 
-    opts: copy_delay_ms / compute_delay_ms (random sleeps up to that), unsafe_skip_raw, slice_bytes,
+    opts: copy_delay_ms / compute_delay_ms (random sleeps up to that), skip_raw_wait, slice_bytes,
     count_collectives (return how many torch.distributed calls the steps made).
     """
     opts = opts or {}
@@ -61,12 +74,9 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
     counts = {}
     try:
         for spec, local in cases:
-            kw = {"unsafe_skip_raw": opts.get("unsafe_skip_raw", False), "slice_bytes": opts.get("slice_bytes")}
-            if opts.get("copy_delay_ms"):
-                kw["copy_delay"] = lambda: rng.uniform(0, opts["copy_delay_ms"]) / 1e3
-            model, rt = build_dwdp_rank(ctx, spec, local, **kw)
-            if opts.get("compute_delay_ms"):
-                rt.compute_delay = lambda: rng.uniform(0, opts["compute_delay_ms"]) / 1e3
+            hooks = StressHooks(rng, opts.get("copy_delay_ms", 0.0), opts.get("compute_delay_ms", 0.0),
+                                opts.get("skip_raw_wait", False))
+            model, rt = build_dwdp_rank(ctx, spec, local, hooks, opts.get("slice_bytes"))
             originals = {}
             if opts.get("count_collectives"):
                 for name in COLLECTIVES:

@@ -93,7 +93,7 @@ def test_removing_the_read_after_write_wait_breaks_outputs(models):
     experts of an older layer (or half-written ones) and the logits change. This shows
     the read-after-write wait is what keeps the test above green."""
     cases = [(models["qwen3"], None)]
-    ranks = spawn_local(logits_worker, 2, (2, cases, BATCHES, {"copy_delay_ms": 30, "unsafe_skip_raw": True}),
+    ranks = spawn_local(logits_worker, 2, (2, cases, BATCHES, {"copy_delay_ms": 30, "skip_raw_wait": True}),
                         timeout_s=300)
     ref = _reference(cases[0][0])
     mismatches = sum(not np.array_equal(got, want) for res in ranks for got, want in zip(res["cases"][0]["logits"], ref))

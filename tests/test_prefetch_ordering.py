@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from dwdp.parallel.copy_engine import CpuCopyEngine, _CpuSignal
+from dwdp.parallel.hooks import RuntimeHooks
 from dwdp.parallel.prefetch import SlotPrefetcher
 
 
@@ -35,12 +36,17 @@ class AsyncComputeEngine(CpuCopyEngine):
         return sig
 
 
+class _Hooks(RuntimeHooks):
+    def __init__(self, skip_war: bool):
+        self.skip_war_wait = skip_war
+
+
 @pytest.mark.parametrize("skip_war", [False, True])
 def test_refill_waits_for_the_slots_last_reader(skip_war):
     layers = [torch.full((4, 4096), float(layer)) for layer in range(3)]
     slots = [torch.full((4, 4096), -1.0), torch.full((4, 4096), -1.0)]
     engine = AsyncComputeEngine()
-    pre = SlotPrefetcher(engine, slots, [[[(slots[m % 2], layers[m])]] for m in range(3)], unsafe_skip_war=skip_war)
+    pre = SlotPrefetcher(engine, slots, [[[(slots[m % 2], layers[m])]] for m in range(3)], _Hooks(skip_war))
 
     pre.prefetch(0)
     slot = pre.acquire(0)  # read-after-write: layer 0 has landed

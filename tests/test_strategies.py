@@ -23,7 +23,7 @@ def _check(ref, spec: BenchSpec, strategies):
     out = run_bench(spec, timeout_s=240, log=lambda m: None)[0]
     reqs = {r.id: r.prompt for r in generate(spec.workload, ref.vocab, ref.cfg.max_position_embeddings)}
     for strat in strategies:
-        ranks = out["_raw"][strat]
+        ranks = out.raw[strat]
         got = {i: torch.from_numpy(v) for r in ranks for i, v in r["logits"].items()}
         assert sorted(got) == sorted(reqs), f"{strat}: some requests were lost or duplicated"
         for i, prompt in reqs.items():
@@ -31,8 +31,7 @@ def _check(ref, spec: BenchSpec, strategies):
             err = (got[i] - want).abs().max().item() / want.abs().max().item()
             assert err < 2e-5, f"{strat} request {i} ({len(prompt)} tokens): rel err {err:.2e}"
             assert int(got[i].argmax()) == int(want.argmax())
-        summary = out["results"][strat]
-        assert summary["tokens"] == sum(len(p) for p in reqs.values())
+        assert out.results[strat].tokens == sum(len(p) for p in reqs.values())
     return out
 
 
@@ -46,13 +45,13 @@ def test_all_strategies_match_transformers_two_ranks(ref_cases, family):
     ref = ref_cases[family]
     spec = BenchSpec(model=str(ref.path), world_size=2, workload=WorkloadSpec(**WORKLOAD), max_num_tokens=64)
     out = _check(ref, spec, ["dp", "dep", "dwdp"])
-    dep = out["results"]["dep"]
-    assert sum(r["dummy_steps"] for r in dep["ranks"]) > 0
-    steps = [r["steps"] + r["dummy_steps"] for r in dep["ranks"]]
+    dep = out.results["dep"]
+    assert sum(r.dummy_steps for r in dep.ranks) > 0
+    steps = [r.steps + r.dummy_steps for r in dep.ranks]
     assert len(set(steps)) == 1, f"DEP ranks must step together: {steps}"
-    assert all(r["collective_s"] > 0 and r["a2a_sent_bytes"] > 0 for r in dep["ranks"])
-    dwdp = out["results"]["dwdp"]
-    assert all(r["pulled_bytes"] > 0 and r["dummy_steps"] == 0 for r in dwdp["ranks"])
+    assert all(r.collective_s > 0 and r.a2a_sent_bytes > 0 for r in dep.ranks)
+    dwdp = out.results["dwdp"]
+    assert all(r.pulled_bytes > 0 and r.dummy_steps == 0 for r in dwdp.ranks)
 
 
 @pytest.mark.parametrize("world,family", [(3, "deepseek_v3"), (4, "qwen3_moe")])
@@ -116,13 +115,13 @@ def test_fp8_experts_dwdp_and_dep(ref_cases):
         # this 4-layer random model the logits move ~8%.
         assert (want - exact).norm() / exact.norm() < 0.12
         for strat in ("dep", "dwdp"):
-            got = {k: v for r in out["_raw"][strat] for k, v in r["logits"].items()}[i]
+            got = {k: v for r in out.raw[strat] for k, v in r["logits"].items()}[i]
             # Chunked, batched steps vs one forward per prompt: equal up to summation order.
             err = np.abs(got - want.numpy()).max() / np.abs(want.numpy()).max()
             assert err < 2e-5, f"{strat} request {i}: {err:.2e}"
-    fp8_pulled = sum(r["pulled_bytes"] for r in out["results"]["dwdp"]["ranks"])
+    fp8_pulled = sum(r.pulled_bytes for r in out.results["dwdp"].ranks)
     spec32 = BenchSpec(model=str(ref.path), world_size=2, workload=w, max_num_tokens=64, strategies=["dwdp"],
                        progress=False)
-    fp32_pulled = sum(r["pulled_bytes"] for r in run_bench(spec32, timeout_s=240, log=lambda m: None)[0]
-                      ["results"]["dwdp"]["ranks"])
+    fp32_pulled = sum(r.pulled_bytes for r in run_bench(spec32, timeout_s=240, log=lambda m: None)[0]
+                      .results["dwdp"].ranks)
     assert 0.25 <= fp8_pulled / fp32_pulled < 0.27, (fp8_pulled, fp32_pulled)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dwdp.engine import PrefillEngine, Request, run_lockstep
+from dwdp.engine import ArrivalSource, PrefillEngine, Request, StepDriver
 from dwdp.models import build_model, init_random
 from dwdp.parallel.replica import DoesNotFit, check_fits, replica_weight_bytes
 from dwdp.presets import resolve_model
@@ -121,7 +121,7 @@ def test_lockstep_runs_dummy_steps_while_a_peer_is_busy():
         rounds.append(1)
         return [flags[0] or len(rounds) <= 6, flags[1]]
 
-    res = run_lockstep(engine, [Request(0, list(range(20)))], any_rank)
+    res = StepDriver(engine, ArrivalSource([Request(0, list(range(20)))]), sync=any_rank).run()
     assert [s.num_tokens for s in engine.steps] == [16, 4, 0, 0, 0, 0]  # 2 real steps, then dummies
     assert len(rounds) == 7  # the 7th round finds everyone idle and ends
     solo = PrefillEngine(model, max_num_tokens=16, keep_kv=False).run([Request(0, list(range(20)))])

@@ -11,11 +11,9 @@ import time
 
 import torch
 
-from .config import ConfigError
+from .config import DTYPES, ConfigError
+from .parallel.strategies import STRATEGIES
 from .presets import DEFAULT_MODEL, PRESETS
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
 
 
 def _console():
@@ -46,6 +44,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     d = p.add_argument_group("DWDP (several processes; under torchrun each process is one rank)")
     d.add_argument("--group-size", "-N", type=int, default=1, help="DWDP group size N (1: a single process)")
+    d.add_argument("--strategy", default="dwdp", choices=list(STRATEGIES),
+                   help="how the group shares the experts (default dwdp; dep and dp for comparison)")
+    d.add_argument("--expert-dtype", default="same", choices=["same", "fp8"],
+                   help="fp8: routed experts quantised to e4m3 with 128x128 block scales at load")
+    d.add_argument("--copy-streams", type=int, default=1, help="DWDP copy streams per rank (default 1)")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
     d.add_argument("--local-experts", "-L", type=int, default=None,
                    help="experts each rank keeps per MoE layer (default: the smallest valid L)")
@@ -67,22 +70,25 @@ def _prompts(args, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def load_model_from_args(args, expert_shard=None):
-    from .checkpoint import load_checkpoint
-    from .models import build_model, init_random
-    from .presets import resolve_model
+def _rank_spec(args, strategy: str = "dp", group_size: int = 1):
+    from .parallel.rank import RankSpec
 
-    cfg, ckpt = resolve_model(args.model, args.num_layers)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = build_model(cfg, dtype, device, expert_shard)
-    if ckpt is not None:
-        load_checkpoint(model, ckpt, progress=sys.stderr.isatty())
-    else:
-        init_random(model, args.seed)
-    return cfg, model
+    return RankSpec(model=args.model, strategy=strategy, num_layers=args.num_layers, dtype=args.dtype,
+                    device="cuda" if args.device.startswith("cuda") else "cpu", group_size=group_size,
+                    local_experts=getattr(args, "local_experts", None),
+                    expert_dtype=getattr(args, "expert_dtype", "same"), slice_mb=getattr(args, "slice_mb", None),
+                    copy_streams=getattr(args, "copy_streams", 1), seed=args.seed,
+                    max_num_tokens=args.max_num_tokens, peer_timeout_s=getattr(args, "peer_timeout", 60.0))
+
+
+def load_model_from_args(args):
+    """The whole model in this process (``dwdp run`` on one device, the decode model of
+    ``dwdp serve``): a dp rank on its own."""
+    from .parallel.group import DWDPContext
+    from .parallel.rank import build_rank
+
+    rank = build_rank(_rank_spec(args), DWDPContext.single(args.device), progress=sys.stderr.isatty())
+    return rank.cfg, rank.model
 
 
 def cmd_run(args) -> int:
@@ -124,26 +130,30 @@ def cmd_run(args) -> int:
 def _cmd_run_dwdp(args, console) -> int:
     from rich.table import Table
 
-    from .parallel.launch import run_dwdp_from_cli
+    from .parallel.launch import PrefillRun, SpawnError, run_prefill_group
     from .presets import resolve_model
 
     cfg, _ = resolve_model(args.model, args.num_layers)
     prompts = _prompts(args, cfg.vocab_size)
-    ranks = run_dwdp_from_cli(args, prompts)
-    table = Table(title=f"DWDP prefill on {cfg.name or args.model}: {ranks[0]['placement']}")
+    run = PrefillRun(_rank_spec(args, args.strategy, args.group_size), prompts)
+    try:
+        ranks = run_prefill_group(run, args.world_size, args.timeout)
+    except SpawnError as e:
+        print(f"error: the group failed:\n{e.summary()}", file=sys.stderr)
+        return 1
+    table = Table(title=f"prefill on {cfg.name or args.model}: {ranks[0]['plan']}")
     for col in ("rank", "experts kept", "seqs", "tokens", "steps", "forward ms", "tokens/s",
                 "exposed wait ms", "pulled GiB", "pull GB/s"):
         table.add_column(col, justify="right")
     for r in ranks:
         ntok = sum(x["prompt_len"] for x in r["results"])
         fwd = sum(s["seconds"] for s in r["steps"])
-        wait = sum(s["exposed_wait_s"] for s in r["dwdp_steps"])
-        pulled = sum(s["pulled_bytes"] for s in r["dwdp_steps"])
-        gbps = [s["pull_gbps"] for s in r["dwdp_steps"]]
+        rt = r["runtime"]
+        wait, pulled, pull_s = sum(rt.get("exposed_wait_s", [])), rt.get("pulled_bytes", 0), rt.get("pull_seconds", 0)
         table.add_row(str(r["rank"]), f"{r['local_experts'][0]}..{r['local_experts'][1] - 1}",
                       str(len(r["results"])), str(ntok), str(len(r["steps"])), f"{fwd * 1e3:.1f}",
-                      f"{ntok / fwd:,.0f}" if fwd else "-", f"{wait * 1e3:.2f}", f"{pulled / 2**30:.3f}",
-                      f"{sum(gbps) / len(gbps):.1f}" if gbps else "-")
+                      f"{ntok / fwd:,.0f}" if fwd else "-", f"{wait * 1e3:.2f}" if "exposed_wait_s" in rt else "-",
+                      f"{pulled / 2**30:.3f}", f"{pulled / pull_s / 1e9:.1f}" if pull_s else "-")
     console.print(table)
     seqs = sorted((x["id"], r["rank"], x["prompt_len"], x["next_token"]) for r in ranks for x in r["results"])
     console.print("next tokens: " + ", ".join(f"seq {i} (rank {rk}, {n} tok) -> {t}" for i, rk, n, t in seqs))
@@ -169,9 +179,11 @@ def cmd_info(args) -> int:
     from .parallel.placement import Placement
     from .presets import resolve_model
 
+    from .quant import expert_bytes_per_weight
+
     cfg, _ = resolve_model(args.model, args.num_layers)
     bpp = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
-    ebpp = {"same": bpp, "fp8": 1.0, "fp4": 0.5}[args.expert_dtype]
+    ebpp = expert_bytes_per_weight(args.expert_dtype, bpp)
     pb = param_breakdown(cfg)
     console = _console()
     t = Table(title=f"{cfg.name or args.model}: {cfg.model_type}, {cfg.num_layers} layers "
@@ -215,7 +227,7 @@ def _floats(text: str) -> list[float]:
 
 def cmd_bench(args) -> int:
     from .bench.runner import comparison_table, sweep, write_json
-    from .bench.worker import STRATEGIES, BenchSpec
+    from .bench.worker import BenchSpec
     from .ceilings import machine_info
     from .parallel.launch import SpawnError
     from .presets import resolve_model
@@ -245,7 +257,7 @@ def cmd_bench(args) -> int:
                      slice_mb=args.slice_mb, copy_streams=args.copy_streams, expert_dtype=args.expert_dtype,
                      seed=args.seed,
                      peer_timeout_s=args.peer_timeout,
-                     ceilings=args.ceilings, progress=sys.stderr.isatty())
+                     ceilings=args.ceilings, diagnostic=args.diagnostic, progress=sys.stderr.isatty())
     if args.world_size % spec.n:
         raise SystemExit(f"error: --world-size {args.world_size} is not a multiple of --group-size {spec.n}")
     try:
@@ -304,7 +316,7 @@ def cmd_plan(args) -> int:
 
     console = _console()
     if args.validate:
-        from .bench.report import load_runs
+        from .bench.schema import load_runs
         from .planner.hardware import resolve_profile
 
         rows = validate(load_runs(args.validate), resolve_profile(args.hardware))
@@ -508,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
     bench.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent peer fails the run")
     bench.add_argument("--ceilings", action="store_true", help="GPU: also measure all-to-all bandwidth")
+    bench.add_argument("--diagnostic", default=None, choices=["trace", "skip-pulls"],
+                       help="trace: host timeline of DWDP slot acquires; skip-pulls: DWDP with no pulls at all "
+                            "(wrong outputs: the communication-free limit of the schedule). Marked in the JSON")
     bench.add_argument("--timeout", type=float, default=1800.0, help="limit per strategy run, seconds")
     bench.add_argument("--out", default="bench.json", help="JSON results file (default bench.json)")
     bench.set_defaults(func=cmd_bench)

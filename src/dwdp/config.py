@@ -14,11 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 SUPPORTED_MODEL_TYPES = ("qwen3_moe", "deepseek_v3", "deepseek_v2")
 
 
 class ConfigError(ValueError):
     """A config.json the engine cannot run, with the offending field named."""
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | None, device: str | torch.device) -> torch.dtype:
+    """The weight / activation dtype: ``name`` (a key of DTYPES) if given, else bfloat16 on
+    a GPU and float32 on CPU (CPU bf16 matmuls are slow and the CPU tests compare in fp32)."""
+    if name is not None:
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(sorted(DTYPES))}")
+        return DTYPES[name]
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 @dataclass(frozen=True)

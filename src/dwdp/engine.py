@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 
@@ -66,9 +67,8 @@ def _sync(device: torch.device) -> None:
 class PrefillEngine:
     """One rank's prefill scheduler: a FIFO of admitted requests, stepped under an MNT budget.
 
-    Drive it with :meth:`run` (a rank on its own: DP, DWDP) or :func:`run_lockstep`
-    (ranks whose steps must line up: expert parallelism), or step by step with
-    :meth:`submit` / :meth:`step`.
+    Drive it with a :class:`StepDriver` (:meth:`run` is the shortcut for a list of
+    requests on a rank of its own).
     """
 
     def __init__(self, model: MoECausalLM, max_num_tokens: int = 8192, keep_kv: bool = True):
@@ -161,66 +161,102 @@ class PrefillEngine:
         self.steps.append(StepRecord(0, 0, time.perf_counter() - t0))
 
     def run(self, requests: list[Request], progress: bool = False) -> list[RequestResult]:
-        """Offline or timed arrivals: requests join the queue at their arrival time."""
-        for r in requests:
-            self.validate(r)
-        pending = deque(sorted(requests, key=lambda r: r.arrival))
+        """Offline or timed arrivals on a rank of its own (see :class:`StepDriver`)."""
+        return StepDriver(self, ArrivalSource(requests, self.validate)).run(progress)
+
+
+class RequestSource(Protocol):
+    """Where a driver's requests come from: a known list with arrival times, or a live queue."""
+
+    def poll(self, now: float) -> list[Request]:
+        """The requests that have arrived by ``now`` (run-clock seconds) and not been taken."""
+
+    @property
+    def more_coming(self) -> bool:
+        """Whether more requests may still arrive."""
+
+    def wait(self, now: float, max_s: float | None) -> None:
+        """Idle until the next arrival is likely (at most ``max_s`` seconds when given)."""
+
+
+class ArrivalSource:
+    """Requests known up front; each joins at its ``arrival`` (offline runs: all at 0)."""
+
+    def __init__(self, requests: list[Request], validate: Callable[[Request], None] | None = None):
+        for r in requests if validate else ():
+            validate(r)  # every request checked before the first step
+        self.pending = deque(sorted(requests, key=lambda r: r.arrival))
+        self.total_tokens = sum(len(r.prompt) for r in requests)
+
+    def poll(self, now: float) -> list[Request]:
+        out = []
+        while self.pending and self.pending[0].arrival <= now:
+            out.append(self.pending.popleft())
+        return out
+
+    @property
+    def more_coming(self) -> bool:
+        return bool(self.pending)
+
+    def wait(self, now: float, max_s: float | None) -> None:
+        gap = max(0.0, self.pending[0].arrival - now) if self.pending else 0.0
+        time.sleep(gap if max_s is None else min(gap, max_s))
+
+
+class StepDriver:
+    """The one step loop, shared by ``dwdp run``, the bench, serving and the prefill group.
+
+    Each round it takes the requests that have arrived, then runs one step of the engine.
+    Ranks of a lockstep group (``sync`` given: expert parallelism, whose steps hold
+    collectives) first OR two flags over the group with ``sync([has_work, more_coming])``:
+    while any rank has work every rank steps, an idle one with a
+    :meth:`~PrefillEngine.dummy_step` so the collectives line up; the loop ends when no
+    rank has work and no arrivals are to come. A rank on its own (dp, dwdp) steps only on
+    its own work and idles until its next arrival.
+    """
+
+    def __init__(self, engine: PrefillEngine, source: RequestSource,
+                 sync: Callable[[list[bool]], list[bool]] | None = None, idle_poll_s: float = 0.0005):
+        self.engine, self.source, self.sync, self.idle_poll_s = engine, source, sync, idle_poll_s
+        self._start = time.perf_counter()
+
+    def clock(self) -> float:
+        """Seconds since the driver started: the run clock of arrivals and TTFTs."""
+        return time.perf_counter() - self._start
+
+    def step_once(self) -> list[RequestResult] | None:
+        """One round: the requests it finished ([] for an idle or dummy round), or None
+        once there is no work left anywhere and none to come."""
+        engine, now = self.engine, self.clock()
+        for req in self.source.poll(now):
+            engine.submit(req)
+        busy, more = engine.has_work, self.source.more_coming
+        if self.sync is not None:
+            busy, more = self.sync([busy, more])
+        if not busy:
+            if not more:
+                return None
+            # A lockstep rank must come back to the group soon: its peers may get work.
+            self.source.wait(now, self.idle_poll_s if self.sync is not None else None)
+            return []
+        if engine.has_work:
+            return engine.step(self.clock)
+        engine.dummy_step()
+        return []
+
+    def run(self, progress: bool = False) -> list[RequestResult]:
         results: list[RequestResult] = []
-        bar = _bar(progress, sum(len(r.prompt) for r in requests))
-        start = time.perf_counter()
-        clock = lambda: time.perf_counter() - start  # noqa: E731
-        while pending or self.queue:
-            now = clock()
-            while pending and pending[0].arrival <= now:
-                self.submit(pending.popleft())
-            if not self.queue:
-                time.sleep(max(0.0, pending[0].arrival - now))
-                continue
-            results += self.step(clock)
-            if bar:
-                bar.update(self.steps[-1].num_tokens)
-        if bar:
+        bar = _bar(progress, getattr(self.source, "total_tokens", None))
+        while (done := self.step_once()) is not None:
+            results += done
+            if bar is not None and done:
+                bar.update(sum(r.prompt_len for r in done))
+        if bar is not None:
             bar.close()
         return results
 
 
-def run_lockstep(engine: PrefillEngine, requests: list[Request], any_rank, progress: bool = False,
-                 idle_poll_s: float = 0.0005) -> list[RequestResult]:
-    """Like :meth:`PrefillEngine.run`, for a group whose ranks must step together.
-
-    ``any_rank(flags) -> flags`` ORs a few booleans over the group (one small all-reduce).
-    Each round every rank reports whether it has work and whether arrivals are still to
-    come; while any rank has work, all step, idle ones with :meth:`~PrefillEngine.dummy_step`.
-    """
-    for r in requests:
-        engine.validate(r)
-    pending = deque(sorted(requests, key=lambda r: r.arrival))
-    results: list[RequestResult] = []
-    bar = _bar(progress, sum(len(r.prompt) for r in requests))
-    start = time.perf_counter()
-    clock = lambda: time.perf_counter() - start  # noqa: E731
-    while True:
-        now = clock()
-        while pending and pending[0].arrival <= now:
-            engine.submit(pending.popleft())
-        someone_busy, more_coming = any_rank([engine.has_work, bool(pending)])
-        if not someone_busy:
-            if not more_coming:
-                break
-            time.sleep(min(idle_poll_s, max(0.0, pending[0].arrival - now)) if pending else idle_poll_s)
-            continue
-        if engine.has_work:
-            results += engine.step(clock)
-            if bar:
-                bar.update(engine.steps[-1].num_tokens)
-        else:
-            engine.dummy_step()
-    if bar:
-        bar.close()
-    return results
-
-
-def _bar(progress: bool, total: int):
+def _bar(progress: bool, total: int | None):
     if not progress:
         return None
     from tqdm import tqdm

@@ -9,29 +9,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def load_runs(paths: list[str]) -> list[dict]:
-    runs = []
-    for p in paths:
-        try:
-            data = json.loads(Path(p).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p}: not a readable dwdp bench JSON file ({e})")
-        if "runs" not in data:
-            raise ValueError(f"{p}: no 'runs' key: write it with `dwdp bench --out`")
-        for r in data["runs"]:
-            r["_machine"] = data.get("machine", {})
-        runs += data["runs"]
-    if not runs:
-        raise ValueError("no runs in the given files")
-    return runs
+from .schema import BenchRun, load_runs
 
 
-def _spread(run: dict) -> tuple[str, float]:
-    w = run["spec"]["workload"]
+def _spread(run: BenchRun) -> tuple[str, float]:
+    w = run.workload
     if w["dist"] == "uniform":
         return "input ratio (uniform lengths)", w["ratio"]
     return "ISL coefficient of variation", w["cv"]
@@ -55,9 +39,9 @@ def render(paths: list[str], out_dir: str) -> list[str]:
     xlabel = None
     for r in runs:
         xlabel, x = _spread(r)
-        for strat, s in r["results"].items():
-            if "skipped" not in s:
-                lines.setdefault((strat, r["spec"]["max_num_tokens"]), []).append((x, s["tps_per_gpu"]))
+        for strat, s in r.results.items():
+            if not s.skipped:
+                lines.setdefault((strat, r.mnt), []).append((x, s.tps_per_gpu))
     styles = ["-", "--", ":", "-."]
     mnts = sorted({m for _, m in lines})
     for (strat, mnt), pts in sorted(lines.items()):
@@ -67,7 +51,7 @@ def render(paths: list[str], out_dir: str) -> list[str]:
     ax.set_xlabel(xlabel or "spread")
     ax.set_ylabel("input tokens / s / GPU")
     ax.set_ylim(bottom=0)
-    spec = runs[0]["spec"]
+    spec = runs[0].spec
     ax.set_title(f"{spec['model']} ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} ranks")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -79,26 +63,27 @@ def render(paths: list[str], out_dir: str) -> list[str]:
 
     # Per-rank breakdown of the run with the largest spread (most imbalance).
     run = max(runs, key=lambda r: _spread(r)[1])
-    strategies = [k for k, v in run["results"].items() if "skipped" not in v]
+    strategies = [k for k, v in run.results.items() if not v.skipped]
     if strategies:
         fig, axes = plt.subplots(1, len(strategies), figsize=(4 * len(strategies), 4), sharey=True, squeeze=False)
         for ax, strat in zip(axes[0], strategies):
-            ranks = run["results"][strat]["ranks"]
-            xs = [str(rr["rank"]) for rr in ranks]
-            wait = [rr.get("collective_s", rr.get("exposed_wait_s", 0.0)) for rr in ranks]
-            compute = [rr["busy_s"] - w for rr, w in zip(ranks, wait)]
-            idle = [rr["idle_s"] for rr in ranks]
+            ranks = run.results[strat].ranks
+            xs = [str(rr.rank) for rr in ranks]
+            wait = [rr.wait_s for rr in ranks]
+            compute = [rr.busy_s - w for rr, w in zip(ranks, wait)]
+            idle = [rr.idle_s for rr in ranks]
             ax.bar(xs, compute, label="compute", color="tab:green")
-            if strat in ("dep", "dwdp"):
-                ax.bar(xs, wait, bottom=compute, color="tab:orange",
-                       label="at collectives" if strat == "dep" else "exposed prefetch wait")
+            if any(rr.collective_s is not None for rr in ranks):
+                ax.bar(xs, wait, bottom=compute, color="tab:orange", label="at collectives")
+            elif any(rr.exposed_wait_s is not None for rr in ranks):
+                ax.bar(xs, wait, bottom=compute, color="tab:orange", label="exposed prefetch wait")
             ax.bar(xs, idle, bottom=[c + w for c, w in zip(compute, wait)], color="lightgray", label="idle")
             ax.set_title(strat)
             ax.set_xlabel("rank")
             ax.legend(fontsize=7)
         axes[0][0].set_ylabel("seconds")
         label, x = _spread(run)
-        fig.suptitle(f"per-rank time, {label} = {x:g}, MNT {run['spec']['max_num_tokens']}")
+        fig.suptitle(f"per-rank time, {label} = {x:g}, MNT {run.mnt}")
         fig.tight_layout()
         p = out / "breakdown.png"
         fig.savefig(p, dpi=120)
@@ -109,8 +94,8 @@ def render(paths: list[str], out_dir: str) -> list[str]:
         qs = ("p50", "p90", "p99")
         width = 0.8 / len(strategies)
         for i, strat in enumerate(strategies):
-            t = run["results"][strat]["ttft_s"]
-            ax.bar([j + i * width for j in range(len(qs))], [t[q] * 1e3 for q in qs], width, label=strat,
+            t = run.results[strat].ttft_s
+            ax.bar([j + i * width for j in range(len(qs))], [getattr(t, q) * 1e3 for q in qs], width, label=strat,
                    color=colors.get(strat))
         ax.set_xticks([j + width * (len(strategies) - 1) / 2 for j in range(len(qs))], qs)
         ax.set_ylabel("TTFT ms")
@@ -129,8 +114,7 @@ def markdown(paths: list[str]) -> str:
     lines = []
     for p in paths:
         runs = load_runs([p])
-        m = runs[0]["_machine"]
-        spec = runs[0]["spec"]
+        m, spec = runs[0].machine, runs[0].spec
         gpus = m.get("gpus") or ["cpu"]
         lines += [f"**{spec['model']}** ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} x {gpus[0]}, "
                   f"torch {m.get('torch')}, commit {m.get('commit')} — `{Path(p).name}`", "",
@@ -139,25 +123,26 @@ def markdown(paths: list[str]) -> str:
                   "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in runs:
             label, x = _spread(r)
-            base = r["results"].get("dep", {}).get("tps_per_gpu")
-            for strat, s in r["results"].items():
-                if "skipped" in s:
-                    lines.append(f"| {r['spec']['max_num_tokens']} | {x:g} | {strat} | skipped: does not fit |"
-                                 + " |" * 8)
+            dep = r.results.get("dep")
+            base = dep.tps_per_gpu if dep is not None and not dep.skipped else None
+            for strat, s in r.results.items():
+                if s.skipped:
+                    lines.append(f"| {r.mnt} | {x:g} | {strat} | skipped: does not fit |" + " |" * 8)
                     continue
                 a2a = "-"
-                if strat == "dep":
-                    ranks = s["ranks"]
-                    achieved = sum(rk["a2a_sent_bytes"] for rk in ranks) / sum(rk["collective_s"] for rk in ranks) / 1e9
-                    ceil = [rk["a2a_ceiling_gbps"] for rk in ranks if rk.get("a2a_ceiling_gbps")]
+                sent = [rk.a2a_sent_bytes for rk in s.ranks if rk.a2a_sent_bytes is not None]
+                if sent:
+                    achieved = sum(sent) / sum(rk.collective_s for rk in s.ranks) / 1e9
+                    ceil = [rk.a2a_ceiling_gbps for rk in s.ranks if rk.a2a_ceiling_gbps]
                     a2a = f"{achieved:.0f}" + (f" ({sum(ceil) / len(ceil):.0f})" if ceil else "")
+                name = strat + (f" ({s.diagnostic})" if s.diagnostic else "")
                 lines.append(
-                    f"| {r['spec']['max_num_tokens']} | {x:g} | {strat} | {s['tps_per_gpu']:,.0f} | "
-                    + (f"{s['tps_per_gpu'] / base:.2f}" if base else "-")
-                    + f" | {s['tps_per_busy_gpu']:,.0f} | {s['ttft_s']['p50'] * 1e3:.0f} / {s['ttft_s']['p99'] * 1e3:.0f} | "
-                    + (f"{100 * s['collective_share']:.1f}%" if "collective_share" in s else "-") + " | "
-                    + (f"{100 * s['exposed_wait_share']:.2f}%" if "exposed_wait_share" in s else "-") + " | "
-                    + (f"{s['pull_gbps']:.0f}" if s.get("pull_gbps") else "-") + f" | {a2a} | "
-                    + f"{s['peak_memory_bytes'] / 2**30:.1f} |")
+                    f"| {r.mnt} | {x:g} | {name} | {s.tps_per_gpu:,.0f} | "
+                    + (f"{s.tps_per_gpu / base:.2f}" if base else "-")
+                    + f" | {s.tps_per_busy_gpu:,.0f} | {s.ttft_s.p50 * 1e3:.0f} / {s.ttft_s.p99 * 1e3:.0f} | "
+                    + (f"{100 * s.collective_share:.1f}%" if s.collective_share is not None else "-") + " | "
+                    + (f"{100 * s.exposed_wait_share:.2f}%" if s.exposed_wait_share is not None else "-") + " | "
+                    + (f"{s.pull_gbps:.0f}" if s.pull_gbps else "-") + f" | {a2a} | "
+                    + f"{s.peak_memory_bytes / 2**30:.1f} |")
         lines.append("")
     return "\n".join(lines)

@@ -7,14 +7,11 @@ processes), one after another on the same machine, over exactly the same request
 from __future__ import annotations
 
 import copy
-import json
-import math
 import time
-from typing import Any
-
 import numpy as np
 
 from ..workload import WorkloadSpec
+from .schema import TTFT, BenchRun, RankSummary, StrategyResult, write_runs
 from .worker import BenchSpec, bench_worker
 
 
@@ -22,7 +19,7 @@ def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
-def summarize(ranks: list[dict], world: int) -> dict[str, Any]:
+def summarize(ranks: list[dict], world: int) -> StrategyResult:
     """Per-strategy metrics from the ranks' reports.
 
     tps_per_gpu: input tokens / makespan (until the last rank finishes) / GPUs: offline
@@ -31,7 +28,7 @@ def summarize(ranks: list[dict], world: int) -> dict[str, Any]:
     work is free for other requests): the capacity measure when traffic keeps coming.
     """
     if any("skipped" in r for r in ranks):
-        return {"skipped": next(r["skipped"] for r in ranks if "skipped" in r)}
+        return StrategyResult(skipped=next(r["skipped"] for r in ranks if "skipped" in r))
     reqs = [q for r in ranks for q in r["requests"]]
     tokens = sum(q["prompt_len"] for q in reqs)
     makespan = max(r["makespan_s"] for r in ranks)
@@ -39,51 +36,46 @@ def summarize(ranks: list[dict], world: int) -> dict[str, Any]:
     ttft = [q["ttft_s"] for q in reqs]
     per_rank = []
     for r in ranks:
-        rank_tokens = sum(q["prompt_len"] for q in r["requests"])
-        row = {"rank": r["rank"], "tokens": rank_tokens, "requests": len(r["requests"]),
-               "steps": sum(1 for s in r["steps"] if s["num_tokens"]),
-               "dummy_steps": sum(1 for s in r["steps"] if not s["num_tokens"]),
-               "busy_s": r["busy_s"], "makespan_s": r["makespan_s"], "idle_s": max(0.0, makespan - r["busy_s"]),
-               "peak_memory_bytes": r["peak_memory_bytes"], "memory": r.get("memory"),
-               "step_tokens": [s["num_tokens"] for s in r["steps"]],
-               "step_seconds": [s["seconds"] for s in r["steps"]]}
-        if "collective_s" in r:
-            row["collective_s"] = sum(r["collective_s"])
-            row["step_collective_s"] = r["collective_s"]
-            row["a2a_sent_bytes"] = r["a2a_sent_bytes"]
-            if "a2a_ceiling_gbps" in r:
-                row["a2a_ceiling_gbps"] = r["a2a_ceiling_gbps"]
-        if "exposed_wait_s" in r:
-            row["exposed_wait_s"] = sum(r["exposed_wait_s"])
-            row["step_exposed_wait_s"] = r["exposed_wait_s"]
-            if "trace" in r:
-                t0 = r["trace"][0][1]
-                row["trace"] = [(k, t - t0) for k, t in r["trace"]]
-            row["pulled_bytes"] = r["pulled_bytes"]
-            row["pull_gbps"] = r["pulled_bytes"] / r["pull_seconds"] / 1e9 if r["pull_seconds"] else float("nan")
+        rt = r.get("runtime", {})
+        row = RankSummary(
+            rank=r["rank"], tokens=sum(q["prompt_len"] for q in r["requests"]), requests=len(r["requests"]),
+            steps=sum(1 for s in r["steps"] if s["num_tokens"]),
+            dummy_steps=sum(1 for s in r["steps"] if not s["num_tokens"]),
+            busy_s=r["busy_s"], makespan_s=r["makespan_s"], idle_s=max(0.0, makespan - r["busy_s"]),
+            peak_memory_bytes=r["peak_memory_bytes"], memory=r.get("memory"),
+            step_tokens=[s["num_tokens"] for s in r["steps"]], step_seconds=[s["seconds"] for s in r["steps"]],
+            a2a_ceiling_gbps=r.get("a2a_ceiling_gbps"))
+        if "collective_s" in rt:
+            row.collective_s, row.step_collective_s = sum(rt["collective_s"]), rt["collective_s"]
+            row.a2a_sent_bytes = rt["a2a_sent_bytes"]
+        if "exposed_wait_s" in rt:
+            row.exposed_wait_s, row.step_exposed_wait_s = sum(rt["exposed_wait_s"]), rt["exposed_wait_s"]
+            row.pulled_bytes = rt["pulled_bytes"]
+            row.pull_gbps = rt["pulled_bytes"] / rt["pull_seconds"] / 1e9 if rt["pull_seconds"] else float("nan")
+        if "trace" in r and r["trace"]:
+            t0 = r["trace"][0][1]
+            row.trace = [(k, t - t0) for k, t in r["trace"]]
         per_rank.append(row)
-    out = {
-        "tokens": tokens, "requests": len(reqs), "makespan_s": makespan,
-        "tps_per_gpu": tokens / makespan / world, "tps_per_busy_gpu": tokens / sum(busy),
-        "ttft_s": {"mean": float(np.mean(ttft)), "p50": percentile(ttft, 50), "p90": percentile(ttft, 90),
-                   "p99": percentile(ttft, 99)},
-        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in ranks),
-        "ranks": per_rank,
-    }
-    if any("collective_s" in r for r in per_rank):
-        out["collective_share"] = sum(r["collective_s"] for r in per_rank) / sum(busy)
-    if any("exposed_wait_s" in r for r in per_rank):
-        out["exposed_wait_share"] = sum(r["exposed_wait_s"] for r in per_rank) / sum(busy)
-        out["pull_gbps"] = float(np.nanmean([r["pull_gbps"] for r in per_rank]))
+    out = StrategyResult(
+        tokens=tokens, requests=len(reqs), makespan_s=makespan,
+        tps_per_gpu=tokens / makespan / world, tps_per_busy_gpu=tokens / sum(busy),
+        ttft_s=TTFT(float(np.mean(ttft)), percentile(ttft, 50), percentile(ttft, 90), percentile(ttft, 99)),
+        peak_memory_bytes=max(r["peak_memory_bytes"] for r in ranks), ranks=per_rank,
+        diagnostic=ranks[0].get("diagnostic"))
+    if any(r.collective_s is not None for r in per_rank):
+        out.collective_share = sum(r.collective_s or 0.0 for r in per_rank) / sum(busy)
+    if any(r.exposed_wait_s is not None for r in per_rank):
+        out.exposed_wait_share = sum(r.exposed_wait_s or 0.0 for r in per_rank) / sum(busy)
+        out.pull_gbps = float(np.nanmean([r.pull_gbps for r in per_rank]))
     return out
 
 
 def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
-              configs: list[tuple[WorkloadSpec, int]] | None = None) -> list[dict[str, Any]]:
+              configs: list[tuple[WorkloadSpec, int]] | None = None) -> list[BenchRun]:
     """Every strategy of ``spec`` on each (workload, MNT) of ``configs`` (default: the spec's).
 
     A strategy's processes build the model once and run every config; returns one run per
-    config: {"spec", "results": {strategy: summary}, "_raw": {strategy: per-rank reports}}.
+    config. Each run's ``raw`` attribute keeps the ranks' own reports (logits for tests).
     """
     from ..parallel.launch import spawn_local
 
@@ -92,7 +84,7 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
     for wl, mnt in configs:
         s = copy.deepcopy(spec)
         s.workload, s.max_num_tokens = copy.deepcopy(wl), mnt
-        runs.append({"spec": s.to_dict(), "results": {}, "_raw": {}})
+        runs.append(BenchRun(s.to_dict(), {}))
     for strategy in spec.strategies:
         log(f"[{strategy}] {spec.world_size} ranks, {len(configs)} workload(s): "
             + "; ".join(f"{wl.describe()}, MNT {mnt}" for wl, mnt in configs))
@@ -100,11 +92,11 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
         ranks = spawn_local(bench_worker, spec.world_size, (spec, strategy, configs), timeout_s=timeout_s)
         for i, run in enumerate(runs):
             per_rank = [rk[i] for rk in ranks]
-            run["results"][strategy] = summarize(per_rank, spec.world_size)
-            run["_raw"][strategy] = per_rank
-        s = runs[0]["results"][strategy]
-        log(f"[{strategy}] " + (f"skipped: {s['skipped']}" if "skipped" in s else
-                                "done: " + ", ".join(f"{r['results'][strategy]['tps_per_gpu']:,.0f}" for r in runs)
+            run.results[strategy] = summarize(per_rank, spec.world_size)
+            run.raw[strategy] = per_rank
+        s = runs[0].results[strategy]
+        log(f"[{strategy}] " + (f"skipped: {s.skipped}" if s.skipped else
+                                "done: " + ", ".join(f"{r.results[strategy].tps_per_gpu:,.0f}" for r in runs)
                                 + f" tok/s/GPU ({time.perf_counter() - t0:.1f} s wall)"))
     return runs
 
@@ -120,44 +112,35 @@ def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, time
     return run_bench(spec, timeout_s, log, configs)
 
 
-def write_json(path: str, runs: list[dict], machine: dict) -> None:
-    def clean(o):
-        if isinstance(o, float) and (math.isnan(o) or math.isinf(o)):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items() if k != "_raw" and k != "logits"}
-        if isinstance(o, list):
-            return [clean(v) for v in o]
-        return o
-
-    with open(path, "w") as f:
-        json.dump(clean({"machine": machine, "runs": runs}), f, indent=1)
+def write_json(path: str, runs: list[BenchRun], machine: dict) -> None:
+    write_runs(path, runs, machine)
 
 
-def comparison_table(run: dict, title: str | None = None):
+def comparison_table(run: BenchRun, title: str | None = None):
     """A rich Table comparing the strategies of one run, with ratios to dep."""
     from rich.table import Table
 
-    res = run["results"]
-    base = res.get("dep", {}).get("tps_per_gpu")
-    w = run["spec"]["workload"]
-    t = Table(title=title or f"{run['spec']['model']} x{run['spec']['world_size']}, MNT {run['spec']['max_num_tokens']}, "
-                             f"{w['dist']} ISL {w['isl']} CV {w['cv']:g} ratio {w['ratio']:g}, skew {run['spec']['skew']:g}")
+    res = run.results
+    base = res["dep"].tps_per_gpu if "dep" in res and not res["dep"].skipped else None
+    w, spec = run.workload, run.spec
+    t = Table(title=title or f"{spec['model']} x{spec['world_size']}, MNT {run.mnt}, "
+                             f"{w['dist']} ISL {w['isl']} CV {w['cv']:g} ratio {w['ratio']:g}, skew {spec['skew']:g}")
     cols = ("strategy", "tok/s/GPU", "vs dep", "tok/s/busy GPU", "TTFT mean ms", "p50", "p90", "p99",
             "steps", "collective %", "exposed wait %", "pull GB/s", "peak GiB")
     for c in cols:
         t.add_column(c, justify="left" if c == "strategy" else "right")
     for name, s in res.items():
-        if "skipped" in s:
-            t.add_row(name, "skipped", "", "", "", "", "", "", "", "", "", "", "")
+        if s.skipped:
+            t.add_row(name, "skipped", *[""] * (len(cols) - 2))
             continue
-        f = s["ttft_s"]
-        steps = max(r["steps"] + r["dummy_steps"] for r in s["ranks"])
-        t.add_row(name, f"{s['tps_per_gpu']:,.0f}", f"{s['tps_per_gpu'] / base:.3f}" if base else "-",
-                  f"{s['tps_per_busy_gpu']:,.0f}", f"{f['mean'] * 1e3:.1f}", f"{f['p50'] * 1e3:.1f}",
-                  f"{f['p90'] * 1e3:.1f}", f"{f['p99'] * 1e3:.1f}", str(steps),
-                  f"{100 * s['collective_share']:.1f}" if "collective_share" in s else "-",
-                  f"{100 * s['exposed_wait_share']:.2f}" if "exposed_wait_share" in s else "-",
-                  f"{s['pull_gbps']:.0f}" if s.get("pull_gbps") == s.get("pull_gbps") and "pull_gbps" in s else "-",
-                  f"{s['peak_memory_bytes'] / 2**30:.2f}")
+        f = s.ttft_s
+        steps = max(r.steps + r.dummy_steps for r in s.ranks)
+        t.add_row(name + (f" ({s.diagnostic})" if s.diagnostic else ""), f"{s.tps_per_gpu:,.0f}",
+                  f"{s.tps_per_gpu / base:.3f}" if base else "-",
+                  f"{s.tps_per_busy_gpu:,.0f}", f"{f.mean * 1e3:.1f}", f"{f.p50 * 1e3:.1f}",
+                  f"{f.p90 * 1e3:.1f}", f"{f.p99 * 1e3:.1f}", str(steps),
+                  f"{100 * s.collective_share:.1f}" if s.collective_share is not None else "-",
+                  f"{100 * s.exposed_wait_share:.2f}" if s.exposed_wait_share is not None else "-",
+                  f"{s.pull_gbps:.0f}" if s.pull_gbps is not None and s.pull_gbps == s.pull_gbps else "-",
+                  f"{s.peak_memory_bytes / 2**30:.2f}")
     return t

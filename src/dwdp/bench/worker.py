@@ -1,16 +1,7 @@
-"""One rank of a benchmark run: build the model under a strategy, run its requests, report.
-
-Strategies are applied to the plain model from outside:
-
-* ``dp``: a full replica, no communication (refused with the numbers where it does not fit);
-* ``dep``: attention DP + expert parallelism over the group (all-to-all in every MoE layer,
-  lockstep steps, dummy steps on idle ranks);
-* ``dwdp``: attention DP + distributed weights pulled one layer ahead.
-"""
+"""One rank of a benchmark run: build the rank under a strategy (see
+:mod:`dwdp.parallel.strategies`), run its share of the workload, report."""
 
 from __future__ import annotations
-
-import os
 
 import resource
 import time
@@ -19,9 +10,10 @@ from typing import Any
 
 import torch
 
+from ..parallel.hooks import TraceHooks
+from ..parallel.rank import RankSpec
+from ..parallel.strategies import STRATEGIES
 from ..workload import WorkloadSpec
-
-from ..parallel.strategies import STRATEGIES  # noqa: E402
 
 
 @dataclass
@@ -44,12 +36,19 @@ class BenchSpec:
     seed: int = 0  # random weights
     peer_timeout_s: float = 120.0
     ceilings: bool = False  # GPU: also measure all-to-all bandwidth (dep)
+    diagnostic: str | None = None  # "trace" or "skip-pulls" (wrong outputs): see parallel/hooks.py
     return_logits: bool = False  # tests: ship each request's logits back
     progress: bool = True
 
     @property
     def n(self) -> int:
         return self.group_size or self.world_size
+
+    def rank_spec(self, strategy: str, max_num_tokens: int) -> RankSpec:
+        return RankSpec(model=self.model, strategy=strategy, num_layers=self.num_layers, dtype=self.dtype,
+                        device=self.device, group_size=self.n, local_experts=self.local_experts,
+                        expert_dtype=self.expert_dtype, slice_mb=self.slice_mb, copy_streams=self.copy_streams,
+                        seed=self.seed, max_num_tokens=max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -67,67 +66,50 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
                  ) -> list[dict[str, Any]]:
     """Build the model once under ``strategy``, then run each (workload, MNT) of ``configs``
     (default: the spec's own); one report per config."""
-
-    from ..cli import DTYPES
     from ..parallel.group import group_session, init_dwdp_groups
+    from ..parallel.hooks import DIAGNOSTICS, NO_HOOKS
+    from ..parallel.rank import build_rank
     from ..parallel.replica import DoesNotFit
-    from ..parallel.strategies import build_rank_model
 
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     configs = configs or [(spec.workload, spec.max_num_tokens)]
-    max_mnt = max(m for _, m in configs)
+    rank_spec = spec.rank_spec(strategy, max(m for _, m in configs))
+    hooks = DIAGNOSTICS[spec.diagnostic]() if spec.diagnostic else NO_HOOKS
     ctx = init_dwdp_groups(spec.n, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
     outs: list[dict[str, Any]] = []
     with group_session(ctx, spec.peer_timeout_s) as watchdog:
         try:
-            rm = build_rank_model(strategy, ctx, spec.model, spec.num_layers, DTYPES[spec.dtype] if spec.dtype else None,
-                                  spec.local_experts, spec.slice_mb, spec.seed, spec.peer_timeout_s, max_mnt,
-                                  spec.expert_dtype, spec.copy_streams)
+            rank = build_rank(rank_spec, ctx, hooks)
         except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then leave together
             return [{"rank": ctx.rank, "strategy": strategy, "skipped": str(e)} for _ in configs]
-        # Diagnostics only: DWDP_BENCH_SKIP_PULLS=1 times DWDP with no pulls at all (wrong
-        # outputs; the communication-free limit of the same schedule). Marked in the JSON.
-        skip_pulls = strategy == "dwdp" and bool(os.environ.get("DWDP_BENCH_SKIP_PULLS"))
-        if skip_pulls and rm.runtime is not None:
-            rm.runtime.prefetcher.benchmark_skip_pulls = True
         warmed: set = set()
         for workload, mnt in configs:
-            out = _run_config(spec, strategy, ctx, rm.model, rm.runtime, rm.cfg, workload, mnt, warmed)
-            out["placement"] = rm.placement.describe() if rm.placement else None
-            if skip_pulls:
-                out["diagnostic_pulls_skipped"] = True
-            out["memory"] = rm.memory_bytes()
+            out = _run_config(spec, rank, ctx, workload, mnt, warmed, hooks)
+            out["plan"] = rank.plan.label
+            out["memory"] = rank.runtime.memory_bytes()
             outs.append(out)
             watchdog.check()
-        if rm.runtime is not None:
-            rm.runtime.close()
+        rank.close()
     return outs
 
 
-def _run_config(spec: BenchSpec, strategy: str, ctx, model, rt, cfg, workload: WorkloadSpec, mnt: int,
-                warmed: set[int]) -> dict[str, Any]:
+def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, warmed: set, hooks
+                ) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from ..engine import PrefillEngine, Request, run_lockstep
+    from ..engine import ArrivalSource, PrefillEngine, Request, StepDriver
+    from ..parallel.group import lockstep_sync
     from ..workload import apply_router_skew, assign, generate
 
-    out: dict[str, Any] = {"rank": ctx.rank, "strategy": strategy}
+    model, cfg, strategy = rank.model, rank.cfg, rank.strategy
+    out: dict[str, Any] = {"rank": ctx.rank, "strategy": strategy.name}
     apply_router_skew(model, spec.skew, workload.seed)
     requests = generate(workload, cfg.vocab_size, cfg.max_position_embeddings)
     # Ranks (of every group) split the world's requests, as a front-end balancer would.
     mine_reqs = assign(requests, ctx.world_size, workload.assign)[ctx.rank]
-    pg = ctx.group.process_group
-
-    def any_rank(flags: list[bool]) -> list[bool]:
-        t = torch.tensor([int(f) for f in flags], device=ctx.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
-        return [bool(v) for v in t.tolist()]
+    sync = lockstep_sync(ctx) if strategy.lockstep else None
 
     def drive(engine, reqs, progress=False):
-        if strategy == "dep":
-            return run_lockstep(engine, reqs, any_rank, progress=progress)
-        return engine.run(reqs, progress=progress)
+        return StepDriver(engine, ArrivalSource(reqs, engine.validate), sync).run(progress)
 
     with torch.no_grad():
         if spec.warmup and mnt not in warmed:  # kernels, allocator, NCCL channels: not measured
@@ -139,13 +121,14 @@ def _run_config(spec: BenchSpec, strategy: str, ctx, model, rt, cfg, workload: W
             drive(PrefillEngine(model, mnt, keep_kv=False),
                   [Request(f"warmup{i}", [1] * n) for i in range(-(-mnt // n))])
             warmed.add(mnt)
-        if spec.ceilings and strategy == "dep" and ctx.device.type == "cuda" and "a2a" not in warmed:
+        if spec.ceilings and strategy.lockstep and ctx.device.type == "cuda" and "a2a" not in warmed:
             from ..ceilings import all_to_all_gbps
 
-            out["a2a_ceiling_gbps"] = all_to_all_gbps(pg)
+            out["a2a_ceiling_gbps"] = all_to_all_gbps(ctx.group.process_group)
             warmed.add("a2a")
-        if rt is not None:
-            rt.step_stats.clear()
+        rank.runtime.step_stats.clear()
+        if isinstance(hooks, TraceHooks):
+            hooks.take()
         if ctx.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -161,17 +144,12 @@ def _run_config(spec: BenchSpec, strategy: str, ctx, model, rt, cfg, workload: W
         requests=[{"id": x.id, "prompt_len": x.prompt_len, "ttft_s": x.ttft, "next_token": x.next_token}
                   for x in results],
         peak_memory_bytes=_peak_memory(ctx.device),
+        runtime=strategy.step_report(rank.runtime),
     )
+    if spec.diagnostic:
+        out["diagnostic"] = spec.diagnostic
+    if isinstance(hooks, TraceHooks):
+        out["trace"] = hooks.take()
     if spec.return_logits:
         out["logits"] = {x.id: x.logits.float().cpu().numpy() for x in results}
-    if strategy == "dep":
-        out["collective_s"] = [s.collective_s for s in rt.step_stats]
-        out["a2a_sent_bytes"] = sum(s.sent_bytes for s in rt.step_stats)
-    elif strategy == "dwdp":
-        out["exposed_wait_s"] = [s.exposed_wait_s for s in rt.step_stats]
-        out["pulled_bytes"] = sum(s.pulled_bytes for s in rt.step_stats)
-        out["pull_seconds"] = sum(sum(s.pull_seconds) for s in rt.step_stats)
-        if rt.trace is not None:
-            out["trace"] = rt.trace
-            rt.trace = []
     return out

@@ -19,8 +19,6 @@ issued during steps.
 from __future__ import annotations
 
 import math
-import os
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +28,7 @@ from ..models.moe import ExpertSegment, MoEBlock, RoutedExperts, routed_experts_
 from ..models.transformer import MoECausalLM
 from .copy_engine import CpuCopyEngine, CudaCopyEngine
 from .group import DWDPContext
+from .hooks import NO_HOOKS, RuntimeHooks
 from .placement import Placement
 from .prefetch import SlotPrefetcher
 from .transport import PeerMemory
@@ -73,11 +72,6 @@ class ExpertRows:
                 block[:, b[3]:b[4]].view(torch.float32).view(n, *self.s2))
 
 
-def expert_views(block: torch.Tensor, hidden: int, inter: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[count, 3*inter*hidden] rows (w13 then w2 of each expert) -> (w13, w2) views."""
-    return ExpertRows(hidden, inter, block.dtype).views(block)[:2]
-
-
 @dataclass
 class DWDPStepStats:
     exposed_wait_s: float
@@ -114,14 +108,10 @@ class DWDPExperts(nn.Module):
             part = part_of.get(id(seg))
             if part is None or part in waited:
                 return
-            if rt.trace is not None:
-                rt.trace.append((f"acquire{m}.{part}", time.perf_counter()))
-            if rt.compute_delay is not None:
-                time.sleep(rt.compute_delay())
+            rt.hooks.before_acquire(m, part)
             rt.prefetcher.acquire(m, part)
             waited.add(part)
-            if rt.device_delay_cycles and x.is_cuda:  # tests: keep this MoE's slot reads in flight
-                torch.cuda._sleep(rt.device_delay_cycles)
+            rt.hooks.after_acquire(m, part, x)
 
         y = routed_experts_forward(x, topk_ids, topk_weights, segments, rt.placement.num_experts,
                                    on_segment_start)
@@ -134,16 +124,15 @@ class DWDPExperts(nn.Module):
 
 class DWDPRuntime:
     def __init__(self, model: MoECausalLM, ctx: DWDPContext, placement: Placement, peer_memory: PeerMemory,
-                 slots: list[torch.Tensor], engine, layer_parts, unsafe_skip_raw=False, unsafe_skip_war=False,
-                 rows: ExpertRows | None = None, remote_parts: list[list[range]] | None = None):
+                 slots: list[torch.Tensor], engine, layer_parts, rows: ExpertRows | None = None,
+                 remote_parts: list[list[range]] | None = None, hooks: RuntimeHooks = NO_HOOKS):
         cfg = model.config
         self.rows = rows or ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, peer_memory.local.dtype)
         self.model, self.ctx, self.placement = model, ctx, placement
         self.hidden, self.inter = cfg.hidden_size, cfg.moe_intermediate_size
         self.peer_memory, self.engine = peer_memory, engine
-        self.prefetcher = SlotPrefetcher(engine, slots, layer_parts, unsafe_skip_raw, unsafe_skip_war)
-        self.compute_delay = None  # tests: a random sleep before waiting for a slot
-        self.device_delay_cycles = 0  # tests (CUDA): a device-side sleep before reading a slot
+        self.hooks = hooks
+        self.prefetcher = SlotPrefetcher(engine, slots, layer_parts, hooks)
         rank, L = ctx.group_rank, placement.local
         lo = placement.local_range(rank).start  # remote experts below ours: [0, lo)
         # Remote experts in the order they are pulled, grouped by the copy part (one per peer
@@ -161,21 +150,17 @@ class DWDPRuntime:
                                                           for v in views]), part))
             self.remote_segments_for_slot.append(segs)
         self.step_stats: list[DWDPStepStats] = []
-        # Diagnostics: DWDP_TRACE=1 records host times of step start, slot acquires and step end.
-        self.trace: list | None = [] if os.environ.get("DWDP_TRACE") else None
         self._hooks = [model.register_forward_pre_hook(self._begin_step),
                        model.register_forward_hook(self._end_step)]
 
     def _begin_step(self, module, args):
-        if self.trace is not None:
-            self.trace.append(("begin", time.perf_counter()))
+        self.hooks.step_begin()
         if self.prefetcher.num_layers and self.remote_segments_for_slot:
             self.prefetcher.new_step()
             self.prefetcher.prefetch(0)
 
     def _end_step(self, module, args, output):
-        if self.trace is not None:
-            self.trace.append(("end", time.perf_counter()))
+        self.hooks.step_end()
         st = self.prefetcher.take_stats()
         wait = st.exposed_wait_s
         if isinstance(self.engine, CudaCopyEngine):
@@ -207,14 +192,14 @@ class DWDPRuntime:
 
 @torch.no_grad()
 def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, copy_timeout_s: float = 60.0,
-               slice_bytes: int | None = None, unsafe_skip_raw: bool = False,
-               unsafe_skip_war: bool = False, copy_delay=None, copy_delay_cycles: int = 0,
-               copy_streams: int = 1) -> DWDPRuntime:
+               slice_bytes: int | None = None, copy_streams: int = 1,
+               hooks: RuntimeHooks = NO_HOOKS) -> DWDPRuntime:
     """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group.
 
     ``slice_bytes``/``copy_streams`` choose the pull plan: whole per-peer blocks on one
     stream (the default: fastest measured on H100/H200, see BENCHMARKS.md) or slices
-    issued round-robin over peers, on one or several copy streams (CUDA)."""
+    issued round-robin over peers, on one or several copy streams (CUDA). ``hooks``: fault
+    injection and tracing for tests and diagnostics (:mod:`dwdp.parallel.hooks`)."""
     cfg = model.config
     rank = ctx.group_rank
     blocks: list[MoEBlock] = model.moe_blocks()
@@ -243,13 +228,13 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     R = placement.remote
     slots = [torch.empty((R, row), dtype=rows.storage_dtype, device=device) for _ in range(2)] if R else []
     if device.type == "cuda":
-        engine = CudaCopyEngine(device, delay_cycles=copy_delay_cycles, num_streams=copy_streams)
+        engine = CudaCopyEngine(device, delay_cycles=hooks.copy_delay_cycles, num_streams=copy_streams)
     else:
-        engine = CpuCopyEngine(timeout_s=copy_timeout_s, copy_delay=copy_delay)
+        engine = CpuCopyEngine(timeout_s=copy_timeout_s, copy_delay=hooks.copy_delay_s)
     plans = [_layer_copy_plan(m, placement, rank, peer_memory, slots, slice_bytes) for m in range(len(blocks))] \
         if R else []
     rt = DWDPRuntime(model, ctx, placement, peer_memory, slots or [torch.empty(0)] * 2, engine,
-                     [p[0] for p in plans], unsafe_skip_raw, unsafe_skip_war, rows, plans[0][1] if plans else None)
+                     [p[0] for p in plans], rows, plans[0][1] if plans else None, hooks)
     for m, b in enumerate(blocks):
         b.experts = DWDPExperts(rt, m, peer_memory.local[m])
     return rt

@@ -51,6 +51,14 @@ class DWDPContext:
     def group_size(self) -> int:
         return self.group.group_size
 
+    @classmethod
+    def single(cls, device: str | torch.device = "cpu") -> "DWDPContext":
+        """A process on its own (no torch.distributed): a group of one."""
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
+        return cls(0, 1, 0, 0, GroupHandle(0, 1, None, [0]), device)
+
 
 def init_dwdp_groups(group_size: int, device_type: str = "cpu", timeout_s: float = 60.0) -> DWDPContext:
     """Join the world (env:// rendezvous: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as
@@ -81,6 +89,18 @@ def init_dwdp_groups(group_size: int, device_type: str = "cpu", timeout_s: float
             pg = h
     handle = GroupHandle(rank % group_size, group_size, pg, groups[mine])
     return DWDPContext(rank, world, local_rank, mine, handle, device)
+
+
+def lockstep_sync(ctx: DWDPContext):
+    """For :class:`~dwdp.engine.StepDriver`: OR a few flags over the group (one small
+    all-reduce), so the ranks of a lockstep strategy agree on whether to step."""
+
+    def any_rank(flags: list[bool]) -> list[bool]:
+        t = torch.tensor([int(f) for f in flags], device=ctx.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group.process_group)
+        return [bool(v) for v in t.tolist()]
+
+    return any_rank
 
 
 def fingerprint_checkpoint(path: str | None) -> str:

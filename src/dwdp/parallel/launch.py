@@ -1,101 +1,56 @@
-"""Running DWDP groups: the per-rank worker, a local process spawner, and the CLI glue.
+"""Starting ranks: the process setup every rank shares, a local spawner, and ``dwdp run -N``.
 
-Under torchrun every process calls :func:`dwdp_worker` itself (``dwdp run --group-size N``
-detects the torchrun environment); otherwise ``dwdp run --group-size N`` spawns the
-local processes. Each rank runs its own requests (round-robin share of the prompts).
+Under torchrun every process is one rank and calls :func:`prefill_worker` itself
+(``dwdp run -N`` detects the torchrun environment); otherwise ``dwdp run -N`` spawns the
+local processes with :func:`spawn_local`. The spawner hosts the group's rendezvous store
+in the parent on a port the OS picks and keeps open (as torchrun's agent does), so
+groups started back to back, or at the same time, never race for a port.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from typing import Any, Callable
 
 import torch
 
+from .rank import RankSpec
 
-@dataclass
-class DWDPRunSpec:
-    model: str
-    num_layers: int | None = None
-    dtype: str | None = None
-    device: str = "cpu"  # "cpu" or "cuda" (each rank takes cuda:LOCAL_RANK)
-    group_size: int = 2
-    local_experts: int | None = None
-    seed: int = 0
-    max_num_tokens: int = 8192
-    peer_timeout_s: float = 60.0
-    slice_mb: float | None = None
-    prompts: list[list[int]] = field(default_factory=list)
+# NVLink multicast stays off on every multi-GPU run: it is not needed and has harmed shared machines.
+NVLINK_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def dwdp_worker(spec: DWDPRunSpec, after_setup: Callable | None = None) -> dict[str, Any]:
-    """One rank: join the group, load its share of experts, prefill its own prompts."""
-    from ..checkpoint import load_checkpoint
-    from ..cli import DTYPES
-    from ..engine import PrefillEngine, Request
-    from ..models import build_model, init_random
-    from ..presets import resolve_model
-    from .dwdp import apply_dwdp
-    from .group import check_agreement, fingerprint_checkpoint, group_session, init_dwdp_groups
-    from .placement import Placement
+class LocalRendezvous:
+    """A TCPStore hosted by the launching process for the ranks it spawns."""
 
-    ctx = init_dwdp_groups(spec.group_size, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
-    with group_session(ctx, spec.peer_timeout_s) as watchdog:
-        cfg, ckpt = resolve_model(spec.model, spec.num_layers)
-        placement = Placement.create(cfg.num_experts, spec.group_size, spec.local_experts)
-        dtype = DTYPES[spec.dtype] if spec.dtype else (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
-        check_agreement(ctx, {"model config": cfg.to_dict(), "placement": placement.describe(),
-                              "checkpoint": fingerprint_checkpoint(str(ckpt) if ckpt else None),
-                              "dtype": str(dtype), "seed": spec.seed if ckpt is None else None})
-        mine = placement.local_range(ctx.group_rank)
-        model = build_model(cfg, dtype, ctx.device, expert_shard=lambda layer: (mine.start, len(mine)))
-        if ckpt is not None:
-            load_checkpoint(model, ckpt)
-        else:
-            init_random(model, spec.seed)
-        rt = apply_dwdp(model, ctx, placement, copy_timeout_s=spec.peer_timeout_s,
-                        slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None)
-        if after_setup is not None:
-            after_setup(ctx, model, rt)
-        my_prompts = [(i, p) for i, p in enumerate(spec.prompts) if i % ctx.world_size == ctx.rank]
-        engine = PrefillEngine(model, spec.max_num_tokens, keep_kv=False)
-        t0 = time.perf_counter()
-        results = engine.run([Request(i, p) for i, p in my_prompts])
-        wall = time.perf_counter() - t0
-        watchdog.check()
-        out = {
-            "rank": ctx.rank, "group": ctx.group_index, "group_rank": ctx.group_rank,
-            "placement": placement.describe(), "local_experts": [mine.start, mine.stop],
-            "results": [{"id": r.id, "prompt_len": r.prompt_len, "next_token": r.next_token,
-                         "logits": r.logits.cpu().numpy()} for r in results],
-            "steps": [asdict(s) for s in engine.steps],
-            "dwdp_steps": [{"exposed_wait_s": s.exposed_wait_s, "pulled_bytes": s.pulled_bytes,
-                            "pull_gbps": s.pull_gbps} for s in rt.step_stats],
-            "memory": rt.memory_bytes(), "wall_s": wall,
-        }
-        rt.close()
-    return out
+    def __init__(self, timeout_s: float = 300.0):
+        import torch.distributed as dist
+
+        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=timeout_s))
+        self.port = self.store.port
+        self.run_id = uuid.uuid4().hex[:8]
 
 
-# ------------------------------------------------------------------------------ spawning
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def setup_rank_process(rank: int, world: int, port: int, run_id: str, cpu_share: int | None = None) -> None:
+    """Environment of a spawned rank: env:// rendezvous at the parent's store (every rank a
+    client, as under torchrun's agent), NVLink multicast off, and an even share of the CPU
+    cores for intra-op threads (``cpu_share`` processes share the machine; default ``world``)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DWDP_RUN_ID=run_id, TORCHELASTIC_USE_AGENT_STORE="True")
+    for k, v in NVLINK_SAFE_ENV.items():
+        os.environ.setdefault(k, v)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cpu_share or world)))
 
 
 def _entry(rank, world, port, run_id, fn, args, q):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DWDP_RUN_ID=run_id)
-    for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-        os.environ.setdefault(k, "0" if k == "NCCL_NVLS_ENABLE" else "1")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    setup_rank_process(rank, world, port, run_id)
     # Results travel pickled through a pipe: keep them free of torch tensors (torch would
     # share their storage by file descriptor, which dies with this process).
     try:
@@ -112,7 +67,20 @@ def _entry(rank, world, port, run_id, fn, args, q):
 
 
 class SpawnError(RuntimeError):
-    pass
+    """One or more spawned ranks failed; ``errors`` maps rank -> its report."""
+
+    def __init__(self, errors: dict[int, str]):
+        self.errors = errors
+        super().__init__("\n".join(f"rank {r}: {m}" for r, m in sorted(errors.items())))
+
+    def summary(self) -> str:
+        """One line per distinct failure (the same error on every rank is said once),
+        without tracebacks: what a user needs to read."""
+        by_msg: dict[str, list[int]] = {}
+        for r, m in sorted(self.errors.items()):
+            by_msg.setdefault(m.split("\n", 1)[0], []).append(r)
+        return "\n".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {m}"
+                         for m, rs in by_msg.items())
 
 
 def spawn_local(fn: Callable, world: int, args: tuple = (), timeout_s: float = 600.0,
@@ -122,8 +90,8 @@ def spawn_local(fn: Callable, world: int, args: tuple = (), timeout_s: float = 6
     Once one rank fails, the rest get ``failure_grace_s`` to finish before being killed."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port, run_id = free_port(), uuid.uuid4().hex[:8]
-    procs = [ctx.Process(target=_entry, args=(r, world, port, run_id, fn, args, q), daemon=False)
+    rdv = LocalRendezvous(timeout_s)
+    procs = [ctx.Process(target=_entry, args=(r, world, rdv.port, rdv.run_id, fn, args, q), daemon=False)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -146,26 +114,67 @@ def spawn_local(fn: Callable, world: int, args: tuple = (), timeout_s: float = 6
             if p.is_alive():
                 p.kill()
                 p.join()
-    errors = []
+    errors = {}
     for r in range(world):
         if r not in results:
             code = procs[r].exitcode
-            errors.append(f"rank {r}: " + ("killed: no result in time" if code is not None and code < 0
-                                           else f"exited with code {code} and no result"))
+            errors[r] = ("killed: no result in time" if code is not None and code < 0
+                         else f"exited with code {code} and no result")
         elif results[r][0] == "error":
-            errors.append(f"rank {r}: {results[r][1]}")
+            errors[r] = results[r][1]
     if errors:
-        raise SpawnError("\n".join(errors))
+        raise SpawnError(errors)
     return [results[r][1] for r in range(world)]
 
 
-# ------------------------------------------------------------------------------ CLI
-def run_dwdp_from_cli(args, prompts: list[list[int]]) -> list[dict]:
-    spec = DWDPRunSpec(model=args.model, num_layers=args.num_layers, dtype=args.dtype,
-                       device="cuda" if args.device.startswith("cuda") else "cpu", group_size=args.group_size,
-                       local_experts=args.local_experts, seed=args.seed, max_num_tokens=args.max_num_tokens,
-                       peer_timeout_s=args.peer_timeout, slice_mb=args.slice_mb, prompts=prompts)
+# ------------------------------------------------------------------------------ dwdp run -N
+@dataclass
+class PrefillRun:
+    """``dwdp run -N``: a rank spec and the prompts the world's ranks share round-robin."""
+
+    rank: RankSpec
+    prompts: list[list[int]] = field(default_factory=list)
+
+
+def prefill_worker(run: PrefillRun) -> dict[str, Any]:
+    """One rank: join its group, build its share, prefill its own prompts, report."""
+    from ..engine import ArrivalSource, PrefillEngine, Request, StepDriver
+    from .group import group_session, init_dwdp_groups, lockstep_sync
+    from .rank import build_rank
+
+    spec = run.rank
+    ctx = init_dwdp_groups(spec.group_size, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
+    with group_session(ctx, spec.peer_timeout_s) as watchdog:
+        rank = build_rank(spec, ctx)
+        my_prompts = [(i, p) for i, p in enumerate(run.prompts) if i % ctx.world_size == ctx.rank]
+        engine = PrefillEngine(rank.model, spec.max_num_tokens, keep_kv=False)
+        driver = StepDriver(engine, ArrivalSource([Request(i, p) for i, p in my_prompts], engine.validate),
+                            sync=lockstep_sync(ctx) if rank.strategy.lockstep else None)
+        t0 = time.perf_counter()
+        results = driver.run()
+        wall = time.perf_counter() - t0
+        watchdog.check()
+        shard = rank.plan.expert_shard
+        out = {
+            "rank": ctx.rank, "group": ctx.group_index, "group_rank": ctx.group_rank, "plan": rank.plan.label,
+            "local_experts": [shard[0], shard[0] + shard[1]] if shard else [0, rank.cfg.num_experts],
+            "results": [{"id": r.id, "prompt_len": r.prompt_len, "next_token": r.next_token,
+                         "logits": r.logits.cpu().numpy()} for r in results],
+            "steps": [asdict(s) for s in engine.steps],
+            "runtime": rank.strategy.step_report(rank.runtime),
+            "memory": rank.runtime.memory_bytes(), "wall_s": wall,
+        }
+        rank.close()
+    return out
+
+
+def run_prefill_group(run: PrefillRun, world_size: int | None = None, timeout_s: float = 1800.0) -> list[dict]:
+    """Under torchrun: this process's rank. Otherwise spawn ``world_size`` (default: one
+    group) local ranks. The plan is checked here first, so an impossible placement or an
+    unknown model fails once, before any process starts."""
+    from .rank import plan_group
+
+    plan_group(run.rank)
     if "RANK" in os.environ:  # under torchrun: this process is one rank
-        return [dwdp_worker(spec)]
-    world = args.world_size or args.group_size
-    return spawn_local(dwdp_worker, world, (spec,), timeout_s=args.timeout)
+        return [prefill_worker(run)]
+    return spawn_local(prefill_worker, world_size or run.rank.group_size, (run,), timeout_s=timeout_s)

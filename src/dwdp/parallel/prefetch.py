@@ -9,8 +9,9 @@ Two slots; MoE layer m uses slot m % 2. Two orderings are enforced with signals:
   it (:meth:`SlotPrefetcher.release` records that point *after* the reading compute
   was issued; :meth:`prefetch` makes the copies wait for it).
 
-``unsafe_skip_raw`` / ``unsafe_skip_war`` drop one wait: they exist only so the tests can
-show that each wait is needed (the ordering tests fail with either set).
+Hooks (:mod:`dwdp.parallel.hooks`) with ``skip_raw_wait`` / ``skip_war_wait`` drop one wait:
+they exist only so the tests can show that each wait is needed (the ordering tests fail
+with either set); ``skip_pulls`` is the communication-free diagnostic.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .copy_engine import Copy, CopyEngine
+from .hooks import NO_HOOKS, RuntimeHooks
 
 
 @dataclass
@@ -37,14 +39,12 @@ class StepStats:
 
 class SlotPrefetcher:
     def __init__(self, engine: CopyEngine, slots: list[torch.Tensor],
-                 layer_parts: list[list[list[Copy]]], unsafe_skip_raw: bool = False, unsafe_skip_war: bool = False):
+                 layer_parts: list[list[list[Copy]]], hooks: RuntimeHooks = NO_HOOKS):
         """``layer_parts[m]``: the copies that fill layer m's slot, in parts issued in order."""
         if len(slots) != 2:
             raise ValueError("double buffering needs exactly two slots")
         self.engine, self.slots, self.layer_parts = engine, slots, layer_parts
-        self.skip_raw, self.skip_war = unsafe_skip_raw, unsafe_skip_war
-        # Benchmarks only: no pulls at all (outputs are wrong) = the communication-free limit.
-        self.benchmark_skip_pulls = False
+        self.skip_raw, self.skip_war, self.skip_pulls = hooks.skip_raw_wait, hooks.skip_war_wait, hooks.skip_pulls
         self._filled: list[tuple[int, list] | None] = [None, None]  # (layer, signal per part) per slot
         self._released: list[object | None] = [None, None]
         self.stats = StepStats()
@@ -62,7 +62,7 @@ class SlotPrefetcher:
     def prefetch(self, layer: int) -> None:
         """Issue the pulls of ``layer`` into its slot, after the slot's last reader."""
         s = layer % 2
-        if self.benchmark_skip_pulls or (self._filled[s] is not None and self._filled[s][0] == layer):
+        if self.skip_pulls or (self._filled[s] is not None and self._filled[s][0] == layer):
             return  # already issued
         wait = None if self.skip_war else self._released[s]
         sigs = []
@@ -77,7 +77,7 @@ class SlotPrefetcher:
         """The slot holding ``layer``'s remote experts, once part ``part`` (default: every
         part) has landed."""
         s = layer % 2
-        if self.benchmark_skip_pulls:
+        if self.skip_pulls:
             return self.slots[s]
         if self._filled[s] is None or self._filled[s][0] != layer:
             self.prefetch(layer)  # not issued early (first step of a caller that skipped priming)

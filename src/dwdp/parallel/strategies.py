@@ -1,84 +1,159 @@
-"""Build one rank's model under a strategy: ``dp`` (full replica), ``dep`` (expert parallel)
-or ``dwdp``; the shared entry for ``dwdp bench`` and the serving prefill workers."""
+"""The parallel strategies and their registry: the one place that knows their names.
+
+A strategy is applied to a plain model from outside, in two parts:
+
+* :meth:`Strategy.plan`: pure arithmetic on the config (no device, no group): which
+  routed experts this rank stores and how many bytes of weights that is. The CLI calls
+  it before spawning anything, so an impossible placement fails once, cleanly;
+* :meth:`Strategy.apply`: turns the built model into a rank of the group and returns
+  its :class:`Runtime` (per-step statistics, memory report, close).
+
+``dp`` keeps a full replica per rank; ``dep`` splits each MoE layer's experts and moves
+tokens to them in all-to-alls every layer, so its ranks must step in lockstep; ``dwdp``
+splits the experts and moves the weights instead, one layer ahead, and never waits for
+a peer. :mod:`dwdp.parallel.rank` builds a rank from a :class:`~dwdp.parallel.rank.RankSpec`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+from ..config import ModelConfig
+from ..quant import expert_bytes_per_weight
+from .hooks import NO_HOOKS, RuntimeHooks
+from .placement import Placement
 
-STRATEGIES = ("dp", "dep", "dwdp")
+if TYPE_CHECKING:
+    from ..models.transformer import MoECausalLM
+    from .group import DWDPContext
+    from .rank import RankSpec
 
 
-@dataclass
-class RankModel:
-    model: object
-    runtime: object | None  # DEPRuntime / DWDPRuntime (None for dp)
-    placement: object | None
-    cfg: object
+class Runtime(Protocol):
+    """What every strategy's per-rank runtime offers the step driver and the bench."""
 
-    def memory_bytes(self) -> dict:
+    step_stats: list  # one entry per forward step: the strategy's own stats dataclass
+
+    def memory_bytes(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank of a strategy stores, decided before anything is allocated."""
+
+    label: str  # e.g. "dwdp (E=128 N=4 L=32 P=32)", used in errors and tables
+    expert_shard: tuple[int, int] | None  # (first expert, count) per MoE layer; None: all
+    weight_bytes: int  # parameters + DWDP slots, for the memory fit check
+    placement: Placement | None = None
+
+
+class Strategy:
+    name: str
+    lockstep: bool = False  # ranks must step together (collectives inside every step)
+    grouped: bool = True  # ranks of a group share experts (dp: each rank alone)
+    summary: str = ""
+
+    def plan(self, cfg: ModelConfig, spec: "RankSpec", weight_elem_bytes: int, group_size: int,
+             group_rank: int) -> RankPlan:
+        raise NotImplementedError
+
+    def apply(self, model: "MoECausalLM", ctx: "DWDPContext", spec: "RankSpec", plan: RankPlan,
+              hooks: RuntimeHooks = NO_HOOKS) -> Runtime:
+        raise NotImplementedError
+
+    def step_report(self, runtime: Runtime) -> dict[str, Any]:
+        """The runtime's step statistics as JSON-ready fields of a bench rank report."""
+        return {}
+
+
+class ReplicaRuntime:
+    """dp: nothing to do during steps; only the memory report."""
+
+    def __init__(self, model: "MoECausalLM"):
+        self.model = model
+        self.step_stats: list = []
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {"replica": sum(p.numel() * p.element_size() for p in self.model.parameters())}
+
+    def close(self) -> None:
+        pass
+
+
+class DataParallel(Strategy):
+    name, grouped = "dp", False
+    summary = "a full replica per rank, no communication (the upper bound where it fits)"
+
+    def plan(self, cfg, spec, weight_elem_bytes, group_size, group_rank):
         from ..info import param_breakdown
 
-        if self.runtime is not None:
-            return self.runtime.memory_bytes()
-        esz = next(self.model.parameters()).element_size()
-        return {"replica": param_breakdown(self.cfg).total * esz}
+        pb = param_breakdown(cfg)
+        eb = expert_bytes_per_weight(spec.expert_dtype, weight_elem_bytes)
+        return RankPlan("dp (a full replica per GPU)", None,
+                        int(pb.non_expert * weight_elem_bytes + pb.routed_experts * eb))
+
+    def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS):
+        return ReplicaRuntime(model)
 
 
-def build_rank_model(strategy: str, ctx, model_spec: str, num_layers: int | None = None, dtype=None,
-                     local_experts: int | None = None, slice_mb: float | None = None, seed: int = 0,
-                     peer_timeout_s: float = 60.0, max_num_tokens: int = 8192, expert_dtype: str = "same",
-                     copy_streams: int = 1) -> RankModel:
-    """Check the strategy fits (:class:`DoesNotFit` otherwise), build this rank's share,
-    load or randomly initialise it, and apply the strategy."""
-    from ..checkpoint import load_checkpoint
-    from ..info import dwdp_rank_memory, param_breakdown
-    from ..models import build_model, init_random
-    from ..presets import resolve_model
-    from .dwdp import apply_dwdp
-    from .ep import apply_dep, ep_ranges
-    from .placement import Placement
-    from .replica import check_fits
+class ExpertParallel(Strategy):
+    name, lockstep = "dep", True
+    summary = "attention data parallel + expert parallel all-to-alls in every MoE layer"
 
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
-    cfg, ckpt = resolve_model(model_spec, num_layers)
-    dtype = dtype or (torch.bfloat16 if ctx.device.type == "cuda" else torch.float32)
-    esz = torch.empty(0, dtype=dtype).element_size()
-    if expert_dtype not in ("same", "fp8"):
-        raise ValueError(f"expert dtype {expert_dtype!r}: choose same or fp8")
-    eb = 1.0 if expert_dtype == "fp8" else esz  # bytes per expert weight (FP8 scales are ~0.01%)
-    pb = param_breakdown(cfg)
-    N, r = ctx.group_size, ctx.group_rank
-    shard, placement = None, None
-    if strategy == "dp":
-        check_fits("dp (a full replica per GPU)", int(pb.non_expert * esz + pb.routed_experts * eb), cfg,
-                   max_num_tokens, dtype, ctx.device)
-    elif strategy == "dep":
-        mine = ep_ranges(cfg.num_experts, N)[r]
-        shard = (mine.start, len(mine))
-        check_fits(f"dep (EP{N})", int(pb.non_expert * esz + len(mine) * pb.num_moe_layers * pb.expert_numel * eb),
-                   cfg, max_num_tokens, dtype, ctx.device)
-    else:
-        placement = Placement.create(cfg.num_experts, N, local_experts)
-        mine = placement.local_range(r)
-        shard = (mine.start, len(mine))
-        check_fits(f"dwdp ({placement.describe()})", dwdp_rank_memory(cfg, placement, esz, eb).total, cfg,
-                   max_num_tokens, dtype, ctx.device)
-    model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None)
-    if ckpt is not None:
-        load_checkpoint(model, ckpt)
-    else:
-        init_random(model, seed)
-    if expert_dtype == "fp8":
-        from ..quant import quantize_experts_fp8
+    def plan(self, cfg, spec, weight_elem_bytes, group_size, group_rank):
+        from ..info import param_breakdown
+        from .ep import ep_ranges
 
-        quantize_experts_fp8(model)  # stored, pulled (DWDP) and sent to GEMMs as FP8 + block scales
-    rt = None
-    if strategy == "dep":
-        rt = apply_dep(model, ctx.group.process_group, r, N)
-    elif strategy == "dwdp":
-        rt = apply_dwdp(model, ctx, placement, copy_timeout_s=peer_timeout_s,
-                        slice_bytes=int(slice_mb * 2**20) if slice_mb else None, copy_streams=copy_streams)
-    return RankModel(model, rt, placement, cfg)
+        pb = param_breakdown(cfg)
+        mine = ep_ranges(cfg.num_experts, group_size)[group_rank]
+        eb = expert_bytes_per_weight(spec.expert_dtype, weight_elem_bytes)
+        return RankPlan(f"dep (EP{group_size})", (mine.start, len(mine)),
+                        int(pb.non_expert * weight_elem_bytes + len(mine) * pb.num_moe_layers * pb.expert_numel * eb))
+
+    def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS):
+        from .ep import apply_dep
+
+        return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size)
+
+    def step_report(self, runtime):
+        st = runtime.step_stats
+        return {"collective_s": [s.collective_s for s in st], "a2a_sent_bytes": sum(s.sent_bytes for s in st)}
+
+
+class DistributedWeights(Strategy):
+    name = "dwdp"
+    summary = "attention data parallel + experts split, pulled from peers one layer ahead"
+
+    def plan(self, cfg, spec, weight_elem_bytes, group_size, group_rank):
+        from ..info import dwdp_rank_memory
+
+        placement = Placement.create(cfg.num_experts, group_size, spec.local_experts)
+        mine = placement.local_range(group_rank)
+        eb = expert_bytes_per_weight(spec.expert_dtype, weight_elem_bytes)
+        return RankPlan(f"dwdp ({placement.describe()})", (mine.start, len(mine)),
+                        dwdp_rank_memory(cfg, placement, weight_elem_bytes, eb).total, placement)
+
+    def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS):
+        from .dwdp import apply_dwdp
+
+        return apply_dwdp(model, ctx, plan.placement, copy_timeout_s=spec.peer_timeout_s,
+                          slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None,
+                          copy_streams=spec.copy_streams, hooks=hooks)
+
+    def step_report(self, runtime):
+        st = runtime.step_stats
+        return {"exposed_wait_s": [s.exposed_wait_s for s in st], "pulled_bytes": sum(s.pulled_bytes for s in st),
+                "pull_seconds": sum(sum(s.pull_seconds) for s in st)}
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (DataParallel(), ExpertParallel(), DistributedWeights())}
+
+
+def get_strategy(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}") from None

@@ -30,9 +30,10 @@ import numpy as np
 from ..config import ModelConfig
 from ..flops import attention_proj_params
 from ..parallel.placement import Placement
+from ..quant import expert_bytes_per_weight
 from .hardware import HardwareProfile
 
-EXPERT_BYTES = {"bf16": 2.0, "fp8": 1.0 + 1 / 64, "fp4": 0.5 + 1 / 16}  # block scales included
+EXPERT_BYTES = {fmt: expert_bytes_per_weight(fmt) for fmt in ("bf16", "fp8", "fp4")}  # block scales included
 
 
 @dataclass

@@ -126,35 +126,37 @@ def sweep(p: PlanInput, what: str, values: list[float]):
     return rows
 
 
-def validate(runs: list[dict], hw: HardwareProfile) -> list[dict]:
-    """Predicted vs measured for each (run, strategy) of ``dwdp bench`` JSON runs."""
+def validate(runs: list, hw: HardwareProfile) -> list[dict]:
+    """Predicted vs measured for each (run, strategy) of ``dwdp bench`` runs
+    (:class:`~dwdp.bench.schema.BenchRun`, as :func:`~dwdp.bench.schema.load_runs` reads them)."""
     from ..presets import resolve_model
 
     out = []
     for run in runs:
-        spec = run["spec"]
+        spec = run.spec
         cfg, _ = resolve_model(spec["model"], spec.get("num_layers"))
         wl = WorkloadSpec(**spec["workload"])
         reqs = generate(wl, 2, cfg.max_position_embeddings)
         world = spec["world_size"]
         lengths = [[len(r.prompt) for r in part] for part in assign(reqs, world, wl.assign)]
         n = spec.get("group_size") or world
-        cm = CostModel(cfg, hw.for_model(spec["model"]), "bf16")
-        for strat, res in run["results"].items():
-            if "skipped" in res:
+        fmt = "fp8" if spec.get("expert_dtype") == "fp8" else "bf16"
+        cm = CostModel(cfg, hw.for_model(spec["model"]), fmt)
+        for strat, res in run.results.items():
+            if res.skipped or res.diagnostic:
                 continue
-            pr = predict(cm, lengths, spec["max_num_tokens"], strat, n, spec.get("local_experts"), spec.get("skew", 0.0),
+            pr = predict(cm, lengths, run.mnt, strat, n, spec.get("local_experts"), spec.get("skew", 0.0),
                          bool(spec.get("slice_mb")))
             # Compare the mean time of real (non-dummy) steps, and throughput.
-            meas_steps = [s for r in res["ranks"] for s, t in zip(r["step_seconds"], r["step_tokens"]) if t]
+            meas_steps = [s for r in res.ranks for s, t in zip(r.step_seconds, r.step_tokens) if t]
             pred_real = []
             for rk, steps in enumerate(pr.step_s):
-                real = sum(1 for t in res["ranks"][rk]["step_tokens"] if t)
+                real = sum(1 for t in res.ranks[rk].step_tokens if t)
                 pred_real += steps[:real]
-            out.append({"model": spec["model"], "mnt": spec["max_num_tokens"], "cv": wl.cv, "dist": wl.dist,
+            out.append({"model": spec["model"], "mnt": run.mnt, "cv": wl.cv, "dist": wl.dist,
                         "strategy": strat,
                         "measured_step_s": float(np.mean(meas_steps)), "predicted_step_s": float(np.mean(pred_real)),
-                        "measured_tps": res["tps_per_gpu"], "predicted_tps": pr.tps_per_gpu,
+                        "measured_tps": res.tps_per_gpu, "predicted_tps": pr.tps_per_gpu,
                         "step_error": float(np.mean(pred_real) / np.mean(meas_steps) - 1),
-                        "tps_error": pr.tps_per_gpu / res["tps_per_gpu"] - 1})
+                        "tps_error": pr.tps_per_gpu / res.tps_per_gpu - 1})
     return out

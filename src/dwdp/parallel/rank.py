@@ -1,0 +1,107 @@
+"""One rank of a run: its configuration (:class:`RankSpec`) and the one way to build it.
+
+``dwdp run -N``, ``dwdp bench``, the serving prefill group, the tests and the GPU
+benchmark scripts all build ranks with :func:`build_rank`: plan the strategy's share,
+check it fits the device, agree with the group's peers on what they run, allocate only
+this rank's experts, load or seed the weights, quantise experts if asked, apply the
+strategy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..config import ModelConfig, resolve_dtype
+from .hooks import NO_HOOKS, RuntimeHooks
+from .strategies import RankPlan, Runtime, Strategy, get_strategy
+
+
+@dataclass
+class RankSpec:
+    """Everything a rank needs to build its model; identical on every rank of a group."""
+
+    model: str  # preset name or Hugging Face checkpoint directory
+    strategy: str = "dwdp"
+    num_layers: int | None = None  # keep only the first N layers
+    dtype: str | None = None  # a key of config.DTYPES; default bf16 on GPU, fp32 on CPU
+    device: str = "cpu"  # "cpu" or "cuda" (each rank takes cuda:LOCAL_RANK)
+    group_size: int = 1
+    local_experts: int | None = None  # DWDP L (default: the smallest valid)
+    expert_dtype: str = "same"  # "fp8": routed experts stored, moved and computed as FP8
+    slice_mb: float | None = None  # DWDP: pull slices of this many MiB, round-robin over peers
+    copy_streams: int = 1  # DWDP copy streams per rank
+    seed: int = 0  # random weights (presets)
+    max_num_tokens: int = 8192  # the step budget: sizes the memory fit check
+    peer_timeout_s: float = 60.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Rank:
+    spec: RankSpec
+    strategy: Strategy
+    cfg: ModelConfig
+    plan: RankPlan
+    model: object  # MoECausalLM with the strategy applied
+    runtime: Runtime
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+def plan_group(spec: RankSpec):
+    """Resolve the model and plan every rank of a group: raises the user's error (unknown
+    model or strategy, impossible placement) before any process is started."""
+    from ..presets import resolve_model
+
+    strategy = get_strategy(spec.strategy)
+    cfg, ckpt = resolve_model(spec.model, spec.num_layers)
+    esz = torch.empty(0, dtype=resolve_dtype(spec.dtype, spec.device)).element_size()
+    plans = [strategy.plan(cfg, spec, esz, spec.group_size, r) for r in range(spec.group_size)]
+    return strategy, cfg, ckpt, plans
+
+
+def build_rank(spec: RankSpec, ctx, hooks: RuntimeHooks = NO_HOOKS, progress: bool = False) -> Rank:
+    """Build this process's rank of ``ctx``'s group (see the module docstring).
+
+    Raises :class:`~dwdp.parallel.replica.DoesNotFit` (same verdict on every rank) when the
+    strategy's share does not fit the device, and
+    :class:`~dwdp.parallel.group.SetupMismatch` when the group's ranks disagree."""
+    from ..checkpoint import load_checkpoint
+    from ..models import build_model, init_random
+    from ..presets import resolve_model
+    from .group import check_agreement, fingerprint_checkpoint
+    from .replica import check_fits
+
+    strategy = get_strategy(spec.strategy)
+    if strategy.grouped and ctx.group_size != spec.group_size:
+        raise ValueError(f"rank spec says group size {spec.group_size}, the process group has {ctx.group_size}")
+    cfg, ckpt = resolve_model(spec.model, spec.num_layers)
+    dtype = resolve_dtype(spec.dtype, ctx.device)
+    esz = torch.empty(0, dtype=dtype).element_size()
+    group_size, group_rank = (ctx.group_size, ctx.group_rank) if strategy.grouped else (1, 0)
+    plan = strategy.plan(cfg, spec, esz, group_size, group_rank)
+    check_fits(plan.label, plan.weight_bytes, cfg, spec.max_num_tokens, dtype, ctx.device)
+    if ctx.group_size > 1:
+        check_agreement(ctx, {"model config": cfg.to_dict(), "strategy": spec.strategy, "plan": plan.label,
+                              "checkpoint": fingerprint_checkpoint(str(ckpt) if ckpt else None),
+                              "dtype": str(dtype), "expert dtype": spec.expert_dtype,
+                              "seed": spec.seed if ckpt is None else None})
+    shard = plan.expert_shard
+    model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None)
+    if ckpt is not None:
+        load_checkpoint(model, ckpt, progress=progress)
+    else:
+        init_random(model, spec.seed)
+    if spec.expert_dtype == "fp8":
+        from ..quant import quantize_experts_fp8
+
+        quantize_experts_fp8(model)  # stored, pulled (DWDP) and sent to GEMMs as FP8 + block scales
+    elif spec.expert_dtype != "same":
+        raise ValueError(f"expert dtype {spec.expert_dtype!r}: choose same or fp8")
+    runtime = strategy.apply(model, ctx, spec, plan, hooks)
+    return Rank(spec, strategy, cfg, plan, model, runtime)
