@@ -132,3 +132,13 @@ def mismatch_worker(group_size: int):
     cfg, _ = resolve_model("tiny-qwen3-moe", num_layers=4 if ctx.group_rank == 0 else 3)
     check_agreement(ctx, {"model config": cfg.to_dict(), "placement": "same"})
     return "agreed"
+
+
+def allreduce_worker(group_size: int) -> int:
+    """Join a group, sum the ranks over it, leave: a whole rendezvous in miniature."""
+    ctx = init_dwdp_groups(group_size, "cpu", timeout_s=60)
+    t = torch.tensor([ctx.rank + 1])
+    dist.all_reduce(t, group=ctx.group.process_group)
+    dist.barrier()
+    dist.destroy_process_group()
+    return int(t)

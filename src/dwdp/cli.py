@@ -12,7 +12,7 @@ import time
 import torch
 
 from .config import DTYPES, ConfigError
-from .parallel.strategies import STRATEGIES
+from .parallel.strategies import BASELINE, DEP, DP, DWDP, STRATEGIES
 from .presets import DEFAULT_MODEL, PRESETS
 
 
@@ -44,7 +44,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     d = p.add_argument_group("DWDP (several processes; under torchrun each process is one rank)")
     d.add_argument("--group-size", "-N", type=int, default=1, help="DWDP group size N (1: a single process)")
-    d.add_argument("--strategy", default="dwdp", choices=list(STRATEGIES),
+    d.add_argument("--strategy", default=DWDP, choices=list(STRATEGIES),
                    help="how the group shares the experts (default dwdp; dep and dp for comparison)")
     d.add_argument("--expert-dtype", default="same", choices=["same", "fp8"],
                    help="fp8: routed experts quantised to e4m3 with 128x128 block scales at load")
@@ -70,7 +70,7 @@ def _prompts(args, vocab: int) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def _rank_spec(args, strategy: str = "dp", group_size: int = 1):
+def _rank_spec(args, strategy: str = DP, group_size: int = 1):
     from .parallel.rank import RankSpec
 
     return RankSpec(model=args.model, strategy=strategy, num_layers=args.num_layers, dtype=args.dtype,
@@ -364,8 +364,8 @@ def cmd_plan(args) -> int:
 
             fig, ax = plt.subplots(figsize=(6.5, 4))
             xs = [r[what] for r in rows]
-            ax.plot(xs, [r["dep"] for r in rows], "o-", color="tab:red", label="dep (predicted)")
-            ax.plot(xs, [r["dwdp"] for r in rows], "o-", color="tab:blue", label="dwdp (predicted)")
+            for name in (DEP, DWDP):
+                ax.plot(xs, [r[name] for r in rows], "o-", color=STRATEGIES[name].color, label=f"{name} (predicted)")
             ax.set_xlabel(what)
             ax.set_ylabel("input tokens / s / GPU")
             if what in ("isl", "mnt"):
@@ -382,7 +382,7 @@ def cmd_plan(args) -> int:
                 json.dump(rows, f, indent=1)
         return 0
     pr = predict_all(p)
-    base = pr["dep"].tps_per_gpu
+    base = pr[BASELINE].tps_per_gpu
     t = Table(title=f"predicted, group of N={p.group_size}")
     for c in ("strategy", "memory/GPU", "mean step ms", "tok/s/GPU", "vs dep", "where the time goes"):
         t.add_column(c, justify="left" if c in ("strategy", "where the time goes") else "right")
@@ -390,10 +390,10 @@ def cmd_plan(args) -> int:
     for name, x in pr.items():
         mem = memory_per_gpu(p.cfg, name, p.group_size, p.local_experts, p.expert_dtype, p.mnt) / 2**30
         steps = [s for rank in x.step_s for s in rank]
-        if name == "dep":
+        if name == DEP:
             note = (f"all-to-all {100 * x.extra['a2a_s'] * p.group_size / sum(x.busy_s):.1f}%, "
                     f"waiting for the slowest rank {100 * x.extra['sync_share']:.1f}%")
-        elif name == "dwdp":
+        elif name == DWDP:
             wait = sum(x.extra["exposed_wait_s"]) / sum(x.busy_s)
             note = f"pull {x.extra['pull_s_per_layer'] * 1e3:.1f} ms per MoE layer, exposed {100 * wait:.1f}%"
         else:
@@ -474,7 +474,7 @@ def cmd_loadtest(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dwdp", description="DWDP: an MoE prefill engine built around "
+    p = argparse.ArgumentParser(prog=__package__, description="DWDP: an MoE prefill engine built around "
                                 "Distributed Weight Data Parallelism.")
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="prefill prompts on one device (default: a tiny model on CPU)")
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-tokens", type=int, default=8192, help="prefill token budget per step")
     srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     srv.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
-    srv.add_argument("--prefill", default="local", choices=["local", "dwdp", "dep", "dp"],
+    srv.add_argument("--prefill", default="local", choices=["local", *STRATEGIES],
                      help="local: prefill in the server process; else a prefill group of --prefill-ranks processes "
                           "(GPUs cuda:0..R-1) handing KV caches to decode here (--device, e.g. cuda:4)")
     srv.add_argument("--prefill-ranks", type=int, default=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..parallel.strategies import BASELINE, STRATEGIES
 from .schema import BenchRun, load_runs
 
 
@@ -31,7 +32,7 @@ def render(paths: list[str], out_dir: str) -> list[str]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    colors = {"dp": "tab:gray", "dep": "tab:red", "dwdp": "tab:blue"}
+    colors = {name: s.color for name, s in STRATEGIES.items()}
 
     # Throughput vs spread.
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -123,8 +124,8 @@ def markdown(paths: list[str]) -> str:
                   "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in runs:
             label, x = _spread(r)
-            dep = r.results.get("dep")
-            base = dep.tps_per_gpu if dep is not None and not dep.skipped else None
+            ref = r.results.get(BASELINE)
+            base = ref.tps_per_gpu if ref is not None and not ref.skipped else None
             for strat, s in r.results.items():
                 if s.skipped:
                     lines.append(f"| {r.mnt} | {x:g} | {strat} | skipped: does not fit |" + " |" * 8)

@@ -10,6 +10,7 @@ import copy
 import time
 import numpy as np
 
+from ..parallel.strategies import BASELINE
 from ..workload import WorkloadSpec
 from .schema import TTFT, BenchRun, RankSummary, StrategyResult, write_runs
 from .worker import BenchSpec, bench_worker
@@ -121,7 +122,8 @@ def comparison_table(run: BenchRun, title: str | None = None):
     from rich.table import Table
 
     res = run.results
-    base = res["dep"].tps_per_gpu if "dep" in res and not res["dep"].skipped else None
+    ref = res.get(BASELINE)
+    base = ref.tps_per_gpu if ref is not None and not ref.skipped else None
     w, spec = run.workload, run.spec
     t = Table(title=title or f"{spec['model']} x{spec['world_size']}, MNT {run.mnt}, "
                              f"{w['dist']} ISL {w['isl']} CV {w['cv']:g} ratio {w['ratio']:g}, skew {spec['skew']:g}")

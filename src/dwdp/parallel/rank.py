@@ -15,7 +15,7 @@ import torch
 
 from ..config import ModelConfig, resolve_dtype
 from .hooks import NO_HOOKS, RuntimeHooks
-from .strategies import RankPlan, Runtime, Strategy, get_strategy
+from .strategies import DWDP, RankPlan, Runtime, Strategy, get_strategy
 
 
 @dataclass
@@ -23,7 +23,7 @@ class RankSpec:
     """Everything a rank needs to build its model; identical on every rank of a group."""
 
     model: str  # preset name or Hugging Face checkpoint directory
-    strategy: str = "dwdp"
+    strategy: str = DWDP
     num_layers: int | None = None  # keep only the first N layers
     dtype: str | None = None  # a key of config.DTYPES; default bf16 on GPU, fp32 on CPU
     device: str = "cpu"  # "cpu" or "cuda" (each rank takes cuda:LOCAL_RANK)

@@ -24,6 +24,9 @@ from ..quant import expert_bytes_per_weight
 from .hooks import NO_HOOKS, RuntimeHooks
 from .placement import Placement
 
+DP, DEP, DWDP = "dp", "dep", "dwdp"  # the strategies' names; other modules import these
+BASELINE = DEP  # what throughput ratios are reported against: the expert parallelism the field runs
+
 if TYPE_CHECKING:
     from ..models.transformer import MoECausalLM
     from .group import DWDPContext
@@ -55,6 +58,7 @@ class Strategy:
     lockstep: bool = False  # ranks must step together (collectives inside every step)
     grouped: bool = True  # ranks of a group share experts (dp: each rank alone)
     summary: str = ""
+    color: str = "tab:gray"  # in plots
 
     def plan(self, cfg: ModelConfig, spec: "RankSpec", weight_elem_bytes: int, group_size: int,
              group_rank: int) -> RankPlan:
@@ -84,7 +88,7 @@ class ReplicaRuntime:
 
 
 class DataParallel(Strategy):
-    name, grouped = "dp", False
+    name, grouped = DP, False
     summary = "a full replica per rank, no communication (the upper bound where it fits)"
 
     def plan(self, cfg, spec, weight_elem_bytes, group_size, group_rank):
@@ -100,7 +104,7 @@ class DataParallel(Strategy):
 
 
 class ExpertParallel(Strategy):
-    name, lockstep = "dep", True
+    name, lockstep, color = DEP, True, "tab:red"
     summary = "attention data parallel + expert parallel all-to-alls in every MoE layer"
 
     def plan(self, cfg, spec, weight_elem_bytes, group_size, group_rank):
@@ -124,7 +128,7 @@ class ExpertParallel(Strategy):
 
 
 class DistributedWeights(Strategy):
-    name = "dwdp"
+    name, color = DWDP, "tab:blue"
     summary = "attention data parallel + experts split, pulled from peers one layer ahead"
 
     def plan(self, cfg, spec, weight_elem_bytes, group_size, group_rank):

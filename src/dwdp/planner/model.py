@@ -30,6 +30,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..flops import attention_proj_params
 from ..parallel.placement import Placement
+from ..parallel.strategies import DEP, DP, DWDP
 from ..quant import expert_bytes_per_weight
 from .hardware import HardwareProfile
 
@@ -251,11 +252,11 @@ def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy
     world = len(per_rank_lengths)
     tokens = sum(map(sum, per_rank_lengths))
     plans = [pack_steps(ls, mnt) for ls in per_rank_lengths]
-    if strategy == "dp":
+    if strategy == DP:
         steps = [[cm.step_dp(s, p) for s, p in plan] for plan in plans]
         busy = [sum(x) for x in steps]
-        return Prediction("dp", max(busy), busy, steps, tokens, world)
-    if strategy == "dwdp":
+        return Prediction(DP, max(busy), busy, steps, tokens, world)
+    if strategy == DWDP:
         pl = Placement.create(cfg.num_experts, n, local)
         steps, waits = [], []
         for plan in plans:
@@ -263,9 +264,9 @@ def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy
             steps.append([r[0] for r in res])
             waits.append(sum(r[1] for r in res))
         busy = [sum(x) for x in steps]
-        return Prediction("dwdp", max(busy), busy, steps, tokens, world,
+        return Prediction(DWDP, max(busy), busy, steps, tokens, world,
                           {"exposed_wait_s": waits, "pull_s_per_layer": cm.pull_seconds(pl, sliced)})
-    if strategy == "dep":
+    if strategy == DEP:
         shares = ep_rank_shares(cfg.num_experts, n, skew, seed)
         steps_by_rank: list[list[float]] = [[] for _ in range(world)]
         a2a_total, sync_total = 0.0, 0.0
@@ -291,6 +292,6 @@ def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy
                 for r in ranks:
                     steps_by_rank[r].append(t)
         busy = [sum(x) for x in steps_by_rank]
-        return Prediction("dep", max(busy), busy, steps_by_rank, tokens, world,
+        return Prediction(DEP, max(busy), busy, steps_by_rank, tokens, world,
                           {"a2a_s": a2a_total, "sync_share": sync_total / sum(busy) if sum(busy) else 0.0})
     raise ValueError(f"unknown strategy {strategy!r}")

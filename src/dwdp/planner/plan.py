@@ -12,6 +12,7 @@ from ..config import ModelConfig
 from ..info import dwdp_rank_memory, param_breakdown
 from ..parallel.placement import Placement, PlacementError, valid_local_counts
 from ..parallel.replica import activation_bytes
+from ..parallel.strategies import DEP, DP, DWDP
 from ..workload import WorkloadSpec, assign, generate
 from .hardware import HardwareProfile
 from .model import EXPERT_BYTES, CostModel, Prediction, predict
@@ -44,16 +45,16 @@ def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, e
     pb = param_breakdown(cfg)
     eb = EXPERT_BYTES[expert_dtype]
     act = activation_bytes(cfg, mnt, 2)
-    if strategy == "dp":
+    if strategy == DP:
         return pb.non_expert * 2 + pb.routed_experts * eb + act
-    if strategy == "dep":
+    if strategy == DEP:
         share = -(-cfg.num_experts // n)
         return pb.non_expert * 2 + share * pb.num_moe_layers * pb.expert_numel * eb + act
     pl = Placement.create(cfg.num_experts, n, local)
     return dwdp_rank_memory(cfg, pl, 2, eb).total + act
 
 
-def predict_all(p: PlanInput, strategies=("dp", "dep", "dwdp")) -> dict[str, Prediction]:
+def predict_all(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, Prediction]:
     cm = CostModel(p.cfg, p.hw.for_model(p.cfg.name or ""), p.expert_dtype)
     lengths = p.lengths()
     return {s: predict(cm, lengths, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced) for s in strategies}
@@ -74,9 +75,9 @@ def crossover(p: PlanInput, isls=(1024, 2048, 4096, 8192, 16384, 32768, 65536), 
             q.workload.dist, q.workload.num_requests = "fixed", 1
         else:  # enough requests for several full steps per rank
             q.workload.num_requests = max(p.workload.num_requests, -(-4 * p.mnt // isl))
-        pr = predict_all(q, ("dep", "dwdp"))
-        ratio = pr["dwdp"].tps_per_gpu / pr["dep"].tps_per_gpu
-        rows.append((isl, pr["dep"].tps_per_gpu, pr["dwdp"].tps_per_gpu, ratio))
+        pr = predict_all(q, (DEP, DWDP))
+        ratio = pr[DWDP].tps_per_gpu / pr[DEP].tps_per_gpu
+        rows.append((isl, pr[DEP].tps_per_gpu, pr[DWDP].tps_per_gpu, ratio))
         if first is None and ratio > 1:
             first = isl
     return rows, first
@@ -92,12 +93,12 @@ def recommend(p: PlanInput, memory_gib: float | None = None, max_group: int | No
         cands = valid_local_counts(E, n)
         for L in sorted(set([cands[0], cands[len(cands) // 4], cands[len(cands) // 2]])):
             try:
-                mem = memory_per_gpu(p.cfg, "dwdp", n, L, p.expert_dtype, p.mnt)
+                mem = memory_per_gpu(p.cfg, DWDP, n, L, p.expert_dtype, p.mnt)
             except PlacementError:
                 continue
             q = copy.deepcopy(p)
             q.group_size, q.local_experts = n, L
-            pr = predict_all(q, ("dwdp",))["dwdp"]
+            pr = predict_all(q, (DWDP,))[DWDP]
             rows.append({"N": n, "L": L, "memory_gib": mem / GiB, "fits": mem <= budget, "tps_per_gpu": pr.tps_per_gpu})
     fitting = [r for r in rows if r["fits"]]
     best = max(fitting, key=lambda r: r["tps_per_gpu"]) if fitting else None
@@ -119,10 +120,10 @@ def sweep(p: PlanInput, what: str, values: list[float]):
             q.skew = v
         else:
             raise ValueError(f"--sweep takes isl, mnt, cv or skew, not {what!r}")
-        pr = predict_all(q, ("dep", "dwdp"))
-        rows.append({what: v, "dep": pr["dep"].tps_per_gpu, "dwdp": pr["dwdp"].tps_per_gpu,
-                     "ratio": pr["dwdp"].tps_per_gpu / pr["dep"].tps_per_gpu,
-                     "dep_sync_share": pr["dep"].extra["sync_share"]})
+        pr = predict_all(q, (DEP, DWDP))
+        rows.append({what: v, DEP: pr[DEP].tps_per_gpu, DWDP: pr[DWDP].tps_per_gpu,
+                     "ratio": pr[DWDP].tps_per_gpu / pr[DEP].tps_per_gpu,
+                     "dep_sync_share": pr[DEP].extra["sync_share"]})
     return rows
 
 
