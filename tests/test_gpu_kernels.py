@@ -134,10 +134,12 @@ def test_moe_layer_fp8_on_split_segments_matches_float64():
 
 @pytest.mark.parametrize("streams", [1, 3])
 def test_copy_engine_streams_wait_for_compute_and_join(streams):
-    """Every copy stream waits for the submission's signal, and ``done`` covers them all."""
+    """Every copy stream waits for the submission's signal, ``done`` covers them all, and
+    the compute stream's stall on the copies is what drain_wait_seconds reports."""
     from dwdp.parallel.copy_engine import CudaCopyEngine
 
-    eng = CudaCopyEngine(torch.device("cuda"), num_streams=streams)
+    # ~5 ms of device sleep on the copy stream before the copies: compute must stall that long.
+    eng = CudaCopyEngine(torch.device("cuda"), num_streams=streams, delay_cycles=10_000_000)
     src = torch.zeros(9, 1 << 20, device="cuda")
     dst = torch.empty_like(src)
     torch.cuda._sleep(20_000_000)  # the copies must not start before this compute finishes
@@ -145,4 +147,6 @@ def test_copy_engine_streams_wait_for_compute_and_join(streams):
     sig = eng.submit([(dst[i], src[i]) for i in range(9)], wait_for=eng.compute_signal())
     eng.compute_wait(sig)
     assert bool((dst == 1).all())
-    assert eng.drain_wait_seconds() >= 0
+    stalled = eng.drain_wait_seconds()
+    assert 1e-3 < stalled < 1.0, stalled
+    assert eng.drain_wait_seconds() == 0.0  # drained

@@ -75,13 +75,6 @@ class PackedBatch:
             self._meta = BatchMeta(dev[:T], cu[:B + 1], cu[B + 1:], dev[T + 2 * (B + 1):])
         return self._meta
 
-    def positions(self) -> torch.Tensor:
-        pos = [torch.arange(p, p + n) for p, n in zip(self.prefix_lens, self.seq_lens)]
-        return torch.cat(pos).to(self.input_ids.device)
-
-    def last_token_index(self) -> torch.Tensor:
-        return torch.tensor(self.cu_q[1:], device=self.input_ids.device) - 1
-
 
 @dataclass
 class BatchMeta:
