@@ -19,10 +19,10 @@ from dwdp.batch import PackedBatch
 from dwdp.ceilings import machine_info, matmul_tflops
 from dwdp.flops import prefill_flops
 from dwdp.models import build_model, init_random
-from dwdp.parallel.dwdp import apply_dwdp
 from dwdp.parallel.group import init_dwdp_groups
+from dwdp.parallel.hooks import NO_HOOKS, RuntimeHooks
 from dwdp.parallel.launch import spawn_local
-from dwdp.parallel.placement import Placement
+from dwdp.parallel.rank import RankSpec, build_rank
 from dwdp.presets import resolve_model
 
 MB = 1 << 20
@@ -97,12 +97,24 @@ def pull_ceilings(ctx, nbytes_per_peer: int) -> dict:
     return out
 
 
-def build_rank(ctx, model_name, layers, local=None, **kw):
-    cfg, _ = resolve_model(model_name, layers)
-    pl = Placement.create(cfg.num_experts, ctx.group_size, local)
-    mine = pl.local_range(ctx.group_rank)
-    model = init_random(build_model(cfg, torch.bfloat16, ctx.device, lambda _: (mine.start, len(mine))), 0)
-    return cfg, pl, model, apply_dwdp(model, ctx, pl, **kw)
+class DelayHooks(RuntimeHooks):
+    """Device sleeps on the copy stream and before each MoE reads its slot; optionally one
+    of the two prefetch waits dropped (the ordering must then show up as wrong logits)."""
+
+    def __init__(self, copy_delay_cycles=0, device_delay=0, skip_raw=False, skip_war=False):
+        self.copy_delay_cycles, self.device_delay = copy_delay_cycles, device_delay
+        self.skip_raw_wait, self.skip_war_wait = skip_raw, skip_war
+
+    def after_acquire(self, layer, part, x):
+        if self.device_delay:
+            torch.cuda._sleep(self.device_delay)  # keep this MoE's slot reads in flight
+
+
+def dwdp_rank(ctx, model_name, layers, local=None, slice_bytes=None, hooks=NO_HOOKS):
+    spec = RankSpec(model=model_name, strategy="dwdp", num_layers=layers, device="cuda", group_size=ctx.group_size,
+                    local_experts=local, slice_mb=slice_bytes / 2**20 if slice_bytes else None)
+    rank = build_rank(spec, ctx, hooks)
+    return rank.cfg, rank.plan.placement, rank.model, rank.runtime
 
 
 def rel(a, b):
@@ -120,15 +132,13 @@ def correctness(ctx, model_name, layers) -> dict:
     torch.cuda.empty_cache()
     out = {}
     variants = {
-        "dwdp": {},
-        "dwdp_delays": dict(copy_delay_cycles=20_000_000, device_delay=50_000_000),
-        "no_write_after_read_wait_delays": dict(unsafe_skip_war=True, device_delay=200_000_000),
-        "no_read_after_write_wait_delays": dict(unsafe_skip_raw=True, copy_delay_cycles=50_000_000),
+        "dwdp": DelayHooks(),
+        "dwdp_delays": DelayHooks(copy_delay_cycles=20_000_000, device_delay=50_000_000),
+        "no_write_after_read_wait_delays": DelayHooks(skip_war=True, device_delay=200_000_000),
+        "no_read_after_write_wait_delays": DelayHooks(skip_raw=True, copy_delay_cycles=50_000_000),
     }
-    for name, kw in variants.items():
-        delay = kw.pop("device_delay", 0)
-        _, _, model, rt = build_rank(ctx, model_name, layers, **kw)
-        rt.device_delay_cycles = delay
+    for name, hooks in variants.items():
+        _, _, model, rt = dwdp_rank(ctx, model_name, layers, hooks=hooks)
         errs = [rel(model(batch).logits, ref) for _ in range(2)]
         out[name] = {"rel_err_step1": errs[0], "rel_err_step2": errs[1]}
         rt.close()
@@ -138,7 +148,7 @@ def correctness(ctx, model_name, layers) -> dict:
 
 
 def perf(ctx, model_name, layers, lengths, steps, peak) -> dict:
-    cfg, pl, model, rt = build_rank(ctx, model_name, layers)
+    cfg, pl, model, rt = dwdp_rank(ctx, model_name, layers)
     g = torch.Generator().manual_seed(ctx.rank)
     batch = PackedBatch.from_sequences([torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lengths],
                                        ctx.device)
@@ -146,7 +156,7 @@ def perf(ctx, model_name, layers, lengths, steps, peak) -> dict:
     out = {"placement": pl.describe(), "layers": cfg.num_layers, "lengths": lengths,
            "memory_bytes": rt.memory_bytes()}
     for mode in ("dwdp", "no_pulls_limit", "dwdp_again"):
-        rt.prefetcher.benchmark_skip_pulls = mode == "no_pulls_limit"
+        rt.prefetcher.skip_pulls = mode == "no_pulls_limit"  # the skip-pulls diagnostic
         model(batch)  # warm-up
         dist.barrier(group=ctx.group.process_group)  # start the timed steps together (benchmark only)
         rt.step_stats.clear()

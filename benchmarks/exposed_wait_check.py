@@ -19,12 +19,9 @@ import torch.distributed as dist
 
 from dwdp.batch import PackedBatch
 from dwdp.ceilings import machine_info
-from dwdp.models import build_model, init_random
-from dwdp.parallel.dwdp import apply_dwdp
 from dwdp.parallel.group import init_dwdp_groups
 from dwdp.parallel.launch import spawn_local
-from dwdp.parallel.placement import Placement
-from dwdp.presets import resolve_model
+from dwdp.parallel.rank import RankSpec, build_rank
 
 
 def event_check() -> dict:
@@ -42,18 +39,12 @@ def event_check() -> dict:
     return {"event_wait_s": a.elapsed_time(b) / 1e3, "host_wall_s": time.perf_counter() - t0}
 
 
-def worker(n, model_name, layers, sizes, slice_mb, expert_dtype="same", seqs=1, fresh_batch=False):
+def worker(n, model_name, layers, sizes, slice_mb, expert_dtype="same", seqs=1, fresh_batch=False, copy_streams=1):
     ctx = init_dwdp_groups(n, "cuda")
-    cfg, _ = resolve_model(model_name, layers)
-    pl = Placement.create(cfg.num_experts, n)
-    mine = pl.local_range(ctx.group_rank)
-    model = init_random(build_model(cfg, torch.bfloat16, ctx.device, lambda _: (mine.start, len(mine))), 0)
-    if expert_dtype == "fp8":
-        from dwdp.quant import quantize_experts_fp8
-
-        quantize_experts_fp8(model)
-    rt = apply_dwdp(model, ctx, pl, slice_bytes=int(slice_mb * 2**20) if slice_mb else None,
-                    copy_streams=int(os.environ.get("DWDP_COPY_STREAMS", "1")))
+    spec = RankSpec(model=model_name, strategy="dwdp", num_layers=layers, device="cuda", group_size=n,
+                    expert_dtype=expert_dtype, slice_mb=slice_mb, copy_streams=copy_streams)
+    rank = build_rank(spec, ctx)
+    cfg, model, rt = rank.cfg, rank.model, rank.runtime
     out = {"rank": ctx.rank, "events": event_check(), "steps": []}
     g = torch.Generator().manual_seed(ctx.rank)
     with torch.no_grad():
@@ -62,7 +53,7 @@ def worker(n, model_name, layers, sizes, slice_mb, expert_dtype="same", seqs=1, 
             batch = PackedBatch.from_sequences(toks, ctx.device)
             row = {"tokens": T}
             for mode in ("pulls", "no_pulls", "pulls"):
-                rt.prefetcher.benchmark_skip_pulls = mode == "no_pulls"
+                rt.prefetcher.skip_pulls = mode == "no_pulls"  # the skip-pulls diagnostic, toggled per mode
                 model(batch)  # warm
                 ts, waits = [], []
                 for _ in range(3):
@@ -96,12 +87,14 @@ def main():
     p.add_argument("--expert-dtype", default="same", choices=["same", "fp8"])
     p.add_argument("--seqs", type=int, default=1, help="split each step into this many sequences")
     p.add_argument("--fresh-batch", action="store_true", help="build the packed batch inside each timed step")
+    p.add_argument("--copy-streams", type=int, default=1)
     p.add_argument("--out", required=True)
     a = p.parse_args()
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(k, v)
     sizes = [int(x) for x in a.sizes.split(",")]
-    ranks = spawn_local(worker, a.N, (a.N, a.model, a.layers, sizes, a.slice_mb, a.expert_dtype, a.seqs, a.fresh_batch), timeout_s=500)
+    ranks = spawn_local(worker, a.N, (a.N, a.model, a.layers, sizes, a.slice_mb, a.expert_dtype, a.seqs, a.fresh_batch,
+                                       a.copy_streams), timeout_s=500)
     with open(a.out, "w") as f:
         json.dump({"machine": machine_info(), "args": vars(a), "ranks": ranks}, f, indent=1)
     r0 = ranks[0]
