@@ -80,7 +80,7 @@ def test_dwdp_run_spawns_a_group_and_matches_single_process():
     assert single_next and single_next == group_next
 
 
-def test_bench_then_report(tmp_path):
+def test_bench_then_report(tmp_path, capsys):
     import json
 
     from dwdp.cli import main
@@ -98,6 +98,20 @@ def test_bench_then_report(tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
     assert pngs == ["breakdown.png", "throughput.png", "ttft.png"]
     assert all((tmp_path / "png" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    # The readers of the same file: report --markdown (one row per MNT, CV and strategy,
+    # ratios to dep) and plan --validate (a prediction beside each measured strategy).
+    capsys.readouterr()
+    assert main(["report", "--markdown", str(out)]) == 0
+    md = capsys.readouterr().out
+    rows = [line for line in md.splitlines() if line.startswith("| 32 |")]
+    assert len(rows) == 4 and {r.split(" | ")[2] for r in rows} == {"dep", "dwdp"}
+    assert all(r.split(" | ")[4] == "1.00" for r in rows if r.split(" | ")[2] == "dep")
+    assert main(["plan", "--validate", str(out), "--hardware", "h200"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("tiny-qwen3-moe") == 4 and "step time within" in table
+    (tmp_path / "bad.json").write_text('{"runs": [{"spec": {"model": "x"}, "results": {}}]}')
+    assert main(["report", "--markdown", str(tmp_path / "bad.json")]) == 2
+    assert "missing field 'world_size'" in capsys.readouterr().err
 
 
 def test_bench_rejects_bad_input(capsys):
