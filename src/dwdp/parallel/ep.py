@@ -377,6 +377,9 @@ class DEPExperts(nn.Module):
 
 
 # --------------------------------------------------------------------------- runtime
+_SYMM_CACHE: dict = {}
+
+
 class _SymmBuffers:
     """Worst-case-sized symmetric-memory buffers, one set per micro-batch, shared by all layers
     (the fences order their reuse)."""
@@ -391,9 +394,14 @@ class _SymmBuffers:
         self.key = (wire.width, act_dtype, H)
         need = n_mb * (cap * fan * (wire.width + H * esz) + N * cap * (wire.width + H * esz))
         os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(int(need * 1.25) + (512 << 20)))
-        with contextlib.suppress(Exception):
-            if symm_mem.get_backend(device) != "NVSHMEM":
-                symm_mem.set_backend("NVSHMEM")
+        try:
+            current = symm_mem.get_backend(device)
+        except Exception:  # noqa: BLE001 - older torch: no query, just set it
+            current = None
+        if current != "NVSHMEM":
+            symm_mem.set_backend("NVSHMEM")
+        with contextlib.suppress(Exception):  # needed by older torch, a no-op or gone in newer
+            symm_mem.enable_symm_mem_for_group(rt.group_name)
 
         def alloc(*shape, dtype):
             t = symm_mem.empty(*shape, dtype=dtype, device=device)
@@ -459,7 +467,12 @@ class DEPRuntime:
             raise ValueError(f"DEP symm transport: {T} tokens in a step exceed max_tokens={self.max_tokens} "
                              "(the symmetric buffers are sized for it; raise DWDP_DEP_MAX_TOKENS)")
         if self.symm is None:
-            self.symm = _SymmBuffers(self, wire, x.dtype, x.device)
+            # Shared by runtimes of the same group and layout (the symmetric heap is fixed-size).
+            key = (self.group_name, self.size, self.top_k, self.overlap, self.max_tokens, wire.width, wire.hidden,
+                   x.dtype, x.device)
+            if key not in _SYMM_CACHE:
+                _SYMM_CACHE[key] = _SymmBuffers(self, wire, x.dtype, x.device)
+            self.symm = _SYMM_CACHE[key]
         elif self.symm.key != (wire.width, x.dtype, wire.hidden):
             raise ValueError("DEP symm transport: every MoE layer must use the same row layout")
 
