@@ -86,3 +86,62 @@ def dep_worker(group_size: int, cfg_kw: dict, dep_kw: dict, layer_cases: list[di
     dist.barrier()
     dist.destroy_process_group()
     return out
+
+
+def dep_gpu_worker(transport: str, overlap: bool, fp8: bool, cases: list[dict]):
+    """GPU: one DEP layer (small qwen3-like shape, bf16) against all experts in this process."""
+    import os
+
+    from dwdp.models.moe import RoutedExperts
+
+    rank = int(os.environ["RANK"])
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", device_id=dev)
+    N = dist.get_world_size()
+    E, K, H, inter = 16, 4, 256, 128
+
+    def experts(start, count):
+        ex = RoutedExperts(E, H, inter, start, count)
+        g = torch.Generator().manual_seed(5)
+        w13, w2 = torch.randn(E, 2 * inter, H, generator=g) * 0.05, torch.randn(E, H, inter, generator=g) * 0.05
+        ex.w13 = torch.nn.Parameter(w13[start:start + count].to(dev, torch.bfloat16), requires_grad=False)
+        ex.w2 = torch.nn.Parameter(w2[start:start + count].to(dev, torch.bfloat16), requires_grad=False)
+        if fp8:
+            ex.quantize_fp8()
+        return ex
+
+    class One(torch.nn.Module):
+        def __init__(self, ex):
+            super().__init__()
+            from types import SimpleNamespace
+
+            self.config = SimpleNamespace(num_experts=E, top_k=K)
+            self.block = SimpleNamespace(experts=ex)
+            self.mods = torch.nn.ModuleList([ex])
+
+        def moe_blocks(self):
+            return [self.block]
+
+        def forward(self, x, ids, w):
+            return self.block.experts(x, ids, w)
+
+    mine = ep_ranges(E, N)[rank]
+    full, model = experts(0, E), One(experts(mine.start, len(mine)))
+    rt = apply_dep(model, dist.group.WORLD, rank, N, transport=transport, overlap=overlap, max_tokens=512)
+    cfg = type("C", (), {"num_experts": E, "top_k": K})
+    errs = []
+    with torch.no_grad():
+        for case in cases:
+            g = torch.Generator().manual_seed(1000 * case["seed"] + rank)
+            T = case["tokens"][rank]
+            ids, w = _routing(case["routing"], T, cfg, N, g)
+            x = torch.randn(T, H, generator=g).to(dev, torch.bfloat16)
+            got = model(x, ids.to(dev), w.to(dev))
+            want = full(x, ids.to(dev), w.to(dev))
+            errs.append(((got.float() - want.float()).norm() / want.float().norm().clamp(min=1e-30)).item()
+                        if T else float(got.numel()))
+    s = rt.step_stats[-1]
+    dist.barrier()
+    dist.destroy_process_group()
+    return {"errs": errs, "host_syncs": s.host_syncs, "transfer_s": s.transfer_s, "wait_s": s.wait_s}

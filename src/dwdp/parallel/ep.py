@@ -110,7 +110,7 @@ def _scatter_rows(src: torch.Tensor, slot: torch.Tensor, dst: torch.Tensor) -> N
     if kernels.enabled(src):
         from ..kernels.dep_moe import scatter_rows
 
-        return scatter_rows(_bits(src), slot, _bits(dst))
+        return scatter_rows(_bits(src.contiguous()), slot, _bits(dst))
     for j in range(slot.shape[1]):  # fallback (CPU): one masked copy per destination
         m = slot[:, j] >= 0
         dst[slot[m, j]] = src[m]
@@ -131,15 +131,15 @@ def _gather_reduce(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | N
     """out[t] = sum over pos[t, j] >= 0 of weights[t, j] * y[pos[t, j]], in one pass, no atomics."""
     if out.shape[0] == 0:
         return
+    if y.shape[0] == 0:  # nothing to add (and no pointer to hand a kernel)
+        out.zero_()
+        return
     if kernels.enabled(out):
         from ..kernels.dep_moe import gather_reduce
 
         return gather_reduce(y, pos, weights, out)
     valid = pos >= 0
     w = valid.to(out.dtype) if weights is None else weights.to(out.dtype) * valid
-    if y.shape[0] == 0:
-        out.zero_()
-        return
     rows = y[pos.clamp(min=0)]  # [T, J, H]
     out.copy_(torch.bmm(w.unsqueeze(1), rows.to(out.dtype)).squeeze(1))
 
