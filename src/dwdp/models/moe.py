@@ -10,6 +10,7 @@ about parallelism.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,42 @@ def expert_pairs_forward(
         ys = _grouped_swiglu(x[src], segment, counts, ends, 0)
     ys = ys * weights[order].to(ys.dtype).unsqueeze(1)
     return torch.zeros_like(x).index_add_(0, src, ys)
+
+
+def sorted_experts_forward(
+    xs: torch.Tensor, counts: torch.Tensor, segment: ExpertSegment, counts_host: list[int] | None = None,
+    xs_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each expert's SwiGLU MLP over rows already sorted by expert: ``counts[g]`` rows for
+    expert ``segment.start + g`` (DEP's receive side, which permutes the received rows itself).
+
+    ``xs_scale``: ``xs`` is already FP8 with per-token 1x128 scales (quantised once by the
+    sender, as ``routed_experts_forward`` does before its permute). ``counts_host`` spares a
+    host sync where the path needs the group boundaries on the host (CPU, fp32).
+    """
+    out_dtype = out_dtype or (xs.dtype if xs_scale is None else torch.bfloat16)
+    if xs.shape[0] == 0:
+        return out if out is not None else torch.empty(0, segment.w2.shape[1], dtype=out_dtype, device=xs.device)
+    fp8_kernel = segment.w13_scale is not None and kernels.enabled(xs) and segment.w13.shape[-1] % 128 == 0 \
+        and segment.w2.shape[-1] % 128 == 0
+    if xs_scale is not None and not fp8_kernel:  # FP8 rows where the FP8 kernel does not apply: widen
+        xs = (xs.float().view(xs.shape[0], -1, 128) * xs_scale.unsqueeze(-1)).view(xs.shape).to(out_dtype)
+        xs_scale = None
+    if fp8_kernel:
+        from ..kernels.fp8_grouped import grouped_swiglu_fp8, quantize_rows
+
+        if xs_scale is None:
+            xs, xs_scale = quantize_rows(xs)
+        return grouped_swiglu_fp8(xs, xs_scale, segment.w13, segment.w13_scale, segment.w2, segment.w2_scale,
+                                  counts, out_dtype, out=out)
+    fast = xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and segment.w13_scale is None
+    ends = None if fast else (list(itertools.accumulate(counts_host)) if counts_host is not None
+                              else counts.cumsum(0).tolist())
+    ys = _grouped_swiglu(xs, segment, counts, ends, 0)
+    if out is not None:
+        out.copy_(ys)
+        return out
+    return ys
 
 
 def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:

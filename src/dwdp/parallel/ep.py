@@ -1,24 +1,61 @@
 """Attention data parallelism + expert parallelism (DEP), applied to a model from outside.
 
-The baseline DWDP must beat, run the way vLLM, SGLang and TensorRT-LLM run it: every
-rank keeps its own requests and a full copy of the non-expert weights, and a contiguous
-E/N share of each MoE layer's routed experts. In each MoE layer
+The baseline DWDP must beat, run the way SGLang/vLLM (with DeepEP) and TensorRT-LLM run
+it: every rank keeps its own requests and a full copy of the non-expert weights, and a
+contiguous E/N share of each MoE layer's routed experts. In each MoE layer
 
-1. dispatch: every token is sent once to each rank that holds at least one of its top-k
-   experts (not once per expert), together with those experts' ids and routing weights,
-   in one ``all_to_all_single`` (after a tiny one for the counts);
-2. each rank runs its experts over the (token, expert) pairs it received — one grouped
-   GEMM over pairs sorted by expert — and sums each token's weighted outputs;
-3. combine: the partial sums go back in one ``all_to_all_single`` and each token adds
-   the partial sums of the ranks it visited.
+1. layout (on the GPU, no host sync): each token goes once to each rank holding at least
+   one of its top-k experts (not once per expert); ``slot[t, r]`` is its row in the send
+   buffer (grouped by destination rank) or -1;
+2. pack: one kernel writes each token's row into all its send slots, together with its
+   top-k expert ids and routing weights. With FP8 experts the rows travel as FP8 with
+   per-token 1x128 scales (quantised once, as ``routed_experts_forward`` does), so the
+   dispatch moves about half the bytes and the receiver feeds them straight to the FP8
+   grouped GEMM;
+3. dispatch: ``transport="nccl"`` (default): a tiny all-to-all of the counts (rows per
+   destination and pairs per expert), the layer's one host sync, then one
+   ``all_to_all_single`` of the packed rows. ``transport="symm"`` (opt-in until measured):
+   ``torch.ops.symm_mem.all_to_all_vdev`` between symmetric-memory buffers sized for the
+   worst case, with the splits on the device, so no counts exchange; the one host sync
+   comes after the dispatch (sizes of the receive-side compute);
+4. receive: the received (token, expert) pairs this rank holds are sorted by expert on
+   the GPU, run through the same grouped SwiGLU GEMMs as dp/DWDP
+   (:func:`~dwdp.models.moe.sorted_experts_forward`), and each received token's pairs are
+   reduced in one pass with their routing weights into one partial row (no atomics);
+5. combine: the partial rows go back (same transport, reversed splits) and each token
+   sums the at most min(top_k, N) partial rows of the ranks it visited with a gather-based
+   one-pass reduction (``slot`` again), not ``index_add_``.
 
-So every MoE layer is a point where all ranks of the group wait for the slowest: the
+``overlap=True`` (two-batch overlap, opt-in until measured): the layer's tokens are split
+into two micro-batches; one's dispatch/combine runs on a communication stream while the
+other's experts compute (dispatch B || experts A, combine A || experts B). Only the MoE
+layer is split (attention is outside this module's reach). On CPU the same sequence runs
+on one stream: outputs are equal, nothing overlaps.
+
+Timing (``DEPStepStats``): a collective's duration includes waiting for the slowest peer.
+To separate waiting from transfer, every dispatch and combine is preceded by a
+synchronising collective that moves next to nothing: the counts exchange (nccl) or a
+one-element ``all_reduce`` (the "fence"). Its duration is recorded as ``wait_s`` (it
+returns only once every peer has reached it); the dispatch/combine after it starts with
+all peers ready, so its duration is ``transfer_s``. On CUDA the spans are CUDA events on
+the stream the collective runs on; on CPU wall clock. ``collective_s`` is the time the
+compute stream spent in collectives or stalled waiting for them (without overlap:
+wait + transfer; with overlap: the counts exchange plus the compute stream's waits on the
+communication stream, each bracketed by events). ``compute_s = step_s - collective_s``:
+the step's time outside collectives and waits, to set against dp's step time. The fences
+also order the reuse of the symmetric buffers: no rank writes into a buffer a peer may
+still read.
+
+Every MoE layer is a point where all ranks of the group wait for the slowest: the
 synchronization DWDP removes. Ranks with nothing to do must still run (dummy) steps so
-the collectives line up; :func:`dwdp.engine.run_lockstep` does that.
+the collectives line up; :func:`dwdp.engine.run_lockstep` does that. A rank with zero
+tokens in a layer still runs every collective.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -26,8 +63,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..models.moe import ExpertSegment, MoEBlock, RoutedExperts, expert_pairs_forward
+from .. import kernels
+from ..models.moe import ExpertSegment, MoEBlock, RoutedExperts, sorted_experts_forward
 from ..models.transformer import MoECausalLM
+from ..quant import FP8, FP8_MAX
+
+TRANSPORTS = ("nccl", "symm")
+WIRES = ("auto", "native", "fp8")
 
 
 def ep_ranges(num_experts: int, size: int) -> list[range]:
@@ -39,17 +81,112 @@ def ep_ranges(num_experts: int, size: int) -> list[range]:
 
 @dataclass
 class DEPStepStats:
-    collective_s: float  # time inside all-to-alls, including waiting for the slowest peer
+    collective_s: float  # compute stream's time in collectives or stalled on them (see module doc)
     sent_bytes: int  # payload this rank sent to other ranks (dispatch + combine)
     received_bytes: int
     layer_collective_s: list[float] = field(default_factory=list)
+    step_s: float = 0.0  # the whole forward (GPU time on CUDA)
+    compute_s: float = 0.0  # step_s - collective_s: busy outside collectives and waits
+    transfer_s: float = 0.0  # dispatch + combine after the fence: moving bytes
+    wait_s: float = 0.0  # fences / counts exchange: waiting for the slowest peer
+    host_syncs: int = 0  # host synchronisations DEP issued in the step
+
+    @property
+    def send_gbps(self) -> float:
+        """Bytes sent to other ranks per second of transfer (as ceilings.all_to_all_gbps)."""
+        return self.sent_bytes / self.transfer_s / 1e9 if self.transfer_s > 0 else 0.0
 
 
-def _as_columns(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Reinterpret [rows, k] int32/fp32 metadata as columns of ``dtype`` (bit-exact)."""
-    return t.contiguous().view(dtype)
+# ----------------------------------------------------------------------------- kernels
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as integers of the same width (row copies are dtype-agnostic)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
+def _scatter_rows(src: torch.Tensor, slot: torch.Tensor, dst: torch.Tensor) -> None:
+    """dst[slot[t, j]] = src[t] for slot[t, j] >= 0."""
+    if src.shape[0] == 0:
+        return
+    if kernels.enabled(src):
+        from ..kernels.dep_moe import scatter_rows
+
+        return scatter_rows(_bits(src.contiguous()), slot, _bits(dst))
+    for j in range(slot.shape[1]):  # fallback (CPU): one masked copy per destination
+        m = slot[:, j] >= 0
+        dst[slot[m, j]] = src[m]
+
+
+def _gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """src[idx] as a new contiguous tensor (src may be a strided view of a receive buffer)."""
+    if kernels.enabled(src) and idx.numel():
+        from ..kernels.dep_moe import gather_rows
+
+        out = torch.empty((idx.numel(), src.shape[1]), dtype=src.dtype, device=src.device)
+        gather_rows(_bits(src), idx, _bits(out))
+        return out
+    return src.index_select(0, idx)
+
+
+def _gather_reduce(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out[t] = sum over pos[t, j] >= 0 of weights[t, j] * y[pos[t, j]], in one pass, no atomics."""
+    if out.shape[0] == 0:
+        return
+    if y.shape[0] == 0:  # nothing to add (and no pointer to hand a kernel)
+        out.zero_()
+        return
+    if kernels.enabled(out):
+        from ..kernels.dep_moe import gather_reduce
+
+        return gather_reduce(y, pos, weights, out)
+    valid = pos >= 0
+    w = valid.to(out.dtype) if weights is None else weights.to(out.dtype) * valid
+    rows = y[pos.clamp(min=0)]  # [T, J, H]
+    out.copy_(torch.bmm(w.unsqueeze(1), rows.to(out.dtype)).squeeze(1))
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token 1x128 FP8 quantisation (kernels/fp8_grouped.quantize_rows; PyTorch without Triton)."""
+    if kernels.enabled(x):
+        from ..kernels.fp8_grouped import quantize_rows
+
+        return quantize_rows(x)
+    T, H = x.shape
+    v = x.float().view(T, H // 128, 128)
+    scale = v.abs().amax(-1).clamp(min=1e-10) / FP8_MAX
+    return (v / scale.unsqueeze(-1)).to(FP8).view(T, H), scale
+
+
+# ------------------------------------------------------------------------------ wire
+class _Wire:
+    """Byte layout of one dispatched row: hidden state (or FP8 + scales), ids, weights."""
+
+    def __init__(self, hidden: int, top_k: int, act_dtype: torch.dtype, fp8: bool):
+        self.fp8, self.hidden = fp8, hidden
+        spec = [("x", FP8 if fp8 else act_dtype, hidden)]
+        if fp8:
+            spec.append(("xs", torch.float32, hidden // 128))
+        spec += [("ids", torch.int32, top_k), ("w", torch.float32, top_k)]
+        self.fields, off = {}, 0
+        for name, dt, n in spec:
+            esz = torch.empty(0, dtype=dt).element_size()
+            off = -(-off // esz) * esz
+            self.fields[name] = (dt, off, n * esz)
+            off += n * esz
+        self.width = -(-off // 16) * 16  # bytes per row
+
+    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed column views of a uint8 [rows, width] buffer."""
+        return {name: buf[:, o:o + nb].view(dt) for name, (dt, o, nb) in self.fields.items()}
+
+
+class _MicroBatch:
+    """One dispatch/compute/combine unit (the whole layer, or half of it with overlap)."""
+
+    def __init__(self, index: int, rows: slice):
+        self.index, self.rows = index, rows
+
+
+# ------------------------------------------------------------------------- the layer
 class DEPExperts(nn.Module):
     """Routed experts of one MoE layer under DEP (same interface as RoutedExperts)."""
 
@@ -61,96 +198,369 @@ class DEPExperts(nn.Module):
         self.w13_scale = getattr(experts, "w13_scale", None)  # FP8 experts
         self.w2_scale = getattr(experts, "w2_scale", None)
 
+    def _segment(self) -> ExpertSegment:
+        return ExpertSegment(self.start, self.w13, self.w2, self.w13_scale, self.w2_scale)
+
+    def _wire(self, x: torch.Tensor) -> _Wire:
+        rt = self.runtime
+        fp8 = rt.wire == "fp8" or (rt.wire == "auto" and self.w13_scale is not None and kernels.enabled(x)
+                                   and x.shape[1] % 128 == 0 and self.w13.shape[-1] % 128 == 0
+                                   and self.w2.shape[-1] % 128 == 0)
+        key = (x.shape[1], rt.top_k, x.dtype, fp8)
+        if key not in rt.wires:
+            rt.wires[key] = _Wire(*key)
+        return rt.wires[key]
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         rt = self.runtime
-        N, pg = rt.size, rt.process_group
-        T, H = x.shape
-        owner = rt.owner[topk_ids]  # [T, K] rank holding each chosen expert
-        hit = torch.zeros(T, N, dtype=torch.bool, device=x.device)
-        hit.scatter_(1, owner, True)
-        dest = hit.t().nonzero()  # (rank, token), grouped by destination rank
-        send_rank, send_tok = dest[:, 0], dest[:, 1]
-        send_counts = hit.sum(0)
-        # Metadata travels in the same buffer as the hidden states, bit-cast to their dtype.
-        mine = owner[send_tok] == send_rank[:, None]
-        meta_ids = torch.where(mine, topk_ids[send_tok], -1).to(torch.int32)
-        meta_w = topk_weights[send_tok].float()
-        payload = torch.cat([x[send_tok], _as_columns(meta_ids, x.dtype), _as_columns(meta_w, x.dtype)], dim=1)
-        recv_counts = torch.empty_like(send_counts)
-        t0 = rt.begin_collective()
-        dist.all_to_all_single(recv_counts, send_counts, group=pg)
-        in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()  # host sync: buffer sizes
-        recv = payload.new_empty((sum(out_splits), payload.shape[1]))
-        dist.all_to_all_single(recv, payload, out_splits, in_splits, group=pg)
-        rt.end_collective(t0)
+        rt.layer += 1
+        T = x.shape[0]
+        wire = self._wire(x)
+        if rt.transport == "symm":
+            rt.symm_buffers(wire, x, T)
+        cuts = [0, (T + 1) // 2, T] if rt.overlap else [0, T]
+        mbs = [_MicroBatch(i, slice(a, b)) for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+        for mb in mbs:
+            self._prepare(mb, wire, x[mb.rows], topk_ids[mb.rows], topk_weights[mb.rows])
+        if rt.transport == "nccl":
+            self._exchange_counts(mbs)  # also the dispatch's fence
+        out = torch.empty_like(x)
+        if not rt.overlap:
+            (mb,) = mbs
+            self._dispatch(mb, wire, fence=rt.transport == "symm")
+            self._experts(mb, wire, x)
+            self._combine(mb, x)
+            self._finish(mb, out)
+            return out
+        a, b = mbs
+        with rt.on_comm():
+            self._dispatch(a, wire, fence=rt.transport == "symm")
+            ev_a = rt.record_comm()
+            self._dispatch(b, wire, fence=False)  # peers are at the same point already
+            ev_b = rt.record_comm()
+        rt.wait_comm(ev_a)
+        self._experts(a, wire, x)
+        with rt.on_comm():
+            self._combine(a, x)
+        rt.wait_comm(ev_b)
+        self._experts(b, wire, x)
+        with rt.on_comm():
+            self._combine(b, x)
+        rt.wait_comm(None)  # every communication of this layer
+        self._finish(a, out)
+        self._finish(b, out)
+        return out
 
-        width = payload.shape[1] - H
-        rx = recv[:, :H]
-        meta = recv[:, H:].contiguous()
-        rids = meta[:, :width // 2].contiguous().view(torch.int32).long()
-        rw = meta[:, width // 2:].contiguous().view(torch.float32)
-        row, slot = (rids >= 0).nonzero(as_tuple=True)  # only the (token, expert) pairs held here
-        partial = expert_pairs_forward(rx, row, rids[row, slot] - self.start, rw[row, slot],
-                                       ExpertSegment(0, self.w13, self.w2, self.w13_scale, self.w2_scale))
+    # -- sender: layout and pack (compute stream, no host sync)
+    def _prepare(self, mb: _MicroBatch, wire: _Wire, x, ids, weights) -> None:
+        rt = self.runtime
+        T, N = x.shape[0], rt.size
+        owner = rt.owner[ids]
+        hit = torch.zeros(T, N, dtype=torch.bool, device=x.device).scatter_(1, owner, True)
+        h = hit.long()
+        mb.send_counts = h.sum(0)
+        first = mb.send_counts.cumsum(0) - mb.send_counts
+        mb.slot = torch.where(hit, first + h.cumsum(0) - h, -1)  # send row of (token, destination)
+        if rt.transport == "nccl":  # per destination: rows, then pairs per expert it holds
+            ecount = torch.zeros(rt.num_experts + 1, dtype=torch.long, device=x.device)
+            ecount.scatter_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.long, device=x.device))
+            mb.counts_msg = torch.cat([mb.send_counts[:, None], ecount[rt.count_index]], 1)
+        fields = {"ids": ids.to(torch.int32), "w": weights.float()}
+        if wire.fp8:
+            fields["x"], fields["xs"] = _quantize_rows(x)
+        else:
+            fields["x"] = x
+        if rt.transport == "symm":
+            mb.send = rt.symm.send[mb.index].view(torch.uint8)
+        else:
+            mb.send = torch.empty((T * min(N, rt.top_k), wire.width), dtype=torch.uint8, device=x.device)
+        views = wire.views(mb.send)
+        for name, src in fields.items():
+            _scatter_rows(src, mb.slot, views[name])
 
-        back = partial.new_empty((send_tok.numel(), H))
-        t0 = rt.begin_collective()
-        dist.all_to_all_single(back, partial, in_splits, out_splits, group=pg)
-        rt.end_collective(t0)
-        esz = x.element_size()
-        self_rows = in_splits[rt.rank]
-        rt.sent_bytes += (sum(in_splits) - self_rows) * payload.shape[1] * esz + (sum(out_splits) - out_splits[rt.rank]) * H * esz
-        rt.received_bytes += (sum(out_splits) - out_splits[rt.rank]) * payload.shape[1] * esz + (sum(in_splits) - self_rows) * H * esz
-        return torch.zeros_like(x).index_add_(0, send_tok, back)
+    def _exchange_counts(self, mbs: list[_MicroBatch]) -> None:
+        """nccl: counts of every micro-batch in one tiny all-to-all, then the layer's one host sync."""
+        rt = self.runtime
+        N, C = rt.size, rt.count_index.shape[1] + 1
+        msg = torch.cat([mb.counts_msg for mb in mbs], 1)
+        got = torch.empty_like(msg)
+        with rt.timed("wait"):
+            dist.all_to_all_single(got, msg, group=rt.process_group)
+        host = torch.cat([mb.send_counts for mb in mbs] + [got.reshape(-1)]).tolist()
+        rt.host_syncs += 1
+        recv = host[len(mbs) * N:]
+        got = got.view(N, len(mbs), C)
+        for i, mb in enumerate(mbs):
+            mb.send_splits = host[i * N:(i + 1) * N]
+            rows = [recv[(r * len(mbs) + i) * C:(r * len(mbs) + i + 1) * C] for r in range(N)]
+            mb.recv_splits = [row[0] for row in rows]
+            mb.counts_host = [sum(row[1 + g] for row in rows) for g in range(self.count)]
+            mb.counts = got[:, i, 1:1 + self.count].sum(0)
+
+    # -- dispatch
+    def _dispatch(self, mb: _MicroBatch, wire: _Wire, fence: bool) -> None:
+        rt = self.runtime
+        if fence:
+            rt.fence()
+        if rt.transport == "symm":
+            s = rt.symm
+            s.in_d[mb.index].copy_(mb.send_counts)
+            with rt.timed("transfer"):
+                torch.ops.symm_mem.all_to_all_vdev(s.send[mb.index], s.recv[mb.index], s.in_d[mb.index],
+                                                   s.oso_d[mb.index], rt.group_name)
+            mb.recv = s.recv[mb.index].view(torch.uint8)
+            return
+        S, R = sum(mb.send_splits), sum(mb.recv_splits)
+        mb.recv = torch.empty((R, wire.width), dtype=torch.uint8, device=mb.send.device)
+        with rt.timed("transfer"):
+            dist.all_to_all_single(mb.recv, mb.send[:S], mb.recv_splits, mb.send_splits, group=rt.process_group)
+        rt.count_bytes(mb.send_splits, mb.recv_splits, wire.width)
+
+    # -- receiver: sort pairs by expert, grouped GEMM, one-pass weighted reduction per row
+    def _experts(self, mb: _MicroBatch, wire: _Wire, x: torch.Tensor) -> None:
+        rt = self.runtime
+        K, E = rt.top_k, self.count
+        views = wire.views(mb.recv)
+        if rt.transport == "symm":  # sizes are on the device: the layer's one host sync is here
+            oso = rt.symm.oso_d[mb.index]
+            rmax = mb.recv.shape[0]
+            live = torch.arange(rmax, device=x.device) < oso[0].sum()
+            local = views["ids"].long() - self.start
+            ok = (local >= 0) & (local < E) & live[:, None]
+            ecount = torch.zeros(E + 1, dtype=torch.long, device=x.device)
+            ecount.scatter_add_(0, torch.where(ok, local, E).reshape(-1), torch.ones(rmax * K, dtype=torch.long,
+                                                                                     device=x.device))
+            host = torch.cat([oso[0], mb.send_counts, ecount[:E]]).tolist()
+            rt.host_syncs += 1
+            mb.recv_splits, mb.send_splits = host[:rt.size], host[rt.size:2 * rt.size]
+            mb.counts_host, mb.counts = host[2 * rt.size:], ecount[:E]
+            rt.count_bytes(mb.send_splits, mb.recv_splits, wire.width)
+        R = sum(mb.recv_splits)
+        views = {k: v[:R] for k, v in views.items()}
+        local = views["ids"].long() - self.start
+        ok = (local >= 0) & (local < E)
+        P = sum(mb.counts_host)
+        order = torch.argsort(torch.where(ok, local, E).reshape(-1), stable=True)[:P]  # pairs held here, by expert
+        pos = torch.full((R * K,), -1, dtype=torch.long, device=x.device)
+        pos[order] = torch.arange(P, device=x.device)
+        src = order // K
+        xs = _gather_rows(views["x"], src)
+        xs_scale = _gather_rows(views["xs"], src) if wire.fp8 else None
+        ys = sorted_experts_forward(xs, mb.counts, self._segment(), mb.counts_host, xs_scale, out_dtype=x.dtype)
+        if rt.transport == "symm":
+            mb.partial = rt.symm.partial[mb.index][:R]
+        else:
+            mb.partial = torch.empty((R, x.shape[1]), dtype=x.dtype, device=x.device)
+        _gather_reduce(ys, pos.view(R, K), views["w"], mb.partial)
+
+    # -- combine
+    def _combine(self, mb: _MicroBatch, x: torch.Tensor) -> None:
+        rt = self.runtime
+        rt.fence()  # peers finish their experts here, not inside the transfer
+        row_bytes = x.shape[1] * x.element_size()
+        if rt.transport == "symm":
+            s = rt.symm
+            s.in_c[mb.index].copy_(s.oso_d[mb.index][0])
+            with rt.timed("transfer"):
+                torch.ops.symm_mem.all_to_all_vdev(s.partial[mb.index], s.back[mb.index], s.in_c[mb.index],
+                                                   s.oso_c[mb.index], rt.group_name)
+            mb.back = s.back[mb.index]
+        else:
+            mb.back = torch.empty((sum(mb.send_splits), x.shape[1]), dtype=x.dtype, device=x.device)
+            with rt.timed("transfer"):
+                dist.all_to_all_single(mb.back, mb.partial, mb.send_splits, mb.recv_splits, group=rt.process_group)
+        rt.count_bytes(mb.recv_splits, mb.send_splits, row_bytes)
+
+    def _finish(self, mb: _MicroBatch, out: torch.Tensor) -> None:
+        """Each token sums the partial rows of the ranks it visited (gather, one pass)."""
+        _gather_reduce(mb.back, mb.slot, None, out[mb.rows])
+
+
+# --------------------------------------------------------------------------- runtime
+_SYMM_CACHE: dict = {}
+
+
+class _SymmBuffers:
+    """Worst-case-sized symmetric-memory buffers, one set per micro-batch, shared by all layers
+    (the fences order their reuse)."""
+
+    def __init__(self, rt: "DEPRuntime", wire: _Wire, act_dtype: torch.dtype, device: torch.device):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        n_mb = 2 if rt.overlap else 1
+        cap = -(-rt.max_tokens // n_mb)  # tokens per micro-batch and rank
+        N, fan, H = rt.size, min(rt.size, rt.top_k), wire.hidden
+        esz = torch.empty(0, dtype=act_dtype).element_size()
+        self.key = (wire.width, act_dtype, H)
+        need = n_mb * (cap * fan * (wire.width + H * esz) + N * cap * (wire.width + H * esz))
+        os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(int(need * 1.25) + (512 << 20)))
+        try:
+            current = symm_mem.get_backend(device)
+        except Exception:  # noqa: BLE001 - older torch: no query, just set it
+            current = None
+        if current != "NVSHMEM":
+            symm_mem.set_backend("NVSHMEM")
+        with contextlib.suppress(Exception):  # needed by older torch, a no-op or gone in newer
+            symm_mem.enable_symm_mem_for_group(rt.group_name)
+
+        def alloc(*shape, dtype):
+            t = symm_mem.empty(*shape, dtype=dtype, device=device)
+            symm_mem.rendezvous(t, rt.group_name)
+            return t
+
+        bf = torch.bfloat16  # rows travel as bf16 columns (the dtype measured with all_to_all_vdev)
+        self.send = [alloc(cap * fan, wire.width // 2, dtype=bf) for _ in range(n_mb)]
+        self.recv = [alloc(N * cap, wire.width // 2, dtype=bf) for _ in range(n_mb)]
+        self.partial = [alloc(N * cap, H, dtype=act_dtype) for _ in range(n_mb)]
+        self.back = [alloc(cap * fan, H, dtype=act_dtype) for _ in range(n_mb)]
+        # Splits/offsets: one tensor per operation (its signal pad is the op's scratch).
+        self.in_d = [alloc(N, dtype=torch.int64) for _ in range(n_mb)]
+        self.oso_d = [alloc(2, N, dtype=torch.int64) for _ in range(n_mb)]
+        self.in_c = [alloc(N, dtype=torch.int64) for _ in range(n_mb)]
+        self.oso_c = [alloc(2, N, dtype=torch.int64) for _ in range(n_mb)]
+        self.cap = cap
+        self.nbytes = need
 
 
 class DEPRuntime:
     """Per-rank state of DEP and its per-step statistics."""
 
-    def __init__(self, model: MoECausalLM, process_group, rank: int, size: int, device: torch.device):
+    def __init__(self, model: MoECausalLM, process_group, rank: int, size: int, device: torch.device,
+                 transport: str = "nccl", overlap: bool = False, max_tokens: int = 16384, wire: str = "auto"):
         cfg = model.config
+        if transport not in TRANSPORTS:
+            raise ValueError(f"DEP transport {transport!r}: choose from {', '.join(TRANSPORTS)}")
+        if wire not in WIRES:
+            raise ValueError(f"DEP wire {wire!r}: choose from {', '.join(WIRES)}")
+        if transport == "symm" and device.type != "cuda":
+            raise ValueError("transport='symm' (NVSHMEM symmetric memory) needs CUDA")
         self.model, self.process_group, self.rank, self.size = model, process_group, rank, size
+        self.transport, self.overlap, self.max_tokens, self.wire = transport, overlap, max_tokens, wire
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
         self.ranges = ep_ranges(cfg.num_experts, size)
         owner = torch.empty(cfg.num_experts, dtype=torch.long)
         for r, rg in enumerate(self.ranges):
             owner[rg.start:rg.stop] = r
         self.owner = owner.to(device)
+        width = max(len(rg) for rg in self.ranges)  # global expert ids per rank, padded with E (count 0)
+        self.count_index = torch.tensor([list(rg) + [cfg.num_experts] * (width - len(rg)) for rg in self.ranges],
+                                        dtype=torch.long, device=device)
         self.cuda = device.type == "cuda"
-        self.sent_bytes = self.received_bytes = 0
-        self._events: list[tuple] = []
-        self._wall: list[float] = []
+        self.device = device
+        self.group_name = getattr(process_group, "group_name", None) if process_group is not None else \
+            dist.group.WORLD.group_name
+        self.comm_stream = torch.cuda.Stream(device) if self.cuda and overlap else None
+        self._flag = torch.zeros(1, dtype=torch.int32, device=device)
+        self.wires: dict = {}
+        self.symm: _SymmBuffers | None = None
+        self.sent_bytes = self.received_bytes = self.host_syncs = 0
+        self.layer = -1
+        self._spans: list[tuple] = []  # (kind, exposed, layer, start, end)
+        self._step0 = None
         self.step_stats: list[DEPStepStats] = []
         self._hooks = [model.register_forward_pre_hook(self._begin_step),
                        model.register_forward_hook(self._end_step)]
 
-    def begin_collective(self):
-        if self.cuda:  # events on the compute stream bracket NCCL's kernels (which spin for peers)
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+    # -- symmetric buffers
+    def symm_buffers(self, wire: _Wire, x: torch.Tensor, T: int) -> None:
+        if T > self.max_tokens:
+            raise ValueError(f"DEP symm transport: {T} tokens in a step exceed max_tokens={self.max_tokens} "
+                             "(the symmetric buffers are sized for it; raise DWDP_DEP_MAX_TOKENS)")
+        if self.symm is None:
+            # Shared by runtimes of the same group and layout (the symmetric heap is fixed-size).
+            key = (self.group_name, self.size, self.top_k, self.overlap, self.max_tokens, wire.width, wire.hidden,
+                   x.dtype, x.device)
+            if key not in _SYMM_CACHE:
+                _SYMM_CACHE[key] = _SymmBuffers(self, wire, x.dtype, x.device)
+            self.symm = _SYMM_CACHE[key]
+        elif self.symm.key != (wire.width, x.dtype, wire.hidden):
+            raise ValueError("DEP symm transport: every MoE layer must use the same row layout")
 
-    def end_collective(self, t0) -> None:
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            self._events.append((t0, ev))
+    # -- streams (overlap on CUDA; no-ops otherwise)
+    def on_comm(self):
+        if self.comm_stream is None:
+            return contextlib.nullcontext()
+        self.comm_stream.wait_stream(torch.cuda.current_stream())  # everything issued so far
+        return torch.cuda.stream(self.comm_stream)
+
+    def record_comm(self):
+        if self.comm_stream is None:
+            return None
+        ev = torch.cuda.Event()
+        ev.record(self.comm_stream)
+        return ev
+
+    def wait_comm(self, ev) -> None:
+        """The compute stream waits for ``ev`` (or the whole comm stream); the stall is timed."""
+        if self.comm_stream is None:
+            return
+        cur = torch.cuda.current_stream()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(cur)
+        if ev is None:
+            cur.wait_stream(self.comm_stream)
         else:
-            self._wall.append(time.perf_counter() - t0)
+            cur.wait_event(ev)
+        b.record(cur)
+        self._spans.append(("stall", True, self.layer, a, b))
+
+    # -- timing
+    @contextlib.contextmanager
+    def timed(self, kind: str):
+        on_comm = self.comm_stream is not None and torch.cuda.current_stream() == self.comm_stream
+        exposed = not on_comm
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            yield
+            b.record()
+        else:
+            a = time.perf_counter()
+            yield
+            b = time.perf_counter()
+        self._spans.append((kind, exposed, self.layer, a, b))
+
+    def fence(self) -> None:
+        """A one-element all_reduce: returns once every peer got here (absorbs their lateness)."""
+        with self.timed("wait"):
+            dist.all_reduce(self._flag, group=self.process_group)
+
+    def count_bytes(self, sent_splits: list[int], recv_splits: list[int], row_bytes: int) -> None:
+        self.sent_bytes += (sum(sent_splits) - sent_splits[self.rank]) * row_bytes
+        self.received_bytes += (sum(recv_splits) - recv_splits[self.rank]) * row_bytes
 
     def _begin_step(self, module, args):
-        self.sent_bytes = self.received_bytes = 0
-        self._events, self._wall = [], []
+        self.sent_bytes = self.received_bytes = self.host_syncs = 0
+        self._spans, self.layer = [], -1
+        if self.cuda:
+            self._step0 = torch.cuda.Event(enable_timing=True)
+            self._step0.record()
+        else:
+            self._step0 = time.perf_counter()
 
     def _end_step(self, module, args, output):
         if self.cuda:
-            torch.cuda.current_stream().synchronize()
-            per = [a.elapsed_time(b) / 1e3 for a, b in self._events]
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            torch.cuda.synchronize()
+            dur = lambda a, b: a.elapsed_time(b) / 1e3  # noqa: E731
+            step = dur(self._step0, end)
         else:
-            per = self._wall
-        # Two collectives in dispatch and one in combine are bracketed per layer: fold per layer.
-        layers = [sum(per[i:i + 2]) for i in range(0, len(per), 2)]
-        self.step_stats.append(DEPStepStats(sum(per), self.sent_bytes, self.received_bytes, layers))
+            dur = lambda a, b: b - a  # noqa: E731
+            step = time.perf_counter() - self._step0
+        layers = [0.0] * (self.layer + 1)
+        exposed = transfer = wait = 0.0
+        for kind, exp, layer, a, b in self._spans:
+            d = dur(a, b)
+            if exp:
+                exposed += d
+                layers[layer] += d
+            if kind == "transfer":
+                transfer += d
+            elif kind == "wait":
+                wait += d
+        self.step_stats.append(DEPStepStats(exposed, self.sent_bytes, self.received_bytes, layers, step,
+                                            max(0.0, step - exposed), transfer, wait, self.host_syncs))
 
     def memory_bytes(self) -> dict[str, int]:
         expert_params = {id(p) for b in self.model.moe_blocks() for p in b.experts.parameters()}
@@ -163,18 +573,36 @@ class DEPRuntime:
             h.remove()
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
+
+
 @torch.no_grad()
-def apply_dep(model: MoECausalLM, process_group, rank: int, size: int) -> DEPRuntime:
-    """Turn ``model`` (holding expert share ``ep_ranges(E, size)[rank]``) into a DEP rank."""
+def apply_dep(model: MoECausalLM, process_group, rank: int, size: int, *, transport: str | None = None,
+              overlap: bool | None = None, max_tokens: int | None = None, wire: str | None = None) -> DEPRuntime:
+    """Turn ``model`` (holding expert share ``ep_ranges(E, size)[rank]``) into a DEP rank.
+
+    transport: "nccl" (all_to_all_single; default) or "symm" (NVSHMEM all_to_all_vdev over
+    symmetric buffers sized for ``max_tokens`` tokens per rank and step). overlap: two-batch
+    overlap of communication with expert compute. wire: "auto" (FP8 rows with 1x128
+    scales when the experts are FP8 and computed by the FP8 kernel, else the activation
+    dtype), "native" or "fp8". Unset options come from DWDP_DEP_TRANSPORT,
+    DWDP_DEP_OVERLAP, DWDP_DEP_MAX_TOKENS, DWDP_DEP_WIRE (so ``dwdp bench`` can pick them).
+    """
     cfg = model.config
     want = ep_ranges(cfg.num_experts, size)[rank]
     device = next(model.parameters()).device
-    rt = DEPRuntime(model, process_group, rank, size, device)
+    transport = transport or os.environ.get("DWDP_DEP_TRANSPORT", "nccl")
+    overlap = _env_flag("DWDP_DEP_OVERLAP") if overlap is None else overlap
+    max_tokens = max_tokens or int(os.environ.get("DWDP_DEP_MAX_TOKENS", 16384))
+    wire = wire or os.environ.get("DWDP_DEP_WIRE", "auto")
     blocks: list[MoEBlock] = model.moe_blocks()
     for b in blocks:
         ex = b.experts
         if not isinstance(ex, RoutedExperts) or ex.expert_range != want:
             raise ValueError(f"apply_dep needs each MoE layer to hold exactly experts {want.start}..{want.stop - 1} "
                              f"(build_model(expert_shard=...)); found {getattr(ex, 'expert_range', type(ex))}")
-        b.experts = DEPExperts(rt, ex)
+    rt = DEPRuntime(model, process_group, rank, size, device, transport, overlap, max_tokens, wire)
+    for b in blocks:
+        b.experts = DEPExperts(rt, b.experts)
     return rt
