@@ -255,6 +255,7 @@ def cmd_bench(args) -> int:
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, local_experts=args.local_experts,
                      slice_mb=args.slice_mb, copy_streams=args.copy_streams, expert_dtype=args.expert_dtype,
+                     dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
                      seed=args.seed,
                      peer_timeout_s=args.peer_timeout,
                      ceilings=args.ceilings, diagnostic=args.diagnostic, progress=sys.stderr.isatty())
@@ -518,6 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
     bench.add_argument("--expert-dtype", default="same", choices=["same", "fp8"],
                        help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
+    bench.add_argument("--dep-transport", default="nccl", choices=["nccl", "symm"],
+                       help="DEP all-to-all: nccl (all_to_all_single) or symm (NVSHMEM one-sided, GPU)")
+    bench.add_argument("--dep-overlap", action="store_true",
+                       help="DEP two-batch overlap: one micro-batch's all-to-all under the other's experts")
+    bench.add_argument("--dep-wire", default="auto", choices=["auto", "native", "fp8"],
+                       help="DEP dispatch rows: auto = FP8 with 1x128 scales when experts are FP8")
     bench.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent peer fails the run")
     bench.add_argument("--ceilings", action="store_true", help="GPU: also measure all-to-all bandwidth")
     bench.add_argument("--diagnostic", default=None, choices=["trace", "skip-pulls"],

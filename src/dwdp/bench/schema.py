@@ -59,6 +59,12 @@ class RankSummary:
     step_tokens: list[int]
     step_seconds: list[float]
     memory: dict | None = None  # the runtime's memory report (bytes by part)
+    # Every strategy: GPU-busy time outside collectives and waits, time moving bytes between
+    # GPUs (DWDP: pulls on the copy engine, overlapped with compute), time waiting for peers.
+    compute_s: float | None = None
+    transfer_s: float | None = None
+    peer_wait_s: float | None = None
+    host_syncs: int | None = None  # dep: host synchronisations inside steps
     # dep
     collective_s: float | None = None  # inside all-to-alls, waiting for the slowest peer included
     step_collective_s: list[float] | None = None

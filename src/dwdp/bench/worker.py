@@ -31,6 +31,9 @@ class BenchSpec:
     local_experts: int | None = None  # DWDP L
     slice_mb: float | None = None  # DWDP sliced pulls
     copy_streams: int = 1  # DWDP copy streams per rank
+    dep_transport: str = "nccl"  # DEP: nccl or symm (NVSHMEM one-sided)
+    dep_overlap: bool = False  # DEP two-batch overlap
+    dep_wire: str = "auto"  # DEP dispatch row format
     expert_dtype: str = "same"  # "fp8": routed experts stored and pulled as FP8 e4m3 + block scales
     warmup: bool = True
     seed: int = 0  # random weights
@@ -48,6 +51,7 @@ class BenchSpec:
         return RankSpec(model=self.model, strategy=strategy, num_layers=self.num_layers, dtype=self.dtype,
                         device=self.device, group_size=self.n, local_experts=self.local_experts,
                         expert_dtype=self.expert_dtype, slice_mb=self.slice_mb, copy_streams=self.copy_streams,
+                        dep_transport=self.dep_transport, dep_overlap=self.dep_overlap, dep_wire=self.dep_wire,
                         seed=self.seed, max_num_tokens=max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
     def to_dict(self) -> dict:

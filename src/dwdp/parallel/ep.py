@@ -48,7 +48,7 @@ still read.
 
 Every MoE layer is a point where all ranks of the group wait for the slowest: the
 synchronization DWDP removes. Ranks with nothing to do must still run (dummy) steps so
-the collectives line up; :func:`dwdp.engine.run_lockstep` does that. A rank with zero
+the collectives line up; :class:`dwdp.engine.StepDriver` does that. A rank with zero
 tokens in a layer still runs every collective.
 """
 
@@ -465,7 +465,7 @@ class DEPRuntime:
     def symm_buffers(self, wire: _Wire, x: torch.Tensor, T: int) -> None:
         if T > self.max_tokens:
             raise ValueError(f"DEP symm transport: {T} tokens in a step exceed max_tokens={self.max_tokens} "
-                             "(the symmetric buffers are sized for it; raise DWDP_DEP_MAX_TOKENS)")
+                             "(the symmetric buffers are sized for it; raise --max-num-tokens)")
         if self.symm is None:
             # Shared by runtimes of the same group and layout (the symmetric heap is fixed-size).
             key = (self.group_name, self.size, self.top_k, self.overlap, self.max_tokens, wire.width, wire.hidden,
@@ -573,29 +573,20 @@ class DEPRuntime:
             h.remove()
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() not in ("", "0", "false", "no")
-
-
 @torch.no_grad()
-def apply_dep(model: MoECausalLM, process_group, rank: int, size: int, *, transport: str | None = None,
-              overlap: bool | None = None, max_tokens: int | None = None, wire: str | None = None) -> DEPRuntime:
+def apply_dep(model: MoECausalLM, process_group, rank: int, size: int, *, transport: str = "nccl",
+              overlap: bool = False, max_tokens: int = 16384, wire: str = "auto") -> DEPRuntime:
     """Turn ``model`` (holding expert share ``ep_ranges(E, size)[rank]``) into a DEP rank.
 
     transport: "nccl" (all_to_all_single; default) or "symm" (NVSHMEM all_to_all_vdev over
     symmetric buffers sized for ``max_tokens`` tokens per rank and step). overlap: two-batch
     overlap of communication with expert compute. wire: "auto" (FP8 rows with 1x128
     scales when the experts are FP8 and computed by the FP8 kernel, else the activation
-    dtype), "native" or "fp8". Unset options come from DWDP_DEP_TRANSPORT,
-    DWDP_DEP_OVERLAP, DWDP_DEP_MAX_TOKENS, DWDP_DEP_WIRE (so ``dwdp bench`` can pick them).
+    dtype), "native" or "fp8". ``dwdp bench --dep-transport/--dep-overlap/--dep-wire`` set them.
     """
     cfg = model.config
     want = ep_ranges(cfg.num_experts, size)[rank]
     device = next(model.parameters()).device
-    transport = transport or os.environ.get("DWDP_DEP_TRANSPORT", "nccl")
-    overlap = _env_flag("DWDP_DEP_OVERLAP") if overlap is None else overlap
-    max_tokens = max_tokens or int(os.environ.get("DWDP_DEP_MAX_TOKENS", 16384))
-    wire = wire or os.environ.get("DWDP_DEP_WIRE", "auto")
     blocks: list[MoEBlock] = model.moe_blocks()
     for b in blocks:
         ex = b.experts

@@ -120,11 +120,15 @@ class ExpertParallel(Strategy):
     def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS):
         from .ep import apply_dep
 
-        return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size)
+        return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size,
+                         transport=spec.dep_transport, overlap=spec.dep_overlap, max_tokens=spec.max_num_tokens,
+                         wire=spec.dep_wire)
 
     def step_report(self, runtime):
         st = runtime.step_stats
-        return {"collective_s": [s.collective_s for s in st], "a2a_sent_bytes": sum(s.sent_bytes for s in st)}
+        return {"collective_s": [s.collective_s for s in st], "a2a_sent_bytes": sum(s.sent_bytes for s in st),
+                "compute_s": [s.compute_s for s in st], "transfer_s": [s.transfer_s for s in st],
+                "peer_wait_s": [s.wait_s for s in st], "host_syncs": sum(s.host_syncs for s in st)}
 
 
 class DistributedWeights(Strategy):
@@ -150,7 +154,9 @@ class DistributedWeights(Strategy):
     def step_report(self, runtime):
         st = runtime.step_stats
         return {"exposed_wait_s": [s.exposed_wait_s for s in st], "pulled_bytes": sum(s.pulled_bytes for s in st),
-                "pull_seconds": sum(sum(s.pull_seconds) for s in st)}
+                "pull_seconds": sum(sum(s.pull_seconds) for s in st),
+                "transfer_s": [sum(p for p in s.pull_seconds if p == p) for s in st],  # on the copy engine
+                "peer_wait_s": [s.exposed_wait_s for s in st]}
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (DataParallel(), ExpertParallel(), DistributedWeights())}
