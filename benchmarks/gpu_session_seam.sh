@@ -7,16 +7,17 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISAB
 export DWDP_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt" 2>&1
 python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())" >> "$OUT/gpus.txt"
+G=$(python3 -c "import torch; print(torch.cuda.device_count())")
 timeout 180 python3 -m pytest -q -x tests/test_gpu_kernels.py tests/test_dep_gpu.py > "$OUT/gpu_tests.txt" 2>&1
 echo "gpu tests rc=$?" | tee -a "$OUT/log"
-timeout 200 python3 -m dwdp.cli bench --device cuda -W 4 --model qwen3-235b-a22b --num-layers 4 --dist normal \
+timeout 200 python3 -m dwdp.cli bench --device cuda -W $G --model qwen3-235b-a22b --num-layers 4 --dist normal \
   --isl 8192 --cv 0.2 --max-num-tokens 16384 --num-requests 16 --strategies dp,dep,dwdp --ceilings \
   --out "$OUT/smoke_bench.json" > "$OUT/smoke_bench.txt" 2>&1
 echo "smoke bench rc=$?" | tee -a "$OUT/log"
-timeout 150 python3 benchmarks/dep_gpu.py -N 4 --transports nccl --overlap 0,1 --iters 3 --out "$OUT/dep_gpu_nccl.json" \
+timeout 150 python3 benchmarks/dep_gpu.py -N $G --transports nccl --overlap 0,1 --iters 3 --out "$OUT/dep_gpu_nccl.json" \
   > "$OUT/dep_gpu_nccl.txt" 2>&1
 echo "dep nccl rc=$?" | tee -a "$OUT/log"
-timeout 90 python3 benchmarks/dep_gpu.py -N 4 --transports symm --overlap 0 --dtypes bf16 --iters 3 \
+timeout 90 python3 benchmarks/dep_gpu.py -N $G --transports symm --overlap 0 --dtypes bf16 --iters 3 \
   --out "$OUT/dep_gpu_symm.json" > "$OUT/dep_gpu_symm.txt" 2>&1
 echo "dep symm rc=$?" | tee -a "$OUT/log"
 tail -3 "$OUT"/*.txt
