@@ -87,6 +87,12 @@ def _symm_ok():
 def test_dep_layer_on_two_gpus_matches_one_gpu(transport, overlap, fp8):
     if transport == "symm" and not _symm_ok():
         pytest.skip("NVSHMEM not available")
+    if transport == "symm":
+        # Seen on 2x H200, torch 2.11: torch's NVSHMEM allToAllV kernel asserts
+        # (`block_size * blocks_per_peer == peer_size`, nvshmem_extension.cu:267) on this
+        # test's small splits; at 16K-32K tokens it runs but reaches ~50 GB/s against NCCL's
+        # 220-240 (benchmarks/results/2026-11-28_dep_gpu_symm_*). Opt-in, experimental.
+        pytest.xfail("torch 2.11 NVSHMEM all_to_all_vdev asserts on small splits (see comment)")
     from dep_workers import dep_gpu_worker
     from dwdp.parallel.launch import spawn_local
 
