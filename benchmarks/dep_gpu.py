@@ -153,6 +153,10 @@ def worker(args) -> dict:
                             rt.step_stats.clear()
                             for _ in range(args.iters):
                                 model(x, ids, w)
+                        if args.profile and not rows:  # the first variant: where the time goes (every
+                            # rank runs the profiled steps: they hold collectives; rank 0 writes)
+                            _profile(args.profile if rank == 0 else None, lambda: model(x, ids, w),
+                                     lambda: full(x, ids, w))
                         st = rt.step_stats
                         med = {k: _median([getattr(s, k) for s in st])
                                for k in ("step_s", "compute_s", "transfer_s", "wait_s", "collective_s")}
@@ -179,6 +183,23 @@ def worker(args) -> dict:
         del full, shard
         torch.cuda.empty_cache()
     return {"rank": rank, "rows": rows}
+
+
+def _profile(path: str | None, dep_step, dp_step) -> None:
+    """Kernel-level GPU time of one DEP layer vs the same layer with every expert local."""
+    from torch.profiler import ProfilerActivity, profile
+
+    text = []
+    for name, fn in (("dep", dep_step), ("dp", dp_step)):
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+        text.append(f"==== {name} (3 iterations)\n"
+                    + prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))
+    if path:
+        with open(path, "w") as f:
+            f.write("\n".join(text))
 
 
 def _table(results: list[dict]) -> str:
@@ -227,6 +248,7 @@ def main(argv=None):
     ap.add_argument("--transports", default="nccl,symm")
     ap.add_argument("--overlap", default="0,1")
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--profile", default=None, help="rank 0: torch.profiler table of the first variant here")
     args = ap.parse_args(argv)
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.dtypes = args.dtypes.split(",")
