@@ -257,10 +257,13 @@ class DEPExperts(nn.Module):
         T, N = x.shape[0], rt.size
         owner = rt.owner[ids]
         hit = torch.zeros(T, N, dtype=torch.bool, device=x.device).scatter_(1, owner, True)
-        h = hit.long()
-        mb.send_counts = h.sum(0)
+        # Scan along tokens as rows of a [N, T] tensor: torch's scan over the outer dim of a
+        # [T, N] tensor (few columns) is a slow kernel, ~1.5 ms per layer at 16K tokens on H200.
+        ht = hit.t().to(torch.int32).contiguous()
+        mb.send_counts = ht.sum(1, dtype=torch.long)
         first = mb.send_counts.cumsum(0) - mb.send_counts
-        mb.slot = torch.where(hit, first + h.cumsum(0) - h, -1)  # send row of (token, destination)
+        before = (ht.cumsum(1, dtype=torch.long) - ht).t()  # [T, N]: earlier tokens bound for the same rank
+        mb.slot = torch.where(hit, first + before, -1).contiguous()  # send row of (token, destination)
         if rt.transport == "nccl":  # per destination: rows, then pairs per expert it holds
             ecount = torch.zeros(rt.num_experts + 1, dtype=torch.long, device=x.device)
             ecount.scatter_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.long, device=x.device))
