@@ -23,7 +23,7 @@ COUNTERS = {
     "dwdp_engine_faults_total": "Engine steps that raised (their requests failed, the loop went on).",
 }
 GAUGES = {
-    "dwdp_queue_depth": "Requests admitted and waiting for prefill or for a decode slot.",
+    "dwdp_queue_depth": "Requests in flight and not in the decode batch (waiting for prefill or a decode slot).",
     "dwdp_running_requests": "Requests in the decode batch.",
     "dwdp_tokens_per_second": "Tokens generated per second by the last decode step.",
     "dwdp_degraded": "1 while the server runs degraded (e.g. prefill group down, local fallback).",
@@ -50,6 +50,10 @@ class Metrics:
 
     def set(self, name: str, v: float) -> None:
         self._gauges[name].set(v)
+
+    def bind(self, name: str, fn) -> None:
+        """Make a gauge report ``fn()`` whenever it is scraped."""
+        self._gauges[name].set_function(fn)
 
     def observe(self, hist: str, v: float) -> None:
         self._hists[hist].observe(v)

@@ -234,6 +234,13 @@ class TextStream:
             self.read = len(self.ids)
         return self._emit(final=True)
 
+    def _partial_stop(self) -> int:
+        """Length of the longest tail of the text that begins some stop string."""
+        for n in range(min(len(self.text), max(map(len, self.stops)) - 1), 0, -1):
+            if any(s.startswith(self.text[-n:]) for s in self.stops):
+                return n
+        return 0
+
     def _emit(self, final: bool) -> str:
         if self.stops and not self.stopped:
             start = max(0, self.sent - max(map(len, self.stops)))
@@ -242,7 +249,7 @@ class TextStream:
                 self.text, self.stopped = self.text[:min(hits)], True
         end = len(self.text)
         if self.stops and not (final or self.stopped):
-            end = max(self.sent, end - (max(map(len, self.stops)) - 1))
+            end = max(self.sent, end - self._partial_stop())
         out, self.sent = self.text[self.sent:end], end
         return out
 

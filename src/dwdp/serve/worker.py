@@ -102,10 +102,13 @@ class ServingWorker(threading.Thread):
         self._live: dict[str, ServeRequest] = {}  # admitted and not finished
         self._emitted: dict[str, int] = {}
         self._cancels: deque[str] = deque()
-        self._faults = 0  # engine steps failed in a row
+        self._faults = {"prefill": 0, "decode": 0}  # steps of each engine failed in a row
         self._lock = threading.Lock()
         self._next_id = 0
         self._start = time.perf_counter()
+        # Read at scrape time, so they are current even while a step runs.
+        self.metrics.bind("dwdp_queue_depth", lambda: max(0, len(self._live) - len(self.decode.active)))
+        self.metrics.bind("dwdp_running_requests", lambda: len(self.decode.active))
 
     # -- called from HTTP threads ------------------------------------------------------
     def submit(self, req: ServeRequest) -> ServeRequest:
@@ -195,8 +198,6 @@ class ServingWorker(threading.Thread):
                 self._apply_cancels()
                 if self.decode.has_work:
                     self._guarded("decode", self._decode_step, self._fail_decode)
-                self.metrics.set("dwdp_queue_depth", self._prefill_queue_depth() + len(self.decode.waiting))
-                self.metrics.set("dwdp_running_requests", len(self.decode.active))
         except BaseException as e:  # a bug in the loop itself: report, fail every request, never hang a client
             self._go_down(f"serving loop crashed: {type(e).__name__}: {e}")
 
@@ -205,15 +206,15 @@ class ServingWorker(threading.Thread):
         steps keep failing (then the device, not a request, is broken: go down)."""
         try:
             step()
-            self._faults = 0
+            self._faults[what] = 0
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            self._faults += 1
+            self._faults[what] += 1
             self.metrics.inc("dwdp_engine_faults_total")
             msg = f"{what} step failed: {type(e).__name__}: {e}"
             on_fault(msg)
-            if self._faults >= self.max_engine_faults:
-                raise RuntimeError(f"{self._faults} engine steps failed in a row; last: {msg}") from e
+            if self._faults[what] >= self.max_engine_faults:
+                raise RuntimeError(f"{self._faults[what]} {what} engine steps failed in a row; last: {msg}") from e
 
     def _go_down(self, msg: str) -> None:
         self.failure = msg
