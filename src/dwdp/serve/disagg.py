@@ -162,15 +162,17 @@ class PrefillPool:
         self.inqs[r].put((rid, prompt))
 
     def poll(self):
-        """Finished prefills so far: [(id, logits, kv, prompt_len)]; raises if a rank failed."""
-        out = []
-        while True:
+        """Finished prefills so far: [(id, logits, kv, prompt_len)]; raises if a rank failed
+        (once the results that arrived before the failure have been returned)."""
+        out, failed = [], getattr(self, "_failed", None)
+        while failed is None:
             try:
                 kind, rank, val = self.outq.get_nowait()
             except queue.Empty:
                 break
             if kind == "error":
-                raise RuntimeError(f"prefill rank {rank} failed: {val}")
+                failed = f"prefill rank {rank} failed: {val}"
+                break
             if kind == "stats":
                 self.exposed_wait_s += val
                 self.stats_reports += 1
@@ -178,9 +180,11 @@ class PrefillPool:
                 r, n = self.where.pop(val[0], (rank, 0))
                 self.load[r] -= n
                 out.append(val)
-        dead = self.dead()  # a group with a dead rank cannot serve (its peers' pulls would fail)
-        if dead:
-            raise RuntimeError(dead)
+        failed = failed or self.dead()  # a group with a dead rank cannot serve (its peers' pulls would fail)
+        if failed and not out:
+            raise RuntimeError(failed)
+        if failed:
+            self._failed = failed  # deliver what came back first; the next poll raises
         return out
 
     @property
@@ -256,10 +260,13 @@ class DisaggServingWorker(ServingWorker):
 
     # -- supervision --------------------------------------------------------------------
     def _supervise(self) -> None:
-        if self.pool is not None:
-            dead = self.pool.dead()
-            if dead:
-                self._pool_failed(dead)
+        if self.pool is not None and self.pool.dead():
+            try:  # deliver what the group finished before the death; poll raises once drained
+                while True:
+                    for rid, logits, kv, n in self.pool.poll():
+                        self._prefilled(rid, logits, kv, n)
+            except RuntimeError as e:
+                self._pool_failed(str(e))
         if self._restart is not None and not self._restart.is_alive():
             self._restart = None
             new, err = self._restart_result or (None, "restart thread ended without a result")
