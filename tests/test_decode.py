@@ -64,3 +64,41 @@ def test_seeded_sampling_is_reproducible(ref_cases):
     a, _ = _prefill_then_decode(ref.ours(), PROMPTS, p)
     b, _ = _prefill_then_decode(ref.ours(), PROMPTS, p)
     assert all(a[i].tokens == b[i].tokens for i in a)
+
+
+def test_sampling_degenerate_parameters_are_well_defined():
+    """Issue 14: a tiny temperature or top_p used to give NaN probabilities (a crash)."""
+    from dwdp.decode import make_generator
+
+    logits = torch.tensor([0.3, 2.0, -1.0, 1.9])
+    g = make_generator(1)
+    for p in (SamplingParams(temperature=1e-300), SamplingParams(temperature=1.0, top_p=1e-300),
+              SamplingParams(temperature=5e-324, top_k=2)):
+        assert {sample(logits, p, g) for _ in range(20)} == {1}  # greedy, never NaN
+    for seed in (2 ** 63, 2 ** 64 - 1, -(2 ** 63), -1):  # every 64-bit seed, signed or not
+        a = [sample(logits, SamplingParams(temperature=1.0), make_generator(seed)) for _ in range(3)]
+        assert a == [sample(logits, SamplingParams(temperature=1.0), make_generator(seed)) for _ in range(3)]
+    with pytest.raises(ValueError, match="temperature must be a finite number"):
+        SamplingParams(temperature=float("nan")).validate(4)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2 ** 64).validate(4)
+
+
+def test_unseeded_requests_do_not_share_a_stream(ref_cases):
+    """Without a seed each request draws fresh entropy (it used to be seed 0 for all)."""
+    ref = ref_cases["qwen3_moe"]
+    p = SamplingParams(max_tokens=8, temperature=1.0)
+    outs = {tuple(r.tokens) for r in _prefill_then_decode(ref.ours(), [PROMPTS[0]] * 4, p)[0].values()}
+    assert len(outs) > 1
+
+
+def test_a_sampling_failure_ends_that_request_only(ref_cases):
+    ref = ref_cases["qwen3_moe"]
+    res = PrefillEngine(ref.ours(), 16, keep_kv=True).run([Request(i, p) for i, p in enumerate(PROMPTS[:2])])
+    dec = DecodeEngine(ref.ours(), 4)
+    bad = object()  # not a generator: multinomial raises for this request only
+    reqs = [DecodeRequest(0, res[0].kv, res[0].next_token, SamplingParams(max_tokens=4, temperature=1.0), 0, bad),
+            DecodeRequest(1, res[1].kv, res[1].next_token, SamplingParams(max_tokens=4), 0)]
+    out = {r.id: r for r in dec.run(reqs)}
+    assert out[0].finish_reason == "error" and "sampling failed" in out[0].error
+    assert out[1].finish_reason == "length" and len(out[1].tokens) == 4

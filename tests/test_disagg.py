@@ -1,9 +1,11 @@
 """Disaggregated serving on CPU: a DWDP (or DEP) prefill group in separate processes hands
 each request's KV cache to decode in the server process; greedy output equals
-transformers' generate, and a dead prefill rank fails requests loudly."""
+transformers' generate; a dead prefill rank fails the requests it held, the server
+reports degraded at once, prefills locally meanwhile and restarts the group."""
 
 from __future__ import annotations
 
+import time
 
 import pytest
 import torch
@@ -41,26 +43,77 @@ def test_disaggregated_greedy_equals_transformers(ref_cases, strategy):
                                    pad_token_id=0)[0, len(p):].tolist()
             assert (tokens, reason) == (want, "length"), f"{strategy} prompt {p[:3]}..."
         assert sorted(pool.load) == [0, 0]  # every routed prompt came back
-        if strategy == "dwdp":  # the prefill ranks' pull waits reach the server's metrics
-            assert "dwdp_prefill_exposed_wait_seconds_total" in worker.metrics.render()
-            assert pool.exposed_wait_s >= 0
+        if strategy == "dwdp":  # the prefill ranks' pull waits reach the server's metrics, summed exactly
+            assert pool.stats_reports >= 1  # the ranks did report their steps' exposed wait
+            assert worker.metrics.value("dwdp_prefill_exposed_wait_seconds_total") == pytest.approx(
+                pool.exposed_wait_s, abs=1e-9)
     finally:
         worker.stop(10)
 
 
-def test_dead_prefill_rank_fails_requests(ref_cases):
+def _wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_dead_prefill_rank_fails_its_requests_then_the_server_recovers(ref_cases):
     ref = ref_cases["qwen3_moe"]
     pool = PrefillPool(PrefillPoolSpec(str(ref.path), "dwdp", 2, max_num_tokens=24, peer_timeout_s=5),
                        ready_timeout_s=120)
-    worker = DisaggServingWorker(ref.ours(), pool)
+    worker = DisaggServingWorker(ref.ours(), pool, max_pool_restarts=1)
+    old = list(pool.procs)
+    send = pool.send
+
+    def send_then_kill(rid, prompt):  # rank 1 dies with both requests in the group, deterministically
+        send(rid, prompt)
+        if len(pool.where) == 2:
+            old[1].kill()
+            old[1].join()
+
+    pool.send = send_then_kill
     worker.start()
     try:
-        pool.procs[1].kill()
-        pool.procs[1].join()
-        reqs = [worker.submit(ServeRequest(p, SamplingParams(max_tokens=4, temperature=0))) for p in PROMPTS[:2]]
-        for r in reqs:
-            tokens, reason = _collect(r, timeout=60)
-            assert reason.startswith("error") and "prefill rank" in reason
-        assert worker.failure and "prefill rank 1" in worker.failure
+        params = SamplingParams(max_tokens=4, temperature=0)
+        reqs = [worker.submit(ServeRequest(p, params)) for p in PROMPTS[:2]]
+        outs = [_collect(r, timeout=60) for r in reqs]
+        failed = [o for o in outs if o[1].startswith("error")]
+        assert failed and all("prefill rank 1" in o[1] for o in failed), outs
+        state, reason = worker.health()
+        assert state == "degraded" and "prefill rank 1" in reason and "attempt 1/1" in reason
+        _wait_for(lambda: not any(p.is_alive() for p in old), 15, "the surviving rank reaped")
+        # Meanwhile prompts are prefilled in the server process: correct, not 503.
+        tokens, reason = _collect(worker.submit(ServeRequest(PROMPTS[2], params)), timeout=60)
+        want = ref.hf.generate(torch.tensor([PROMPTS[2]]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                               pad_token_id=0)[0, len(PROMPTS[2]):].tolist()
+        assert (tokens, reason) == (want, "length")
+        _wait_for(lambda: worker.health()[0] == "ok", 120, "the prefill group restarted")
+        assert worker.pool is not None and worker.pool is not pool and all(p.is_alive() for p in worker.pool.procs)
+        assert worker.metrics.value("dwdp_prefill_pool_restarts_total") == 1
+        r = worker.submit(ServeRequest(PROMPTS[2], params))
+        assert _collect(r, timeout=60) == (want, "length")
+        assert worker.pool.outstanding == 0 and sum(worker.pool.load) == 0  # it went through the new group
+        # A second death: the restart budget (1) is spent, local prefill serves for good.
+        worker.pool.procs[0].kill()
+        _wait_for(lambda: "gave up" in (worker.health()[1] or ""), 10, "degraded for good")
+        assert _collect(worker.submit(ServeRequest(PROMPTS[2], params)), timeout=60) == (want, "length")
+    finally:
+        worker.stop(2)
+
+
+def test_dead_idle_rank_is_reported_without_a_request(ref_cases):
+    ref = ref_cases["qwen3_moe"]
+    pool = PrefillPool(PrefillPoolSpec(str(ref.path), "dep", 2, max_num_tokens=24, peer_timeout_s=5),
+                       ready_timeout_s=120)
+    worker = DisaggServingWorker(ref.ours(), pool, max_pool_restarts=0)
+    worker.start()
+    try:
+        assert worker.health() == ("ok", None)
+        t0 = time.monotonic()
+        pool.procs[0].kill()
+        _wait_for(lambda: worker.health()[0] == "degraded", 5, "degraded")
+        assert time.monotonic() - t0 < 2 and "prefill rank" in worker.health()[1]  # the dead one, or its peer's error
+        _wait_for(lambda: not pool.procs[1].is_alive(), 15, "the surviving DEP rank reaped")
     finally:
         worker.stop(2)

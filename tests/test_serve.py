@@ -1,36 +1,39 @@
 """The HTTP server end to end on CPU: OpenAI-compatible completions against transformers'
 generate, streaming, errors with reasons, back-pressure, a crashed worker, shutdown,
-metrics, and the load generator."""
+metrics, the load generator, and hostile clients (every repro of issue 14)."""
 
 from __future__ import annotations
 
 import json
+import random
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 
+import httpx
 import pytest
 import torch
 
 from dwdp.serve.loadtest import run_loadtest
-from dwdp.serve.server import Server, load_tokenizer
+from dwdp.serve.server import Server, TextStream, Detokenizer, load_tokenizer
 from dwdp.serve.worker import ServingWorker
 from dwdp.workload import WorkloadSpec
 
 
-def _server(model, **kw):
+def _server(model, tokenizer=None, server_kw=None, **kw):
     api_key = kw.pop("api_key", None)
-    srv = Server(ServingWorker(model, **kw), "tiny", "127.0.0.1", 0, None, api_key)
+    srv = Server(ServingWorker(model, **kw), "tiny", "127.0.0.1", 0, tokenizer, api_key, **(server_kw or {}))
     srv.start()
     return srv, f"http://127.0.0.1:{srv.port}"
 
 
-def _post(url, obj, key=None, raw=None):
+def _post(url, obj, key=None, raw=None, path="/v1/completions"):
     headers = {"Content-Type": "application/json"}
     if key:
         headers["Authorization"] = f"Bearer {key}"
-    req = urllib.request.Request(url + "/v1/completions", data=raw if raw is not None else json.dumps(obj).encode(),
+    req = urllib.request.Request(url + path, data=raw if raw is not None else json.dumps(obj).encode(),
                                  headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -47,16 +50,76 @@ def _get(url, path):
         return e.code, e.read().decode()
 
 
+def _sse(url, obj, path="/v1/completions"):
+    with httpx.Client(timeout=60) as c, c.stream("POST", url + path, json=obj | {"stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        lines = [ln for ln in r.iter_lines() if ln.strip()]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(ln[6:]) for ln in lines[:-1]]
+
+
+def _wait_for(cond, timeout=20.0, what="condition"):
+    """Bounded polling instead of sleeps: returns as soon as cond() holds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def _metric(url, name):
+    text = _get(url, "/metrics")[1]
+    vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+    return vals.get(name)
+
+
+def _raw(port, data: bytes, timeout=10.0, wait_close=True) -> tuple[bytes, float]:
+    """Send raw bytes; read until the server closes (or timeout). Returns (reply, seconds)."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        if data:
+            s.sendall(data)
+        out = b""
+        try:
+            while True:
+                b = s.recv(65536)
+                if not b:
+                    break
+                out += b
+                if not wait_close and b"\r\n\r\n" in out:
+                    break
+        except (socket.timeout, ConnectionResetError):
+            pass
+    return out, time.monotonic() - t0
+
+
+def _gate(worker):
+    """Make decode steps wait for a gate (tests control exactly when tokens come)."""
+    gate, fwd = threading.Event(), worker.decode._forward
+
+    def gated(batch):
+        assert gate.wait(30), "gate never opened"
+        return fwd(batch)
+
+    worker.decode._forward = gated
+    return gate
+
+
+def _greedy_ref(ref, prompt, n):
+    return ref.hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+
+
 @pytest.fixture(scope="module")
 def served(ref_cases):
     ref = ref_cases["qwen3_moe"]
     srv, url = _server(ref.ours(), max_num_tokens=32, max_batch=4)
-    yield ref, url
+    yield ref, url, srv
     srv.shutdown(5)
 
 
 def test_completion_matches_transformers(served):
-    ref, url = served
+    ref, url, _ = served
     prompts = [[5, 9, 2, 7, 1, 3], list(range(40, 90))]
     outs = [None] * len(prompts)
 
@@ -71,105 +134,359 @@ def test_completion_matches_transformers(served):
     for p, (code, body) in zip(prompts, outs):
         assert code == 200, body
         res = json.loads(body)
-        want = ref.hf.generate(torch.tensor([p]), max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist()
+        want = _greedy_ref(ref, p, 8)
         assert res["choices"][0]["token_ids"] == want
+        assert res["choices"][0]["text"] == "".join(f"<{t}>" for t in want)  # no tokenizer: ids spelled out
         assert res["choices"][0]["finish_reason"] == "length"
         assert res["usage"] == {"prompt_tokens": len(p), "completion_tokens": 8, "total_tokens": len(p) + 8}
 
 
 def test_streaming(served):
-    _, url = served
-    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(
-        {"prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0, "stream": True}).encode())
-    with urllib.request.urlopen(req, timeout=60) as r:
-        assert r.headers["Content-Type"] == "text/event-stream"
-        lines = [ln.strip() for ln in r if ln.strip()]
-    assert lines[-1] == b"data: [DONE]"
+    _, url, _ = served
+    with httpx.Client(timeout=60) as c, c.stream("POST", url + "/v1/completions", json={
+            "prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln.strip()]
+    assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
     tokens = [t for c in chunks for t in c["choices"][0]["token_ids"]]
     assert len(tokens) == 5 and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all("usage" not in c for c in chunks)  # only with stream_options.include_usage (OpenAI)
     code, body = _post(url, {"prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0})
     assert json.loads(body)["choices"][0]["token_ids"] == tokens
+    chunks = _sse(url, {"prompt": [1, 2, 3], "max_tokens": 5, "temperature": 0,
+                        "stream_options": {"include_usage": True}})
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    assert [t for c in chunks for ch in c["choices"] for t in ch["token_ids"]] == tokens
 
 
-@pytest.mark.parametrize("body,msg", [
-    (b"{bad", "malformed JSON"), (b"[1, 2]", "JSON object"),
-    (json.dumps({"prompt": "hello"}).encode(), "without a tokenizer"),
-    (json.dumps({"prompt": []}).encode(), "non-empty list"),
-    (json.dumps({"prompt": [1], "temperature": -1}).encode(), "temperature"),
-    (json.dumps({"prompt": [1], "max_tokens": "many"}).encode(), "'max_tokens' must be an integer"),
-    (json.dumps({"prompt": [1], "max_tokens": 1000}).encode(), "exceeds the model's context"),
-    (json.dumps({"prompt": [10 ** 6]}).encode(), "token ids must lie"),
-    (json.dumps({"prompt": [1], "best_of": 2}).encode(), "unsupported field"),
+@pytest.mark.parametrize("body,msg,param", [
+    (b"{bad", "malformed JSON", None), (b"[1, 2]", "JSON object", None),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply", None),
+    (json.dumps({"prompt": "hello"}).encode(), "without a tokenizer", "prompt"),
+    (json.dumps({"prompt": []}).encode(), "non-empty list", "prompt"),
+    (json.dumps({"prompt": [1], "temperature": -1}).encode(), "greater than or equal to 0", "temperature"),
+    (b'{"prompt": [1], "temperature": NaN}', "finite number", "temperature"),
+    (b'{"prompt": [1], "top_p": Infinity}', "finite number", "top_p"),
+    (json.dumps({"prompt": [1], "top_p": 0}).encode(), "greater than 0", "top_p"),
+    (json.dumps({"prompt": [1], "max_tokens": "many"}).encode(), "valid integer", "max_tokens"),
+    (json.dumps({"prompt": [1], "max_tokens": 1000}).encode(), "exceeds the model's context", "max_tokens"),
+    (json.dumps({"prompt": [10 ** 6]}).encode(), "token ids must lie", "prompt"),
+    (json.dumps({"prompt": [True, 2]}).encode(), "not bool", "prompt"),
+    (json.dumps({"prompt": [1.0]}).encode(), "not float", "prompt"),
+    (json.dumps({"prompt": [1], "seed": 2 ** 64}).encode(), "less than or equal to", "seed"),
+    (json.dumps({"prompt": [1], "stream": "yes"}).encode(), "valid boolean", "stream"),
+    (json.dumps({"prompt": [1], "n": 2}).encode(), "only n = 1", "n"),
+    (json.dumps({"prompt": [1], "stop": ["a", "b", "c", "d", "e"]}).encode(), "at most 4", "stop"),
+    (json.dumps({"prompt": [1], "stream_options": {"include_usage": True}}).encode(), "only allowed with stream",
+     "stream_options"),
+    (json.dumps({"prompt": [1], "best_of": 2}).encode(), "unsupported field", "best_of"),
 ])
-def test_bad_requests_get_400_with_reason(served, body, msg):
-    _, url = served
+def test_bad_requests_get_400_with_reason(served, body, msg, param):
+    _, url, _ = served
     code, text = _post(url, None, raw=body)
-    assert code == 400 and msg in json.loads(text)["error"]["message"]
+    err = json.loads(text)["error"]
+    assert code == 400 and msg in err["message"], err
+    assert err["param"] == param and err["type"] == "invalid_request_error" and isinstance(err["code"], str)
+
+
+def test_one_request_never_takes_the_server_down(served):
+    """Issue 14's killers: each used to crash the loop (500, then 503 until restart)."""
+    ref, url, _ = served
+    greedy = _greedy_ref(ref, [1, 2, 3], 4)
+    for extra in ({"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}):  # degenerate to greedy
+        code, body = _post(url, {"prompt": [1, 2, 3], "max_tokens": 4} | extra)
+        assert code == 200 and json.loads(body)["choices"][0]["token_ids"] == greedy, body
+    for seed in (2 ** 63, 2 ** 64 - 1, -(2 ** 63)):  # 64-bit seeds, signed or not, sample reproducibly
+        runs = [_post(url, {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 1.0, "seed": seed}) for _ in "ab"]
+        assert [c for c, _ in runs] == [200, 200], runs
+        assert json.loads(runs[0][1])["choices"][0]["token_ids"] == json.loads(runs[1][1])["choices"][0]["token_ids"]
+    assert _post(url, None, raw=b'{"prompt": [1, 2, 3], "max_tokens": 4, "temperature": NaN}')[0] == 400
+    assert _get(url, "/health") == (200, '{"status":"ok"}')
+    code, body = _post(url, {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0})
+    assert json.loads(body)["choices"][0]["token_ids"] == greedy
+
+
+def test_fuzzed_requests_never_500(served):
+    """A bounded fuzz: 150 random bodies, none may give a 5xx or hurt later requests."""
+    ref, url, _ = served
+    rng = random.Random(14)
+    values = [None, True, False, 0, 1, -1, 2 ** 63, 2 ** 64, -(2 ** 70), 1e-300, 1e300, 0.5, "x", "", [], {}, [1, 2],
+              [True], [[1]], [[1], [2]], ["a"], {"include_usage": True}, 3.5, [-1], [319], [320]]
+    fields = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stop", "n", "echo",
+              "logprobs", "eos_token_id", "stream_options", "user", "model"]
+    t0 = time.monotonic()
+    for _ in range(150):
+        body = {"prompt": rng.choice([[1, 2], [5], rng.choice(values)])}
+        for f in rng.sample(fields, rng.randint(0, 4)):
+            body[f] = rng.choice(values)
+        body["max_tokens"] = body.get("max_tokens") if rng.random() < 0.5 else 2
+        body.pop("stream", None)  # streaming has its own tests; a 200 SSE body is not JSON
+        code, text = _post(url, body)
+        assert code in (200, 400), (body, code, text)
+        if code == 400:
+            assert json.loads(text)["error"]["message"]
+    assert time.monotonic() - t0 < 120
+    assert _get(url, "/health")[0] == 200
+    assert json.loads(_post(url, {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0})[1])[
+        "choices"][0]["token_ids"] == _greedy_ref(ref, [1, 2, 3], 4)
+
+
+def test_conformance_routes_and_errors(served):
+    _, url, _ = served
+    with httpx.Client(base_url=url, timeout=30) as c:
+        r = c.get("/v1/completions")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        for method in ("PUT", "PATCH"):
+            r = c.request(method, "/v1/completions", json={})
+            assert r.status_code == 405 and r.headers["content-type"] == "application/json"
+        r = c.get("/nope")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+
+
+def test_stop_echo_logprobs(served):
+    ref, url, _ = served
+    greedy = _greedy_ref(ref, [5, 9, 2], 8)
+    stop = f"<{greedy[3]}>"
+    first = greedy.index(greedy[3])
+    res = json.loads(_post(url, {"prompt": [5, 9, 2], "max_tokens": 8, "temperature": 0, "stop": [stop]})[1])
+    ch = res["choices"][0]
+    assert ch["finish_reason"] == "stop" and ch["text"] == "".join(f"<{t}>" for t in greedy[:first])
+    chunks = _sse(url, {"prompt": [5, 9, 2], "max_tokens": 8, "temperature": 0, "stop": stop})
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ch["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    res = json.loads(_post(url, {"prompt": [5, 9, 2], "max_tokens": 2, "temperature": 0, "echo": True})[1])
+    assert res["choices"][0]["text"] == "<5><9><2>" + "".join(f"<{t}>" for t in greedy[:2])
+    res = json.loads(_post(url, {"prompt": [5, 9, 2], "max_tokens": 3, "temperature": 0, "logprobs": 3})[1])
+    lp = res["choices"][0]["logprobs"]
+    with torch.no_grad():
+        logits = ref.hf(torch.tensor([[5, 9, 2]])).logits[0, -1]
+    want = torch.log_softmax(logits.double(), -1)
+    assert lp["tokens"] == [f"<{t}>" for t in greedy[:3]]
+    assert lp["token_logprobs"][0] == pytest.approx(float(want[greedy[0]]), abs=1e-4)
+    top = sorted(lp["top_logprobs"][0].values(), reverse=True)
+    assert len(lp["top_logprobs"][0]) == 3 and top[0] == pytest.approx(float(want.max()), abs=1e-4)
+    assert lp["text_offset"] == [0, len(f"<{greedy[0]}>"), len(f"<{greedy[0]}><{greedy[1]}>")]
+
+
+def test_text_stream_holds_back_possible_stops():
+    ts = TextStream(Detokenizer(None), ["<7><8>"])
+    assert ts.add([1]) == "<1>" and ts.add([7]) == ""  # "<7>" could start the stop string
+    assert ts.add([9]) == "<7><9>" and ts.finish() == "" and not ts.stopped
+    ts = TextStream(Detokenizer(None), ["<7><8>"])
+    assert ts.add([1]) + ts.add([7]) + ts.add([8]) == "<1>" and ts.stopped
+
+
+def test_unseeded_requests_get_their_own_randomness(served):
+    _, url, _ = served
+    outs = {tuple(json.loads(_post(url, {"prompt": [1, 2, 3], "max_tokens": 6, "temperature": 1.0})[1])
+                  ["choices"][0]["token_ids"]) for _ in range(5)}
+    assert len(outs) > 1  # all equal was the bug: every unseeded request drew from seed 0
+    seeded = [json.loads(_post(url, {"prompt": [1, 2, 3], "max_tokens": 6, "temperature": 1.0, "seed": 7})[1])
+              ["choices"][0]["token_ids"] for _ in range(2)]
+    assert seeded[0] == seeded[1]
 
 
 def test_routes_health_metrics(served):
-    _, url = served
+    _, url, _ = served
     assert _get(url, "/nope")[0] == 404
     assert json.loads(_get(url, "/health")[1]) == {"status": "ok"}
     info = json.loads(_get(url, "/v1/models")[1])["data"][0]
     assert info["vocab_size"] == 320 and info["max_model_len"] == 512
+    before = _metric(url, "dwdp_generation_tokens_total")
+    reqs = _metric(url, "dwdp_requests_total")
+    ttft = _metric(url, "dwdp_time_to_first_token_seconds_count")
     _post(url, {"prompt": [4, 5], "max_tokens": 3})
-    text = _get(url, "/metrics")[1]
-    vals = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
-    assert vals["dwdp_requests_total"] >= 1 and vals["dwdp_generation_tokens_total"] >= 3
-    assert vals["dwdp_time_to_first_token_seconds_count"] >= 1
-    assert vals['dwdp_time_to_first_token_seconds_bucket{le="+Inf"}'] == vals["dwdp_time_to_first_token_seconds_count"]
-    assert "dwdp_queue_depth" in vals and "dwdp_inter_token_latency_seconds_sum" in vals
+    assert _metric(url, "dwdp_requests_total") == reqs + 1
+    assert _metric(url, "dwdp_generation_tokens_total") == before + 3
+    assert _metric(url, "dwdp_time_to_first_token_seconds_count") == ttft + 1
+    assert _metric(url, 'dwdp_time_to_first_token_seconds_bucket{le="+Inf"}') == ttft + 1
+    assert _metric(url, "dwdp_inter_token_latency_seconds_sum") > 0
+
+
+def test_queue_depth_metric_tracks_waiting_requests(ref_cases):
+    srv, url = _server(ref_cases["qwen3_moe"].ours(), max_batch=1)
+    gate = _gate(srv.worker)
+    try:
+        ths = [threading.Thread(target=_post, args=(url, {"prompt": [1, 2, i], "max_tokens": 2})) for i in range(3)]
+        for t in ths:
+            t.start()
+        # One request in the decode batch (blocked), two waiting for a slot.
+        _wait_for(lambda: _metric(url, "dwdp_queue_depth") == 2 and _metric(url, "dwdp_running_requests") == 1,
+                  what="queue depth 2")
+        gate.set()
+        for t in ths:
+            t.join(30)
+        _wait_for(lambda: _metric(url, "dwdp_queue_depth") == 0, what="queue depth 0")
+    finally:
+        gate.set()
+        srv.shutdown(5)
 
 
 def test_api_key(ref_cases):
     srv, url = _server(ref_cases["qwen3_moe"].ours(), api_key="sekret")
     try:
         assert _post(url, {"prompt": [1], "max_tokens": 1})[0] == 401
-        assert _post(url, {"prompt": [1], "max_tokens": 1}, key="wrong")[0] == 401
+        code, body = _post(url, {"prompt": [1], "max_tokens": 1}, key="wrong")
+        assert code == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
         assert _post(url, {"prompt": [1], "max_tokens": 1}, key="sekret")[0] == 200
+        assert _get(url, "/metrics")[0] == 401
         assert _get(url, "/health")[0] == 200  # probes need no key
     finally:
         srv.shutdown(5)
 
 
 def test_full_queue_gets_429_and_nothing_hangs(ref_cases):
-    model = ref_cases["qwen3_moe"].ours()
-    srv, url = _server(model, max_queue=1)
-    slow = srv.worker.decode._forward
-
-    def slower(batch):
-        time.sleep(0.05)
-        return slow(batch)
-
-    srv.worker.decode._forward = slower
+    srv, url = _server(ref_cases["qwen3_moe"].ours(), max_queue=1)
+    gate = _gate(srv.worker)
     try:
         first = threading.Thread(target=_post, args=(url, {"prompt": [1, 2], "max_tokens": 40}))
         first.start()
-        time.sleep(0.3)
-        code, body = _post(url, {"prompt": [3], "max_tokens": 2})
-        assert code == 429 and "limit 1" in body
+        _wait_for(lambda: srv.worker.in_flight() == 1, what="the first request admitted")
+        with httpx.Client(timeout=30) as c:
+            r = c.post(url + "/v1/completions", json={"prompt": [3], "max_tokens": 2})
+        assert r.status_code == 429 and "limit 1" in r.json()["error"]["message"]
+        assert r.headers["retry-after"] == "1"
+        gate.set()
         first.join(30)
         assert not first.is_alive()
         assert _post(url, {"prompt": [3], "max_tokens": 2})[0] == 200  # capacity is back
     finally:
+        gate.set()
         srv.shutdown(5)
 
 
-def test_crashed_worker_fails_requests_loudly(ref_cases):
+def test_disconnect_cancels_and_frees_the_slot(ref_cases):
+    """Dropped streams (and a dropped non-streaming request) free their slots at once."""
+    srv, url = _server(ref_cases["qwen3_moe"].ours(), max_queue=2)
+    try:
+        for _ in range(2):
+            with httpx.Client(timeout=30) as c, c.stream("POST", url + "/v1/completions", json={
+                    "prompt": [1, 2], "max_tokens": 400, "stream": True}) as r:
+                next(r.iter_lines())  # a first token arrived; now hang up
+        _wait_for(lambda: srv.worker.in_flight() == 0 and not srv.worker.decode.has_work, timeout=10,
+                  what="dropped streams cancelled")
+        gen = _metric(url, "dwdp_generation_tokens_total")
+        assert gen < 2 * 400 and _metric(url, "dwdp_requests_cancelled_total") == 2
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={"prompt": [1, 2], "max_tokens": 400}, timeout=0.5)
+        _wait_for(lambda: srv.worker.in_flight() == 0 and not srv.worker.decode.has_work, timeout=10,
+                  what="dropped request cancelled")
+        assert _metric(url, "dwdp_requests_cancelled_total") == 3
+        assert _post(url, {"prompt": [3], "max_tokens": 2})[0] == 200  # no 429: the slots are free
+    finally:
+        srv.shutdown(5)
+
+
+def test_hostile_connections_are_answered_or_cut(ref_cases):
+    srv, url = _server(ref_cases["qwen3_moe"].ours(), server_kw={"header_timeout_s": 1.0, "body_timeout_s": 1.0})
+    port = srv.port
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    try:
+        for cl in (b"abc", b"1e3", b"-1"):  # a bad Content-Length: 400, and the connection is closed
+            out, dt = _raw(port, head + b"Content-Length: " + cl + b"\r\n\r\n{}", timeout=5)
+            assert out.startswith(b"HTTP/1.1 400") and dt < 3, out
+        # A body shorter than its Content-Length: 408 after the body timeout.
+        out, dt = _raw(port, head + b"Content-Length: 100\r\n\r\n{\"prompt\"", timeout=10)
+        assert out.startswith(b"HTTP/1.1 408") and dt < 5, out
+        # Headers that never finish, or nothing at all: cut after the header timeout.
+        out, dt = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n", timeout=10)
+        assert out == b"" and 0.5 < dt < 5
+        out, dt = _raw(port, b"", timeout=10)
+        assert out == b"" and 0.5 < dt < 5
+        # A TLS ClientHello on the plain-HTTP port: refused at once.
+        hello = bytes.fromhex("16030100a5010000a10303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
+        out, dt = _raw(port, hello, timeout=10)
+        assert dt < 3 and (out == b"" or out.startswith(b"HTTP/1.1 400"))
+        assert _get(url, "/health")[0] == 200
+    finally:
+        srv.shutdown(5)
+
+
+def test_many_concurrent_clients(served):
+    """Bounded concurrency: 24 streaming clients and a burst of 100 connects, no resets."""
+    _, url, srv = served
+    errors, lengths = [], []
+
+    def client(i):
+        try:
+            chunks = _sse(url, {"prompt": [1 + i % 50, 2], "max_tokens": 6, "temperature": 0})
+            lengths.append(sum(len(c["choices"][0]["token_ids"]) for c in chunks))
+        except Exception as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    ths = [threading.Thread(target=client, args=(i,)) for i in range(24)]
+    for t in ths:
+        t.start()
+    socks = []
+    try:
+        for _ in range(100):  # more connects than the old backlog of 5
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            socks.append(s)
+        for s in socks:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        for s in socks:
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        for s in socks:
+            s.close()
+    for t in ths:
+        t.join(60)
+    assert not errors and lengths == [6] * 24, errors
+
+
+def test_one_engine_fault_fails_its_requests_only(ref_cases):
     srv, url = _server(ref_cases["qwen3_moe"].ours())
+    fwd, calls = srv.worker.decode._forward, []
+
+    def flaky(batch):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("simulated transient fault")
+        return fwd(batch)
+
+    srv.worker.decode._forward = flaky
+    try:
+        code, body = _post(url, {"prompt": [1, 2, 3], "max_tokens": 4})
+        err = json.loads(body)["error"]
+        assert code == 500 and "simulated transient fault" in err["message"] and err["code"] == "generation_failed"
+        assert _get(url, "/health")[0] == 200
+        assert _post(url, {"prompt": [1, 2, 3], "max_tokens": 4})[0] == 200
+        chunks = _sse(url, {"prompt": [1, 2], "max_tokens": 2})
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finally:
+        srv.shutdown(2)
+
+
+def test_error_inside_a_stream_has_a_code(ref_cases):
+    srv, url = _server(ref_cases["qwen3_moe"].ours())
+    srv.worker.decode._forward = lambda batch: (_ for _ in ()).throw(RuntimeError("boom in stream"))
+    try:
+        chunks = _sse(url, {"prompt": [1, 2], "max_tokens": 4})
+        err = chunks[-1]["error"]
+        assert "boom in stream" in err["message"] and err["code"] == "generation_failed" and err["type"]
+    finally:
+        srv.shutdown(2)
+
+
+def test_crashed_worker_fails_requests_loudly(ref_cases):
+    """A fault that persists (a broken device) takes the worker down after a few steps."""
+    srv, url = _server(ref_cases["qwen3_moe"].ours(), max_engine_faults=2)
 
     def boom(batch):
         raise RuntimeError("simulated device fault")
 
     srv.worker.decode._forward = boom
     try:
-        code, body = _post(url, {"prompt": [1, 2, 3], "max_tokens": 4})
-        assert code == 500 and "simulated device fault" in body
+        for _ in range(2):
+            code, body = _post(url, {"prompt": [1, 2, 3], "max_tokens": 4})
+            assert code == 500 and "simulated device fault" in body
+        _wait_for(lambda: _get(url, "/health")[0] == 503, timeout=5, what="health 503")
         code, body = _get(url, "/health")
-        assert code == 503 and "serving loop crashed" in body
+        assert "decode engine steps failed in a row" in body and "simulated device fault" in body
         assert _post(url, {"prompt": [1], "max_tokens": 2})[0] == 503
     finally:
         srv.shutdown(2)
@@ -180,16 +497,40 @@ def test_graceful_shutdown_finishes_in_flight(ref_cases):
     out = {}
     th = threading.Thread(target=lambda: out.update(r=_post(url, {"prompt": [1, 2], "max_tokens": 30})))
     th.start()
-    time.sleep(0.2)
-    srv.worker.stop(drain_timeout_s=30)
+    _wait_for(lambda: _metric(url, "dwdp_generation_tokens_total") >= 1, what="generation started")
+    stopper = threading.Thread(target=srv.shutdown, args=(30,))
+    stopper.start()
+    _wait_for(lambda: srv.worker._draining, what="draining")
+    assert _post(url, {"prompt": [1], "max_tokens": 1})[0] == 503  # no new work while draining
     th.join(30)
+    stopper.join(30)
     assert out["r"][0] == 200 and len(json.loads(out["r"][1])["choices"][0]["token_ids"]) == 30
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
+
+
+def test_drain_timeout_ends_long_streams_with_a_reason(ref_cases):
+    srv, url = _server(ref_cases["qwen3_moe"].ours(), server_kw={"drain_timeout_s": 0.3})
+    fwd = srv.worker.decode._forward
+
+    def slow(batch):  # 300 tokens take >= 6 s: far past the drain timeout
+        time.sleep(0.02)
+        return fwd(batch)
+
+    srv.worker.decode._forward = slow
+    got = {}
+    th = threading.Thread(target=lambda: got.update(chunks=_sse(url, {"prompt": [1, 2], "max_tokens": 300})))
+    th.start()
+    _wait_for(lambda: _metric(url, "dwdp_generation_tokens_total") >= 1, what="streaming")
+    t0 = time.monotonic()
+    srv.shutdown()  # the configured drain timeout, 0.3 s
+    th.join(30)
+    assert time.monotonic() - t0 < 10
+    err = got["chunks"][-1]["error"]
+    assert "shut down before this request finished (drain timeout 0.3 s)" in err["message"]
+    assert 1 <= sum(len(c["choices"][0]["token_ids"]) for c in got["chunks"][:-1]) < 300
 
 
 def test_loadtest_against_server(served):
-    _, url = served
+    _, url, _ = served
     s = run_loadtest(url, WorkloadSpec(num_requests=6, isl=20, dist="uniform", ratio=0.5, rate=50.0), 4,
                      log=lambda m: None)
     assert s["succeeded"] == 6 and s["failed"] == 0 and s["output_tokens"] == 24
@@ -198,20 +539,24 @@ def test_loadtest_against_server(served):
         run_loadtest("http://10.0.0.1:8000", WorkloadSpec(num_requests=1), 1)
 
 
-def test_text_prompts_with_a_tokenizer(ref_cases, tmp_path):
-    """A checkpoint with a Hugging Face tokenizer accepts text and returns text."""
+def _word_tokenizer(tmp_path, chat_template=None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(320)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(tmp_path)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(tmp_path)
+    return load_tokenizer(str(tmp_path))  # what `dwdp serve --model <checkpoint dir>` does
+
+
+def test_text_prompts_with_a_tokenizer(ref_cases, tmp_path):
+    """A checkpoint with a Hugging Face tokenizer accepts text and returns text."""
     assert load_tokenizer(str(tmp_path.parent / "missing")) is None
-    hf_tok = load_tokenizer(str(tmp_path))  # what `dwdp serve --model <checkpoint dir>` does
-    srv = Server(ServingWorker(ref_cases["qwen3_moe"].ours()), "tiny", "127.0.0.1", 0, hf_tok, None)
-    srv.start()
-    url = f"http://127.0.0.1:{srv.port}"
+    srv, url = _server(ref_cases["qwen3_moe"].ours(), _word_tokenizer(tmp_path))
     try:
         code, body = _post(url, {"prompt": "t5 t9 t2 t7", "max_tokens": 4, "temperature": 0})
         assert code == 200, body
@@ -219,5 +564,32 @@ def test_text_prompts_with_a_tokenizer(ref_cases, tmp_path):
         by_ids = json.loads(_post(url, {"prompt": [5, 9, 2, 7], "max_tokens": 4, "temperature": 0})[1])["choices"][0]
         assert by_text["token_ids"] == by_ids["token_ids"]
         assert by_text["text"].split() == [f"t{i}" for i in by_text["token_ids"]]
+    finally:
+        srv.shutdown(5)
+
+
+def test_chat_completions_with_the_chat_template(ref_cases, tmp_path):
+    ref = ref_cases["qwen3_moe"]
+    template = "{% for m in messages %}t1 {{ m['content'] }} {% endfor %}{% if add_generation_prompt %}t2{% endif %}"
+    srv, url = _server(ref.ours(), _word_tokenizer(tmp_path, template))
+    msgs = [{"role": "system", "content": "t7"}, {"role": "user", "content": "t5 t9"}]
+    ids = [1, 7, 1, 5, 9, 2]  # what the template renders, tokenized
+    try:
+        code, body = _post(url, {"messages": msgs, "max_tokens": 4, "temperature": 0, "logprobs": True,
+                                 "top_logprobs": 2}, path="/v1/chat/completions")
+        assert code == 200, body
+        res = json.loads(body)
+        want = _greedy_ref(ref, ids, 4)
+        ch = res["choices"][0]
+        assert res["object"] == "chat.completion" and ch["message"]["role"] == "assistant"
+        assert ch["message"]["content"].split() == [f"t{i}" for i in want]
+        assert [e["token"] for e in ch["logprobs"]["content"]] == [f"t{i}" for i in want]
+        assert all(len(e["top_logprobs"]) == 2 for e in ch["logprobs"]["content"])
+        assert res["usage"]["prompt_tokens"] == len(ids)
+        chunks = _sse(url, {"messages": msgs, "max_tokens": 4, "temperature": 0}, path="/v1/chat/completions")
+        assert chunks[0]["object"] == "chat.completion.chunk" and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks).split() == [f"t{i}" for i in want]
+        code, body = _post(url, {"messages": [{"role": "wizard", "content": "x"}]}, path="/v1/chat/completions")
+        assert code == 400 and json.loads(body)["error"]["param"] == "messages.0.role"
     finally:
         srv.shutdown(5)

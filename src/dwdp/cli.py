@@ -452,9 +452,10 @@ def cmd_serve(args) -> int:
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
         worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue)
     api_key = args.api_key or os.environ.get("DWDP_API_KEY")
-    server = Server(worker, cfg.name or args.model, args.host, args.port, tokenizer, api_key)
+    server = Server(worker, cfg.name or args.model, args.host, args.port, tokenizer, api_key,
+                    drain_timeout_s=args.drain_timeout)
     print(f"dwdp serve: {cfg.name or args.model} on {args.device} at http://{args.host}:{server.port} "
-          f"(/v1/completions, /v1/models, /health, /metrics{'; API key required' if api_key else ''})", flush=True)
+          f"(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics{'; API key required' if api_key else ''})", flush=True)
     server.serve_until_signal()
     print("dwdp serve: stopped", flush=True)
     return 0
@@ -583,6 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(GPUs cuda:0..R-1) handing KV caches to decode here (--device, e.g. cuda:4)")
     srv.add_argument("--prefill-ranks", type=int, default=2)
     srv.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP prefill: experts kept per rank")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="on SIGTERM/SIGINT, seconds running requests may take to finish (default 30)")
     srv.set_defaults(func=cmd_serve)
 
     lt = sub.add_parser("loadtest", help="replay a workload against a local dwdp serve")

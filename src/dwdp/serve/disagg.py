@@ -6,8 +6,15 @@ to it (least outstanding prompt tokens first) and sends back each finished reque
 last logits and KV cache. Transfer is a shared-memory copy through a multiprocessing
 queue (CPU tensors; on GPU: device -> host -> decode device); :class:`KVHandoff` is the
 seam where a network transfer would go. DEP ranks step in lockstep (dummy steps when
-idle), DWDP and DP ranks step on their own. A prefill process that dies fails every
-request in flight with an error naming it, and ``/health`` turns 503.
+idle), DWDP and DP ranks step on their own.
+
+A prefill rank that dies (or reports an error) fails the requests the group was
+prefilling, with an error naming the rank; the whole group is then killed (a DWDP or DEP
+group cannot serve without every rank, and survivors would block on the dead peer) and
+restarted in the background, at most ``max_pool_restarts`` times. Meanwhile, and for good
+once the restarts are used up, prompts are prefilled in the server process (the decode
+model is the whole model): the server keeps answering and ``/health`` reports
+``degraded`` with the reason from the moment the death is seen.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -127,6 +135,7 @@ class PrefillPool:
             p.start()
         self.load = [0] * spec.world_size  # outstanding prompt tokens per rank
         self.exposed_wait_s = 0.0  # DWDP prefill: pull wait the steps could not hide, summed over ranks
+        self.stats_reports = 0  # step-stats messages received (each adds to exposed_wait_s)
         self.where: dict[str, tuple[int, int]] = {}
         ready, deadline = set(), time.monotonic() + ready_timeout_s
         while len(ready) < spec.world_size:
@@ -153,29 +162,42 @@ class PrefillPool:
         self.inqs[r].put((rid, prompt))
 
     def poll(self):
-        """Finished prefills so far: [(id, logits, kv, prompt_len)]; raises if a rank failed."""
-        out = []
-        while True:
+        """Finished prefills so far: [(id, logits, kv, prompt_len)]; raises if a rank failed
+        (once the results that arrived before the failure have been returned)."""
+        out, failed = [], getattr(self, "_failed", None)
+        while failed is None:
             try:
                 kind, rank, val = self.outq.get_nowait()
             except queue.Empty:
                 break
             if kind == "error":
-                raise RuntimeError(f"prefill rank {rank} failed: {val}")
+                failed = f"prefill rank {rank} failed: {val}"
+                break
             if kind == "stats":
                 self.exposed_wait_s += val
+                self.stats_reports += 1
             if kind == "done":
                 r, n = self.where.pop(val[0], (rank, 0))
                 self.load[r] -= n
                 out.append(val)
-        dead = self.dead()  # a group with a dead rank cannot serve (its peers' pulls would fail)
-        if dead:
-            raise RuntimeError(dead)
+        failed = failed or self.dead()  # a group with a dead rank cannot serve (its peers' pulls would fail)
+        if failed and not out:
+            raise RuntimeError(failed)
+        if failed:
+            self._failed = failed  # deliver what came back first; the next poll raises
         return out
 
     @property
     def outstanding(self) -> int:
         return len(self.where)
+
+    def kill(self) -> None:
+        """End every rank now (a broken group: survivors may be blocked on the dead peer)."""
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(timeout=10)
 
     def close(self, timeout_s: float = 10.0) -> None:
         for q in self.inqs:
@@ -189,31 +211,112 @@ class PrefillPool:
 
 
 class DisaggServingWorker(ServingWorker):
-    """ServingWorker whose prefill runs on a :class:`PrefillPool`; decode stays here."""
+    """ServingWorker whose prefill runs on a :class:`PrefillPool`; decode stays here.
 
-    def __init__(self, decode_model, pool: PrefillPool, max_batch: int = 64, max_queue: int = 256, **kw):
+    While the pool is down (a rank died; restarting) prompts are prefilled locally."""
+
+    def __init__(self, decode_model, pool: PrefillPool, max_batch: int = 64, max_queue: int = 256,
+                 max_pool_restarts: int = 3, pool_factory=None, **kw):
         super().__init__(decode_model, pool.spec.max_num_tokens, max_batch, max_queue, **kw)
-        self.pool = pool
+        self.pool: PrefillPool | None = pool
+        self.spec = pool.spec
+        self.max_pool_restarts = max_pool_restarts
+        self.pool_restarts = 0  # attempts made
+        self._pool_factory = pool_factory or PrefillPool
+        self._restart: threading.Thread | None = None
+        self._restart_result: tuple[PrefillPool | None, str | None] | None = None
+        self._closing = False
 
     def _dispatch(self, req: ServeRequest) -> None:
+        if self.pool is None:
+            return super()._dispatch(req)  # fallback: prefill in this process
         self.pool.send(req.id, req.prompt)
 
     def _prefill_pending(self) -> bool:
-        return self.pool.outstanding > 0
+        return (self.pool is not None and self.pool.outstanding > 0) or self.prefill.has_work
 
     def _prefill_queue_depth(self) -> int:
-        return self.pool.outstanding
+        return (self.pool.outstanding if self.pool is not None else 0) + len(self.prefill.queue)
 
     def _prefill_step(self) -> None:
+        if self.prefill.has_work:  # local fallback prefill (pool down or restarting)
+            super()._prefill_step()
+        if self.pool is None or self.pool.outstanding == 0:
+            return
         before = self.pool.exposed_wait_s
-        got = self.pool.poll()
+        try:
+            got = self.pool.poll()
+        except RuntimeError as e:  # a rank failed: not an engine fault of this process
+            return self._pool_failed(str(e))
         if self.pool.exposed_wait_s > before:
             self.metrics.inc("dwdp_prefill_exposed_wait_seconds_total", self.pool.exposed_wait_s - before)
-        if not got and not self.decode.has_work:
+        if not got and not self.decode.has_work and not self.prefill.has_work:
             time.sleep(0.001)
         for rid, logits, kv, n in got:
             self._prefilled(rid, logits, kv, n)
 
+    def _cancel_prefill(self, ids: set[str]) -> None:
+        super()._cancel_prefill(ids)  # a request already sent to the pool: its result is dropped on arrival
+
+    # -- supervision --------------------------------------------------------------------
+    def _supervise(self) -> None:
+        if self.pool is not None and self.pool.dead():
+            try:  # deliver what the group finished before the death; poll raises once drained
+                while True:
+                    for rid, logits, kv, n in self.pool.poll():
+                        self._prefilled(rid, logits, kv, n)
+            except RuntimeError as e:
+                self._pool_failed(str(e))
+        if self._restart is not None and not self._restart.is_alive():
+            self._restart = None
+            new, err = self._restart_result or (None, "restart thread ended without a result")
+            if new is not None:
+                self.pool = new
+                self.degraded = None
+                self.metrics.set("dwdp_degraded", 0)
+                self.metrics.inc("dwdp_prefill_pool_restarts_total")
+            else:
+                self._start_restart(f"restart failed: {err}")
+
+    def _pool_failed(self, reason: str) -> None:
+        pool, self.pool = self.pool, None
+        msg = f"prefill group failed: {reason}"
+        for rid in list(pool.where):
+            self._fail_request(rid, msg)
+        pool.kill()  # reap the survivors now: no zombie ranks
+        self.metrics.set("dwdp_degraded", 1)
+        self._start_restart(reason)
+
+    def _start_restart(self, reason: str) -> None:
+        if self._closing:
+            return
+        if self.pool_restarts >= self.max_pool_restarts:
+            self.degraded = (f"prefill group down ({reason}); gave up after {self.pool_restarts} restart(s), "
+                             "prefilling in the server process")
+            return
+        self.pool_restarts += 1
+        attempt = self.pool_restarts
+        self.degraded = (f"prefill group down ({reason}); prefilling in the server process while restarting it "
+                         f"(attempt {attempt}/{self.max_pool_restarts})")
+
+        def restart():
+            time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))  # back off: a rank that dies at start-up dies again
+            try:
+                pool = self._pool_factory(self.spec)
+            except Exception as e:  # noqa: BLE001
+                self._restart_result = (None, f"{type(e).__name__}: {e}")
+                return
+            if self._closing:
+                pool.close()
+                pool = None
+            self._restart_result = (pool, None)
+
+        self._restart_result = None
+        self._restart = threading.Thread(target=restart, name="dwdp-prefill-restart", daemon=True)
+        self._restart.start()
+
     def stop(self, drain_timeout_s: float = 30.0) -> None:
+        self._closing = True
         super().stop(drain_timeout_s)
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()

@@ -1,64 +1,69 @@
-"""Prometheus text-format metrics (counters, gauges, histograms), thread-safe, no dependency."""
+"""Prometheus metrics for the server, on ``prometheus_client``.
+
+Each :class:`Metrics` has its own registry (several servers can live in one process, as
+in the tests); ``render()`` is the text exposition format ``/metrics`` returns.
+"""
 
 from __future__ import annotations
 
-import threading
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the HTTP layer)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
-
-class Histogram:
-    def __init__(self, name: str, help: str, buckets=LATENCY_BUCKETS):
-        self.name, self.help, self.buckets = name, help, buckets
-        self.counts = [0] * (len(buckets) + 1)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, v: float) -> None:
-        i = next((i for i, b in enumerate(self.buckets) if v <= b), len(self.buckets))
-        self.counts[i] += 1
-        self.sum += v
-        self.count += 1
-
-    def render(self) -> list[str]:
-        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
-        acc = 0
-        for b, c in zip(self.buckets, self.counts):
-            acc += c
-            lines.append(f'{self.name}_bucket{{le="{b}"}} {acc}')
-        lines.append(f'{self.name}_bucket{{le="+Inf"}} {self.count}')
-        lines += [f"{self.name}_sum {self.sum}", f"{self.name}_count {self.count}"]
-        return lines
+COUNTERS = {
+    "dwdp_prompt_tokens_total": "Prompt tokens admitted.",
+    "dwdp_generation_tokens_total": "Tokens generated.",
+    "dwdp_requests_total": "Requests admitted.",
+    "dwdp_requests_rejected_total": "Requests refused with 429 (too many in flight).",
+    "dwdp_requests_failed_total": "Requests that ended with an error.",
+    "dwdp_requests_cancelled_total": "Requests cancelled (client disconnected or stop string reached).",
+    "dwdp_prefill_exposed_wait_seconds_total": "DWDP prefill: pull wait the steps could not hide, summed over ranks.",
+    "dwdp_prefill_pool_restarts_total": "Times the prefill group was restarted after a rank died.",
+    "dwdp_engine_faults_total": "Engine steps that raised (their requests failed, the loop went on).",
+}
+GAUGES = {
+    "dwdp_queue_depth": "Requests in flight and not in the decode batch (waiting for prefill or a decode slot).",
+    "dwdp_running_requests": "Requests in the decode batch.",
+    "dwdp_tokens_per_second": "Tokens generated per second by the last decode step.",
+    "dwdp_degraded": "1 while the server runs degraded (e.g. prefill group down, local fallback).",
+}
+HISTOGRAMS = {
+    "ttft": ("dwdp_time_to_first_token_seconds", "Arrival to first token."),
+    "itl": ("dwdp_inter_token_latency_seconds", "Time between consecutive tokens of a request."),
+}
 
 
 class Metrics:
+    """Thread-safe (prometheus_client locks internally); names as in the README."""
+
     def __init__(self):
-        self.lock = threading.Lock()
-        self.ttft = Histogram("dwdp_time_to_first_token_seconds", "Arrival to first token.")
-        self.itl = Histogram("dwdp_inter_token_latency_seconds", "Time between consecutive tokens of a request.")
-        self.counters = {"dwdp_prompt_tokens_total": 0.0, "dwdp_generation_tokens_total": 0.0,
-                         "dwdp_requests_total": 0.0, "dwdp_requests_rejected_total": 0.0,
-                         "dwdp_requests_failed_total": 0.0, "dwdp_prefill_exposed_wait_seconds_total": 0.0}
-        self.gauges = {"dwdp_queue_depth": 0.0, "dwdp_running_requests": 0.0, "dwdp_tokens_per_second": 0.0}
+        self.registry = CollectorRegistry(auto_describe=True)
+        # prometheus_client appends "_total" to counters itself.
+        self._counters = {n: Counter(n.removesuffix("_total"), h, registry=self.registry) for n, h in COUNTERS.items()}
+        self._gauges = {n: Gauge(n, h, registry=self.registry) for n, h in GAUGES.items()}
+        self._hists = {k: Histogram(n, h, buckets=LATENCY_BUCKETS, registry=self.registry)
+                       for k, (n, h) in HISTOGRAMS.items()}
 
     def inc(self, name: str, v: float = 1.0) -> None:
-        with self.lock:
-            self.counters[name] += v
+        self._counters[name].inc(v)
 
     def set(self, name: str, v: float) -> None:
-        with self.lock:
-            self.gauges[name] = v
+        self._gauges[name].set(v)
+
+    def bind(self, name: str, fn) -> None:
+        """Make a gauge report ``fn()`` whenever it is scraped."""
+        self._gauges[name].set_function(fn)
 
     def observe(self, hist: str, v: float) -> None:
-        with self.lock:
-            getattr(self, hist).observe(v)
+        self._hists[hist].observe(v)
+
+    def value(self, name: str) -> float:
+        """A counter's or gauge's current value (histograms: ``<name>_count`` / ``_sum``)."""
+        v = self.registry.get_sample_value(name)
+        if v is None:
+            raise KeyError(name)
+        return v
 
     def render(self) -> str:
-        with self.lock:
-            lines = []
-            for name, v in self.counters.items():
-                lines += [f"# TYPE {name} counter", f"{name} {v}"]
-            for name, v in self.gauges.items():
-                lines += [f"# TYPE {name} gauge", f"{name} {v}"]
-            lines += self.ttft.render() + self.itl.render()
-        return "\n".join(lines) + "\n"
+        return generate_latest(self.registry).decode()

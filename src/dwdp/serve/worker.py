@@ -4,8 +4,15 @@ Requests enter a bounded inbox (full -> :class:`QueueFull`, the HTTP layer answe
 The loop alternates a prefill step (MNT-budgeted, chunked) with a decode step over every
 running request. A prefill that finishes hands its KV cache to decode through a
 :class:`KVHandoff` (here a device copy in one process; the interface is what a network
-transfer would implement). If the loop dies, every waiting or running request receives an
-error event naming the cause, and :attr:`ServingWorker.failure` is set (``/health`` -> 503).
+transfer would implement).
+
+Faults are contained: anything one request's handling raises (sampling, hand-off, ...)
+fails that request with its cause and the loop goes on. An engine step that raises fails
+the requests it held; only ``max_engine_faults`` failed steps in a row (a broken device,
+not a bad request) take the worker down: then every waiting or running request receives
+an error event naming the cause, and :attr:`ServingWorker.failure` is set (``/health`` ->
+503). :meth:`ServingWorker.cancel` (a client that went away, a stop string) frees the
+request's slot at the loop's next iteration, i.e. within one step.
 """
 
 from __future__ import annotations
@@ -14,11 +21,13 @@ import queue
 import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
-from ..decode import DecodeEngine, DecodeRequest, SamplingParams, sample
+from ..decode import DecodeEngine, DecodeRequest, SamplingParams, make_generator, sample, token_logprobs
 from ..engine import PrefillEngine, Request
 from ..models.transformer import LayerKV
 from .metrics import Metrics
@@ -56,28 +65,50 @@ class ServeRequest:
     id: str = ""
     arrival: float = field(default_factory=time.perf_counter)
     events: queue.Queue = field(default_factory=queue.Queue)  # ("token", id) / ("done", reason) / ("error", msg)
+    # Per token, (logprob, [(id, logprob)] top-n), filled before its "token" event when
+    # params.logprobs is set.
+    logprobs: list = field(default_factory=list)
+    # Called (from the serving thread) after each event: the HTTP layer wakes its coroutine.
+    notify: Callable[[], None] | None = None
+    generator: torch.Generator | None = None
+
+    def put(self, kind: str, val) -> None:
+        self.events.put((kind, val))
+        if self.notify is not None:
+            try:
+                self.notify()
+            except Exception:  # noqa: BLE001  (e.g. the HTTP loop already closed: nobody listens)
+                pass
 
 
 class ServingWorker(threading.Thread):
     def __init__(self, model, max_num_tokens: int = 8192, max_batch: int = 64, max_queue: int = 256,
-                 metrics: Metrics | None = None, handoff: KVHandoff | None = None):
+                 metrics: Metrics | None = None, handoff: KVHandoff | None = None, max_engine_faults: int = 3):
         super().__init__(name="dwdp-serving", daemon=True)
         self.model = model
+        self.max_num_tokens = max_num_tokens
         self.prefill = PrefillEngine(model, max_num_tokens, keep_kv=True)
         self.decode = DecodeEngine(model, max_batch)
         self.handoff = handoff or LocalKVHandoff(self.decode.device)
         self.max_queue = max_queue
+        self.max_engine_faults = max_engine_faults
         self.metrics = metrics or Metrics()
         self.inbox: queue.Queue[ServeRequest] = queue.Queue()
-        self.failure: str | None = None
+        self.failure: str | None = None  # set once: the worker is down (503)
+        self.degraded: str | None = None  # serving, but not as configured (e.g. prefill fallback)
         self._halt = threading.Event()
         self._wake = threading.Event()
         self._draining = False
         self._live: dict[str, ServeRequest] = {}  # admitted and not finished
         self._emitted: dict[str, int] = {}
+        self._cancels: deque[str] = deque()
+        self._faults = {"prefill": 0, "decode": 0}  # steps of each engine failed in a row
         self._lock = threading.Lock()
         self._next_id = 0
         self._start = time.perf_counter()
+        # Read at scrape time, so they are current even while a step runs.
+        self.metrics.bind("dwdp_queue_depth", lambda: max(0, len(self._live) - len(self.decode.active)))
+        self.metrics.bind("dwdp_running_requests", lambda: len(self.decode.active))
 
     # -- called from HTTP threads ------------------------------------------------------
     def submit(self, req: ServeRequest) -> ServeRequest:
@@ -89,17 +120,23 @@ class ServingWorker(threading.Thread):
         req.params.validate(cfg.vocab_size)
         if not req.prompt:
             raise ValueError("the prompt is empty")
+        if any(isinstance(t, bool) or not isinstance(t, int) for t in req.prompt):
+            raise ValueError("token ids must be integers")
         if min(req.prompt) < 0 or max(req.prompt) >= cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
         if len(req.prompt) + req.params.max_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.params.max_tokens}) exceeds the "
                              f"model's context of {cfg.max_position_embeddings} tokens")
+        if req.generator is None and req.params.temperature > 0:
+            req.generator = make_generator(req.params.seed)  # one stream per request, first token included
         with self._lock:
             if len(self._live) >= self.max_queue:
                 self.metrics.inc("dwdp_requests_rejected_total")
                 raise QueueFull(f"{len(self._live)} requests in flight (limit {self.max_queue}); retry later")
             self._next_id += 1
             req.id = req.id or f"cmpl-{self._next_id}"
+            if req.id in self._live:
+                raise ValueError(f"request id {req.id} is already in flight")
             self._live[req.id] = req
         self.metrics.inc("dwdp_requests_total")
         self.metrics.inc("dwdp_prompt_tokens_total", len(req.prompt))
@@ -107,34 +144,117 @@ class ServingWorker(threading.Thread):
         self._wake.set()
         return req
 
+    def cancel(self, rid: str) -> bool:
+        """Stop generating for ``rid`` and free its slot now; no further events are sent.
+        Safe to call from any thread, for a finished or unknown id too (returns False)."""
+        with self._lock:
+            req = self._live.pop(rid, None)
+        if req is None:
+            return False
+        self.metrics.inc("dwdp_requests_cancelled_total")
+        self._cancels.append(rid)  # the loop drops its engine state at the next iteration
+        self._wake.set()
+        return True
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._live)
+
+    def health(self) -> tuple[str, str | None]:
+        """("ok" | "degraded" | "draining" | "down", reason)."""
+        if self.failure:
+            return "down", self.failure
+        if self._draining:
+            return "draining", "the server is shutting down"
+        if self.degraded:
+            return "degraded", self.degraded
+        return "ok", None
+
     def stop(self, drain_timeout_s: float = 30.0) -> None:
-        """Stop admitting; let running requests finish (up to the timeout), then end."""
+        """Stop admitting; let running requests finish (up to the timeout), then end.
+        Requests still running at the deadline get an error event saying so."""
         self._draining = True
         deadline = time.monotonic() + drain_timeout_s
         while self._live and time.monotonic() < deadline and self.is_alive():
             time.sleep(0.02)
         self._halt.set()
-        self.join(timeout=10)
-        self._fail_all("the server shut down before this request finished")
+        self._wake.set()
+        if self.is_alive():
+            self.join(timeout=10)
+        self._fail_all(f"the server shut down before this request finished (drain timeout {drain_timeout_s:g} s)")
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> None:
         try:
             while not self._halt.is_set():
+                self._supervise()
+                self._apply_cancels()
                 if not self._admit() and not self._prefill_pending() and not self.decode.has_work:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
                 if self._prefill_pending():
-                    self._prefill_step()
+                    self._guarded("prefill", self._prefill_step, self._fail_prefill)
+                self._apply_cancels()
                 if self.decode.has_work:
-                    self._decode_step()
-                self.metrics.set("dwdp_queue_depth", self._prefill_queue_depth() + len(self.decode.waiting))
-                self.metrics.set("dwdp_running_requests", len(self.decode.active))
-        except BaseException as e:  # report, fail every request, never hang a client
-            self.failure = f"serving loop crashed: {type(e).__name__}: {e}"
+                    self._guarded("decode", self._decode_step, self._fail_decode)
+        except BaseException as e:  # a bug in the loop itself: report, fail every request, never hang a client
+            self._go_down(f"serving loop crashed: {type(e).__name__}: {e}")
+
+    def _guarded(self, what: str, step, on_fault) -> None:
+        """Run an engine step; if it raises, fail the requests it held and go on, unless
+        steps keep failing (then the device, not a request, is broken: go down)."""
+        try:
+            step()
+            self._faults[what] = 0
+        except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            self._fail_all(self.failure)
+            self._faults[what] += 1
+            self.metrics.inc("dwdp_engine_faults_total")
+            msg = f"{what} step failed: {type(e).__name__}: {e}"
+            on_fault(msg)
+            if self._faults[what] >= self.max_engine_faults:
+                raise RuntimeError(f"{self._faults[what]} {what} engine steps failed in a row; last: {msg}") from e
+
+    def _go_down(self, msg: str) -> None:
+        self.failure = msg
+        self.metrics.set("dwdp_degraded", 1)
+        traceback.print_exc()
+        self._fail_all(msg)
+
+    def _supervise(self) -> None:
+        """Health checks run every iteration, idle or not (a remote prefill pool's ranks)."""
+
+    def _apply_cancels(self) -> None:
+        ids = set()
+        while self._cancels:
+            ids.add(self._cancels.popleft())
+        if not ids:
+            return
+        for rid in ids:
+            self._emitted.pop(rid, None)
+        self.decode.cancel(ids)
+        self._cancel_prefill(ids)
+
+    def _cancel_prefill(self, ids: set[str]) -> None:
+        self.prefill.queue = deque(r for r in self.prefill.queue if r.req.id not in ids)
+
+    def _fail_request(self, rid: str, msg: str) -> None:
+        with self._lock:
+            req = self._live.pop(rid, None)
+        self._emitted.pop(rid, None)
+        if req is not None:
+            self.metrics.inc("dwdp_requests_failed_total")
+            req.put("error", msg)
+
+    def _fail_prefill(self, msg: str) -> None:
+        for r in self.prefill.queue:
+            self._fail_request(r.req.id, msg)
+        self.prefill.queue.clear()
+
+    def _fail_decode(self, msg: str) -> None:
+        for r in self.decode.fail_active(msg):
+            self._fail_request(r.id, msg)
 
     # -- prefill: in this process (overridden by a remote prefill pool) ------------------
     def _admit(self) -> bool:
@@ -144,8 +264,13 @@ class ServingWorker(threading.Thread):
                 req = self.inbox.get_nowait()
             except queue.Empty:
                 return got
-            self._dispatch(req)
             got = True
+            if req.id not in self._live:  # cancelled while queued
+                continue
+            try:
+                self._dispatch(req)
+            except Exception as e:  # noqa: BLE001
+                self._fail_request(req.id, f"could not start prefill: {type(e).__name__}: {e}")
 
     def _dispatch(self, req: ServeRequest) -> None:
         self.prefill.submit(Request(req.id, req.prompt, req.arrival - self._start))
@@ -158,19 +283,26 @@ class ServingWorker(threading.Thread):
 
     def _prefill_step(self) -> None:
         clock = lambda: time.perf_counter() - self._start  # noqa: E731
-        for res in self.prefill.step(clock):
+        results = self.prefill.step(clock)
+        self.prefill.steps.clear()  # per-step records: a server would grow them forever
+        for res in results:
             self._prefilled(res.id, res.logits, res.kv, res.prompt_len)
 
     def _prefilled(self, rid, logits, kv, prompt_len) -> None:
         """A prompt is prefilled: sample its first token, hand its KV cache to decode."""
         req = self._live.get(rid)
-        if req is None:
+        if req is None:  # cancelled meanwhile
             return
-        p = req.params
-        gen = torch.Generator().manual_seed(p.seed) if p.temperature > 0 and p.seed is not None else None
-        first = sample(logits, p, gen)
+        try:
+            p = req.params
+            first = sample(logits, p, req.generator)
+            lp = token_logprobs(logits, first, p.logprobs) if p.logprobs is not None else None
+            self.decode.add(DecodeRequest(rid, self.handoff.send(kv), first, p, prompt_len, req.generator, lp))
+        except Exception as e:  # noqa: BLE001  (this request's fault: fail it alone)
+            return self._fail_request(rid, f"{type(e).__name__}: {e}")
         self.metrics.observe("ttft", time.perf_counter() - req.arrival)
-        self.decode.add(DecodeRequest(rid, self.handoff.send(kv), first, p, prompt_len))
+        if lp is not None:
+            req.logprobs.append(lp)
         self._emit_new(req, [first], 0)
 
     def _decode_step(self) -> None:
@@ -188,18 +320,24 @@ class ServingWorker(threading.Thread):
                 new_tokens += len(a.tokens) - sent
                 for _ in range(len(a.tokens) - sent):
                     self.metrics.observe("itl", dt)
+                if req.params.logprobs is not None:
+                    req.logprobs.extend(a.logprobs[sent:len(a.tokens)])
                 self._emit_new(req, a.tokens[sent:], sent)
         if dt > 0:
             self.metrics.set("dwdp_tokens_per_second", new_tokens / dt)
         for r in finished:
-            req = self._live.pop(r.id, None)
+            if r.finish_reason == "error":
+                self._fail_request(r.id, r.error or "failed")
+                continue
+            with self._lock:
+                req = self._live.pop(r.id, None)
             self._emitted.pop(r.id, None)
             if req is not None:
-                req.events.put(("done", r.finish_reason))
+                req.put("done", r.finish_reason)
 
     def _emit_new(self, req: ServeRequest, tokens: list[int], already: int) -> None:
         for t in tokens:
-            req.events.put(("token", t))
+            req.put("token", t)
         self._emitted[req.id] = already + len(tokens)
         self.metrics.inc("dwdp_generation_tokens_total", len(tokens))
 
@@ -208,4 +346,4 @@ class ServingWorker(threading.Thread):
             live, self._live = self._live, {}
         for req in live.values():
             self.metrics.inc("dwdp_requests_failed_total")
-            req.events.put(("error", msg))
+            req.put("error", msg)
