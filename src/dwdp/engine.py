@@ -203,6 +203,18 @@ class ArrivalSource:
         time.sleep(gap if max_s is None else min(gap, max_s))
 
 
+class Submitted:
+    """A source for callers that submit to the engine themselves (the serving loop)."""
+
+    more_coming = False
+
+    def poll(self, now: float) -> list[Request]:
+        return []
+
+    def wait(self, now: float, max_s: float | None) -> None:
+        pass
+
+
 class StepDriver:
     """The one step loop, shared by ``dwdp run``, the bench, serving and the prefill group.
 
@@ -216,9 +228,10 @@ class StepDriver:
     """
 
     def __init__(self, engine: PrefillEngine, source: RequestSource,
-                 sync: Callable[[list[bool]], list[bool]] | None = None, idle_poll_s: float = 0.0005):
+                 sync: Callable[[list[bool]], list[bool]] | None = None, idle_poll_s: float = 0.0005,
+                 start: float | None = None):
         self.engine, self.source, self.sync, self.idle_poll_s = engine, source, sync, idle_poll_s
-        self._start = time.perf_counter()
+        self._start = time.perf_counter() if start is None else start  # perf_counter() at clock 0
 
     def clock(self) -> float:
         """Seconds since the driver started: the run clock of arrivals and TTFTs."""

@@ -20,23 +20,21 @@ model is the whole model): the server keeps answering and ``/health`` reports
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import queue
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
-import torch
-
 from ..engine import PrefillEngine, Request
+from ..parallel.rank import RankSpec
+from ..parallel.strategies import DWDP, get_strategy
 from .worker import ServeRequest, ServingWorker
 
 
 @dataclass
 class PrefillPoolSpec:
     model: str
-    strategy: str = "dwdp"
+    strategy: str = DWDP
     world_size: int = 2
     num_layers: int | None = None
     dtype: str | None = None
@@ -46,62 +44,73 @@ class PrefillPoolSpec:
     seed: int = 0
     peer_timeout_s: float = 60.0
 
+    def rank_spec(self, group_size: int) -> RankSpec:
+        return RankSpec(model=self.model, strategy=self.strategy, num_layers=self.num_layers, dtype=self.dtype,
+                        device=self.device, group_size=group_size, local_experts=self.local_experts, seed=self.seed,
+                        max_num_tokens=self.max_num_tokens, peer_timeout_s=self.peer_timeout_s)
+
+
+class _Inbox:
+    """A prefill rank's request source: what the server routes to it, live. ``None`` on
+    the queue means the server is closing: no more requests will come."""
+
+    def __init__(self, inq):
+        self.inq, self.stopping, self._held = inq, False, []
+
+    def _take(self, item, now: float) -> None:
+        if item is None:
+            self.stopping = True
+        else:
+            self._held.append(Request(item[0], item[1], now))
+
+    def poll(self, now: float) -> list[Request]:
+        while not self.stopping:
+            try:
+                self._take(self.inq.get_nowait(), now)
+            except queue.Empty:
+                break
+        out, self._held = self._held, []
+        return out
+
+    @property
+    def more_coming(self) -> bool:
+        return not self.stopping or bool(self._held)
+
+    def wait(self, now: float, max_s: float | None) -> None:
+        try:
+            self._take(self.inq.get(timeout=0.05 if max_s is None else max_s), now)
+        except queue.Empty:
+            pass
+
 
 def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq, outq) -> None:
     import torch.distributed as dist
 
-    from ..cli import DTYPES
-    from ..engine import run_lockstep  # noqa: F401  (same lockstep rule, inlined below for a live queue)
-    from ..parallel.group import PeerWatchdog, init_dwdp_groups
-    from ..parallel.strategies import build_rank_model
+    from ..engine import StepDriver
+    from ..parallel.group import PeerWatchdog, init_dwdp_groups, lockstep_sync
+    from ..parallel.launch import setup_rank_process
+    from ..parallel.rank import build_rank
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(spec.world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DWDP_RUN_ID=run_id)
-    for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(k, v)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (spec.world_size + 1)))
+    # The server process decodes on the same machine: it counts as one more CPU user.
+    setup_rank_process(rank, spec.world_size, port, run_id, cpu_share=spec.world_size + 1)
     try:
-        group = 1 if spec.strategy == "dp" else spec.world_size
+        strategy = get_strategy(spec.strategy)
+        group = spec.world_size if strategy.grouped else 1
         ctx = init_dwdp_groups(group, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
         watchdog = PeerWatchdog(ctx, spec.peer_timeout_s) if group > 1 else None
-        rm = build_rank_model(spec.strategy, ctx, spec.model, spec.num_layers,
-                              DTYPES[spec.dtype] if spec.dtype else None, spec.local_experts, None, spec.seed,
-                              spec.peer_timeout_s, spec.max_num_tokens)
-        engine = PrefillEngine(rm.model, spec.max_num_tokens, keep_kv=True)
-        lockstep = spec.strategy == "dep"
-        pg = ctx.group.process_group
+        prefill_rank = build_rank(spec.rank_spec(group), ctx)
+        runtime = prefill_rank.runtime
+        engine = PrefillEngine(prefill_rank.model, spec.max_num_tokens, keep_kv=True)
+        driver = StepDriver(engine, _Inbox(inq), lockstep_sync(ctx) if strategy.lockstep else None,
+                            idle_poll_s=0.002)
         outq.put(("ready", rank, None))
-        start = time.perf_counter()
-        clock = lambda: time.perf_counter() - start  # noqa: E731
-        stopping = False
-        while True:
-            try:
-                while True:  # drain the inbox
-                    item = inq.get(timeout=0 if (engine.has_work or lockstep) else 0.05)
-                    if item is None:
-                        stopping = True
-                        break
-                    rid, prompt = item
-                    engine.submit(Request(rid, prompt, clock()))
-            except queue.Empty:
-                pass
-            if lockstep:
-                t = torch.tensor([int(engine.has_work), int(not stopping)], device=ctx.device)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX, group=pg)
-                busy, alive = (bool(v) for v in t.tolist())
-                if not busy:
-                    if not alive:
-                        break
-                    time.sleep(0.002)
-                    continue
-                results = engine.step(clock) if engine.has_work else (engine.dummy_step() or [])
-            else:
-                if stopping and not engine.has_work:
-                    break
-                results = engine.step(clock) if engine.has_work else []
-            if results and spec.strategy == "dwdp" and rm.runtime.step_stats:
-                outq.put(("stats", rank, rm.runtime.step_stats[-1].exposed_wait_s))
-                rm.runtime.step_stats.clear()
+        while (results := driver.step_once()) is not None:
+            engine.steps.clear()  # a server runs for days: keep no per-step history here
+            if results:
+                wait = strategy.step_report(runtime).get("exposed_wait_s")
+                runtime.step_stats.clear()
+                if wait is not None:  # DWDP: pull wait the steps since the last report could not hide
+                    outq.put(("stats", rank, sum(wait)))
             for r in results:
                 outq.put(("done", rank, (r.id, r.logits.float().cpu(), [(a.cpu(), b.cpu()) for a, b in r.kv],
                                          r.prompt_len)))
@@ -109,8 +118,7 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
                 watchdog.check()
         if watchdog is not None:
             watchdog.stop()
-        if rm.runtime is not None:
-            rm.runtime.close()
+        prefill_rank.close()
         dist.barrier()
         dist.destroy_process_group()
     except BaseException as e:
@@ -124,9 +132,10 @@ class PrefillPool:
             raise ValueError("the prefill group needs at least one rank")
         self.spec = spec
         ctx = mp.get_context("spawn")
-        from ..parallel.launch import free_port
+        from ..parallel.launch import LocalRendezvous
 
-        port, run_id = free_port(), uuid.uuid4().hex[:8]
+        self._rendezvous = LocalRendezvous(ready_timeout_s)  # kept open while the group lives
+        port, run_id = self._rendezvous.port, self._rendezvous.run_id
         self.inqs = [ctx.Queue() for _ in range(spec.world_size)]
         self.outq = ctx.Queue()
         self.procs = [ctx.Process(target=_prefill_rank, args=(r, port, run_id, spec, self.inqs[r], self.outq),

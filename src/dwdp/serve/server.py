@@ -36,6 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..decode import SamplingParams
+
+SERVED_BY = __package__.split(".")[0]  # the package's name, as OpenAI's owned_by and the app title
 from .metrics import CONTENT_TYPE_LATEST
 from .worker import QueueFull, ServeRequest, ServingWorker, WorkerDown
 
@@ -262,7 +264,7 @@ def build_app(worker: ServingWorker, model_name: str, tokenizer=None, api_key: s
     vocab, context = cfg.vocab_size, cfg.max_position_embeddings
     detok = Detokenizer(tokenizer)
     eos_default = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    app = FastAPI(title="dwdp", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title=SERVED_BY, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -323,7 +325,7 @@ def build_app(worker: ServingWorker, model_name: str, tokenizer=None, api_key: s
     async def models(request: Request):
         authorize(request)
         return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": 0, "owned_by": "dwdp", "vocab_size": vocab,
+            "id": model_name, "object": "model", "created": 0, "owned_by": SERVED_BY, "vocab_size": vocab,
             "max_model_len": context, "tokenizer": tokenizer is not None}]}
 
     @app.post("/v1/completions")

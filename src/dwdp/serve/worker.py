@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from ..decode import DecodeEngine, DecodeRequest, SamplingParams, make_generator, sample, token_logprobs
-from ..engine import PrefillEngine, Request
+from ..engine import PrefillEngine, Request, StepDriver, Submitted
 from ..models.transformer import LayerKV
 from .metrics import Metrics
 
@@ -106,6 +106,8 @@ class ServingWorker(threading.Thread):
         self._lock = threading.Lock()
         self._next_id = 0
         self._start = time.perf_counter()
+        # Prompts are submitted to the engine as they are admitted; the driver steps it.
+        self.prefill_driver = StepDriver(self.prefill, Submitted(), start=self._start)
         # Read at scrape time, so they are current even while a step runs.
         self.metrics.bind("dwdp_queue_depth", lambda: max(0, len(self._live) - len(self.decode.active)))
         self.metrics.bind("dwdp_running_requests", lambda: len(self.decode.active))
@@ -282,8 +284,7 @@ class ServingWorker(threading.Thread):
         return len(self.prefill.queue)
 
     def _prefill_step(self) -> None:
-        clock = lambda: time.perf_counter() - self._start  # noqa: E731
-        results = self.prefill.step(clock)
+        results = self.prefill_driver.step_once() or []
         self.prefill.steps.clear()  # per-step records: a server would grow them forever
         for res in results:
             self._prefilled(res.id, res.logits, res.kv, res.prompt_len)
