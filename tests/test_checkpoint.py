@@ -20,6 +20,7 @@ from dwdp.checkpoint import CheckpointError, load_checkpoint
 from dwdp.config import ConfigError, ModelConfig
 from dwdp.models import build_model
 from dwdp.presets import resolve_model
+from dwdp.quant import dequantize_fp8_blockwise
 from hf_reference import hf_last_logits_and_cache, make_hf_model
 
 
@@ -420,7 +421,7 @@ def test_fp8_dequant_math_on_padded_shape():
     w = torch.randn(300, 260, generator=g)
     q, s = quantize_fp8_blocks(w, g)
     assert s.shape == (3, 3)
-    got = ckpt_mod._dequant_fp8(q, s)
+    got = dequantize_fp8_blockwise(q, s)
     torch.testing.assert_close(got.double(), dequant_reference_f64(q, s), rtol=1e-7, atol=0)
     assert rel_err(got, w) < 0.07  # and it is a quantisation of w (e4m3: 3 mantissa bits)
 
