@@ -109,13 +109,15 @@ def dequantize_fp8_into(dest: torch.Tensor, q: torch.Tensor, scale_inv: torch.Te
         raise ValueError(f"block scales of shape {tuple(scale_inv.shape)} do not fit a {tuple(q.shape)} weight "
                          f"with {block}x{block} blocks (expected {(*lead, *scale_shape(rows, cols, block))})")
     q3, s3, d3 = q.reshape(-1, rows, cols), scale_inv.reshape(-1, *scale_inv.shape[-2:]), dest.view(-1, rows, cols)
-    row_step = max(block, (CHUNK_ELEMS // max(cols, 1)) // block * block)  # whole row blocks
-    for i in range(q3.shape[0]):
-        for r0 in range(0, rows, row_step):
-            r1 = min(rows, r0 + row_step)
-            s = s3[i, r0 // block:-(-r1 // block)].to(dest.device, torch.float32)
-            s = s.repeat_interleave(block, 0)[: r1 - r0].repeat_interleave(block, 1)[:, :cols]
-            d3[i, r0:r1].copy_(q3[i, r0:r1].to(dest.device).float().mul_(s))
+    if rows * cols <= CHUNK_ELEMS:  # whole matrices, several at a time
+        spans = [(i0, i1, 0, rows) for i0, i1 in _lead_chunks(q3.shape[0], rows * cols)]
+    else:  # one matrix at a time, whole 128-row blocks at a time
+        step = max(block, (CHUNK_ELEMS // cols) // block * block)
+        spans = [(i, i + 1, r0, min(rows, r0 + step)) for i in range(q3.shape[0]) for r0 in range(0, rows, step)]
+    for i0, i1, r0, r1 in spans:
+        s = s3[i0:i1, r0 // block:-(-r1 // block)].to(dest.device, torch.float32)
+        s = s.repeat_interleave(block, 1)[:, : r1 - r0].repeat_interleave(block, 2)[:, :, :cols]
+        d3[i0:i1, r0:r1].copy_(q3[i0:i1, r0:r1].to(dest.device).float().mul_(s))
     return dest
 
 
