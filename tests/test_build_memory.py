@@ -221,3 +221,34 @@ def test_chunked_fp8_routines_have_a_bounded_working_set(monkeypatch):
     assert 0 < tr.peak <= 3 * 128 * 384 * 4  # a 128-row block of fp32 and its scales
     monkeypatch.setattr(quant, "CHUNK_ELEMS", 1 << 30)
     assert torch.equal(out, quant.dequantize_fp8_blockwise(q, s, torch.bfloat16))
+
+
+@pytest.mark.parametrize("expert_dtype", ["same", "fp8"])
+def test_experts_built_into_callers_storage(mid_checkpoints, expert_dtype):
+    """DWDP keeps a rank's experts in peer-visible rows ([w13 | w2 | scales] per expert):
+    building straight into them allocates only the non-expert weights, and loading fills
+    the rows exactly as it fills ordinary parameters."""
+    from dwdp.parallel.dwdp import ExpertRows
+
+    cfg = ModelConfig.from_json_file(mid_checkpoints["bf16"] / "config.json")
+    dtype, shard = torch.bfloat16, (8, 16)
+    plain = load_checkpoint(build_model(cfg, dtype, expert_shard=lambda _: shard, expert_dtype=expert_dtype),
+                            mid_checkpoints["bf16"])
+    edt = plain.model.layers[0].mlp.experts.w13.dtype
+    rows = ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, edt)
+    storage = torch.zeros(len(cfg.moe_layers), shard[1], rows.width, dtype=rows.storage_dtype)
+    with AllocTracker() as tr:
+        model = build_model(cfg, dtype, "cpu", lambda _: shard, expert_dtype=expert_dtype,
+                            expert_storage=lambda idx: rows.views(storage[cfg.moe_layers.index(idx)]))
+    assert tr.peak == tr.current() == build_bytes(cfg, dtype, expert_dtype).non_expert
+    load_checkpoint(model, mid_checkpoints["bf16"])
+    for m, (a, b) in enumerate(zip(plain.moe_blocks(), model.moe_blocks())):
+        for name in ("w13", "w2", "w13_scale", "w2_scale") if expert_dtype == "fp8" else ("w13", "w2"):
+            pa, pb = getattr(a.experts, name), getattr(b.experts, name)
+            assert pb.untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()
+            assert torch.equal(pa.view(torch.uint8) if pa.dtype == FP8 else pa,
+                               pb.view(torch.uint8) if pb.dtype == FP8 else pb), (m, name)
+    with pytest.raises(ValueError, match="w13 is torch.bfloat16.*need torch.float8_e4m3fn"):
+        build_model(cfg, dtype, "cpu", lambda _: shard, expert_dtype="fp8",
+                    expert_storage=lambda idx: ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, dtype)
+                    .views(torch.zeros(shard[1], rows.width, dtype=dtype)))

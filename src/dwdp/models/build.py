@@ -21,6 +21,11 @@ from .transformer import MoECausalLM
 ExpertShard = Callable[[int], tuple[int, int]]
 """MoE layer index -> (first global expert, count) that this process stores."""
 
+ExpertStorage = Callable[[int], tuple]
+"""Decoder layer index of a MoE layer -> (w13, w2, w13_scale, w2_scale): tensors the caller
+already allocated (e.g. DWDP's peer-visible rows) that the layer's routed experts should
+live in instead of fresh allocations (scales None unless the experts are FP8)."""
+
 EXPERT_DTYPES = ("auto", "same", "fp8")
 
 
@@ -54,7 +59,8 @@ def _param_dtype(module: nn.Module, name: str, dtype: torch.dtype, expert_dtype:
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                expert_shard: ExpertShard | None = None, *, expert_dtype: str | torch.dtype = "auto") -> MoECausalLM:
+                expert_shard: ExpertShard | None = None, *, expert_dtype: str | torch.dtype = "auto",
+                expert_storage: ExpertStorage | None = None) -> MoECausalLM:
     """Allocate an uninitialised model (no values written: load or init_random next).
 
     With ``expert_shard`` each MoE layer stores only the given run of routed experts,
@@ -62,6 +68,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: st
     see :func:`resolve_expert_dtype`; FP8 experts are allocated as FP8 directly, and
     :func:`~dwdp.checkpoint.load_checkpoint` / :func:`init_random` fill them an expert
     at a time. Exactly the bytes :func:`dwdp.info.build_bytes` predicts are allocated.
+    With ``expert_storage`` the routed experts are placed in the caller's tensors (views
+    are fine) and only the non-expert bytes are allocated here.
     """
     edt = resolve_expert_dtype(cfg, expert_dtype, dtype)
     with torch.device("meta"):
@@ -74,6 +82,11 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: st
                 layer.mlp.experts = RoutedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
                                                   start, count, fp8=edt == torch.float8_e4m3fn)
     made: dict[int, nn.Parameter] = {}  # meta parameter -> its allocation (keeps tied weights tied)
+    if expert_storage is not None:
+        for layer in model.model.layers:
+            if layer.is_moe:
+                _adopt_expert_storage(layer.mlp.experts, expert_storage(layer.idx), torch.device(device), made,
+                                      dtype, edt)
     for mod in model.modules():
         for name, p in list(mod._parameters.items()):
             if p is None:
@@ -93,6 +106,24 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: st
                 mod._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
     model.eval()
     return model
+
+
+def _adopt_expert_storage(ex: RoutedExperts, given: tuple, device: torch.device, made: dict,
+                          dtype: torch.dtype, edt: torch.dtype) -> None:
+    names = ("w13", "w2", "w13_scale", "w2_scale")
+    for name, t in zip(names, given):
+        want = getattr(ex, name, None)
+        if (want is None) != (t is None):
+            raise ValueError(f"expert_storage for {ex.expert_range}: {name} is "
+                             f"{'missing' if t is None else 'given'} but these experts "
+                             f"{'have' if want is not None else 'have no'} {name} (FP8: {ex.is_fp8})")
+        if t is None:
+            continue
+        wdt = _param_dtype(ex, name, dtype, edt)
+        if tuple(t.shape) != tuple(want.shape) or t.dtype != wdt or t.device.type != device.type:
+            raise ValueError(f"expert_storage: {name} is {t.dtype} {tuple(t.shape)} on {t.device}; these experts "
+                             f"need {wdt} {tuple(want.shape)} on {device}")
+        made[id(want)] = nn.Parameter(t, requires_grad=False)
 
 
 def _seed_for(seed: int, key: str) -> int:
