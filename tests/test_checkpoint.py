@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from dwdp.checkpoint import CheckpointError, load_checkpoint
 from dwdp.config import ConfigError, ModelConfig
 from dwdp.models import build_model
 from dwdp.presets import resolve_model
+from dwdp.quant import dequantize_fp8_blockwise
+from fp8_reference import dequant_reference_f64, quantize_fp8_blocks
 from hf_reference import hf_last_logits_and_cache, make_hf_model
 
 
@@ -326,34 +327,6 @@ def test_invalid_json_config(tmp_path):
 # FP8 block-scaled weights (DeepSeek's 128x128 weight_scale_inv)
 # --------------------------------------------------------------------------------------
 
-FP8_MAX = 448.0
-
-
-def quantize_fp8_blocks(w: torch.Tensor, gen: torch.Generator, block: int = 128):
-    """-> (fp8 weight, float32 scale_inv [ceil(r/128), ceil(c/128)]) with w ~= fp8 * scale."""
-    r, c = w.shape
-    br, bc = math.ceil(r / block), math.ceil(c / block)
-    scale = torch.empty(br, bc, dtype=torch.float32)
-    for i in range(br):
-        for j in range(bc):
-            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
-            # Varied block scales, so a wrong block->element mapping cannot go unnoticed.
-            scale[i, j] = blk.abs().max() / FP8_MAX * (0.5 + torch.rand((), generator=gen))
-    s_full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:r, :c]
-    q = (w / s_full).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def dequant_reference_f64(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Element (i, j) = q[i, j] * scale[i // 128, j // 128], in float64."""
-    r, c = q.shape
-    out = torch.empty(r, c, dtype=torch.float64)
-    qd, sd = q.to(torch.float64), scale.to(torch.float64)
-    for i in range(r):
-        out[i] = qd[i] * sd[i // block][torch.arange(c) // block]
-    return out
-
-
 FP8_NAMES = [
     "lm_head.weight",  # [300, 64]: 3 row blocks, the last one partial
     "model.layers.0.mlp.gate_proj.weight",  # [200, 64]: 2x1 blocks
@@ -420,7 +393,7 @@ def test_fp8_dequant_math_on_padded_shape():
     w = torch.randn(300, 260, generator=g)
     q, s = quantize_fp8_blocks(w, g)
     assert s.shape == (3, 3)
-    got = ckpt_mod._dequant_fp8(q, s)
+    got = dequantize_fp8_blockwise(q, s)
     torch.testing.assert_close(got.double(), dequant_reference_f64(q, s), rtol=1e-7, atol=0)
     assert rel_err(got, w) < 0.07  # and it is a quantisation of w (e4m3: 3 mantissa bits)
 

@@ -85,6 +85,9 @@ class ModelConfig:
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
+    # The checkpoint stores its linear weights as e4m3 with 128x128 block scales
+    # (``quantization_config`` with ``quant_method: "fp8"``: DeepSeek-V3/R1, Qwen3-*-FP8).
+    fp8_checkpoint: bool = False
     name: str = ""
 
     # ---- derived -------------------------------------------------------------------
@@ -152,6 +155,7 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=bool(d.get("attention_bias", False)),
             top_k=int(req("num_experts_per_tok")),
+            fp8_checkpoint=_parse_quantization(d.get("quantization_config")),
             name=name,
         )
         if model_type == "qwen3_moe":
@@ -226,6 +230,31 @@ class ModelConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_hf_dict(d, name=path.parent.name)
+
+
+def _parse_quantization(q: dict[str, Any] | None) -> bool:
+    """True for block-scaled FP8 weights as DeepSeek-V3/R1 and Qwen3-*-FP8 ship them; any
+    other quantisation is refused by name rather than loaded as garbage."""
+    if not q:
+        return False
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(
+            f"quantization_config.quant_method={method!r} is not supported; only 'fp8' checkpoints with 128x128 "
+            "block scales (DeepSeek-V3/R1, Qwen3-*-FP8) load, or use the unquantised (bf16) release")
+    block = q.get("weight_block_size")
+    if block is None or list(block) != [128, 128]:
+        raise ConfigError(
+            f"quantization_config.weight_block_size={block!r} is not supported; FP8 checkpoints need [128, 128] "
+            "block scales (per-tensor FP8 is not supported)")
+    fmt = q.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ConfigError(f"quantization_config.fmt={fmt!r} is not supported (only 'e4m3')")
+    scheme = q.get("activation_scheme", "dynamic")
+    if scheme != "dynamic":
+        raise ConfigError(f"quantization_config.activation_scheme={scheme!r} is not supported (only 'dynamic': "
+                          "activations are quantised per token at run time, no stored input scales)")
+    return True
 
 
 def _parse_rope(d: dict[str, Any]) -> RopeConfig:

@@ -1,7 +1,10 @@
-"""Where a model's parameters and bytes are: the numbers behind ``dwdp info``.
+"""Where a model's parameters and bytes are: the numbers behind ``dwdp info`` and the
+fit checks.
 
 Counted on a meta-device model (no memory allocated), so it works for DeepSeek-V3's
-671B parameters on a laptop.
+671B parameters on a laptop. :func:`build_bytes` runs :func:`~dwdp.models.build_model`
+itself on the meta device, so it counts exactly what a real build allocates: fp32
+routers and routing buffers, tied embeddings once, FP8 experts with their block scales.
 """
 
 from __future__ import annotations
@@ -67,6 +70,38 @@ def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
     return ParamBreakdown(**counts, num_moe_layers=len(cfg.moe_layers), expert_numel=cfg.expert_numel())
 
 
+@dataclass(frozen=True)
+class BuildBytes:
+    """Bytes :func:`~dwdp.models.build_model` allocates, split so any expert share can be priced."""
+
+    non_expert: int  # all but the routed experts: weights in the model dtype, fp32 routers, buffers
+    per_expert: int  # one routed expert as stored (FP8: block scales included)
+    num_moe_layers: int
+
+    def total(self, experts_per_layer: int) -> int:
+        return self.non_expert + experts_per_layer * self.num_moe_layers * self.per_expert
+
+
+@functools.lru_cache(maxsize=64)
+def build_bytes(cfg: ModelConfig, dtype: torch.dtype, expert_dtype: str | torch.dtype = "auto") -> BuildBytes:
+    """Exact bytes of ``build_model(cfg, dtype, expert_dtype=expert_dtype)`` (any shard:
+    ``total(experts per MoE layer)``). Checkpoint loading and init_random allocate nothing
+    that outlives them, so this is also the resident size after loading."""
+    from .models.build import build_model, resolve_expert_dtype
+    from .quant import expert_bytes
+
+    model = build_model(cfg, dtype, "meta", lambda _: (0, 0), expert_dtype=expert_dtype)
+    seen: set[int] = set()
+    non_expert = 0
+    for t in [*model.parameters(), *model.buffers()]:  # parameters() yields tied weights once
+        if id(t) not in seen:
+            seen.add(id(t))
+            non_expert += t.numel() * t.element_size()
+    edt = resolve_expert_dtype(cfg, expert_dtype, dtype)
+    return BuildBytes(non_expert, expert_bytes(cfg.hidden_size, cfg.moe_intermediate_size, edt),
+                      len(cfg.moe_layers))
+
+
 @dataclass
 class RankMemory:
     non_expert: int
@@ -78,8 +113,27 @@ class RankMemory:
         return self.non_expert + self.resident_experts + self.slots
 
 
-def dwdp_rank_memory(cfg: ModelConfig, placement: Placement, bytes_per_param: float,
-                     expert_bytes_per_param: float | None = None) -> RankMemory:
+def rank_memory(cfg: ModelConfig, dtype: torch.dtype, expert_dtype: str | torch.dtype = "auto",
+                local_experts: int | None = None, slot_experts: int = 0) -> RankMemory:
+    """Exact weight bytes of one rank: the model as built with ``local_experts`` routed
+    experts per MoE layer (default all: a ``dp`` replica), plus ``slot_experts`` experts'
+    worth of prefetch slots (DWDP: ``2 * placement.remote``)."""
+    bb = build_bytes(cfg, dtype, expert_dtype)
+    local = cfg.num_experts if local_experts is None else local_experts
+    return RankMemory(non_expert=bb.non_expert, resident_experts=bb.total(local) - bb.non_expert,
+                      slots=slot_experts * bb.per_expert)
+
+
+def dwdp_rank_memory(cfg: ModelConfig, placement: Placement, bytes_per_param: float | None = None,
+                     expert_bytes_per_param: float | None = None, *, dtype: torch.dtype | None = None,
+                     expert_dtype: str | torch.dtype = "auto") -> RankMemory:
+    """A DWDP rank's weights. With ``dtype`` (preferred) exactly what it allocates (see
+    :func:`rank_memory`); with bytes per parameter only, the older estimate."""
+    if dtype is not None:
+        slots = 2 * placement.remote if placement.group_size > 1 else 0
+        return rank_memory(cfg, dtype, expert_dtype, placement.local, slots)
+    if bytes_per_param is None:
+        raise TypeError("dwdp_rank_memory needs dtype= (exact) or bytes_per_param")
     pb = param_breakdown(cfg)
     ebpp = bytes_per_param if expert_bytes_per_param is None else expert_bytes_per_param
     expert_bytes = pb.expert_numel * ebpp

@@ -271,13 +271,27 @@ class RoutedExperts(nn.Module):
     strategy that supplies the rest.
     """
 
-    def __init__(self, num_experts: int, hidden: int, inter: int, start: int = 0, count: int | None = None):
+    def __init__(self, num_experts: int, hidden: int, inter: int, start: int = 0, count: int | None = None,
+                 fp8: bool = False):
         super().__init__()
         count = num_experts - start if count is None else count
         self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
         self.start = start
-        self.w13 = nn.Parameter(torch.empty(count, 2 * inter, hidden))
-        self.w2 = nn.Parameter(torch.empty(count, hidden, inter))
+        if not fp8:
+            self.w13 = nn.Parameter(torch.empty(count, 2 * inter, hidden))
+            self.w2 = nn.Parameter(torch.empty(count, hidden, inter))
+            return
+        # FP8: e4m3 weights and their fp32 128x128 block scales, the checkpoints' layout
+        # with gate and up stacked (w13 row blocks: gate's, then up's).
+        from ..quant import FP8, SCALE_DTYPE, scale_shape
+
+        self._set_fp8(torch.empty(count, 2 * inter, hidden, dtype=FP8), torch.empty(count, hidden, inter, dtype=FP8),
+                      torch.empty(count, *scale_shape(2 * inter, hidden), dtype=SCALE_DTYPE),
+                      torch.empty(count, *scale_shape(hidden, inter), dtype=SCALE_DTYPE))
+
+    def _set_fp8(self, w13, w2, w13_scale, w2_scale) -> None:
+        for name, t in (("w13", w13), ("w2", w2), ("w13_scale", w13_scale), ("w2_scale", w2_scale)):
+            setattr(self, name, nn.Parameter(t, requires_grad=False))
 
     @property
     def expert_range(self) -> range:
@@ -293,15 +307,21 @@ class RoutedExperts(nn.Module):
 
     @torch.no_grad()
     def quantize_fp8(self) -> None:
-        """Store these experts as FP8 e4m3 with 128x128 block scales (as DeepSeek-V3 does)."""
-        from ..quant import quantize_fp8_blockwise
+        """Store these experts as FP8 e4m3 with 128x128 block scales (as DeepSeek-V3 does).
+
+        Quantises a few experts at a time straight into the FP8 parameters; the
+        full-precision ones are released once all are done."""
+        from ..quant import FP8, SCALE_DTYPE, quantize_fp8_blockwise, scale_shape
 
         if self.is_fp8:
             return
-        for name in ("w13", "w2"):
-            q, s = quantize_fp8_blockwise(getattr(self, name))
-            setattr(self, name, nn.Parameter(q, requires_grad=False))
-            setattr(self, f"{name}_scale", nn.Parameter(s, requires_grad=False))
+        out = []
+        for w in (self.w13, self.w2):
+            q = torch.empty(w.shape, dtype=FP8, device=w.device)
+            s = torch.empty(w.shape[0], *scale_shape(*w.shape[1:]), dtype=SCALE_DTYPE, device=w.device)
+            out += [q, s]
+            quantize_fp8_blockwise(w, out=(q, s))
+        self._set_fp8(out[0], out[2], out[1], out[3])
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         if len(self.expert_range) != self.num_experts:
