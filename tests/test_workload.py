@@ -11,7 +11,8 @@ import torch
 
 from dwdp.engine import ArrivalSource, PrefillEngine, Request, StepDriver
 from dwdp.models import build_model, init_random
-from dwdp.parallel.replica import DoesNotFit, check_fits, replica_weight_bytes
+from dwdp.info import rank_memory
+from dwdp.parallel.replica import DoesNotFit, check_fits
 from dwdp.presets import resolve_model
 from dwdp.workload import WorkloadSpec, apply_router_skew, assign, generate, zipf_router_bias
 
@@ -131,10 +132,10 @@ def test_lockstep_runs_dummy_steps_while_a_peer_is_busy():
 
 def test_replica_fit_check_names_the_numbers():
     cfg, _ = resolve_model("qwen3-235b-a22b")
-    need = replica_weight_bytes(cfg, torch.bfloat16)
+    need = rank_memory(cfg, torch.bfloat16).total
     assert need > 400 * 2**30
     with pytest.raises(DoesNotFit, match=r"GiB of weights.*80.0 GiB.*Use dwdp or dep"):
         check_fits("dp", need, cfg, 16384, torch.bfloat16, torch.device("cuda"), total_memory=80 * 2**30)
     small, _ = resolve_model("tiny-qwen3-moe")
-    check_fits("dp", replica_weight_bytes(small, torch.bfloat16), small, 256, torch.bfloat16,
+    check_fits("dp", rank_memory(small, torch.bfloat16).total, small, 256, torch.bfloat16,
                torch.device("cuda"), total_memory=80 * 2**30)

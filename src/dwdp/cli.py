@@ -46,8 +46,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--group-size", "-N", type=int, default=1, help="DWDP group size N (1: a single process)")
     d.add_argument("--strategy", default=DWDP, choices=list(STRATEGIES),
                    help="how the group shares the experts (default dwdp; dep and dp for comparison)")
-    d.add_argument("--expert-dtype", default="same", choices=["same", "fp8"],
-                   help="fp8: routed experts quantised to e4m3 with 128x128 block scales at load")
+    d.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
+                   help="routed experts: auto = as the checkpoint ships them (FP8 releases stay FP8), same = the "
+                        "model dtype, fp8 = e4m3 with 128x128 block scales (quantised at load)")
     d.add_argument("--copy-streams", type=int, default=1, help="DWDP copy streams per rank (default 1)")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
     d.add_argument("--local-experts", "-L", type=int, default=None,
@@ -76,7 +77,7 @@ def _rank_spec(args, strategy: str = DP, group_size: int = 1):
     return RankSpec(model=args.model, strategy=strategy, num_layers=args.num_layers, dtype=args.dtype,
                     device="cuda" if args.device.startswith("cuda") else "cpu", group_size=group_size,
                     local_experts=getattr(args, "local_experts", None),
-                    expert_dtype=getattr(args, "expert_dtype", "same"), slice_mb=getattr(args, "slice_mb", None),
+                    expert_dtype=getattr(args, "expert_dtype", "auto"), slice_mb=getattr(args, "slice_mb", None),
                     copy_streams=getattr(args, "copy_streams", 1), seed=args.seed,
                     max_num_tokens=args.max_num_tokens, peer_timeout_s=getattr(args, "peer_timeout", 60.0))
 
@@ -179,11 +180,11 @@ def cmd_info(args) -> int:
     from .parallel.placement import Placement
     from .presets import resolve_model
 
-    from .quant import expert_bytes_per_weight
+    from .quant import bytes_per_expert_weight
 
     cfg, _ = resolve_model(args.model, args.num_layers)
     bpp = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
-    ebpp = expert_bytes_per_weight(args.expert_dtype, bpp)
+    ebpp = bytes_per_expert_weight(DTYPES[args.dtype] if args.expert_dtype == "same" else args.expert_dtype)
     pb = param_breakdown(cfg)
     console = _console()
     t = Table(title=f"{cfg.name or args.model}: {cfg.model_type}, {cfg.num_layers} layers "
@@ -518,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--slice-mb", type=float, default=None, help="DWDP pull slices of this many MiB")
     bench.add_argument("--copy-streams", type=int, default=1,
                        help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
-    bench.add_argument("--expert-dtype", default="same", choices=["same", "fp8"],
+    bench.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
                        help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
     bench.add_argument("--dep-transport", default="nccl", choices=["nccl", "symm"],
                        help="DEP all-to-all: nccl (all_to_all_single) or symm (NVSHMEM one-sided, GPU)")

@@ -135,15 +135,3 @@ def quantize_experts_fp8(model) -> None:
     experts at all."""
     for block in model.moe_blocks():
         block.experts.quantize_fp8()
-
-
-def expert_bytes_per_weight(fmt: str, weight_elem_bytes: int = 2) -> float:
-    """Bytes per routed-expert weight in storage format ``fmt``, block scales included:
-    "same"/"bf16" (the model dtype's ``weight_elem_bytes``), "fp8" (one byte plus one fp32
-    scale per 128x128 block), "fp4" (NVFP4: half a byte plus one fp8 scale per 16 weights)."""
-    if fmt == "same":
-        return float(weight_elem_bytes)
-    table = {"bf16": 2.0, "fp8": 1.0 + 4.0 / (BLOCK * BLOCK), "fp4": 0.5 + 1.0 / 16}
-    if fmt not in table:
-        raise ValueError(f"expert format {fmt!r}: choose one of same, {', '.join(table)}")
-    return table[fmt]

@@ -34,7 +34,7 @@ class BenchSpec:
     dep_transport: str = "nccl"  # DEP: nccl or symm (NVSHMEM one-sided)
     dep_overlap: bool = False  # DEP two-batch overlap
     dep_wire: str = "auto"  # DEP dispatch row format
-    expert_dtype: str = "same"  # "fp8": routed experts stored and pulled as FP8 e4m3 + block scales
+    expert_dtype: str = "auto"  # as the checkpoint ships them; "fp8": stored, pulled and computed as e4m3
     warmup: bool = True
     seed: int = 0  # random weights
     peer_timeout_s: float = 120.0

@@ -190,16 +190,33 @@ class DWDPRuntime:
         self.engine.close()
 
 
+class ResidentStore:
+    """This rank's resident experts in peer-visible memory, allocated before the model so
+    ``build_model(..., expert_storage=store.views)`` places them there directly (no second
+    copy of the resident experts while moving them: the model's peak is its final size)."""
+
+    def __init__(self, cfg, placement: Placement, expert_dtype: torch.dtype, ctx: DWDPContext):
+        self.rows = ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, expert_dtype)
+        self.moe_layers = list(cfg.moe_layers)
+        self.pending = PeerMemory.allocate((len(self.moe_layers), placement.local, self.rows.width),
+                                           self.rows.storage_dtype, ctx.device, ctx.group)
+
+    def views(self, layer_idx: int):
+        """build_model's expert_storage: (w13, w2, w13_scale, w2_scale) of a model layer."""
+        return self.rows.views(self.pending.local[self.moe_layers.index(layer_idx)])
+
+
 @torch.no_grad()
 def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, copy_timeout_s: float = 60.0,
                slice_bytes: int | None = None, copy_streams: int = 1,
-               hooks: RuntimeHooks = NO_HOOKS) -> DWDPRuntime:
+               hooks: RuntimeHooks = NO_HOOKS, store: ResidentStore | None = None) -> DWDPRuntime:
     """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group.
 
     ``slice_bytes``/``copy_streams`` choose the pull plan: whole per-peer blocks on one
     stream (the default: fastest measured on H100/H200, see BENCHMARKS.md) or slices
     issued round-robin over peers, on one or several copy streams (CUDA). ``hooks``: fault
-    injection and tracing for tests and diagnostics (:mod:`dwdp.parallel.hooks`)."""
+    injection and tracing for tests and diagnostics (:mod:`dwdp.parallel.hooks`). ``store``:
+    the model was built into it (its experts already lie in peer-visible memory)."""
     cfg = model.config
     rank = ctx.group_rank
     blocks: list[MoEBlock] = model.moe_blocks()
@@ -209,21 +226,28 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
         if not isinstance(ex, RoutedExperts) or ex.expert_range != want:
             raise ValueError(f"apply_dwdp needs each MoE layer to hold exactly experts {want.start}..{want.stop - 1} "
                              f"(build_model(expert_shard=...)); found {getattr(ex, 'expert_range', type(ex))}")
-    H, I = cfg.hidden_size, cfg.moe_intermediate_size
     dtype = blocks[0].experts.w13.dtype if blocks else torch.float32
-    rows = ExpertRows(H, I, dtype)
-    row = rows.width
     device = ctx.device
-    pending = PeerMemory.allocate((len(blocks), placement.local, row), rows.storage_dtype, device, ctx.group)
-    # Move resident experts into the peer-visible storage, one layer at a time.
-    for m, b in enumerate(blocks):
-        w13, w2, s13, s2 = rows.views(pending.local[m])
-        w13.copy_(b.experts.w13)
-        w2.copy_(b.experts.w2)
-        if rows.fp8:
-            s13.copy_(b.experts.w13_scale)
-            s2.copy_(b.experts.w2_scale)
-        b.experts = None
+    if store is not None:  # built in place: the experts already lie in peer-visible memory
+        rows, pending = store.rows, store.pending
+        for m, b in enumerate(blocks):
+            if b.experts.w13.data_ptr() != rows.views(pending.local[m])[0].data_ptr():
+                raise ValueError("apply_dwdp(store=...) needs the model built with expert_storage=store.views")
+            b.experts = None
+    else:
+        rows = ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, dtype)
+        pending = PeerMemory.allocate((len(blocks), placement.local, rows.width), rows.storage_dtype, device,
+                                      ctx.group)
+        # Move resident experts into the peer-visible storage, one layer at a time.
+        for m, b in enumerate(blocks):
+            w13, w2, s13, s2 = rows.views(pending.local[m])
+            w13.copy_(b.experts.w13)
+            w2.copy_(b.experts.w2)
+            if rows.fp8:
+                s13.copy_(b.experts.w13_scale)
+                s2.copy_(b.experts.w2_scale)
+            b.experts = None
+    row = rows.width
     peer_memory = pending.connect()
     R = placement.remote
     slots = [torch.empty((R, row), dtype=rows.storage_dtype, device=device) for _ in range(2)] if R else []

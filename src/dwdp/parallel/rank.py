@@ -29,7 +29,7 @@ class RankSpec:
     device: str = "cpu"  # "cpu" or "cuda" (each rank takes cuda:LOCAL_RANK)
     group_size: int = 1
     local_experts: int | None = None  # DWDP L (default: the smallest valid)
-    expert_dtype: str = "same"  # "fp8": routed experts stored, moved and computed as FP8
+    expert_dtype: str = "auto"  # "auto": as the checkpoint ships them; "same": the model dtype; "fp8": e4m3
     slice_mb: float | None = None  # DWDP: pull slices of this many MiB, round-robin over peers
     copy_streams: int = 1  # DWDP copy streams per rank
     dep_transport: str = "nccl"  # DEP all-to-all: "nccl" (all_to_all_single) or "symm" (NVSHMEM, one-sided)
@@ -63,8 +63,8 @@ def plan_group(spec: RankSpec):
 
     strategy = get_strategy(spec.strategy)
     cfg, ckpt = resolve_model(spec.model, spec.num_layers)
-    esz = torch.empty(0, dtype=resolve_dtype(spec.dtype, spec.device)).element_size()
-    plans = [strategy.plan(cfg, spec, esz, spec.group_size, r) for r in range(spec.group_size)]
+    dtype = resolve_dtype(spec.dtype, spec.device)
+    plans = [strategy.plan(cfg, spec, dtype, spec.group_size, r) for r in range(spec.group_size)]
     return strategy, cfg, ckpt, plans
 
 
@@ -85,9 +85,8 @@ def build_rank(spec: RankSpec, ctx, hooks: RuntimeHooks = NO_HOOKS, progress: bo
         raise ValueError(f"rank spec says group size {spec.group_size}, the process group has {ctx.group_size}")
     cfg, ckpt = resolve_model(spec.model, spec.num_layers)
     dtype = resolve_dtype(spec.dtype, ctx.device)
-    esz = torch.empty(0, dtype=dtype).element_size()
     group_size, group_rank = (ctx.group_size, ctx.group_rank) if strategy.grouped else (1, 0)
-    plan = strategy.plan(cfg, spec, esz, group_size, group_rank)
+    plan = strategy.plan(cfg, spec, dtype, group_size, group_rank)
     check_fits(plan.label, plan.weight_bytes, cfg, spec.max_num_tokens, dtype, ctx.device)
     if ctx.group_size > 1:
         check_agreement(ctx, {"model config": cfg.to_dict(), "strategy": spec.strategy, "plan": plan.label,
@@ -95,16 +94,14 @@ def build_rank(spec: RankSpec, ctx, hooks: RuntimeHooks = NO_HOOKS, progress: bo
                               "dtype": str(dtype), "expert dtype": spec.expert_dtype,
                               "seed": spec.seed if ckpt is None else None})
     shard = plan.expert_shard
-    model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None)
+    # Every tensor allocated once in its final dtype; FP8 experts stay FP8 from allocation on
+    # (stored, pulled by DWDP and sent to the GEMMs as FP8 + block scales).
+    store = strategy.expert_store(cfg, ctx, spec, plan, dtype)
+    model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None,
+                        expert_dtype=spec.expert_dtype, expert_storage=store.views if store else None)
     if ckpt is not None:
         load_checkpoint(model, ckpt, progress=progress)
     else:
         init_random(model, spec.seed)
-    if spec.expert_dtype == "fp8":
-        from ..quant import quantize_experts_fp8
-
-        quantize_experts_fp8(model)  # stored, pulled (DWDP) and sent to GEMMs as FP8 + block scales
-    elif spec.expert_dtype != "same":
-        raise ValueError(f"expert dtype {spec.expert_dtype!r}: choose same or fp8")
-    runtime = strategy.apply(model, ctx, spec, plan, hooks)
+    runtime = strategy.apply(model, ctx, spec, plan, hooks, store)
     return Rank(spec, strategy, cfg, plan, model, runtime)

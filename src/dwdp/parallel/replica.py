@@ -47,9 +47,3 @@ def check_fits(what: str, weight_bytes: int, cfg: ModelConfig, max_num_tokens: i
             f"{max_num_tokens} tokens per step = {need / gib:.1f} GiB per GPU, but {device} has "
             f"{total / gib:.1f} GiB ({headroom:.0%} usable). Use dwdp or dep, fewer layers (--num-layers), "
             "or a smaller --max-num-tokens")
-
-
-def replica_weight_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    from ..info import param_breakdown
-
-    return param_breakdown(cfg).total * torch.empty(0, dtype=dtype).element_size()

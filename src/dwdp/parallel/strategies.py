@@ -19,8 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
 from ..config import ModelConfig
-from ..quant import expert_bytes_per_weight
 from .hooks import NO_HOOKS, RuntimeHooks
 from .placement import Placement
 
@@ -60,12 +61,18 @@ class Strategy:
     summary: str = ""
     color: str = "tab:gray"  # in plots
 
-    def plan(self, cfg: ModelConfig, spec: "RankSpec", weight_elem_bytes: int, group_size: int,
+    def plan(self, cfg: ModelConfig, spec: "RankSpec", dtype: torch.dtype, group_size: int,
              group_rank: int) -> RankPlan:
         raise NotImplementedError
 
+    def expert_store(self, cfg: ModelConfig, ctx: "DWDPContext", spec: "RankSpec", plan: RankPlan,
+                     dtype: torch.dtype):
+        """Memory the routed experts must live in, allocated before the model (an object with
+        ``views(layer_idx)`` for ``build_model(expert_storage=...)``), or None: anywhere."""
+        return None
+
     def apply(self, model: "MoECausalLM", ctx: "DWDPContext", spec: "RankSpec", plan: RankPlan,
-              hooks: RuntimeHooks = NO_HOOKS) -> Runtime:
+              hooks: RuntimeHooks = NO_HOOKS, store=None) -> Runtime:
         raise NotImplementedError
 
     def step_report(self, runtime: Runtime) -> dict[str, Any]:
@@ -91,15 +98,12 @@ class DataParallel(Strategy):
     name, grouped = DP, False
     summary = "a full replica per rank, no communication (the upper bound where it fits)"
 
-    def plan(self, cfg, spec, weight_elem_bytes, group_size, group_rank):
-        from ..info import param_breakdown
+    def plan(self, cfg, spec, dtype, group_size, group_rank):
+        from ..info import rank_memory
 
-        pb = param_breakdown(cfg)
-        eb = expert_bytes_per_weight(spec.expert_dtype, weight_elem_bytes)
-        return RankPlan("dp (a full replica per GPU)", None,
-                        int(pb.non_expert * weight_elem_bytes + pb.routed_experts * eb))
+        return RankPlan("dp (a full replica per GPU)", None, rank_memory(cfg, dtype, spec.expert_dtype).total)
 
-    def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS):
+    def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         return ReplicaRuntime(model)
 
 
@@ -107,17 +111,15 @@ class ExpertParallel(Strategy):
     name, lockstep, color = DEP, True, "tab:red"
     summary = "attention data parallel + expert parallel all-to-alls in every MoE layer"
 
-    def plan(self, cfg, spec, weight_elem_bytes, group_size, group_rank):
-        from ..info import param_breakdown
+    def plan(self, cfg, spec, dtype, group_size, group_rank):
+        from ..info import rank_memory
         from .ep import ep_ranges
 
-        pb = param_breakdown(cfg)
         mine = ep_ranges(cfg.num_experts, group_size)[group_rank]
-        eb = expert_bytes_per_weight(spec.expert_dtype, weight_elem_bytes)
         return RankPlan(f"dep (EP{group_size})", (mine.start, len(mine)),
-                        int(pb.non_expert * weight_elem_bytes + len(mine) * pb.num_moe_layers * pb.expert_numel * eb))
+                        rank_memory(cfg, dtype, spec.expert_dtype, len(mine)).total)
 
-    def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS):
+    def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         from .ep import apply_dep
 
         return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size,
@@ -135,21 +137,27 @@ class DistributedWeights(Strategy):
     name, color = DWDP, "tab:blue"
     summary = "attention data parallel + experts split, pulled from peers one layer ahead"
 
-    def plan(self, cfg, spec, weight_elem_bytes, group_size, group_rank):
+    def plan(self, cfg, spec, dtype, group_size, group_rank):
         from ..info import dwdp_rank_memory
 
         placement = Placement.create(cfg.num_experts, group_size, spec.local_experts)
         mine = placement.local_range(group_rank)
-        eb = expert_bytes_per_weight(spec.expert_dtype, weight_elem_bytes)
         return RankPlan(f"dwdp ({placement.describe()})", (mine.start, len(mine)),
-                        dwdp_rank_memory(cfg, placement, weight_elem_bytes, eb).total, placement)
+                        dwdp_rank_memory(cfg, placement, dtype=dtype, expert_dtype=spec.expert_dtype).total, placement)
 
-    def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS):
+    def expert_store(self, cfg, ctx, spec, plan, dtype):
+        from ..models.build import resolve_expert_dtype
+        from .dwdp import ResidentStore
+
+        # Peers read the resident experts from peer-visible memory: build them there.
+        return ResidentStore(cfg, plan.placement, resolve_expert_dtype(cfg, spec.expert_dtype, dtype), ctx)
+
+    def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         from .dwdp import apply_dwdp
 
         return apply_dwdp(model, ctx, plan.placement, copy_timeout_s=spec.peer_timeout_s,
                           slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None,
-                          copy_streams=spec.copy_streams, hooks=hooks)
+                          copy_streams=spec.copy_streams, hooks=hooks, store=store)
 
     def step_report(self, runtime):
         st = runtime.step_stats

@@ -31,10 +31,10 @@ from ..config import ModelConfig
 from ..flops import attention_proj_params
 from ..parallel.placement import Placement
 from ..parallel.strategies import DEP, DP, DWDP
-from ..quant import expert_bytes_per_weight
+from ..quant import bytes_per_expert_weight
 from .hardware import HardwareProfile
 
-EXPERT_BYTES = {fmt: expert_bytes_per_weight(fmt) for fmt in ("bf16", "fp8", "fp4")}  # block scales included
+EXPERT_BYTES = {fmt: bytes_per_expert_weight(fmt) for fmt in ("bf16", "fp8", "fp4")}  # block scales included
 
 
 @dataclass
