@@ -282,6 +282,11 @@ def cmd_bench(args) -> int:
 def cmd_report(args) -> int:
     from .bench.report import render
 
+    if args.reps:
+        from .bench.report import repetitions_markdown
+
+        print(repetitions_markdown(args.files))
+        return 0
     if args.markdown:
         from .bench.report import markdown
 
@@ -609,6 +614,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("files", nargs="+", help="JSON files written by dwdp bench --out")
     rep.add_argument("--out-dir", "-o", default="bench-report", help="directory for the PNGs (default bench-report)")
     rep.add_argument("--markdown", action="store_true", help="print markdown tables instead of plotting")
+    rep.add_argument("--reps", action="store_true",
+                     help="the files are repetitions: one markdown row per setting and strategy, min / median / max")
     rep.set_defaults(func=cmd_report)
 
     return p

@@ -147,3 +147,44 @@ def markdown(paths: list[str]) -> str:
                     + f"{s.peak_memory_bytes / 2**30:.1f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _setting(run: BenchRun) -> tuple:
+    """What makes two runs repetitions of one measurement (machine and seed aside)."""
+    w, sp = run.workload, run.spec
+    return (sp["model"], sp.get("num_layers"), sp["world_size"], sp.get("group_size"), sp.get("expert_dtype"),
+            run.mnt, w["dist"], w["isl"], w["cv"], w["ratio"], sp.get("skew", 0.0), w["num_requests"])
+
+
+def repetitions_markdown(paths: list[str]) -> str:
+    """Runs of the same setting across files (repetitions) as one row per strategy:
+    tok/s/GPU and its ratio to dep as min / median / max, and the median per-rank split of
+    busy time into compute (outside collectives and waits), transfer and waiting for peers."""
+    import numpy as np
+
+    groups: dict[tuple, list[BenchRun]] = {}
+    for r in load_runs(paths):
+        groups.setdefault(_setting(r), []).append(r)
+    m = next(iter(groups.values()))[0].machine
+    lines = [f"{len(paths)} files, {(m.get('gpus') or ['cpu'])[0]} x{next(iter(groups))[2]}, torch {m.get('torch')}, "
+             f"commit {m.get('commit')}", "",
+             "| model (layers) | experts | MNT | CV | skew | strategy | reps | tok/s/GPU min / med / max "
+             "| vs dep min / med / max | compute s | transfer s | peer wait s | busy s |",
+             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt3 = lambda xs, f: " / ".join(f.format(x) for x in (min(xs), float(np.median(xs)), max(xs)))  # noqa: E731
+    for key, runs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+        model, layers, _, _, edt, mnt, _, _, cv, _, skew, _ = key
+        for strat in runs[0].results:
+            res = [r.results[strat] for r in runs if strat in r.results and not r.results[strat].skipped]
+            if not res:
+                continue
+            tps = [x.tps_per_gpu for x in res]
+            ratio = [r.results[strat].tps_per_gpu / r.results[BASELINE].tps_per_gpu for r in runs
+                     if BASELINE in r.results and not r.results[BASELINE].skipped and strat in r.results]
+            ranks = [rk for x in res for rk in x.ranks]
+            med = lambda f: float(np.median([f(rk) or 0.0 for rk in ranks]))  # noqa: E731
+            lines.append(f"| {model} ({layers or 'all'}) | {edt or 'same'} | {mnt} | {cv:g} | {skew:g} | {strat} | "
+                         f"{len(res)} | {fmt3(tps, '{:,.0f}')} | {fmt3(ratio, '{:.3f}') if ratio else '-'} | "
+                         f"{med(lambda rk: rk.compute_s):.3f} | {med(lambda rk: rk.transfer_s):.3f} | "
+                         f"{med(lambda rk: rk.peer_wait_s):.4f} | {med(lambda rk: rk.busy_s):.3f} |")
+    return "\n".join(lines)
