@@ -109,6 +109,10 @@ def test_bench_then_report(tmp_path, capsys):
     assert main(["plan", "--validate", str(out), "--hardware", "h200"]) == 0
     table = capsys.readouterr().out
     assert table.count("tiny-qwen3-moe") == 4 and "step time within" in table
+    # The same file twice reads as two repetitions of each setting: one row per strategy.
+    assert main(["report", "--reps", str(out), str(out)]) == 0
+    reps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-qwen3-moe")]
+    assert len(reps) == 4 and all(" | 2 | " in r for r in reps)
     (tmp_path / "bad.json").write_text('{"runs": [{"spec": {"model": "x"}, "results": {}}]}')
     assert main(["report", "--markdown", str(tmp_path / "bad.json")]) == 2
     assert "missing field 'world_size'" in capsys.readouterr().err
