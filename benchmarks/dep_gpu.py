@@ -42,6 +42,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dwdp.models.moe import RoutedExperts  # noqa: E402
+from dwdp.ceilings import time_cuda  # noqa: E402
 from dwdp.parallel.ep import apply_dep, ep_ranges  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 1536, 128, 8
@@ -69,15 +70,7 @@ def _median(xs):
 
 
 def _cuda_time(fn, iters):
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return _median(ts)
+    return time_cuda(fn, warmup=0, iters=iters)
 
 
 def _experts(start: int, count: int, fp8: bool, device) -> RoutedExperts:

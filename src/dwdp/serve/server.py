@@ -328,14 +328,18 @@ def build_app(worker: ServingWorker, model_name: str, tokenizer=None, api_key: s
             "id": model_name, "object": "model", "created": 0, "owned_by": SERVED_BY, "vocab_size": vocab,
             "max_model_len": context, "tokenizer": tokenizer is not None}]}
 
+    async def parse(request: Request, model_cls):
+        """The body as ``model_cls`` (a pydantic request model), or a 400 naming the field."""
+        obj = await read_json(request)
+        try:
+            return model_cls.model_validate(obj)
+        except ValidationError as e:
+            raise _validation_error(e)
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        obj = await read_json(request)
-        try:
-            r = CompletionRequest.model_validate(obj)
-        except ValidationError as e:
-            raise _validation_error(e)
+        r = await parse(request, CompletionRequest)
         prompt = _prompt_ids(r.prompt)
         if r.echo and r.logprobs is not None:
             raise _bad("echo with logprobs (prompt logprobs) is not supported", "echo", "unsupported_parameter")
@@ -344,11 +348,7 @@ def build_app(worker: ServingWorker, model_name: str, tokenizer=None, api_key: s
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
-        obj = await read_json(request)
-        try:
-            r = ChatCompletionRequest.model_validate(obj)
-        except ValidationError as e:
-            raise _validation_error(e)
+        r = await parse(request, ChatCompletionRequest)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise _bad("this model has no chat template (it was loaded without a tokenizer that has one): use "
                        "/v1/completions", "messages", "no_chat_template")
