@@ -10,12 +10,14 @@ strategy.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import ModelConfig, resolve_dtype
 from .hooks import NO_HOOKS, RuntimeHooks
 from .strategies import DWDP, RankPlan, Runtime, Strategy, get_strategy
+
+if TYPE_CHECKING:
+    from ..models.transformer import MoECausalLM
 
 
 @dataclass
@@ -49,7 +51,7 @@ class Rank:
     strategy: Strategy
     cfg: ModelConfig
     plan: RankPlan
-    model: object  # MoECausalLM with the strategy applied
+    model: "MoECausalLM"  # with the strategy applied
     runtime: Runtime
 
     def close(self) -> None:
