@@ -593,3 +593,38 @@ def test_chat_completions_with_the_chat_template(ref_cases, tmp_path):
         assert code == 400 and json.loads(body)["error"]["param"] == "messages.0.role"
     finally:
         srv.shutdown(5)
+
+
+def test_cpu_serving_loop_runs_single_threaded(ref_cases):
+    """Issue 14: on CPU the serving loop computes with one intra-op thread by default.
+    With a thread pool every one of a decode step's hundreds of tiny ops ends on a
+    barrier that waits for each pool thread to get a core; once the cores are shared
+    (HTTP threads, clients, anything else on the box) steps went from 0.07 s to seconds
+    and 64-client throughput fell ~20x on some runs. Asserted on the thread count the
+    model's forward actually sees in the serving thread, not on time."""
+    from dwdp.decode import SamplingParams
+    from dwdp.serve.worker import ServeRequest
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what a 2-core box gives by default; the loop must not inherit it
+    try:
+        for want, kw in ((1, {}), (2, {"intra_op_threads": 2})):
+            model = ref_cases["qwen3_moe"].ours()
+            seen = []
+            hook = model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+            worker = ServingWorker(model, max_num_tokens=64, max_batch=4, **kw)
+            worker.start()
+            try:
+                req = worker.submit(ServeRequest([1, 2, 3, 4], SamplingParams(max_tokens=4)))
+                events = []
+                while not events or events[-1][0] == "token":
+                    events.append(req.events.get(timeout=30))
+                assert events[-1] == ("done", "length")
+            finally:
+                worker.stop(5)
+                hook.remove()
+            assert len(seen) == 4 and set(seen) == {want}, (kw, seen)  # 1 prefill + 3 decode forwards
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        ServingWorker(ref_cases["qwen3_moe"].ours(), intra_op_threads=0)

@@ -448,7 +448,8 @@ def cmd_serve(args) -> int:
 
     tokenizer = load_tokenizer(args.model)
     if args.prefill == "local":
-        worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue)
+        worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue,
+                               intra_op_threads=args.threads)
     else:
         from .serve.disagg import DisaggServingWorker, PrefillPool, PrefillPoolSpec
 
@@ -456,7 +457,8 @@ def cmd_serve(args) -> int:
                                "cuda" if args.device.startswith("cuda") else "cpu", args.local_experts,
                                args.max_num_tokens, args.seed)
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
-        worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue)
+        worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue,
+                                     intra_op_threads=args.threads)
     api_key = args.api_key or os.environ.get("DWDP_API_KEY")
     server = Server(worker, cfg.name or args.model, args.host, args.port, tokenizer, api_key,
                     drain_timeout_s=args.drain_timeout)
@@ -585,6 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-tokens", type=int, default=8192, help="prefill token budget per step")
     srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     srv.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
+    srv.add_argument("--threads", type=int, default=1,
+                     help="CPU decode: torch intra-op threads of the serving loop (default 1: a step is many tiny "
+                          "ops, and a thread pool's per-op barriers stall whenever the cores are shared)")
     srv.add_argument("--prefill", default="local", choices=["local", *STRATEGIES],
                      help="local: prefill in the server process; else a prefill group of --prefill-ranks processes "
                           "(GPUs cuda:0..R-1) handing KV caches to decode here (--device, e.g. cuda:4)")

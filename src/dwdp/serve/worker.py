@@ -13,6 +13,14 @@ not a bad request) take the worker down: then every waiting or running request r
 an error event naming the cause, and :attr:`ServingWorker.failure` is set (``/health`` ->
 503). :meth:`ServingWorker.cancel` (a client that went away, a stop string) frees the
 request's slot at the loop's next iteration, i.e. within one step.
+
+On CPU the loop computes with ``intra_op_threads`` torch threads (default 1). A decode
+step is hundreds of tiny ops; with an intra-op pool each is a fork/join whose barrier
+waits for every pool thread to be on a core. The server shares its cores with its own
+HTTP threads and, on a test box, with the clients and whatever else runs: as soon as
+the cores are oversubscribed a pool thread is descheduled at most barriers and a step
+that takes 0.07 s takes seconds (issue 14: 64 streaming clients on 2 cores fell from
+~600 to ~30 tok/s on some runs, TTFT ~10 s). One thread has no barrier to wait on.
 """
 
 from __future__ import annotations
@@ -83,8 +91,13 @@ class ServeRequest:
 
 class ServingWorker(threading.Thread):
     def __init__(self, model, max_num_tokens: int = 8192, max_batch: int = 64, max_queue: int = 256,
-                 metrics: Metrics | None = None, handoff: KVHandoff | None = None, max_engine_faults: int = 3):
+                 metrics: Metrics | None = None, handoff: KVHandoff | None = None, max_engine_faults: int = 3,
+                 intra_op_threads: int | None = 1):
         super().__init__(name="dwdp-serving", daemon=True)
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise ValueError("intra_op_threads must be >= 1 (or None: keep torch's setting)")
+        # Torch threads of the serving loop on CPU; None leaves torch's setting (see the module doc).
+        self.intra_op_threads = intra_op_threads
         self.model = model
         self.max_num_tokens = max_num_tokens
         self.prefill = PrefillEngine(model, max_num_tokens, keep_kv=True)
@@ -186,8 +199,15 @@ class ServingWorker(threading.Thread):
         self._fail_all(f"the server shut down before this request finished (drain timeout {drain_timeout_s:g} s)")
 
     # -- the loop ------------------------------------------------------------------------
+    def _set_threads(self) -> None:
+        """Called in the serving thread itself: OpenMP's and MKL's thread counts are per
+        calling thread, and this is the thread that runs every engine op."""
+        if self.intra_op_threads is not None and self.decode.device.type == "cpu":
+            torch.set_num_threads(self.intra_op_threads)
+
     def run(self) -> None:
         try:
+            self._set_threads()
             while not self._halt.is_set():
                 self._supervise()
                 self._apply_cancels()
