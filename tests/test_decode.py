@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dwdp.decode import DecodeEngine, DecodeRequest, SamplingParams, sample
+from dwdp.decode import DecodeEngine, DecodeRequest
+from dwdp.sampling import SamplingParams, make_stream, sample
 from dwdp.engine import PrefillEngine, Request
 
 PROMPTS = [[5, 9, 2, 7, 1, 3], list(range(40, 77)), [11]]
@@ -48,7 +49,7 @@ def test_eos_stops_and_limits(ref_cases):
 
 def test_sampling_distribution():
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -8.0])
-    g = torch.Generator().manual_seed(0)
+    g = make_stream(0)
     draws = [sample(logits, SamplingParams(temperature=1.0), g) for _ in range(4000)]
     freq = torch.bincount(torch.tensor(draws), minlength=5).float() / len(draws)
     assert torch.allclose(freq, torch.softmax(logits, 0), atol=0.03)
@@ -68,16 +69,14 @@ def test_seeded_sampling_is_reproducible(ref_cases):
 
 def test_sampling_degenerate_parameters_are_well_defined():
     """Issue 14: a tiny temperature or top_p used to give NaN probabilities (a crash)."""
-    from dwdp.decode import make_generator
-
     logits = torch.tensor([0.3, 2.0, -1.0, 1.9])
-    g = make_generator(1)
+    g = make_stream(1)
     for p in (SamplingParams(temperature=1e-300), SamplingParams(temperature=1.0, top_p=1e-300),
               SamplingParams(temperature=5e-324, top_k=2)):
         assert {sample(logits, p, g) for _ in range(20)} == {1}  # greedy, never NaN
     for seed in (2 ** 63, 2 ** 64 - 1, -(2 ** 63), -1):  # every 64-bit seed, signed or not
-        a = [sample(logits, SamplingParams(temperature=1.0), make_generator(seed)) for _ in range(3)]
-        assert a == [sample(logits, SamplingParams(temperature=1.0), make_generator(seed)) for _ in range(3)]
+        a = [sample(logits, SamplingParams(temperature=1.0), make_stream(seed)) for _ in range(3)]
+        assert a == [sample(logits, SamplingParams(temperature=1.0), make_stream(seed)) for _ in range(3)]
     with pytest.raises(ValueError, match="temperature must be a finite number"):
         SamplingParams(temperature=float("nan")).validate(4)
     with pytest.raises(ValueError, match="seed"):
@@ -92,13 +91,127 @@ def test_unseeded_requests_do_not_share_a_stream(ref_cases):
     assert len(outs) > 1
 
 
-def test_a_sampling_failure_ends_that_request_only(ref_cases):
+
+
+def _decode_reqs(ref, prompts, params, max_num_tokens=16):
+    res = PrefillEngine(ref.ours(), max_num_tokens=max_num_tokens, keep_kv=True).run(
+        [Request(i, p) for i, p in enumerate(prompts)])
+    return [DecodeRequest(r.id, r.kv, r.next_token, params, r.prompt_len) for r in sorted(res, key=lambda r: r.id)]
+
+
+def _hf_greedy(ref, prompt, n):
+    return ref.hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_requests_joining_mid_flight_equal_transformers_generate(ref_cases, family):
+    """Continuous batching: requests join a running batch between steps, take the slots
+    finished ones leave, and each still decodes exactly what transformers' generate does."""
+    ref = ref_cases[family]
+    prompts = [[5, 9, 2, 7, 1, 3], list(range(40, 77)), [11], [3, 3, 8, 1]]
+    lengths = [9, 4, 7, 6]
+    reqs = [r for r in _decode_reqs(ref, prompts, SamplingParams())]
+    for r, n in zip(reqs, lengths):
+        r.params = SamplingParams(max_tokens=n)
+    dec = DecodeEngine(ref.ours(), max_batch=2, max_context=64)
+    ptrs = [t.data_ptr() for kv in dec.cache.layers for t in kv]
+    dec.add(reqs[0])
+    out = {}
+    for step in range(40):
+        if step == 2:
+            dec.add(reqs[1])  # joins while request 0 runs
+        if step == 3:
+            dec.add(reqs[2])  # waits for a free slot (max_batch 2)
+            dec.add(reqs[3])
+        out.update({r.id: r for r in dec.step()})
+        if not dec.has_work and step > 3:
+            break
+    assert sorted(out) == [0, 1, 2, 3]
+    for i, p in enumerate(prompts):
+        assert out[i].tokens == _hf_greedy(ref, p, lengths[i]), f"request {i}"
+    assert [t.data_ptr() for kv in dec.cache.layers for t in kv] == ptrs  # written in place, never reallocated
+    assert sorted(dec._free) == [0, 1]  # every slot came back
+
+
+def test_cache_slot_holds_the_whole_sequence(ref_cases):
+    """After some steps a slot holds exactly the KV that prefilling prompt + generated
+    tokens produces (the prefill's own cache is checked against transformers elsewhere)."""
+    for family in ("qwen3_moe", "deepseek_v3"):
+        ref = ref_cases[family]
+        prompt = [4, 8, 15, 16, 23, 42, 7]
+        (req,) = _decode_reqs(ref, [prompt], SamplingParams(max_tokens=20))
+        dec = DecodeEngine(ref.ours(), max_batch=3, max_context=40)
+        dec.add(req)
+        for _ in range(5):
+            dec.step()
+        a = dec.active[0]
+        seq = prompt + a.tokens[:-1]  # the newest token has no cache entry yet
+        assert a.length == len(seq)
+        full = PrefillEngine(ref.ours(), max_num_tokens=64, keep_kv=True).run([Request(0, seq)])[0]
+        for (k, v), (k2, v2) in zip(dec.cache.read_prompt(a.slot, a.length), full.kv):
+            torch.testing.assert_close(k, k2, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(v, v2, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_attention_reference_against_float64():
+    from dwdp.models.attention import decode_attention
+
+    g = torch.Generator().manual_seed(0)
+    S, L, Hkv, G, D = 5, 24, 2, 3, 16
+    kc, vc = torch.randn(S, L, Hkv, D, generator=g), torch.randn(S, L, Hkv, D, generator=g)
+    slots, lens = torch.tensor([3, 0, 4]), torch.tensor([1, 24, 9], dtype=torch.int32)
+    q = torch.randn(3, Hkv * G, D, generator=g)
+    got = decode_attention(q, kc, vc, slots, lens, 0.25)
+    for b in range(3):
+        for h in range(Hkv * G):
+            k, v = kc[slots[b], :lens[b], h // G].double(), vc[slots[b], :lens[b], h // G].double()
+            p = torch.softmax(k @ q[b, h].double() * 0.25, 0)
+            torch.testing.assert_close(got[b, h].double(), p @ v, rtol=1e-5, atol=1e-6)
+
+
+def test_seeded_request_samples_the_same_alone_or_in_a_batch(ref_cases):
+    """Counter-based streams: a seeded request's tokens do not depend on its batch."""
     ref = ref_cases["qwen3_moe"]
-    res = PrefillEngine(ref.ours(), 16, keep_kv=True).run([Request(i, p) for i, p in enumerate(PROMPTS[:2])])
-    dec = DecodeEngine(ref.ours(), 4)
-    bad = object()  # not a generator: multinomial raises for this request only
-    reqs = [DecodeRequest(0, res[0].kv, res[0].next_token, SamplingParams(max_tokens=4, temperature=1.0), 0, bad),
-            DecodeRequest(1, res[1].kv, res[1].next_token, SamplingParams(max_tokens=4), 0)]
-    out = {r.id: r for r in dec.run(reqs)}
-    assert out[0].finish_reason == "error" and "sampling failed" in out[0].error
-    assert out[1].finish_reason == "length" and len(out[1].tokens) == 4
+    p = SamplingParams(max_tokens=10, temperature=0.9, top_k=50, seed=123)
+    alone = DecodeEngine(ref.ours(), 4).run(_decode_reqs(ref, [PROMPTS[1]], p))[0].tokens
+    others = SamplingParams(max_tokens=10, temperature=1.3, top_p=0.8)
+    reqs = _decode_reqs(ref, [PROMPTS[0], PROMPTS[1], PROMPTS[2]], others)
+    reqs[1].params = p
+    mixed = {r.id: r.tokens for r in DecodeEngine(ref.ours(), 4).run(reqs)}
+    assert mixed[1] == alone
+
+
+def test_uniform_noise_is_uniform_and_keyed():
+    from dwdp.sampling import uniform_noise
+
+    u = uniform_noise(torch.tensor([7, 7, -3]), torch.tensor([0, 1, 0]), 100_000)
+    assert bool(((u > 0) & (u < 1)).all())
+    for row in u:  # each row's histogram over 10 bins is flat (about 10,000 each)
+        counts = torch.histc(row.float(), bins=10, min=0, max=1)
+        assert float((counts - 10_000).abs().max()) < 500
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    assert torch.equal(u[0], uniform_noise(torch.tensor([7]), torch.tensor([0]), 100_000)[0])
+
+
+def test_max_context_is_enforced_with_the_fix_named(ref_cases):
+    ref = ref_cases["qwen3_moe"]
+    (req,) = _decode_reqs(ref, [PROMPTS[1]], SamplingParams(max_tokens=30))
+    with pytest.raises(ValueError, match="max-context"):
+        DecodeEngine(ref.ours(), 2, max_context=48).add(req)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        DecodeEngine(ref.ours(), 2, max_context=10_000)
+
+
+def test_cancel_frees_the_slot(ref_cases):
+    ref = ref_cases["qwen3_moe"]
+    reqs = _decode_reqs(ref, PROMPTS, SamplingParams(max_tokens=6))
+    dec = DecodeEngine(ref.ours(), 2, max_context=64)
+    for r in reqs:
+        dec.add(r)
+    dec.step()
+    assert len(dec.active) == 2 and not dec._free
+    dec.cancel([dec.active[0].req.id])
+    out = {r.id: r for r in dec.run([])}
+    assert len(out) == 2 and all(r.finish_reason == "length" for r in out.values())
+    assert sorted(dec._free) == [0, 1]

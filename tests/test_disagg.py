@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from dwdp.decode import SamplingParams
+from dwdp.sampling import SamplingParams
 from dwdp.serve.disagg import DisaggServingWorker, PrefillPool, PrefillPoolSpec
 from dwdp.serve.worker import ServeRequest
 

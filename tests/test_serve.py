@@ -602,7 +602,7 @@ def test_cpu_serving_loop_runs_single_threaded(ref_cases):
     (HTTP threads, clients, anything else on the box) steps went from 0.07 s to seconds
     and 64-client throughput fell ~20x on some runs. Asserted on the thread count the
     model's forward actually sees in the serving thread, not on time."""
-    from dwdp.decode import SamplingParams
+    from dwdp.sampling import SamplingParams
     from dwdp.serve.worker import ServeRequest
 
     before = torch.get_num_threads()
@@ -611,7 +611,9 @@ def test_cpu_serving_loop_runs_single_threaded(ref_cases):
         for want, kw in ((1, {}), (2, {"intra_op_threads": 2})):
             model = ref_cases["qwen3_moe"].ours()
             seen = []
-            hook = model.register_forward_pre_hook(lambda m, a: seen.append(torch.get_num_threads()))
+            # the embedding runs once per prefill forward and once per decode step
+            hook = model.model.embed_tokens.register_forward_pre_hook(
+                lambda m, a: seen.append(torch.get_num_threads()))
             worker = ServingWorker(model, max_num_tokens=64, max_batch=4, **kw)
             worker.start()
             try:

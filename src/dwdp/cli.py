@@ -449,7 +449,7 @@ def cmd_serve(args) -> int:
     tokenizer = load_tokenizer(args.model)
     if args.prefill == "local":
         worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue,
-                               intra_op_threads=args.threads)
+                               intra_op_threads=args.threads, max_context=args.max_context)
     else:
         from .serve.disagg import DisaggServingWorker, PrefillPool, PrefillPoolSpec
 
@@ -458,7 +458,7 @@ def cmd_serve(args) -> int:
                                args.max_num_tokens, args.seed)
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
         worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue,
-                                     intra_op_threads=args.threads)
+                                     intra_op_threads=args.threads, max_context=args.max_context)
     api_key = args.api_key or os.environ.get("DWDP_API_KEY")
     server = Server(worker, cfg.name or args.model, args.host, args.port, tokenizer, api_key,
                     drain_timeout_s=args.drain_timeout)
@@ -586,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require this bearer key (or set DWDP_API_KEY)")
     srv.add_argument("--max-num-tokens", type=int, default=8192, help="prefill token budget per step")
     srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
+    srv.add_argument("--max-context", type=int, default=None,
+                     help="tokens per request (prompt + output) the decode KV cache holds; it is allocated once "
+                          "for --max-batch requests (default: the model's context, at most 4096)")
     srv.add_argument("--max-queue", type=int, default=256, help="requests in flight before 429")
     srv.add_argument("--threads", type=int, default=1,
                      help="CPU decode: torch intra-op threads of the serving loop (default 1: a step is many tiny "

@@ -1,119 +1,54 @@
-"""Decode: generate from a prefill's KV cache, batched across requests.
+"""Decode: generate from a prefill's KV cache, continuously batched.
 
 A decode worker takes each request's prompt KV cache and first token (what a prefill
-worker hands over), then steps all active requests together: one new token each per
-step, sampled greedily or with temperature / top-k / top-p, until EOS or the request's
-token limit. Decode runs on replicated or expert-parallel workers, not DWDP: a decode
-step is far too short to hide a whole layer's pull.
+worker hands over) and steps every running request together, one new token each per
+step, until EOS or the request's token limit. Requests join and leave between steps.
 
-The cache here is a per-request list of per-layer tensors, concatenated for each step:
-simple and exact, O(context) copy per step; a paged cache is the next step for speed.
+- The KV cache is allocated once (:class:`~dwdp.kv_cache.SlotKVCache`, a fixed slot per
+  running request); an admitted prompt is copied into its slot and every step writes its
+  new keys and values in place (no per-step concatenation).
+- Sampling is batched on the device (:mod:`dwdp.sampling`); the step reads the new tokens
+  back with one host sync.
+- On CUDA with a replicated model the step is captured in a CUDA graph per batch-size
+  bucket (1, 2, 4, ..., max_batch) and replayed: a decode step is hundreds of small
+  kernels, so launching them one by one costs more than they take.
+
+Decode runs on replicated or expert-parallel workers, not DWDP: a decode step is far too
+short to hide a whole layer's pull.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .batch import PackedBatch
-from .engine import _pack_layer, _sync
+from .kv_cache import SlotKVCache
 from .models.transformer import LayerKV, MoECausalLM
+from .sampling import SampleStream, SamplingParams, batch_logprobs, make_stream, sample_batch
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    eos_token_id: int | None = None
-    seed: int | None = None  # any 64-bit value, signed or not; None: fresh entropy per request
-    logprobs: int | None = None  # also report the sampled token's logprob and the top-n alternatives
-
-    def validate(self, vocab: int) -> None:
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError("max_tokens must be an integer >= 1")
-        for name in ("temperature", "top_p"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.top_k < 0 or self.top_k > vocab:
-            raise ValueError(f"top_k must lie in [0, {vocab}]")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must lie in (0, 1]")
-        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
-            raise ValueError("seed must be a 64-bit integer")
-        if self.eos_token_id is not None and not 0 <= self.eos_token_id < vocab:
-            raise ValueError(f"eos_token_id must lie in [0, {vocab})")
-        if self.logprobs is not None and not 0 <= self.logprobs <= vocab:
-            raise ValueError(f"logprobs must lie in [0, {vocab}]")
-
-
-def make_generator(seed: int | None) -> torch.Generator:
-    """A request's own sampling stream: its seed (any 64-bit value), else fresh OS entropy."""
-    g = torch.Generator()
-    if seed is None:
-        g.seed()
-    else:
-        g.manual_seed(seed % (1 << 64))  # negative / >= 2**63 seeds map onto the same 64 bits
-    return g
-
-
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from fp32 logits [vocab]. Well defined for every validated ``p``: a
-    temperature or top_p as small as 1e-300 degenerates to greedy, never to NaN."""
-    x = logits.float()
-    if p.temperature == 0 or not torch.isfinite(x).any():
-        return int(x.argmax())
-    # Shift first: every value is then <= 0 and the max exactly 0, so a tiny temperature
-    # sends the others to -inf, never NaN; in float64, where a temperature of 1e-300 is not 0.
-    x = (x.double() - x.max()) / p.temperature
-    if p.top_k:
-        kth = torch.topk(x, p.top_k).values[-1]
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
-    if p.top_p < 1:
-        sorted_p, idx = torch.sort(probs, descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # smallest prefix whose mass reaches top_p
-        keep[0] = True  # a top_p below fp32 resolution (1e-300 rounds to 0) still keeps the top token
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[idx[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
-
-
-def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
-    """The model's log-probability of ``token`` and its ``top_n`` most likely tokens (raw
-    logits, before temperature / top-k / top-p, as OpenAI reports them)."""
-    lp = torch.log_softmax(logits.float(), dim=-1)
-    top = torch.topk(lp, top_n) if top_n else None
-    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-    return float(lp[token]), pairs
+DEFAULT_MAX_CONTEXT = 4096  # tokens per cache slot unless the caller sizes it
 
 
 @dataclass
 class DecodeRequest:
     id: int | str
-    kv: list[LayerKV]  # per layer, the prompt's cache
+    kv: list[LayerKV]  # per layer, the prompt's cache (released once copied into a slot)
     first_token: int  # sampled from the prefill's last logits
     params: SamplingParams = field(default_factory=SamplingParams)
     prompt_len: int = 0
-    generator: torch.Generator | None = None  # the request's sampling stream (default: from its seed)
+    stream: SampleStream | None = None  # the request's sampling stream (default: from its seed)
     first_logprobs: tuple | None = None  # (logprob, top-n) of first_token, when params.logprobs is set
 
 
 @dataclass
 class _Active:
     req: DecodeRequest
-    cache: list[LayerKV]
     tokens: list[int]
-    gen: torch.Generator | None
+    stream: SampleStream | None
+    slot: int = -1  # cache slot, once admitted
+    length: int = 0  # tokens in the cache: the next token's position
     itl: list[float] = field(default_factory=list)
     finish_reason: str | None = None
     logprobs: list = field(default_factory=list)  # per token, when params.logprobs is set
@@ -129,14 +64,52 @@ class DecodeResult:
     error: str | None = None
 
 
+def _graph_buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a captured graph: 1, 2, 4, 8, 16, then every 16, and max_batch."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return sizes + [max_batch]
+
+
 class DecodeEngine:
-    def __init__(self, model: MoECausalLM, max_batch: int = 64):
+    def __init__(self, model: MoECausalLM, max_batch: int = 64, max_context: int | None = None,
+                 cuda_graphs: bool | None = None):
+        """``max_context``: tokens per request (prompt + generated) the cache holds, default
+        min(model context, 4096). ``cuda_graphs``: None = on where the step allows it (CUDA,
+        Triton, routed experts all local)."""
+        cfg = model.config
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
         self.model = model
         self.device = next(model.parameters()).device
         self.max_batch = max_batch
+        self.max_context = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+        dtype = model.model.embed_tokens.weight.dtype
+        # One slot per running request, plus a scratch slot that padding rows write to.
+        self.cache = SlotKVCache(cfg, max_batch + 1, self.max_context, dtype, self.device)
+        self._scratch = max_batch
+        self._free = list(range(max_batch - 1, -1, -1))
         self.waiting: list[_Active] = []
         self.active: list[_Active] = []
         self.steps = 0
+        self.use_graphs = self._graphs_apply() if cuda_graphs is None else cuda_graphs
+        if self.use_graphs and not self._graphs_apply():
+            raise ValueError("CUDA graphs need a CUDA model with Triton and all routed experts local (a replica)")
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._static = torch.zeros(3, max_batch, dtype=torch.int64, device=self.device)  # token, position, slot
+        self._pool = None
+
+    def _graphs_apply(self) -> bool:
+        """The step must be free of host syncs: the attention kernel applies to the model's
+        head dims and every MoE layer's routed experts are all local."""
+        from .models.attention import decode_kernel_applies
+        from .models.moe import RoutedExperts
+
+        cfg, param = self.model.config, self.model.model.embed_tokens.weight
+        dk, dv = ((cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank) if cfg.is_mla
+                  else (cfg.head_dim, cfg.head_dim))
+        return decode_kernel_applies(param, dk, dv, cfg.is_mla) and all(
+            type(b.experts) is RoutedExperts and len(b.experts.expert_range) == b.experts.num_experts
+            for b in self.model.moe_blocks())
 
     def add(self, req: DecodeRequest) -> None:
         cfg = self.model.config
@@ -145,26 +118,39 @@ class DecodeEngine:
         if length + req.params.max_tokens > cfg.max_position_embeddings:
             raise ValueError(f"request {req.id}: {length} prompt + {req.params.max_tokens} new tokens exceed the "
                              f"model's max_position_embeddings ({cfg.max_position_embeddings}); lower max_tokens")
-        gen = req.generator
-        if gen is None and req.params.temperature > 0:
-            gen = make_generator(req.params.seed)
-        a = _Active(req, list(req.kv), [req.first_token], gen)
+        if length + req.params.max_tokens > self.max_context:
+            raise ValueError(f"request {req.id}: {length} prompt + {req.params.max_tokens} new tokens exceed the "
+                             f"decode cache's {self.max_context} tokens per request; raise max_context "
+                             f"(dwdp serve --max-context) or lower max_tokens")
+        stream = req.stream
+        if stream is None and req.params.temperature > 0:
+            stream = make_stream(req.params.seed)
+        a = _Active(req, [req.first_token], stream)
         if req.params.logprobs is not None and req.first_logprobs is not None:
             a.logprobs.append(req.first_logprobs)
         self._check_done(a)
         self.waiting.append(a)
 
+    def _release(self, a: _Active) -> None:
+        if a.slot >= 0:
+            self._free.append(a.slot)
+            a.slot = -1
+
     def cancel(self, ids) -> list[DecodeResult]:
-        """Drop these requests now (their cache is freed); returns what they had generated."""
+        """Drop these requests now (their slot is freed); returns what they had generated."""
         ids = set(ids)
         gone = [a for a in self.waiting + self.active if a.req.id in ids]
         self.waiting = [a for a in self.waiting if a.req.id not in ids]
         self.active = [a for a in self.active if a.req.id not in ids]
+        for a in gone:
+            self._release(a)
         return [DecodeResult(a.req.id, a.tokens, "cancelled", a.itl) for a in gone]
 
     def fail_active(self, msg: str) -> list[DecodeResult]:
         """The batched forward failed: end the requests it held (waiting ones keep going)."""
         gone, self.active = self.active, []
+        for a in gone:
+            self._release(a)
         return [DecodeResult(a.req.id, a.tokens, "error", a.itl, msg) for a in gone]
 
     def _check_done(self, a: _Active) -> None:
@@ -179,40 +165,82 @@ class DecodeEngine:
         return bool(self.waiting or self.active)
 
     def step(self) -> list[DecodeResult]:
-        """Admit waiting requests up to max_batch, advance every active one by a token."""
+        """Admit waiting requests into free slots, advance every active one by a token."""
         finished = [a for a in self.waiting if a.finish_reason]
         self.waiting = [a for a in self.waiting if not a.finish_reason]
-        while self.waiting and len(self.active) < self.max_batch:
-            self.active.append(self.waiting.pop(0))
+        while self.waiting and self._free:
+            a = self.waiting.pop(0)
+            a.slot = self._free.pop()
+            a.length = self.cache.write_prompt(a.slot, a.req.kv)
+            a.req.kv = []  # the slot holds it now
+            self.active.append(a)
         if self.active:
             self._forward(self.active)
             finished += [a for a in self.active if a.finish_reason]
             self.active = [a for a in self.active if not a.finish_reason]
+        for a in finished:
+            self._release(a)
         return [DecodeResult(a.req.id, a.tokens, a.finish_reason, a.itl, a.error) for a in finished]
 
-    @torch.no_grad()
-    def _forward(self, batch_reqs: list[_Active]) -> None:
-        lens = [a.cache[0][0].shape[0] for a in batch_reqs]
-        batch = PackedBatch.from_sequences([[a.tokens[-1]] for a in batch_reqs], self.device, lens)
-        past = [_pack_layer([a.cache[i] for a in batch_reqs]) for i in range(self.model.config.num_layers)]
-        batch.meta()
+    def _logits(self, batch: list[_Active]) -> torch.Tensor:
+        B = len(batch)
+        bucket = next(b for b in _graph_buckets(self.max_batch) if b >= B) if self.use_graphs else B
+        # token, position, slot per row; rows past B pad a graph bucket (scratch slot, position 0)
+        host = torch.tensor([[0] * bucket, [0] * bucket, [self._scratch] * bucket], dtype=torch.int64)
+        host[:, :B] = torch.tensor([[a.tokens[-1] for a in batch], [a.length for a in batch],
+                                    [a.slot for a in batch]], dtype=torch.int64)
+        if not self.use_graphs:
+            inp = host.to(self.device, non_blocking=True)
+            return self.model.decode(inp[0], inp[1], inp[2], self.cache.layers, max(a.length for a in batch) + 1)
+        if bucket not in self._graphs:
+            self._capture(bucket)
+        self._static[:, :bucket].copy_(host, non_blocking=True)
+        graph, out = self._graphs[bucket]
+        graph.replay()
+        return out[:B]
+
+    def _capture(self, b: int) -> None:
+        tok, pos, slot = self._static[0, :b], self._static[1, :b], self._static[2, :b]
+        self._static[:2, :b] = 0  # warm-up and capture write the scratch slot only
+        self._static[2, :b] = self._scratch
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # compile Triton kernels, settle the allocator
+                self.model.decode(tok, pos, slot, self.cache.layers)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.model.decode(tok, pos, slot, self.cache.layers)
+        self._graphs[b] = (graph, out)
+
+    def capture_graphs(self) -> None:
+        """Capture every bucket now (largest first, so smaller ones reuse its memory)."""
+        for b in sorted(_graph_buckets(self.max_batch), reverse=True):
+            if self.use_graphs and b not in self._graphs:
+                self._capture(b)
+
+    @torch.inference_mode()
+    def _forward(self, batch: list[_Active]) -> None:
         t0 = time.perf_counter()
-        out = self.model(batch, past)
-        _sync(self.device)
+        logits = self._logits(batch)
+        params = [a.req.params for a in batch]
+        tokens = sample_batch(logits, params, [a.stream for a in batch])
+        want = [p.logprobs for p in params if p.logprobs is not None]
+        lp = batch_logprobs(logits, tokens, max(want)) if want else None
+        toks = tokens.tolist()  # the step's one host sync
+        lp = tuple(t.tolist() for t in lp) if lp is not None else None
         dt = time.perf_counter() - t0
         self.steps += 1
-        for j, a in enumerate(batch_reqs):
-            a.cache = [(torch.cat([c[0], kv[0][j:j + 1]]), torch.cat([c[1], kv[1][j:j + 1]]))
-                       for c, kv in zip(a.cache, out.kv)]
+        for j, a in enumerate(batch):
+            a.length += 1
             a.itl.append(dt)
-            try:  # one request's sampling failure ends that request, not the batch
-                tok = sample(out.logits[j], a.req.params, a.gen)
-                if a.req.params.logprobs is not None:
-                    a.logprobs.append(token_logprobs(out.logits[j], tok, a.req.params.logprobs))
-            except Exception as e:  # noqa: BLE001
-                a.finish_reason, a.error = "error", f"sampling failed: {type(e).__name__}: {e}"
-                continue
-            a.tokens.append(tok)
+            a.tokens.append(toks[j])
+            n = a.req.params.logprobs
+            if n is not None:
+                a.logprobs.append((lp[0][j], list(zip(lp[1][j][:n], lp[2][j][:n]))))
             self._check_done(a)
 
     def run(self, reqs: list[DecodeRequest]) -> list[DecodeResult]:

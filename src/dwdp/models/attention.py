@@ -130,3 +130,40 @@ def _warn_once(msg: str) -> None:
     import warnings
 
     warnings.warn(f"varlen attention unavailable, using per-sequence SDPA: {msg[:200]}", stacklevel=3)
+
+
+def decode_kernel_applies(t: torch.Tensor, dk: int, dv: int, v_is_k: bool) -> bool:
+    from .. import kernels
+
+    if not (kernels.enabled(t) and t.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    from ..kernels.decode_attention import supported
+
+    return supported(dk, dv, v_is_k)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                     lens: torch.Tensor, scale: float, max_len: int | None = None, v_is_k: bool = False
+                     ) -> torch.Tensor:
+    """One query per sequence over its cache slot: q [B, H, Dk]; k_cache [S, L, Hkv, Dk];
+    v_cache [S, L, Hkv, Dv]; sequence b reads slot ``slots[b]``, keys [0, lens[b]).
+
+    On CUDA the Triton split-K kernel (no host sync: CUDA-graph safe); elsewhere the
+    reference below, which reads keys up to ``max_len`` (default: the longest, a sync)."""
+    if decode_kernel_applies(q, q.shape[-1], v_cache.shape[-1], v_is_k):
+        from ..kernels.decode_attention import decode_attention as triton_decode
+
+        return triton_decode(q, k_cache, v_cache, slots, lens, scale, k_cache.shape[1], v_is_k)
+    return decode_attention_reference(q, k_cache, v_cache, slots, lens, scale, max_len)
+
+
+def decode_attention_reference(q, k_cache, v_cache, slots, lens, scale, max_len=None) -> torch.Tensor:
+    B, H, D = q.shape
+    hkv = k_cache.shape[2]
+    n = int(lens.max()) if max_len is None else max_len
+    k = k_cache[slots, :n].float()  # [B, n, Hkv, D]
+    v = v_cache[slots, :n].float()
+    s = torch.einsum("bkgd,bnkd->bkgn", q.float().view(B, hkv, H // hkv, D), k) * scale
+    valid = torch.arange(n, device=q.device)[None, :] < lens[:, None]
+    p = torch.softmax(s.masked_fill(~valid[:, None, None, :], float("-inf")), dim=-1)
+    return torch.einsum("bkgn,bnkd->bkgd", p, v).reshape(B, H, -1).to(q.dtype)

@@ -114,10 +114,16 @@ def routed_experts_forward(
     hidden = x.shape[-1]
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    ends = counts.cumsum(0).tolist()  # one host sync per layer, for the segment boundaries
+    # Not bincount: on CUDA it reads the largest id back to the host.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     src = order // K
     fp8 = _fp8_kernel_applies(x, segments)
+    # Segment boundaries need one host sync per layer, except when one segment holds every
+    # expert and a grouped kernel takes the counts on the device (a replica's GPU path: a
+    # decode step with it can be captured in a CUDA graph).
+    whole = len(segments) == 1 and segments[0].start == 0 and segments[0].count == num_experts
+    device_grouped = whole and (fp8 or (_fast_grouped_mm(x) and segments[0].w13_scale is None))
+    ends = None if device_grouped else counts.cumsum(0).tolist()
     if fp8:  # quantise each token once, then permute the (half-size) FP8 rows
         from ..kernels.fp8_grouped import quantize_rows
 
@@ -128,7 +134,7 @@ def routed_experts_forward(
     y_sorted = torch.empty(T * K, hidden, dtype=x.dtype, device=x.device)
     for seg in segments:  # caller's order: DWDP puts resident experts first
         e0, e1 = seg.start, seg.start + seg.count
-        r0, r1 = (ends[e0 - 1] if e0 else 0), ends[e1 - 1]
+        r0, r1 = (0, T * K) if ends is None else ((ends[e0 - 1] if e0 else 0), ends[e1 - 1])
         if on_segment_start is not None:
             on_segment_start(seg)
         if r1 == r0:
@@ -150,6 +156,11 @@ def routed_experts_forward(
     inverse[order] = torch.arange(order.numel(), device=order.device)
     y = y_sorted[inverse].view(T, K, hidden)
     return torch.bmm(topk_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+
+def _fast_grouped_mm(x: torch.Tensor) -> bool:
+    """torch's grouped GEMM (bf16 on CUDA) takes the group offsets on the device."""
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
 def _fp8_kernel_applies(x: torch.Tensor, segments: list["ExpertSegment"]) -> bool:
@@ -212,7 +223,7 @@ def sorted_experts_forward(
             xs, xs_scale = quantize_rows(xs)
         return grouped_swiglu_fp8(xs, xs_scale, segment.w13, segment.w13_scale, segment.w2, segment.w2_scale,
                                   counts, out_dtype, out=out)
-    fast = xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm") and segment.w13_scale is None
+    fast = _fast_grouped_mm(xs) and segment.w13_scale is None
     ends = None if fast else (list(itertools.accumulate(counts_host)) if counts_host is not None
                               else counts.cumsum(0).tolist())
     ys = _grouped_swiglu(xs, segment, counts, ends, 0)
@@ -239,7 +250,7 @@ def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
                                  seg.w2_scale[c0:c1]).dequantized(xs.dtype)
             out[r0:r1] = _grouped_swiglu(xs[r0:r1], part, counts[c0:c1], ends, e0 + c0)
         return out
-    if xs.is_cuda and xs.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    if _fast_grouped_mm(xs):
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, seg.w13.transpose(-2, -1), offs=offs)
         if kernels.enabled(xs):

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..batch import PackedBatch
 from ..config import ModelConfig
-from .attention import packed_causal_attention
+from .attention import decode_attention, packed_causal_attention
 from .layers import DenseMLP, RMSNorm, Rotary, yarn_softmax_scale
 from .moe import MoEBlock
 
@@ -37,6 +37,18 @@ class ForwardContext:
     sin: torch.Tensor
     cu_q_dev: torch.Tensor
     cu_k_dev: torch.Tensor
+
+
+@dataclass
+class DecodeContext:
+    """One decode step: a token per sequence, each at ``positions[b]`` of cache slot ``slots[b]``."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slots: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64: where this token's key goes
+    lens: torch.Tensor  # [B] int32: keys to attend to (positions + 1)
+    max_len: int | None  # longest lens, when known on the host (reference attention path)
 
 
 def _with_prefix(prefix: torch.Tensor, new: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
@@ -75,6 +87,18 @@ class GQAAttention(nn.Module):
         b = ctx.batch
         o = packed_causal_attention(q, k_all, v_all, b.cu_q, b.cu_k, self.scale, ctx.cu_q_dev, ctx.cu_k_dev)
         return self.o_proj(o.reshape(T, -1)), (k, v)
+
+    def decode(self, x, ctx: DecodeContext, cache: tuple[torch.Tensor, torch.Tensor]):
+        """Write this step's keys/values into the cache slots in place, attend over them."""
+        B = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(B, self.h, self.d))
+        k = self.k_norm(self.k_proj(x).view(B, self.hkv, self.d))
+        v = self.v_proj(x).view(B, self.hkv, self.d)
+        q, k = self.rotary.apply(q, ctx.cos, ctx.sin), self.rotary.apply(k, ctx.cos, ctx.sin)
+        cache[0].index_put_((ctx.slots, ctx.positions), k)
+        cache[1].index_put_((ctx.slots, ctx.positions), v)
+        o = decode_attention(q, cache[0], cache[1], ctx.slots, ctx.lens, self.scale, ctx.max_len)
+        return self.o_proj(o.reshape(B, -1))
 
 
 class MLAttention(nn.Module):
@@ -127,6 +151,29 @@ class MLAttention(nn.Module):
         o = packed_causal_attention(q, k, v, b.cu_q, b.cu_k, self.scale, ctx.cu_q_dev, ctx.cu_k_dev)
         return self.o_proj(o.reshape(T, -1)), new_kv
 
+    def decode(self, x, ctx: DecodeContext, cache: tuple[torch.Tensor, torch.Tensor]):
+        """Absorbed MLA: queries move into the latent space (W_UK), attention reads the
+        compressed cache [latent | roped key] as one head, the output leaves it through W_UV.
+        The same scores and outputs as :meth:`forward`'s expanded form, in exact arithmetic."""
+        B = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rot = q.view(B, self.h, self.nope + self.rope_d).split([self.nope, self.rope_d], dim=-1)
+        c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_d], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        q_rot = self.rotary.apply(q_rot, ctx.cos, ctx.sin)
+        k_rot = self.rotary.apply(k_rot[:, None, :], ctx.cos, ctx.sin)[:, 0]
+        cache[0].index_put_((ctx.slots, ctx.positions), torch.cat([c_kv, k_rot], dim=-1)[:, None, :])
+        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vd, self.rank)
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :self.nope])  # [h, B, rank]
+        q_full = torch.cat([q_lat.transpose(0, 1), q_rot], dim=-1)  # [B, h, rank + rope]
+        o_lat = decode_attention(q_full, cache[0], cache[1], ctx.slots, ctx.lens, self.scale, ctx.max_len,
+                                 v_is_k=True)  # [B, h, rank]
+        o = torch.bmm(o_lat.transpose(0, 1), w[:, self.nope:].transpose(1, 2))  # [h, B, vd]
+        return self.o_proj(o.transpose(0, 1).reshape(B, -1))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, idx: int):
@@ -142,6 +189,10 @@ class DecoderLayer(nn.Module):
         a, kv = self.self_attn(self.input_layernorm(x), ctx, past)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+    def decode(self, x, ctx: DecodeContext, cache):
+        x = x + self.self_attn.decode(self.input_layernorm(x), ctx, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
@@ -203,3 +254,18 @@ class MoECausalLM(nn.Module):
             kvs.append(kv)
         last = self.model.norm(x[meta.last_index])
         return PrefillOutput(self.lm_head(last).float(), kvs)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               cache_layers: list[tuple[torch.Tensor, torch.Tensor]], max_len: int | None = None) -> torch.Tensor:
+        """One decode step: token b sits at ``positions[b]`` of cache slot ``slots[b]`` (its
+        key/value are written there, in place). Returns fp32 logits [B, vocab].
+
+        No host sync on CUDA (given routed experts that need none): a CUDA graph can
+        replay it. The caller validates ids and lengths (see :mod:`dwdp.decode`)."""
+        x = self.model.embed_tokens(tokens)
+        cos, sin = self.model.layers[0].self_attn.rotary.cos_sin(positions, x.dtype)
+        ctx = DecodeContext(cos, sin, slots, positions, (positions + 1).to(torch.int32), max_len)
+        for layer, cache in zip(self.model.layers, cache_layers):
+            x = layer.decode(x, ctx, cache)
+        return self.lm_head(self.model.norm(x)).float()

@@ -35,7 +35,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..decode import SamplingParams
+from ..sampling import SamplingParams
 
 SERVED_BY = __package__.split(".")[0]  # the package's name, as OpenAI's owned_by and the app title
 from .metrics import CONTENT_TYPE_LATEST

@@ -35,7 +35,8 @@ from typing import Callable
 
 import torch
 
-from ..decode import DecodeEngine, DecodeRequest, SamplingParams, make_generator, sample, token_logprobs
+from ..decode import DecodeEngine, DecodeRequest
+from ..sampling import SampleStream, SamplingParams, make_stream, sample, token_logprobs
 from ..engine import PrefillEngine, Request, StepDriver, Submitted
 from ..models.transformer import LayerKV
 from .metrics import Metrics
@@ -78,7 +79,7 @@ class ServeRequest:
     logprobs: list = field(default_factory=list)
     # Called (from the serving thread) after each event: the HTTP layer wakes its coroutine.
     notify: Callable[[], None] | None = None
-    generator: torch.Generator | None = None
+    stream: SampleStream | None = None  # the request's sampling stream, first token included
 
     def put(self, kind: str, val) -> None:
         self.events.put((kind, val))
@@ -92,7 +93,7 @@ class ServeRequest:
 class ServingWorker(threading.Thread):
     def __init__(self, model, max_num_tokens: int = 8192, max_batch: int = 64, max_queue: int = 256,
                  metrics: Metrics | None = None, handoff: KVHandoff | None = None, max_engine_faults: int = 3,
-                 intra_op_threads: int | None = 1):
+                 intra_op_threads: int | None = 1, max_context: int | None = None):
         super().__init__(name="dwdp-serving", daemon=True)
         if intra_op_threads is not None and intra_op_threads < 1:
             raise ValueError("intra_op_threads must be >= 1 (or None: keep torch's setting)")
@@ -101,7 +102,7 @@ class ServingWorker(threading.Thread):
         self.model = model
         self.max_num_tokens = max_num_tokens
         self.prefill = PrefillEngine(model, max_num_tokens, keep_kv=True)
-        self.decode = DecodeEngine(model, max_batch)
+        self.decode = DecodeEngine(model, max_batch, max_context)
         self.handoff = handoff or LocalKVHandoff(self.decode.device)
         self.max_queue = max_queue
         self.max_engine_faults = max_engine_faults
@@ -142,8 +143,11 @@ class ServingWorker(threading.Thread):
         if len(req.prompt) + req.params.max_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.params.max_tokens}) exceeds the "
                              f"model's context of {cfg.max_position_embeddings} tokens")
-        if req.generator is None and req.params.temperature > 0:
-            req.generator = make_generator(req.params.seed)  # one stream per request, first token included
+        if len(req.prompt) + req.params.max_tokens > self.decode.max_context:
+            raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_tokens ({req.params.max_tokens}) exceeds the "
+                             f"server's {self.decode.max_context} tokens per request (dwdp serve --max-context)")
+        if req.stream is None and req.params.temperature > 0:
+            req.stream = make_stream(req.params.seed)
         with self._lock:
             if len(self._live) >= self.max_queue:
                 self.metrics.inc("dwdp_requests_rejected_total")
@@ -316,9 +320,9 @@ class ServingWorker(threading.Thread):
             return
         try:
             p = req.params
-            first = sample(logits, p, req.generator)
+            first = sample(logits, p, req.stream)
             lp = token_logprobs(logits, first, p.logprobs) if p.logprobs is not None else None
-            self.decode.add(DecodeRequest(rid, self.handoff.send(kv), first, p, prompt_len, req.generator, lp))
+            self.decode.add(DecodeRequest(rid, self.handoff.send(kv), first, p, prompt_len, req.stream, lp))
         except Exception as e:  # noqa: BLE001  (this request's fault: fail it alone)
             return self._fail_request(rid, f"{type(e).__name__}: {e}")
         self.metrics.observe("ttft", time.perf_counter() - req.arrival)

@@ -1,0 +1,158 @@
+"""Token sampling for a whole batch at once, on the logits' device.
+
+Every row has its own parameters (greedy / temperature / top-k / top-p) and its own
+random stream. Streams are counter-based: draw ``n`` of a request with seed ``s`` uses
+noise ``hash(s, n, token)``, so a seeded request samples the same tokens whatever batch
+it shares and on whichever device; nothing per request lives in a ``torch.Generator``,
+and a step samples every row with a few batched kernels and no host sync (the engine
+reads the tokens back once per step).
+
+Sampling is Gumbel-max: ``argmax(log p + g)`` with ``g = -log(-log u)`` picks token i
+with probability p_i exactly. Logits are shifted by their maximum and divided by the
+temperature in float64, so a temperature or top_p as small as 1e-300 degenerates to
+greedy, never to NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    eos_token_id: int | None = None
+    seed: int | None = None  # any 64-bit value, signed or not; None: fresh entropy per request
+    logprobs: int | None = None  # also report the sampled token's logprob and the top-n alternatives
+
+    def validate(self, vocab: int) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError("max_tokens must be an integer >= 1")
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k < 0 or self.top_k > vocab:
+            raise ValueError(f"top_k must lie in [0, {vocab}]")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must lie in (0, 1]")
+        if self.seed is not None and not -(1 << 63) <= self.seed < (1 << 64):
+            raise ValueError("seed must be a 64-bit integer")
+        if self.eos_token_id is not None and not 0 <= self.eos_token_id < vocab:
+            raise ValueError(f"eos_token_id must lie in [0, {vocab})")
+        if self.logprobs is not None and not 0 <= self.logprobs <= vocab:
+            raise ValueError(f"logprobs must lie in [0, {vocab}]")
+
+
+def _signed64(v: int) -> int:
+    v %= 1 << 64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+@dataclass
+class SampleStream:
+    """A request's random stream: its 64-bit seed and how many draws it has made."""
+
+    seed: int  # as a signed 64-bit value
+    draws: int = 0
+
+
+def make_stream(seed: int | None) -> SampleStream:
+    """A request's stream from its seed (any 64-bit value), else from fresh OS entropy."""
+    return SampleStream(_signed64(secrets.randbits(64) if seed is None else seed))
+
+
+# splitmix64's finaliser, on int64 tensors (multiplication wraps; the masks make the
+# arithmetic right shifts logical).
+_M1, _M2, _GOLDEN = _signed64(0xBF58476D1CE4E5B9), _signed64(0x94D049BB133111EB), _signed64(0x9E3779B97F4A7C15)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _M1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _M2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def uniform_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[B, vocab] float64 uniforms in (0, 1), a pure function of (seed, draw, token)."""
+    row = _mix(seeds * _GOLDEN + draws)  # one key per (request, draw)
+    cols = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    bits = _mix(row[:, None] ^ _mix(cols + _GOLDEN)[None, :])
+    return (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0 ** -53
+
+
+def sample_batch(logits: torch.Tensor, params: list[SamplingParams], streams: list[SampleStream | None]
+                 ) -> torch.Tensor:
+    """One token per row of ``logits`` [B, vocab] -> [B] int64 on the logits' device.
+
+    Advances the stream of every row that sampled (temperature > 0). No host sync."""
+    B, V = logits.shape
+    dev = logits.device
+    x = logits.float()
+    greedy_tok = x.argmax(-1)
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return greedy_tok
+    host = torch.tensor([[params[i].temperature, params[i].top_p, params[i].top_k] for i in rows],
+                        dtype=torch.float64)
+    streams = [s if s is not None or p.temperature == 0 else make_stream(None) for s, p in zip(streams, params)]
+    keys = torch.tensor([[streams[i].seed, streams[i].draws] for i in rows], dtype=torch.int64)
+    for i in rows:
+        streams[i].draws += 1
+    idx = torch.tensor(rows, device=dev)
+    host, keys = host.to(dev, non_blocking=True), keys.to(dev, non_blocking=True)
+    temp, top_p, top_k = host[:, 0:1], host[:, 1:2], host[:, 2:3].long()
+    xs = x[idx].double()
+    finite = torch.isfinite(xs).any(-1)
+    xs = (xs - xs.max(-1, keepdim=True).values) / temp
+    if any(params[i].top_k or params[i].top_p < 1 for i in rows):
+        xs = _top_k_top_p(xs, top_k, top_p)
+    logp = torch.log_softmax(xs, dim=-1)
+    u = uniform_noise(keys[:, 0], keys[:, 1], V)
+    drawn = torch.argmax(logp - torch.log(-torch.log(u)), dim=-1)
+    # A row with no finite logit has nothing to sample from: it falls back to argmax, as greedy does.
+    drawn = torch.where(finite, drawn, greedy_tok[idx])
+    return greedy_tok.index_copy(0, idx, drawn)
+
+
+def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask (to -inf) what top-k (0: off) and top-p (1: off) leave out, per row."""
+    srt, order = torch.sort(x, dim=-1, descending=True)
+    ranks = torch.arange(x.shape[-1], device=x.device)[None, :]
+    keep = (top_k == 0) | (ranks < top_k)
+    probs = torch.softmax(srt.masked_fill(~keep, float("-inf")), dim=-1)
+    # The smallest prefix whose mass reaches top_p; the top token always stays (a top_p below
+    # float resolution keeps exactly one).
+    keep &= (probs.cumsum(-1) - probs < top_p) | (ranks == 0)
+    return x.masked_fill(~torch.zeros_like(keep).scatter(1, order, keep), float("-inf"))
+
+
+def sample(logits: torch.Tensor, p: SamplingParams, stream: SampleStream | None) -> int:
+    """One token from logits [vocab] (one row of :func:`sample_batch`)."""
+    return int(sample_batch(logits[None], [p], [stream])[0])
+
+
+def batch_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw-logit log-probabilities (before temperature / top-k / top-p, as OpenAI reports
+    them): of each row's ``tokens``, and each row's ``top_n`` best (ids, values)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, top_n, dim=-1)
+    return lp.gather(1, tokens[:, None])[:, 0], top.indices, top.values
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The model's log-probability of ``token`` and its ``top_n`` most likely tokens."""
+    lp, ids, vals = batch_logprobs(logits[None], torch.tensor([token], device=logits.device), top_n)
+    return float(lp[0]), list(zip(ids[0].tolist(), vals[0].tolist()))
