@@ -59,7 +59,8 @@ def run_case(model_name: str, layers: int, expert_dtype: str, context: int, batc
            "memory": {"predicted_bytes": predicted, "built_bytes": built, "init_peak_bytes": init_peak,
                       "built_over_predicted": built / predicted, "init_peak_over_predicted": init_peak / predicted}}
     B = max(batches)
-    eng = DecodeEngine(model, max_batch=B, max_context=context + steps + 64)
+    new_tokens = (len(batches) + 1) * (steps + 4) + 16  # more than the run takes
+    eng = DecodeEngine(model, max_batch=B, max_context=context + new_tokens)
     out["cache_bytes"] = eng.cache.nbytes
     # One random prompt cache, copied into every slot (values do not change speed).
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -73,7 +74,7 @@ def run_case(model_name: str, layers: int, expert_dtype: str, context: int, batc
                torch.randn(shape, device="cuda", generator=g, dtype=torch.bfloat16)) for _ in range(cfg.num_layers)]
     ids = torch.randint(0, cfg.vocab_size, (B,), generator=torch.Generator().manual_seed(1)).tolist()
     for i in range(B):
-        eng.add(DecodeRequest(i, list(kv), ids[i], SamplingParams(max_tokens=10 * steps + 100), context))
+        eng.add(DecodeRequest(i, list(kv), ids[i], SamplingParams(max_tokens=new_tokens), context))
     del kv
     t0 = time.perf_counter()
     eng.capture_graphs()
