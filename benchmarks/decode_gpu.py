@@ -44,7 +44,7 @@ def _bytes_read(model, cfg, experts_touched: list[int], batch: int, context: int
 
 
 def run_case(model_name: str, layers: int, expert_dtype: str, context: int, batches: list[int], copy_bw: float,
-             steps: int) -> dict:
+             steps: int, profile: bool = False) -> dict:
     cfg, _ = resolve_model(model_name, layers)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -119,6 +119,18 @@ def run_case(model_name: str, layers: int, expert_dtype: str, context: int, batc
               f"(graph {graph_s * 1e3:.2f}, eager {eager_s * 1e3:.2f}); limit {limit * 1e3:.2f} ms -> "
               f"{step_s / limit:.2f}x", flush=True)
     out["rows"] = rows
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        inp = eng._static
+        b = len(eng.active)
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(3):
+                model.decode(inp[0, :b], inp[1, :b], inp[2, :b], eng.cache.layers)
+            torch.cuda.synchronize()
+        table = p.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70)
+        print(table, flush=True)
+        out["profile_top"] = table
     out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
     return out  # the model and cache are freed with this frame
 
@@ -136,6 +148,7 @@ def main() -> None:
     ap.add_argument("--batches", default="64,32,16,4,1")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of 3 eager steps at the smallest batch")
     a = ap.parse_args()
     bw = copy_gbps()
     res = {"machine": machine_info(), "copy_gbps": bw, "cases": []}
@@ -143,7 +156,7 @@ def main() -> None:
     for c in a.case:
         name, layers, edt = c.split(":")
         res["cases"].append(run_case(name, int(layers), edt, a.context, [int(x) for x in a.batches.split(",")], bw,
-                                     a.steps))
+                                     a.steps, a.profile))
         torch.cuda.empty_cache()
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
