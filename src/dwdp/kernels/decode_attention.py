@@ -29,9 +29,12 @@ def _decode_split_kernel(
     G: tl.constexpr, HB_PER_KV: tl.constexpr, BLOCK_H: tl.constexpr, DM: tl.constexpr, DT: tl.constexpr,
     DV: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, V_IS_K: tl.constexpr,
 ):
-    b = tl.program_id(0)
-    kvh = tl.program_id(1) // HB_PER_KV
-    hb = tl.program_id(1) % HB_PER_KV
+    # Head blocks vary fastest: the programs that read the same keys (one KV head's query
+    # heads, split over blocks; MLA's 128 heads share one latent) run together and share
+    # the key tiles through L2.
+    b = tl.program_id(1)
+    kvh = tl.program_id(0) // HB_PER_KV
+    hb = tl.program_id(0) % HB_PER_KV
     split = tl.program_id(2)
     hh = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = hh < G
@@ -83,6 +86,11 @@ def _decode_split_kernel(
     tl.store(lse_ptr + b.to(tl.int64) * s_lb + heads * s_lh + split, lse, mask=hmask)
 
 
+# Tile shapes, chosen on an H200 with benchmarks/tune_decode.py (batch 64, 8K context).
+GQA_CONFIG = {"block_h": 64, "block_n": 64, "warps": 4, "stages": 2}
+MLA_CONFIG = {"block_h": 16, "block_n": 32, "warps": 8, "stages": 2}
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -115,7 +123,8 @@ def supported(dk: int, dv: int, v_is_k: bool = False) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                     lens: torch.Tensor, scale: float, max_context: int, v_is_k: bool = False) -> torch.Tensor:
+                     lens: torch.Tensor, scale: float, max_context: int, v_is_k: bool = False,
+                     config: dict | None = None) -> torch.Tensor:
     """q [B, H, Dk]; k_cache [S, L, Hkv, Dk]; v_cache [S, L, Hkv, Dv] (with ``v_is_k``: the
     first Dv columns of k_cache); slots / lens [B] on the device -> [B, H, Dv] in q's dtype.
 
@@ -126,22 +135,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     DM, DT = _parts(Dk, Dv, v_is_k)
     if not supported(Dk, Dv, v_is_k):
         raise ValueError(f"decode attention kernel: head dims {Dk}/{Dv} unsupported (see supported())")
-    big = DM + DT >= 512
-    BLOCK_H = max(16, min(_pow2(G), 16 if big else 64))
+    c = {**(MLA_CONFIG if DM + DT >= 512 else GQA_CONFIG), **(config or {})}
+    BLOCK_H = max(16, min(_pow2(G), c["block_h"]))
     hb = triton.cdiv(G, BLOCK_H)
-    BLOCK_N = 32 if big else 64
-    splits = num_splits(B, Hkv, hb, max_context, q.device)
+    BLOCK_N = c["block_n"]
+    splits = c.get("splits") or num_splits(B, Hkv, hb, max_context, q.device)
     q = q.contiguous()
     o = torch.empty(B, H, splits, Dv, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     if B:
-        _decode_split_kernel[(B, Hkv * hb, splits)](
+        _decode_split_kernel[(Hkv * hb, B, splits)](
             q, k_cache, v_cache, slots, lens, o, lse, scale * 1.4426950408889634,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o.stride(0), o.stride(1), o.stride(2),
             lse.stride(0), lse.stride(1),
             G=G, HB_PER_KV=hb, BLOCK_H=BLOCK_H, DM=DM, DT=DT, DV=Dv, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
-            V_IS_K=v_is_k, num_warps=8 if big else 4, num_stages=2,
+            V_IS_K=v_is_k, num_warps=c["warps"], num_stages=c["stages"],
         )
     w = torch.softmax(lse * math.log(2.0), dim=-1)  # merge the chunks by their log-sum-exp
     return (o * w[..., None]).sum(2).to(q.dtype)

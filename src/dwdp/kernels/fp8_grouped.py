@@ -63,7 +63,8 @@ def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, 
 def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
                         num_tiles_m, N, K, s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr):
+                        GROUP_M: tl.constexpr, SCALED: tl.constexpr = True):
+    # SCALED=False: plain bf16 operands (no scales; as_ptr/bs_ptr unused), the decode path.
     # Programs walk GROUP_M row tiles across all column tiles before moving on, so a
     # group's activation tiles and its expert's weights are re-read from L2, not HBM.
     pid = tl.program_id(0)
@@ -91,9 +92,12 @@ def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0
     for kb in range(0, K // BLOCK_K):
         a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
         b = tl.load(b_ptrs)
-        sa = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
-        sb = tl.load(bs_ptrs + kb)
-        acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        if SCALED:
+            sa = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+            sb = tl.load(bs_ptrs + kb)
+            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+        else:
+            acc += tl.dot(a, b)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
     c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * s_cm + offs_n[None, :]
@@ -158,3 +162,45 @@ def grouped_swiglu_fp8(xq: torch.Tensor, xs: torch.Tensor, w13, w13_scale, w2, w
     h = grouped_gemm_fp8(xq, xs, w13, w13_scale, counts, out_dtype, tmap)
     hq, hs = quantize_rows(h, swiglu=True)
     return grouped_gemm_fp8(hq, hs, w2, w2_scale, counts, out_dtype, tmap, out)
+
+
+# bf16 experts at decode sizes (a few rows per expert): torch's grouped GEMM reads the
+# weights at ~70% of copy bandwidth there; this tile shape streams them (decode_gpu.py).
+DECODE_BF16 = {"bm": 16, "bn": 128, "bk": 128, "warps": 4, "stages": 4, "group_m": 1}
+
+
+def grouped_gemm_bf16(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, tile_map=None, cfg=None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[rows of group g] = a[rows] @ w[g].T for consecutive row groups (bf16, no scales)."""
+    c = {**DECODE_BF16, **(cfg or {})}
+    M, K = a.shape
+    G, N, Kw = w.shape
+    if Kw != K or K % c["bk"] or N % c["bn"] or a.stride(1) != 1 or w.stride(2) != 1:
+        raise ValueError(f"bf16 grouped GEMM: shapes a {tuple(a.shape)} w {tuple(w.shape)} do not tile")
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
+    if M == 0:
+        return out
+    max_tiles = triton.cdiv(M, c["bm"]) + G
+    te, tr0, tr1 = tile_map if tile_map is not None else _tile_map(counts, c["bm"], max_tiles)
+    _grouped_fp8_kernel[(max_tiles * (N // c["bn"]),)](
+        a, a, w, w, out, te, tr0, tr1, max_tiles, N, K, a.stride(0), 0, w.stride(0), w.stride(1), 0, 0,
+        out.stride(0), BLOCK_M=c["bm"], BLOCK_N=c["bn"], BLOCK_K=c["bk"], GROUP_M=c["group_m"], SCALED=False,
+        num_warps=c["warps"], num_stages=c["stages"])
+    return out
+
+
+def bf16_decode_shapes(rows: int, groups: int, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Use :func:`grouped_swiglu_bf16` for this many rows over these experts."""
+    c = DECODE_BF16
+    return (rows <= 8 * groups and w13.shape[-1] % c["bk"] == 0 and w2.shape[-1] % c["bk"] == 0
+            and w13.shape[1] % c["bn"] == 0 and w2.shape[1] % c["bn"] == 0)
+
+
+def grouped_swiglu_bf16(x: torch.Tensor, w13, w2, counts: torch.Tensor, cfg=None) -> torch.Tensor:
+    from .moe_epilogue import silu_mul
+
+    c = {**DECODE_BF16, **(cfg or {})}
+    M, G = x.shape[0], counts.numel()
+    tmap = _tile_map(counts, c["bm"], triton.cdiv(M, c["bm"]) + G) if M else None
+    h = grouped_gemm_bf16(x, w13, counts, tmap, c)
+    return grouped_gemm_bf16(silu_mul(h), w2, counts, tmap, c)
