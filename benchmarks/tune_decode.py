@@ -96,7 +96,7 @@ def experts(bw: float, tokens=64, E=128, k=8, H=4096, I=1536) -> list[dict]:
     saved = dict(fg.CONFIGS)
     for cfg in [(128, 128, 8, 4, 8), (64, 128, 4, 4, 1), (64, 128, 4, 5, 1), (16, 128, 4, 4, 1), (32, 128, 4, 4, 1),
                 (64, 256, 8, 3, 1)]:
-        fg.CONFIGS["small"] = cfg
+        fg.CONFIGS["decode"] = cfg
         t = _try(lambda: fg.grouped_swiglu_fp8(xq, xs, q13, s13, q2, s2, counts))
         row = {"kernel": "experts_fp8_triton", "config": cfg, "bytes": nbytes8}
         if isinstance(t, float):

@@ -110,3 +110,26 @@ def test_bf16_greedy_on_gpu_tracks_transformers(ref_cases, mla_case, family):
         for j, tok in enumerate(ours[i][1:]):  # token j+1 was chosen from position len(p)+j
             row = logits[len(p) + j]
             assert float(row.max() - row[tok]) <= 0.05, (i, j)
+
+
+def test_bf16_grouped_experts_at_decode_sizes_match_float64():
+    """The decode-size bf16 grouped SwiGLU (a few rows per expert, empty experts) against
+    a float64 per-expert loop."""
+    from dwdp.kernels.fp8_grouped import bf16_decode_shapes, grouped_swiglu_bf16
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    E, H, inter = 16, 256, 128
+    counts = torch.tensor([3, 0, 1, 7, 0, 0, 2, 5, 1, 0, 4, 0, 0, 6, 1, 2], device="cuda")
+    x = torch.randn(int(counts.sum()), H, device="cuda", dtype=torch.bfloat16, generator=g)
+    w13 = torch.randn(E, 2 * inter, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
+    w2 = torch.randn(E, H, inter, device="cuda", dtype=torch.bfloat16, generator=g) * 0.05
+    assert bf16_decode_shapes(x.shape[0], E, w13, w2)
+    got = grouped_swiglu_bf16(x, w13, w2, counts).double()
+    want, r = torch.empty_like(got), 0
+    for e, n in enumerate(counts.tolist()):
+        h = x[r:r + n].double() @ w13[e].double().T
+        gate, up = h.chunk(2, dim=-1)
+        want[r:r + n] = (torch.nn.functional.silu(gate) * up) @ w2[e].double().T
+        r += n
+    rel = float((got - want).norm() / want.norm())
+    assert rel < 1e-2, rel

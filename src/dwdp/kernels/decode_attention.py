@@ -87,8 +87,8 @@ def _decode_split_kernel(
 
 
 # Tile shapes, chosen on an H200 with benchmarks/tune_decode.py (batch 64, 8K context).
-GQA_CONFIG = {"block_h": 64, "block_n": 64, "warps": 4, "stages": 2}
-MLA_CONFIG = {"block_h": 16, "block_n": 32, "warps": 8, "stages": 2}
+GQA_CONFIG = {"block_h": 64, "block_n": 128, "warps": 8, "stages": 2}
+MLA_CONFIG = {"block_h": 64, "block_n": 64, "warps": 8, "stages": 2}
 
 
 def _pow2(n: int) -> int:

@@ -104,12 +104,14 @@ def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, GROUP_M) by rows per expert; benchmarks/tune_fp8.py
-CONFIGS = {"small": (128, 128, 8, 4, 8), "large": (128, 128, 8, 4, 8)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, GROUP_M) by rows per expert; benchmarks/tune_fp8.py,
+# and benchmarks/tune_decode.py for decode sizes (a few rows per expert: small M tiles).
+CONFIGS = {"decode": (32, 128, 4, 4, 1), "small": (128, 128, 8, 4, 8), "large": (128, 128, 8, 4, 8)}
 
 
 def _config(rows_per_group: float, n: int) -> tuple[int, int, int, int, int]:
-    bm, bn, warps, stages, group_m = CONFIGS["large" if rows_per_group >= 256 else "small"]
+    tier = "large" if rows_per_group >= 256 else "small" if rows_per_group >= 16 else "decode"
+    bm, bn, warps, stages, group_m = CONFIGS[tier]
     return bm, (bn if n % bn == 0 else BLOCK), warps, stages, group_m
 
 
@@ -166,7 +168,7 @@ def grouped_swiglu_fp8(xq: torch.Tensor, xs: torch.Tensor, w13, w13_scale, w2, w
 
 # bf16 experts at decode sizes (a few rows per expert): torch's grouped GEMM reads the
 # weights at ~70% of copy bandwidth there; this tile shape streams them (decode_gpu.py).
-DECODE_BF16 = {"bm": 16, "bn": 128, "bk": 128, "warps": 4, "stages": 4, "group_m": 1}
+DECODE_BF16 = {"bm": 32, "bn": 128, "bk": 128, "warps": 4, "stages": 5, "group_m": 1}
 
 
 def grouped_gemm_bf16(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, tile_map=None, cfg=None,

@@ -250,6 +250,11 @@ def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
                                  seg.w2_scale[c0:c1]).dequantized(xs.dtype)
             out[r0:r1] = _grouped_swiglu(xs[r0:r1], part, counts[c0:c1], ends, e0 + c0)
         return out
+    if _fast_grouped_mm(xs) and kernels.enabled(xs):
+        from ..kernels.fp8_grouped import bf16_decode_shapes, grouped_swiglu_bf16
+
+        if bf16_decode_shapes(xs.shape[0], seg.count, seg.w13, seg.w2):  # a few rows per expert (decode)
+            return grouped_swiglu_bf16(xs, seg.w13, seg.w2, counts)
     if _fast_grouped_mm(xs):
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, seg.w13.transpose(-2, -1), offs=offs)
