@@ -145,3 +145,39 @@ def dep_gpu_worker(transport: str, overlap: bool, fp8: bool, cases: list[dict]):
     dist.barrier()
     dist.destroy_process_group()
     return {"errs": errs, "host_syncs": s.host_syncs, "transfer_s": s.transfer_s, "wait_s": s.wait_s}
+
+
+def dep_decode_worker(prompts_by_rank: list[list[list[int]]], max_tokens_by_rank: list[int]):
+    """DEP decode in lockstep: each rank decodes its own requests (greedy) with its expert
+    share, the ranks with fewer or shorter requests running dummy steps meanwhile. Returns
+    (DEP tokens, the full single-process model's tokens, dummy steps) for this rank."""
+    import os
+
+    from dwdp.decode import DecodeEngine, DecodeRequest
+    from dwdp.engine import PrefillEngine, Request
+    from dwdp.parallel.group import DWDPContext, lockstep_sync
+    from dwdp.sampling import SamplingParams
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, size = dist.get_rank(), dist.get_world_size()
+    cfg = tiny_config()
+    shard, full = _models(cfg, rank, size, False)
+    rt = apply_dep(shard, dist.group.WORLD, rank, size)
+    prompts, n = prompts_by_rank[rank], max_tokens_by_rank[rank]
+    # The prompt caches come from a context server; here the full model prefills them.
+    pre = PrefillEngine(full, 64, keep_kv=True).run([Request(i, p) for i, p in enumerate(prompts)])
+    reqs = lambda: [DecodeRequest(r.id, list(r.kv), r.next_token, SamplingParams(max_tokens=n), r.prompt_len)  # noqa: E731
+                    for r in sorted(pre, key=lambda r: r.id)]
+    ctx = DWDPContext.single(torch.device("cpu"))
+    ctx.group = type("G", (), {"process_group": dist.group.WORLD})()
+    ctx.device = torch.device("cpu")
+    dep = DecodeEngine(shard, max_batch=2, max_context=64, lockstep=lockstep_sync(ctx))
+    got = {r.id: r.tokens for r in dep.run(reqs())}
+    want = {r.id: r.tokens for r in DecodeEngine(full, max_batch=2, max_context=64).run(reqs())}
+    steps = len(rt.step_stats)
+    rt.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    del os
+    return got, want, dep.dummy_steps, dep.steps, steps

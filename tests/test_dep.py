@@ -115,3 +115,19 @@ def test_dep_options_validated():
         apply_dep(m, None, 0, 1, transport="rdma")
     with pytest.raises(ValueError, match="CUDA"):
         apply_dep(m, None, 0, 1, transport="symm")
+
+
+def test_dep_decode_in_lockstep_equals_single_process():
+    """Decode across ranks with expert parallelism (issue 18): each rank decodes its own
+    requests with its expert share; rank 1 has one short request, so it runs dummy steps
+    while rank 0 still decodes. Tokens equal the full single-process model's."""
+    from dep_workers import dep_decode_worker
+
+    prompts = [[[5, 9, 2, 7, 1, 3], list(range(40, 77)), [11, 4]], [[8, 8, 1]]]
+    out = spawn_local(dep_decode_worker, 2, (prompts, [10, 3]), timeout_s=240)
+    for rank, (got, want, dummies, steps, dep_steps) in enumerate(out):
+        assert got == want and len(got) == len(prompts[rank])
+        assert all(len(t) == (10, 3)[rank] for t in got.values())
+    (_, _, d0, s0, n0), (_, _, d1, s1, n1) = out
+    assert d0 == 0 and d1 > 0 and s0 == s1 + d1  # same number of forwards on both ranks
+    assert n0 == s0 and n1 == s1 + d1  # the DEP runtime accounts each decode forward, dummies included

@@ -72,10 +72,13 @@ def _graph_buckets(max_batch: int) -> list[int]:
 
 class DecodeEngine:
     def __init__(self, model: MoECausalLM, max_batch: int = 64, max_context: int | None = None,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, lockstep=None):
         """``max_context``: tokens per request (prompt + generated) the cache holds, default
         min(model context, 4096). ``cuda_graphs``: None = on where the step allows it (CUDA,
-        Triton, routed experts all local)."""
+        Triton, routed experts all local). ``lockstep``: for a model whose MoE layers are
+        collectives (expert parallelism, :func:`~dwdp.parallel.ep.apply_dep`), a function
+        that ORs flags over the group (:func:`~dwdp.parallel.group.lockstep_sync`): a rank
+        with nothing to decode runs a one-row dummy step while any peer decodes."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -91,6 +94,8 @@ class DecodeEngine:
         self.waiting: list[_Active] = []
         self.active: list[_Active] = []
         self.steps = 0
+        self.dummy_steps = 0
+        self.lockstep = lockstep
         self.use_graphs = self._graphs_apply() if cuda_graphs is None else cuda_graphs
         if self.use_graphs and not self._graphs_apply():
             raise ValueError("CUDA graphs need a CUDA model with Triton and all routed experts local (a replica)")
@@ -174,7 +179,11 @@ class DecodeEngine:
             a.length = self.cache.write_prompt(a.slot, a.req.kv)
             a.req.kv = []  # the slot holds it now
             self.active.append(a)
-        if self.active:
+        if self.lockstep is not None and not self.active and self.lockstep([False])[0]:
+            self._dummy_step()  # a peer decodes: its MoE collectives need this rank too
+        elif self.active:
+            if self.lockstep is not None:
+                self.lockstep([True])
             self._forward(self.active)
             finished += [a for a in self.active if a.finish_reason]
             self.active = [a for a in self.active if not a.finish_reason]
@@ -243,10 +252,17 @@ class DecodeEngine:
                 a.logprobs.append((lp[0][j], list(zip(lp[1][j][:n], lp[2][j][:n]))))
             self._check_done(a)
 
+    @torch.inference_mode()
+    def _dummy_step(self) -> None:
+        z = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.model.decode(z, z, torch.full_like(z, self._scratch), self.cache.layers, 1)
+        self.dummy_steps += 1
+
     def run(self, reqs: list[DecodeRequest]) -> list[DecodeResult]:
+        """Decode ``reqs`` to the end (in lockstep: until every rank's requests are done)."""
         for r in reqs:
             self.add(r)
         results = []
-        while self.has_work:
+        while self.lockstep([self.has_work])[0] if self.lockstep is not None else self.has_work:
             results += self.step()
         return results

@@ -461,8 +461,13 @@ class DEPRuntime:
         self._spans: list[tuple] = []  # (kind, exposed, layer, start, end)
         self._step0 = None
         self.step_stats: list[DEPStepStats] = []
-        self._hooks = [model.register_forward_pre_hook(self._begin_step),
-                       model.register_forward_hook(self._end_step)]
+        # A step spans embedding to lm_head, so a prefill forward and a decode step
+        # (MoECausalLM.decode) are both accounted; a bare experts module: its forward.
+        first = getattr(getattr(model, "model", None), "embed_tokens", None)
+        last = getattr(model, "lm_head", None)
+        first, last = (first, last) if first is not None and last is not None else (model, model)
+        self._hooks = [first.register_forward_pre_hook(self._begin_step),
+                       last.register_forward_hook(self._end_step)]
 
     # -- symmetric buffers
     def symm_buffers(self, wire: _Wire, x: torch.Tensor, T: int) -> None:
