@@ -539,6 +539,33 @@ def test_loadtest_against_server(served):
         run_loadtest("http://10.0.0.1:8000", WorkloadSpec(num_requests=1), 1)
 
 
+def test_loadtest_sweep_draws_the_frontier(served, tmp_path, capsys):
+    """Issue 18: ``dwdp loadtest --sweep-concurrency`` writes one frontier file;
+    ``dwdp report`` plots it and tabulates it."""
+    import json
+
+    from dwdp.cli import main
+
+    _, url, _ = served
+    out = tmp_path / "front.json"
+    assert main(["loadtest", "--url", url, "--num-requests", "6", "--isl", "12", "--max-tokens", "3",
+                 "--sweep-concurrency", "1,3", "--label", "tiny-cpu", "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["kind"] == "frontier" and d["label"] == "tiny-cpu"
+    assert [p["max_concurrency"] for p in d["points"]] == [1, 3]
+    assert all(p["succeeded"] == 6 and p["output_tokens"] == 18 and p["tps_per_user"] > 0 for p in d["points"])
+    assert main(["report", str(out), "-o", str(tmp_path / "rep")]) == 0
+    png = tmp_path / "rep" / "frontier.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["report", str(out), "--markdown"]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| tiny-cpu |") == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"kind": "frontier", "label": "x", "points": [{"tps_per_gpu": 1}]}))
+    assert main(["report", str(bad), "--markdown"]) == 2  # names the missing field
+
+
 def _word_tokenizer(tmp_path, chat_template=None):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -281,7 +281,14 @@ def cmd_bench(args) -> int:
 
 def cmd_report(args) -> int:
     from .bench.report import render
+    from .serve import frontier
 
+    fronts = [p for p in args.files if frontier.is_frontier(p)]
+    args.files = [p for p in args.files if p not in fronts]
+    if fronts:
+        print(frontier.markdown(fronts) if args.markdown else f"wrote {frontier.render(fronts, args.out_dir)}")
+    if not args.files:
+        return 0
     if args.reps:
         from .bench.report import repetitions_markdown
 
@@ -475,12 +482,23 @@ def cmd_loadtest(args) -> int:
 
     wl = WorkloadSpec(num_requests=args.num_requests, isl=args.isl, dist=args.dist, ratio=args.ratio, cv=args.cv,
                       rate=args.rate, seed=args.seed)
-    summary = run_loadtest(args.url, wl, args.max_tokens, args.gpus, args.max_concurrency, args.api_key)
+    if args.sweep_concurrency:
+        from .ceilings import machine_info
+        from .serve.frontier import sweep
+
+        caps = [int(c) for c in args.sweep_concurrency.split(",")]
+        res = sweep(lambda cap: run_loadtest(args.url, wl, args.max_tokens, args.gpus, cap, args.api_key), caps,
+                    args.label, machine_info())
+        failed = sum(p["failed"] for p in res["points"])
+        summary = res
+    else:
+        summary = run_loadtest(args.url, wl, args.max_tokens, args.gpus, args.max_concurrency, args.api_key)
+        failed = summary["failed"]
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)
         print(f"wrote {args.out}")
-    return 0 if summary["failed"] == 0 else 1
+    return 0 if failed == 0 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -616,10 +634,14 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument("--api-key", default=None)
     lt.add_argument("--seed", type=int, default=0)
     lt.add_argument("--out", default=None, help="JSON summary")
+    lt.add_argument("--sweep-concurrency", default=None,
+                    help="comma-separated concurrency caps, e.g. 1,4,16,64: one load test each, written as one "
+                         "frontier file (plot it with dwdp report)")
+    lt.add_argument("--label", default="server", help="the frontier's name in plots (e.g. dwdp-context)")
     lt.set_defaults(func=cmd_loadtest)
 
-    rep = sub.add_parser("report", help="PNG plots from dwdp bench JSON files")
-    rep.add_argument("files", nargs="+", help="JSON files written by dwdp bench --out")
+    rep = sub.add_parser("report", help="PNG plots from dwdp bench / loadtest --sweep-concurrency JSON files")
+    rep.add_argument("files", nargs="+", help="JSON files written by dwdp bench --out or a loadtest sweep")
     rep.add_argument("--out-dir", "-o", default="bench-report", help="directory for the PNGs (default bench-report)")
     rep.add_argument("--markdown", action="store_true", help="print markdown tables instead of plotting")
     rep.add_argument("--reps", action="store_true",
