@@ -604,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require this bearer key (or set DWDP_API_KEY)")
     srv.add_argument("--max-num-tokens", type=int, default=8192, help="prefill token budget per step")
     srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
+    srv.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
+                     help="routed experts as stored (auto), in the model dtype (same) or FP8 (fp8)")
     srv.add_argument("--max-context", type=int, default=None,
                      help="tokens per request (prompt + output) the decode KV cache holds; it is allocated once "
                           "for --max-batch requests (default: the model's context, at most 4096)")
