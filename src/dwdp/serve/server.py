@@ -261,7 +261,8 @@ class TextStream:
 def build_app(worker: ServingWorker, model_name: str, tokenizer=None, api_key: str | None = None,
               request_timeout_s: float = 600.0, body_timeout_s: float = 30.0) -> FastAPI:
     cfg = worker.model.config
-    vocab, context = cfg.vocab_size, cfg.max_position_embeddings
+    # A request's prompt + output must fit the decode cache's slot, not just the model.
+    vocab, context = cfg.vocab_size, min(cfg.max_position_embeddings, worker.decode.max_context)
     detok = Detokenizer(tokenizer)
     eos_default = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     app = FastAPI(title=SERVED_BY, docs_url=None, redoc_url=None, openapi_url=None)
