@@ -4,14 +4,16 @@
 # Usage: bash benchmarks/gpu_serve_frontier.sh OUT COMMIT [LAYERS] [ISL] [OSL]
 set -u
 OUT=${1:?out dir}; COMMIT=${2:?commit}; LAYERS=${3:-8}; ISL=${4:-4096}; OSL=${5:-256}
-export PYTHONPATH=src PYTHONUNBUFFERED=1 DWDP_COMMIT=$COMMIT
+# Serving deps (fastapi, uvicorn, prometheus_client) where the machine lacks them: .gpudeps (carried)
+export PYTHONPATH=src:.gpudeps PYTHONUNBUFFERED=1 DWDP_COMMIT=$COMMIT
 PORT=8011
 python3 -m dwdp.cli serve --model qwen3-235b-a22b --num-layers $LAYERS --expert-dtype fp8 --device cuda \
   --max-batch 64 --max-context $((ISL + OSL + 64)) --max-num-tokens 16384 --port $PORT > "$OUT/serve.txt" 2>&1 &
 SRV=$!
 python3 - <<PY
 import json, time, urllib.request
-for _ in range(300):
+for _ in range(240):
+    if __import__("os").system("kill -0 $SRV 2>/dev/null"): break  # the server died
     try:
         if json.load(urllib.request.urlopen("http://127.0.0.1:$PORT/health", timeout=2)).get("status") == "ok":
             break
