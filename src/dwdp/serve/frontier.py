@@ -70,8 +70,11 @@ def render(paths: list[str], out_dir: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for path in paths:
-        d = load_frontier(path)
+    fronts = [load_frontier(p) for p in paths]
+    labels = [d["label"] for d in fronts]
+    for path, d in zip(paths, fronts):
+        if labels.count(d["label"]) > 1:  # repetitions of one setting: tell them apart by file
+            d["label"] = f"{d['label']} ({Path(path).stem})"
         pts = [p for p in d["points"] if p["tps_per_user"]]
         x = [p["tps_per_user"] for p in pts]
         (line,) = ax.plot(x, [p["tps_per_gpu"] for p in pts], marker="o", label=d["label"])
