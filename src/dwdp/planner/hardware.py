@@ -1,8 +1,9 @@
 """Hardware profiles: what the planner needs to know about a GPU and its NVLink domain.
 
 Built-in profiles come from public datasheet figures (dense, no sparsity) and are labelled
-as such; the achievable fractions (``*_eff``) are assumptions, to be replaced by
-``dwdp calibrate`` on a real machine, which measures every field it can.
+as such, derated by achievable fractions measured on our H200 machines
+(:data:`MEASURED_FRACTIONS`, assumed to carry over to other GPUs); ``dwdp calibrate`` on
+a real machine measures every field it can instead.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ class HardwareProfile:
     # Achieved fractions of the peak for the engine's kernels (1.0 when the rate is measured).
     gemm_eff: float = 0.6
     attn_eff: float = 0.45
+    hbm_eff: float = 1.0  # achievable fraction of hbm_gbps (1.0 when hbm_gbps is a measured copy rate)
+    fp8_gemm_eff: float | None = None  # FP8 expert GEMMs' fraction of fp8_tflops (None: gemm_eff)
+    fp4_tflops: float = 0.0  # 0: no FP4 tensor cores (FP4 experts run at the FP8 rate)
     interference: float = 0.07  # compute slowdown while pulls run (measured 1.06-1.15x on H200)
     layer_overhead_us: float = 300.0  # launches, host syncs, elementwise glue per layer
     bytes_per_token_layer: float = 0.0  # activation traffic per token per layer (fit), bytes
@@ -56,11 +60,23 @@ class HardwareProfile:
         return HardwareProfile(**d)
 
 
-def _datasheet(name, bf16, fp8, hbm, link, mem, domain, note) -> HardwareProfile:
-    # Copy-engine pulls and NCCL all-to-all reach a fraction of the link: 0.87 / 0.82 / 0.66
-    # of it on our H200 machine (394 / 370 / 295 GB/s of 450); the same fractions are assumed.
-    return HardwareProfile(name, f"datasheet ({note}); efficiencies assumed", bf16, fp8, hbm, link,
-                           0.87 * link, 0.82 * link, 0.66 * link, 25.0, mem, domain)
+# Achievable fractions of datasheet peaks, measured on our H200 machines (docs/BENCHMARKS.md)
+# and applied to every datasheet profile:
+#   copy-engine pulls 0.87, all-peer pulls 0.82, NCCL all-to-all 0.66 of the link (394 / 370 /
+#   295 GB/s of 450); a device copy 0.87 of HBM (4,196 of 4,800 GB/s, read + write);
+#   grouped expert GEMMs 0.56 of the bf16 peak (552 TFLOP/s at 1,024 rows per expert; the
+#   large matmul reaches 0.81) and 0.34 of the FP8 peak (our block-scaled Triton kernel,
+#   680 TFLOP/s), causal attention 0.35 (varlen FlashAttention, GQA 16K:
+#   345 TFLOP/s; MLA reaches 0.27); ~0.3 ms of launches and host work per layer.
+MEASURED_FRACTIONS = dict(pull_single=0.87, pull_all=0.82, a2a=0.66, hbm=0.87, gemm=0.56, fp8_gemm=0.34, attn=0.35)
+
+
+def _datasheet(name, bf16, fp8, hbm, link, mem, domain, note, fp4=0.0) -> HardwareProfile:
+    f = MEASURED_FRACTIONS
+    return HardwareProfile(name, f"datasheet ({note}); derated by fractions measured on H200", bf16, fp8, hbm, link,
+                           f["pull_single"] * link, f["pull_all"] * link, f["a2a"] * link, 25.0, mem, domain,
+                           gemm_eff=f["gemm"], attn_eff=f["attn"], hbm_eff=f["hbm"], fp4_tflops=fp4,
+                           fp8_gemm_eff=f["fp8_gemm"])
 
 
 PROFILES: dict[str, HardwareProfile] = {
@@ -69,14 +85,11 @@ PROFILES: dict[str, HardwareProfile] = {
     "h200": _datasheet("H200 SXM", 989, 1979, 4800, 450, 141, 8, "NVIDIA H200: 989 TF bf16, 4.8 TB/s, 141 GB, "
                        "NVLink4 900 GB/s bidirectional"),
     "b200": _datasheet("B200 (HGX)", 2250, 4500, 8000, 900, 180, 8, "NVIDIA HGX B200: 2.25 PF bf16 dense, "
-                       "8 TB/s, NVLink5 1.8 TB/s bidirectional"),
+                       "9 PF FP4 dense, 8 TB/s, NVLink5 1.8 TB/s bidirectional", fp4=9000),
     "gb200-nvl72": _datasheet("GB200 NVL72", 2500, 5000, 8000, 900, 186, 72, "NVIDIA GB200 NVL72 per GPU: "
-                              "2.5 PF bf16 dense, 8 TB/s, 186 GB, NVLink5 1.8 TB/s bidirectional, 72-GPU domain"),
+                              "2.5 PF bf16 dense, 10 PF FP4 dense, 8 TB/s, 186 GB, NVLink5 1.8 TB/s bidirectional, "
+                              "72-GPU domain", fp4=10000),
 }
-for _p in PROFILES.values():
-    if _p.name == "GB200 NVL72":
-        _p.interference = 0.19  # the DWDP authors measured ~1.19x attention slowdown on GB200
-
 
 def resolve_profile(spec: str) -> HardwareProfile:
     if spec in PROFILES:

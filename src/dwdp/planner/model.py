@@ -3,15 +3,17 @@
 Per layer and per rank step (sequences with their cached prefixes):
 
 * compute = GEMM FLOPs / (gemm_eff x peak) + attention FLOPs / (attn_eff x peak)
-  + activation bytes / HBM + a fixed per-layer overhead; a routed-expert GEMM never runs
+  + the elementwise activation bytes the engine's kernels move (counted per token and
+  layer) / achievable HBM + a fixed per-layer overhead; a routed-expert GEMM never runs
   faster than reading the experts it touches from HBM.
 * dwdp: the copy stream pulls each MoE layer's (E - L) remote experts one layer ahead (the
   first at step start); a MoE layer's remote experts wait for their pull, so the step is
   the critical path of that two-stream pipeline; compute is slowed by ``interference``
   while pulls are in flight.
 * dep: ranks step in lockstep and every MoE layer is a barrier: its time is the slowest
-  rank's attention + the slowest rank's expert share (router skew makes some ranks hot)
-  + dispatch and combine all-to-alls.
+  rank's attention (from the actual lengths in each rank's step) + the most loaded EP
+  rank's experts, with each layer's routing drawn from the router distribution
+  (multinomial over experts, Zipf skew as a parameter) + dispatch and combine all-to-alls.
 * dp: compute only.
 
 Pull bandwidth: a measured all-peer ingress when the profile has one; the DWDP authors'
@@ -44,6 +46,23 @@ class LayerWork:
     expert_flops: float  # routed experts, all of this rank's tokens
     tokens: int
     is_moe: bool
+    glue_bytes: float = 0.0  # elementwise traffic: norms, residuals, rope, permute, SwiGLU, combine
+
+
+def glue_elements_per_token(cfg: ModelConfig, is_moe: bool) -> float:
+    """Activation elements one token reads + writes per layer outside GEMMs and attention,
+    counted from the engine's kernels: two RMSNorms and two residual adds (3 x hidden each,
+    read + write), rope and the q/k/v hand-offs (3 x the projected width), and in a MoE
+    layer the permute (read + write top_k rows), the fused SwiGLU (read 2 x inter, write
+    inter per pair) and the one-pass combine (read top_k rows, write one)."""
+    H = cfg.hidden_size
+    qkv = (cfg.num_heads * cfg.qk_head_dim + 2 * cfg.num_kv_heads * cfg.qk_head_dim) if not cfg.is_mla else \
+        (cfg.num_heads * cfg.qk_head_dim + cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    n = 2 * 2 * H + 2 * 3 * H + 3 * qkv
+    if is_moe:
+        K, inter = cfg.top_k, cfg.moe_intermediate_size
+        n += 2 * K * H + 3 * K * inter + K * H + H
+    return n
 
 
 def layer_work(cfg: ModelConfig, layer: int, seq_lens: list[int], prefix_lens: list[int]) -> LayerWork:
@@ -63,7 +82,7 @@ def _layer_work(cfg: ModelConfig, is_moe: bool, seq_lens: tuple, prefix_lens: tu
     d_v = cfg.v_head_dim if cfg.is_mla else cfg.head_dim
     attn = 2.0 * pairs * cfg.num_heads * (cfg.qk_head_dim + d_v)
     experts = 2.0 * T * cfg.top_k * 3 * H * cfg.moe_intermediate_size if is_moe else 0.0
-    return LayerWork(2.0 * T * gemm, attn, experts, T, is_moe)
+    return LayerWork(2.0 * T * gemm, attn, experts, T, is_moe, T * glue_elements_per_token(cfg, is_moe))
 
 
 def expected_distinct(num_experts: int, draws: float) -> float:
@@ -84,10 +103,15 @@ class CostModel:
         self.expert_dtype = expert_dtype
         self.expert_bytes = cfg.expert_numel() * EXPERT_BYTES[expert_dtype]
         self.act_bytes = act_bytes
-        expert_peak = hw.fp8_tflops if expert_dtype != "bf16" else hw.bf16_tflops
+        # FP4 experts run at the FP4 peak where the GPU has FP4 tensor cores (Blackwell);
+        # elsewhere they are widened and run at the FP8 rate.
+        expert_peak = {"bf16": hw.bf16_tflops, "fp8": hw.fp8_tflops,
+                       "fp4": hw.fp4_tflops or hw.fp8_tflops}[expert_dtype]
         self.gemm_rate = hw.gemm_eff * hw.bf16_tflops * 1e12
-        self.expert_rate = hw.gemm_eff * expert_peak * 1e12
+        low_precision = expert_dtype != "bf16" and hw.fp8_gemm_eff is not None
+        self.expert_rate = (hw.fp8_gemm_eff if low_precision else hw.gemm_eff) * expert_peak * 1e12
         self.attn_rate = hw.attn_eff * hw.bf16_tflops * 1e12
+        self.hbm_rate = hw.hbm_eff * hw.hbm_gbps * 1e9
 
     # -- per layer ----------------------------------------------------------------------
     def dense_part(self, w: LayerWork) -> float:
@@ -95,7 +119,7 @@ class CostModel:
         if w.tokens == 0:
             return 0.0
         t = w.gemm_flops / self.gemm_rate + w.attn_flops / self.attn_rate
-        t += w.tokens * self.hw.bytes_per_token_layer / (self.hw.hbm_gbps * 1e9)
+        t += (w.glue_bytes * self.act_bytes + w.tokens * self.hw.bytes_per_token_layer) / self.hbm_rate
         return t + self.hw.layer_overhead_us * 1e-6
 
     def experts_part(self, tokens_k: float, experts_held: int) -> float:
@@ -104,7 +128,7 @@ class CostModel:
             return 0.0
         flops = 2.0 * tokens_k * 3 * self.cfg.hidden_size * self.cfg.moe_intermediate_size
         touched = expected_distinct(experts_held, tokens_k) * self.expert_bytes
-        return max(flops / self.expert_rate, touched / (self.hw.hbm_gbps * 1e9))
+        return max(flops / self.expert_rate, touched / self.hbm_rate)
 
     # -- pulls --------------------------------------------------------------------------
     def pull_gbps(self, n: int, sliced: bool = False) -> float:
@@ -168,19 +192,20 @@ class CostModel:
                 if ready > t:
                     waited += ready - t
                     t = ready
-            t += self.experts_part(tk * (1 - local_share), cfg.num_experts - placement.local)
+            # The next layer's pull may still be running: remote experts are slowed too.
+            t = run(t, self.experts_part(tk * (1 - local_share), cfg.num_experts - placement.local))
             m += 1
         return t, waited
 
-    def dep_layer(self, works: list[LayerWork], shares: np.ndarray, n: int) -> tuple[float, float]:
-        """(layer seconds, of which all-to-all) for one lockstep layer over ``n`` ranks."""
+    def dep_layer(self, works: list[LayerWork], loads: np.ndarray, n: int) -> tuple[float, float]:
+        """(layer seconds, of which all-to-all) for one lockstep layer over ``n`` ranks;
+        ``loads[r]``: (token, expert) pairs EP rank r computes in this layer."""
         cfg = self.cfg
         dense = max(self.dense_part(w) for w in works)
         if not works[0].is_moe:
             return dense, 0.0
-        total_pairs = sum(w.tokens for w in works) * cfg.top_k
-        held = [math.ceil(cfg.num_experts / n)] * n
-        expert = max(self.experts_part(total_pairs * s, h) for s, h in zip(shares, held))
+        held = math.ceil(cfg.num_experts / n)
+        expert = max(self.experts_part(float(load), held) for load in loads)
         # Each token goes once to every rank holding one of its k experts, and comes back.
         dest = n * (1 - (1 - 1 / n) ** cfg.top_k)
         max_tokens = max(w.tokens for w in works)
@@ -194,16 +219,30 @@ def expected_contention(n: int) -> float:
     return 1.0 + (n - 2) / (n - 1)
 
 
-def ep_rank_shares(num_experts: int, n: int, skew: float, seed: int = 0) -> np.ndarray:
-    """Share of routed pairs each EP rank serves, experts ranked hot-to-cold by a seeded
-    random permutation (as `--skew` does in `dwdp bench`)."""
+def expert_popularity(num_experts: int, skew: float, seed: int = 0) -> np.ndarray:
+    """Probability that a routing choice picks each expert: Zipf(``skew``) over a seeded
+    random expert order (as ``--skew`` biases the router in ``dwdp bench``)."""
     probs = zipf_shares(num_experts, skew)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(num_experts)
+    order = np.random.default_rng(seed).permutation(num_experts)
     per_expert = np.empty(num_experts)
     per_expert[order] = probs
+    return per_expert
+
+
+def ep_rank_shares(num_experts: int, n: int, skew: float, seed: int = 0) -> np.ndarray:
+    """Expected share of routed pairs each EP rank serves (contiguous E/n expert ranges)."""
+    per_expert = expert_popularity(num_experts, skew, seed)
     bounds = [r * num_experts // n for r in range(n + 1)]
     return np.array([per_expert[bounds[r]:bounds[r + 1]].sum() for r in range(n)])
+
+
+def draw_ep_loads(rng: np.random.Generator, pairs: int, per_expert: np.ndarray, n: int) -> np.ndarray:
+    """One layer's routing drawn from the router's distribution: ``pairs`` (token, expert)
+    choices, multinomial over experts, summed per EP rank. The lockstep layer then waits
+    for the most loaded rank: imbalance from sampling, not only from the mean skew."""
+    counts = rng.multinomial(pairs, per_expert)
+    bounds = [r * len(per_expert) // n for r in range(n + 1)]
+    return np.array([counts[bounds[r]:bounds[r + 1]].sum() for r in range(n)], dtype=float)
 
 
 # ------------------------------------------------------------------------------ workloads
@@ -267,31 +306,36 @@ def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy
         return Prediction(DWDP, max(busy), busy, steps, tokens, world,
                           {"exposed_wait_s": waits, "pull_s_per_layer": cm.pull_seconds(pl, sliced)})
     if strategy == DEP:
-        shares = ep_rank_shares(cfg.num_experts, n, skew, seed)
+        per_expert = expert_popularity(cfg.num_experts, skew, seed)
+        rng = np.random.default_rng(seed + 1)
+        moe = set(cfg.moe_layers)
         steps_by_rank: list[list[float]] = [[] for _ in range(world)]
-        a2a_total, sync_total = 0.0, 0.0
+        a2a_total, sync_total, imbalance = 0.0, 0.0, []
         for g in range(world // n):  # each EP group steps in lockstep on its own
             ranks = list(range(g * n, (g + 1) * n))
             num = max(len(plans[r]) for r in ranks)
             for k in range(num):
                 per = [plans[r][k] if k < len(plans[r]) else ([1], [0]) for r in ranks]  # idle: dummy step
                 t, own, step_a2a = 0.0, [0.0] * n, 0.0
-                n_moe = len(cfg.moe_layers)
-                for is_moe, count in ((True, n_moe), (False, cfg.num_layers - n_moe)):
-                    if not count:
-                        continue
-                    works = [_layer_work(cfg, is_moe, tuple(s), tuple(p)) for s, p in per]
-                    lt, a2a = cm.dep_layer(works, shares, n)
-                    t += count * lt
-                    step_a2a += count * a2a
-                    for i, w in enumerate(works):  # its own work, were every layer perfectly balanced
-                        own[i] += count * (cm.dense_part(w) + (cm.experts_part(w.tokens * cfg.top_k,
-                                                                                cfg.num_experts // n) if is_moe else 0))
+                by_kind = {m: [_layer_work(cfg, m, tuple(s), tuple(p)) for s, p in per] for m in (True, False)}
+                for layer in range(cfg.num_layers):  # routing drawn afresh for every MoE layer
+                    works = by_kind[layer in moe]
+                    pairs = sum(w.tokens for w in works) * cfg.top_k
+                    loads = draw_ep_loads(rng, pairs, per_expert, n) if layer in moe else np.zeros(n)
+                    if layer in moe and pairs:
+                        imbalance.append(loads.max() / loads.mean())
+                    lt, a2a = cm.dep_layer(works, loads, n)
+                    t += lt
+                    step_a2a += a2a
+                    for i, w in enumerate(works):  # its own work, were the layer perfectly balanced
+                        own[i] += cm.dense_part(w) + (cm.experts_part(pairs / n, cfg.num_experts // n)
+                                                      if layer in moe else 0.0)
                 a2a_total += step_a2a
                 sync_total += sum(t - step_a2a - o for o in own)  # waiting for the slowest rank
                 for r in ranks:
                     steps_by_rank[r].append(t)
         busy = [sum(x) for x in steps_by_rank]
         return Prediction(DEP, max(busy), busy, steps_by_rank, tokens, world,
-                          {"a2a_s": a2a_total, "sync_share": sync_total / sum(busy) if sum(busy) else 0.0})
+                          {"a2a_s": a2a_total, "sync_share": sync_total / sum(busy) if sum(busy) else 0.0,
+                           "expert_load_max_over_mean": float(np.mean(imbalance)) if imbalance else 1.0})
     raise ValueError(f"unknown strategy {strategy!r}")
