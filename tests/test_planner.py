@@ -141,3 +141,32 @@ def test_calibrate_without_gpu_says_so(capsys):
         pytest.skip("has a GPU")
     assert main(["calibrate"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_dep_routing_is_drawn_per_layer():
+    """Issue 19: each DEP layer's expert load is a multinomial draw from the router
+    distribution; the lockstep layer waits for the most loaded rank, so fewer tokens per
+    step (more sampling noise) or hotter experts mean more waiting."""
+    from dwdp.planner.model import draw_ep_loads, expert_popularity
+
+    rng = np.random.default_rng(0)
+    flat = expert_popularity(128, 0.0)
+    loads = draw_ep_loads(rng, 80_000, flat, 4)
+    assert loads.sum() == 80_000 and loads.max() / loads.mean() < 1.02
+    few = np.mean([(lambda x: x.max() / x.mean())(draw_ep_loads(rng, 400, flat, 4)) for _ in range(200)])
+    assert few > 1.05  # 400 pairs over 4 ranks: visibly uneven
+    hot = draw_ep_loads(rng, 80_000, expert_popularity(128, 1.2), 4)
+    assert hot.max() / hot.mean() > 1.2
+    cm = _cm()
+    small = predict(cm, [[512] * 4] * 4, 512, "dep", 4)
+    large = predict(cm, [[16384] * 4] * 4, 16384, "dep", 4)
+    assert small.extra["expert_load_max_over_mean"] > large.extra["expert_load_max_over_mean"] > 1.0
+
+
+def test_fp4_experts_use_the_fp4_peak_only_where_there_is_one():
+    cfg, _ = resolve_model("deepseek-v3", 4)
+    gb = CostModel(cfg, PROFILES["gb200-nvl72"], "fp4")
+    assert gb.expert_rate == pytest.approx(PROFILES["gb200-nvl72"].fp8_gemm_eff * 10000e12)
+    h = CostModel(cfg, PROFILES["h200"], "fp4")
+    assert h.expert_rate == CostModel(cfg, PROFILES["h200"], "fp8").expert_rate
+    assert PROFILES["gb200-nvl72"].interference == PROFILES["h200"].interference  # measured, not the paper's
