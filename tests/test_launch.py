@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +59,49 @@ def test_a_failing_group_is_one_clean_error(tmp_path, capsys):
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
+
+
+def test_two_torchrun_nodes_form_node_local_dwdp_groups(tmp_path):
+    """Issue 19: two torchrun agents on 127.0.0.1 act as two nodes (--nnodes 2, c10d
+    rendezvous) and form W/N = 2 DWDP groups of 2, each inside one node; every sequence's
+    next token equals the single-process model's."""
+    import json
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    cmd = [torchrun, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dwdp-test", "-m", "dwdp.cli", "run", "-N", "2",
+           "--json", str(tmp_path / "out.json")]
+    agents = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+              for _ in range(2)]
+    logs = []
+    for a in agents:
+        try:
+            logs.append(a.communicate(timeout=240)[0].decode(errors="replace"))
+        finally:
+            a.kill()
+    assert all(a.returncode == 0 for a in agents), "\n".join(x[-2000:] for x in logs)
+    ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text())[0] for r in range(4)]
+    assert [r["node"] for r in ranks] == [0, 0, 1, 1]
+    assert [tuple(r["local_experts"]) for r in ranks] == [(0, 6), (6, 12), (0, 6), (6, 12)]  # 2 groups of 2
+    assert main(["run", "--json", str(tmp_path / "ref.json")]) == 0
+    ref = {x["id"]: x["next_token"] for x in json.loads((tmp_path / "ref.json").read_text())["results"]}
+    got = {x["id"]: x["next_token"] for r in ranks for x in r["results"]}
+    assert got == ref and len(got) == 4
+
+
+def test_a_group_spanning_nodes_is_refused(monkeypatch):
+    from dwdp.parallel.group import init_dwdp_groups
+
+    for k, v in dict(RANK="0", WORLD_SIZE="6", LOCAL_WORLD_SIZE="3", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="must lie within one node"):
+        init_dwdp_groups(2)

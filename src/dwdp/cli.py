@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 
@@ -159,7 +160,11 @@ def _cmd_run_dwdp(args, console) -> int:
     seqs = sorted((x["id"], r["rank"], x["prompt_len"], x["next_token"]) for r in ranks for x in r["results"])
     console.print("next tokens: " + ", ".join(f"seq {i} (rank {rk}, {n} tok) -> {t}" for i, rk, n, t in seqs))
     if args.json:
-        with open(args.json, "w") as f:
+        path = args.json
+        if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: a file per rank
+            stem, ext = os.path.splitext(path)
+            path = f"{stem}.rank{os.environ['RANK']}{ext}"
+        with open(path, "w") as f:
             json.dump([{k: v for k, v in r.items() if k != "results"} | {"results": [
                 {k: v for k, v in x.items() if k != "logits"} for x in r["results"]]} for r in ranks], f, indent=2)
     return 0

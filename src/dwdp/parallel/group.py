@@ -70,6 +70,13 @@ def init_dwdp_groups(group_size: int, device_type: str = "cpu", timeout_s: float
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     if group_size < 1 or world % group_size:
         raise ValueError(f"world size {world} is not a multiple of the DWDP group size {group_size}")
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if per_node % group_size:
+        # torchrun numbers ranks node by node: groups of consecutive ranks stay inside a node
+        # only if the group size divides the processes per node. Peers map each other's
+        # memory (CUDA IPC / shared memory), which does not cross nodes.
+        raise ValueError(f"a DWDP group must lie within one node: group size {group_size} does not divide the "
+                         f"{per_node} processes per node; use --nproc-per-node a multiple of -N")
     if device_type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

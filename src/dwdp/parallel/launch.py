@@ -163,6 +163,7 @@ def prefill_worker(run: PrefillRun) -> dict[str, Any]:
             "steps": [asdict(s) for s in engine.steps],
             "runtime": rank.strategy.step_report(rank.runtime),
             "memory": rank.runtime.memory_bytes(), "wall_s": wall,
+            "node": int(os.environ.get("GROUP_RANK", 0)),  # torchrun's node rank (0 when spawned locally)
         }
         rank.close()
     return out
