@@ -170,3 +170,35 @@ def test_fp4_experts_use_the_fp4_peak_only_where_there_is_one():
     h = CostModel(cfg, PROFILES["h200"], "fp4")
     assert h.expert_rate == CostModel(cfg, PROFILES["h200"], "fp8").expert_rate
     assert PROFILES["gb200-nvl72"].interference == PROFILES["h200"].interference  # measured, not the paper's
+
+
+def test_ttft_simulation_follows_the_schedule():
+    """Issue 19: TTFT = end of the step that holds a request's last chunk - its arrival,
+    with the engine's online packing; DEP ranks share every step's length."""
+    from dwdp.planner.ttft import simulate_ttft
+
+    cm = _cm(layers=4)
+    one = cm.step_dp([8192], [0])
+    # Far apart: each request runs alone, TTFT = one step.
+    sparse = simulate_ttft(cm, [[(0.0, 8192), (100.0, 8192)]], 16384, "dp", 1)
+    assert sparse["ttft_p50_s"] == pytest.approx(one) and sparse["requests"] == 2
+    # Offline: both in one 16K step, or chunked across two 8K steps (the second waits).
+    both = simulate_ttft(cm, [[(0.0, 8192), (0.0, 8192)]], 16384, "dp", 1)
+    assert both["ttft_p90_s"] == pytest.approx(cm.step_dp([8192, 8192], [0, 0]))
+    chunked = simulate_ttft(cm, [[(0.0, 8192), (0.0, 8192)]], 8192, "dp", 1)
+    assert chunked["ttft_p50_s"] == pytest.approx(one + 0.5 * one, rel=0.02)  # mean of one and two steps
+    # A request arriving mid-step waits for the running step to end.
+    late = simulate_ttft(cm, [[(0.0, 8192), (one / 2, 1024)]], 16384, "dp", 1)
+    assert late["ttft_p99_s"] >= one / 2 + cm.step_dp([1024], [0]) * 0.99
+    # DEP: a short prompt on rank 1 waits for the lockstep step rank 0's long prompt sets.
+    dep = simulate_ttft(cm, [[(0.0, 16384)], [(0.0, 512)]], 16384, "dep", 2)
+    dp = simulate_ttft(cm, [[(0.0, 16384)], [(0.0, 512)]], 16384, "dp", 2)
+    assert min(dep["ttft_p50_s"], dep["ttft_mean_s"]) > 2 * cm.step_dp([512], [0])
+    assert dp["ttft_p50_s"] < dep["ttft_p50_s"]
+
+
+def test_plan_rate_prints_ttft(capsys):
+    assert main(["plan", "--model", "qwen3-235b-a22b", "--num-layers", "2", "--requests-per-rank", "3",
+                 "--rate", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "TTFT at 4 requests/s" in out and out.count("dwdp │") >= 2

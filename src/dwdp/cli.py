@@ -322,7 +322,7 @@ def _plan_input(args):
     if args.interference is not None:
         hw = dataclasses.replace(hw, interference=args.interference)
     wl = WorkloadSpec(num_requests=args.requests_per_rank, isl=args.isl, dist=args.dist, ratio=args.ratio,
-                      cv=args.cv, assign=args.assign, seed=args.seed)
+                      cv=args.cv, assign=args.assign, seed=args.seed, rate=args.rate)
     wl.validate(cfg.max_position_embeddings)
     return PlanInput(cfg, hw, args.expert_dtype, args.group_size, args.local_experts, wl, args.max_num_tokens,
                      args.skew, args.sliced)
@@ -341,12 +341,14 @@ def cmd_plan(args) -> int:
         rows = validate(load_runs(args.validate), resolve_profile(args.hardware))
         t = Table(title=f"predicted vs measured ({args.hardware})")
         for c in ("model", "MNT", "CV", "strategy", "measured step ms", "predicted", "error", "measured tok/s/GPU",
-                  "predicted", "error"):
+                  "predicted", "error", "TTFT p50 ms meas / pred", "p90 meas / pred"):
             t.add_column(c, justify="right")
         for r in rows:
+            tt = [f"{1e3 * r[f'measured_ttft_{q}_s']:.0f} / {1e3 * r[f'predicted_ttft_{q}_s']:.0f}"
+                  if f"measured_ttft_{q}_s" in r else "-" for q in ("p50", "p90")]
             t.add_row(r["model"], str(r["mnt"]), f"{r['cv']:g}", r["strategy"], f"{r['measured_step_s'] * 1e3:.1f}",
                       f"{r['predicted_step_s'] * 1e3:.1f}", f"{100 * r['step_error']:+.1f}%", f"{r['measured_tps']:,.0f}",
-                      f"{r['predicted_tps']:,.0f}", f"{100 * r['tps_error']:+.1f}%")
+                      f"{r['predicted_tps']:,.0f}", f"{100 * r['tps_error']:+.1f}%", *tt)
         console.print(t)
         errs = [abs(r["step_error"]) for r in rows]
         within = sum(e <= 0.15 for e in errs)
@@ -427,6 +429,16 @@ def cmd_plan(args) -> int:
     rows1, first1 = crossover(p, batch_one=True)
     console.print("batch 1 (one prompt per step, MNT = ISL): " + ", ".join(
         f"{isl // 1024}K {r:.2f}" for isl, _, _, r in rows1) + (f" -> dwdp wins from ISL {first1}" if first1 else ""))
+    if args.rate:
+        from .planner.plan import predict_ttft
+
+        tt = predict_ttft(p)
+        t = Table(title=f"TTFT at {args.rate:g} requests/s in total (prefill only; Poisson arrivals)")
+        for c in ("strategy", "TTFT p50 ms", "p90 ms", "p99 ms", "mean ms"):
+            t.add_column(c, justify="right")
+        for name, r in tt.items():
+            t.add_row(name, *(f"{1e3 * r[k]:.0f}" for k in ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_mean_s")))
+        console.print(t)
     cands, best = recommend(p, args.memory_gib)
     if best:
         console.print(f"recommended under {args.memory_gib or budget:.0f} GiB/GPU: N={best['N']} L={best['L']} "
@@ -581,6 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--requests-per-rank", type=int, default=8)
     plan.add_argument("--max-num-tokens", type=int, default=16384)
     plan.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of expert popularity")
+    plan.add_argument("--rate", type=float, default=None,
+                      help="requests/s in total (Poisson): also predict TTFT percentiles per strategy")
     plan.add_argument("--sliced", action="store_true", help="model the sliced round-robin pull plan")
     plan.add_argument("--interference", type=float, default=None,
                       help="compute slowdown while pulls run (0.07 = 7%%); default: the profile's")

@@ -245,6 +245,46 @@ def draw_ep_loads(rng: np.random.Generator, pairs: int, per_expert: np.ndarray, 
     return np.array([counts[bounds[r]:bounds[r + 1]].sum() for r in range(n)], dtype=float)
 
 
+class DEPRouting:
+    """Per-layer routing draws for one DEP prediction (a seeded stream)."""
+
+    def __init__(self, cfg: ModelConfig, n: int, skew: float, seed: int = 0):
+        self.n, self.per_expert = n, expert_popularity(cfg.num_experts, skew, seed)
+        self.rng = np.random.default_rng(seed + 1)
+        self.imbalance: list[float] = []
+
+    def loads(self, pairs: int) -> np.ndarray:
+        loads = draw_ep_loads(self.rng, pairs, self.per_expert, self.n)
+        if pairs:
+            self.imbalance.append(loads.max() / loads.mean())
+        return loads
+
+    @property
+    def mean_imbalance(self) -> float:
+        return float(np.mean(self.imbalance)) if self.imbalance else 1.0
+
+
+def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, router: DEPRouting
+             ) -> tuple[float, float, float]:
+    """One lockstep DEP step of ``n`` ranks, rank i running (seq_lens, prefix_lens) ``per[i]``
+    (a dummy step is ([1], [0])): (step seconds, of which all-to-all, summed over ranks the
+    time spent waiting for the slowest)."""
+    cfg = cm.cfg
+    moe = set(cfg.moe_layers)
+    t, own, step_a2a = 0.0, [0.0] * n, 0.0
+    by_kind = {m: [_layer_work(cfg, m, tuple(s), tuple(p)) for s, p in per] for m in (True, False)}
+    for layer in range(cfg.num_layers):  # routing drawn afresh for every MoE layer
+        works = by_kind[layer in moe]
+        pairs = sum(w.tokens for w in works) * cfg.top_k
+        loads = router.loads(pairs) if layer in moe else np.zeros(n)
+        lt, a2a = cm.dep_layer(works, loads, n)
+        t += lt
+        step_a2a += a2a
+        for i, w in enumerate(works):  # its own work, were the layer perfectly balanced
+            own[i] += cm.dense_part(w) + (cm.experts_part(pairs / n, cfg.num_experts // n) if layer in moe else 0.0)
+    return t, step_a2a, sum(t - step_a2a - o for o in own)
+
+
 # ------------------------------------------------------------------------------ workloads
 def pack_steps(lengths: list[int], mnt: int) -> list[tuple[list[int], list[int]]]:
     """The engine's scheduler, without a model: FIFO, MNT tokens per step, chunked prefill."""
@@ -306,36 +346,21 @@ def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy
         return Prediction(DWDP, max(busy), busy, steps, tokens, world,
                           {"exposed_wait_s": waits, "pull_s_per_layer": cm.pull_seconds(pl, sliced)})
     if strategy == DEP:
-        per_expert = expert_popularity(cfg.num_experts, skew, seed)
-        rng = np.random.default_rng(seed + 1)
-        moe = set(cfg.moe_layers)
+        router = DEPRouting(cfg, n, skew, seed)
         steps_by_rank: list[list[float]] = [[] for _ in range(world)]
-        a2a_total, sync_total, imbalance = 0.0, 0.0, []
+        a2a_total, sync_total = 0.0, 0.0
         for g in range(world // n):  # each EP group steps in lockstep on its own
             ranks = list(range(g * n, (g + 1) * n))
             num = max(len(plans[r]) for r in ranks)
             for k in range(num):
                 per = [plans[r][k] if k < len(plans[r]) else ([1], [0]) for r in ranks]  # idle: dummy step
-                t, own, step_a2a = 0.0, [0.0] * n, 0.0
-                by_kind = {m: [_layer_work(cfg, m, tuple(s), tuple(p)) for s, p in per] for m in (True, False)}
-                for layer in range(cfg.num_layers):  # routing drawn afresh for every MoE layer
-                    works = by_kind[layer in moe]
-                    pairs = sum(w.tokens for w in works) * cfg.top_k
-                    loads = draw_ep_loads(rng, pairs, per_expert, n) if layer in moe else np.zeros(n)
-                    if layer in moe and pairs:
-                        imbalance.append(loads.max() / loads.mean())
-                    lt, a2a = cm.dep_layer(works, loads, n)
-                    t += lt
-                    step_a2a += a2a
-                    for i, w in enumerate(works):  # its own work, were the layer perfectly balanced
-                        own[i] += cm.dense_part(w) + (cm.experts_part(pairs / n, cfg.num_experts // n)
-                                                      if layer in moe else 0.0)
+                t, step_a2a, wait = dep_step(cm, per, n, router)
                 a2a_total += step_a2a
-                sync_total += sum(t - step_a2a - o for o in own)  # waiting for the slowest rank
+                sync_total += wait
                 for r in ranks:
                     steps_by_rank[r].append(t)
         busy = [sum(x) for x in steps_by_rank]
         return Prediction(DEP, max(busy), busy, steps_by_rank, tokens, world,
                           {"a2a_s": a2a_total, "sync_share": sync_total / sum(busy) if sum(busy) else 0.0,
-                           "expert_load_max_over_mean": float(np.mean(imbalance)) if imbalance else 1.0})
+                           "expert_load_max_over_mean": router.mean_imbalance})
     raise ValueError(f"unknown strategy {strategy!r}")

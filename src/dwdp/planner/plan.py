@@ -32,6 +32,15 @@ class PlanInput:
     skew: float = 0.0
     sliced: bool = False
 
+    def requests(self, world: int | None = None) -> list[list[tuple[float, int]]]:
+        """Per rank, (arrival seconds, prompt length) of its requests, with the workload's
+        arrival process (all at 0 when it has no rate)."""
+        world = world or self.group_size
+        wl = copy.deepcopy(self.workload)
+        wl.num_requests = self.workload.num_requests * world
+        reqs = generate(wl, 2, self.cfg.max_position_embeddings)
+        return [[(r.arrival, len(r.prompt)) for r in part] for part in assign(reqs, world, wl.assign)]
+
     def lengths(self, world: int | None = None) -> list[list[int]]:
         world = world or self.group_size
         wl = copy.deepcopy(self.workload)
@@ -139,7 +148,9 @@ def validate(runs: list, hw: HardwareProfile) -> list[dict]:
         wl = WorkloadSpec(**spec["workload"])
         reqs = generate(wl, 2, cfg.max_position_embeddings)
         world = spec["world_size"]
-        lengths = [[len(r.prompt) for r in part] for part in assign(reqs, world, wl.assign)]
+        parts = assign(reqs, world, wl.assign)
+        lengths = [[len(r.prompt) for r in part] for part in parts]
+        arrivals = [[(r.arrival, len(r.prompt)) for r in part] for part in parts]
         n = spec.get("group_size") or world
         fmt = "fp8" if spec.get("expert_dtype") == "fp8" else "bf16"
         cm = CostModel(cfg, hw.for_model(spec["model"]), fmt)
@@ -154,10 +165,27 @@ def validate(runs: list, hw: HardwareProfile) -> list[dict]:
             for rk, steps in enumerate(pr.step_s):
                 real = sum(1 for t in res.ranks[rk].step_tokens if t)
                 pred_real += steps[:real]
-            out.append({"model": spec["model"], "mnt": run.mnt, "cv": wl.cv, "dist": wl.dist,
+            from .ttft import simulate_ttft
+
+            tt = simulate_ttft(cm, arrivals, run.mnt, strat, n, spec.get("local_experts"), spec.get("skew", 0.0),
+                               bool(spec.get("slice_mb")))
+            ttft = {}
+            if res.ttft_s is not None:
+                ttft = {"measured_ttft_p50_s": res.ttft_s.p50, "predicted_ttft_p50_s": tt["ttft_p50_s"],
+                        "measured_ttft_p90_s": res.ttft_s.p90, "predicted_ttft_p90_s": tt["ttft_p90_s"]}
+            out.append({"model": spec["model"], "mnt": run.mnt, "cv": wl.cv, "dist": wl.dist, **ttft,
                         "strategy": strat,
                         "measured_step_s": float(np.mean(meas_steps)), "predicted_step_s": float(np.mean(pred_real)),
                         "measured_tps": res.tps_per_gpu, "predicted_tps": pr.tps_per_gpu,
                         "step_error": float(np.mean(pred_real) / np.mean(meas_steps) - 1),
                         "tps_error": pr.tps_per_gpu / res.tps_per_gpu - 1})
     return out
+
+
+def predict_ttft(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, dict]:
+    """TTFT percentiles per strategy for the workload's arrivals (see :mod:`.ttft`)."""
+    from .ttft import simulate_ttft
+
+    cm = CostModel(p.cfg, p.hw.for_model(p.cfg.name or ""), p.expert_dtype)
+    reqs = p.requests()
+    return {s: simulate_ttft(cm, reqs, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced) for s in strategies}

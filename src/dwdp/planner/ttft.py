@@ -1,0 +1,111 @@
+"""Time to first token: the engine's scheduler run against the cost model's step times
+with requests arriving over time.
+
+Each rank serves its own requests (the workload's assignment) with the engine's online
+policy: at the start of a step, the requests that have arrived are packed FIFO into at
+most MNT tokens (chunked prefill); a request's first token exists when the step holding
+its last chunk ends, so TTFT = that step's end - arrival. dp and dwdp ranks run on
+their own; the ranks of a DEP group step in lockstep (a rank with nothing to do runs a
+dummy step while a peer works, and every step lasts as long as the group's).
+
+Prefill TTFT only: the context server's part of a disaggregated deployment (decode and
+KV hand-off come after the first token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..parallel.placement import Placement
+from ..parallel.strategies import DEP, DP, DWDP
+from .model import CostModel, DEPRouting, dep_step
+
+
+@dataclass
+class _Req:
+    arrival: float
+    length: int
+    done: int = 0
+
+
+class _RankQueue:
+    def __init__(self, reqs: list[tuple[float, int]]):
+        self.pending = sorted((_Req(a, n) for a, n in reqs), key=lambda r: r.arrival)
+        self.queue: list[_Req] = []
+
+    def admit(self, t: float) -> None:
+        while self.pending and self.pending[0].arrival <= t + 1e-12:
+            self.queue.append(self.pending.pop(0))
+
+    def next_arrival(self) -> float:
+        return self.pending[0].arrival if self.pending else float("inf")
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and not self.pending
+
+    def pack(self, mnt: int) -> tuple[list[int], list[int], list[_Req]]:
+        budget, seqs, prefix, chunks = mnt, [], [], []
+        for r in self.queue:
+            if budget == 0:
+                break
+            take = min(r.length - r.done, budget)
+            seqs.append(take)
+            prefix.append(r.done)
+            chunks.append(r)
+            budget -= take
+        return seqs, prefix, chunks
+
+    def finish(self, chunks: list[_Req], seqs: list[int], end: float, ttft: list[float]) -> None:
+        for r, take in zip(chunks, seqs):
+            r.done += take
+            if r.done == r.length:
+                ttft.append(end - r.arrival)
+        self.queue = [r for r in self.queue if r.done < r.length]
+
+
+def simulate_ttft(cm: CostModel, per_rank: list[list[tuple[float, int]]], mnt: int, strategy: str, n: int,
+                  local: int | None = None, skew: float = 0.0, sliced: bool = False, seed: int = 0) -> dict:
+    """``per_rank[r]``: (arrival seconds, prompt length) of rank r's requests."""
+    ranks = [_RankQueue(reqs) for reqs in per_rank]
+    ttft: list[float] = []
+    ends = [0.0] * len(ranks)
+    if strategy in (DP, DWDP):
+        pl = Placement.create(cm.cfg.num_experts, n, local) if strategy == DWDP else None
+        for i, q in enumerate(ranks):
+            t = 0.0
+            while not q.idle:
+                q.admit(t)
+                if not q.queue:
+                    t = q.next_arrival()
+                    continue
+                seqs, prefix, chunks = q.pack(mnt)
+                t += cm.step_dp(seqs, prefix) if pl is None else cm.step_dwdp(seqs, prefix, pl, sliced)[0]
+                q.finish(chunks, seqs, t, ttft)
+            ends[i] = t
+    elif strategy == DEP:
+        router = DEPRouting(cm.cfg, n, skew, seed)
+        for g in range(len(ranks) // n):
+            group = ranks[g * n:(g + 1) * n]
+            t = 0.0
+            while not all(q.idle for q in group):
+                for q in group:
+                    q.admit(t)
+                if not any(q.queue for q in group):
+                    t = min(q.next_arrival() for q in group)
+                    continue
+                packed = [q.pack(mnt) if q.queue else ([1], [0], []) for q in group]  # idle: dummy step
+                t += dep_step(cm, [(s, p) for s, p, _ in packed], n, router)[0]
+                for q, (s, _, chunks) in zip(group, packed):
+                    q.finish(chunks, s, t, ttft)
+            for i in range(g * n, (g + 1) * n):
+                ends[i] = t
+    else:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    x = np.array(ttft)
+    return {"strategy": strategy, "requests": len(ttft), "ttft_mean_s": float(x.mean()),
+            "ttft_p50_s": float(np.percentile(x, 50)), "ttft_p90_s": float(np.percentile(x, 90)),
+            "ttft_p99_s": float(np.percentile(x, 99)), "makespan_s": max(ends),
+            "tokens": sum(n for reqs in per_rank for _, n in reqs)}
