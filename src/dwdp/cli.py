@@ -350,6 +350,18 @@ def cmd_plan(args) -> int:
                       f"{r['predicted_step_s'] * 1e3:.1f}", f"{100 * r['step_error']:+.1f}%", f"{r['measured_tps']:,.0f}",
                       f"{r['predicted_tps']:,.0f}", f"{100 * r['tps_error']:+.1f}%", *tt)
         console.print(t)
+        ct = Table(title="components per rank, seconds: measured / predicted (compute outside communication; "
+                         "transfer: dep all-to-all, dwdp pulls; wait: dep for the slowest rank, dwdp exposed prefetch)")
+        for c in ("model", "MNT", "CV", "strategy", "compute", "transfer", "wait"):
+            ct.add_column(c, justify="right")
+        for r in rows:
+            cells = []
+            for k in ("compute_s", "transfer_s", "wait_s"):
+                m, pr_ = r.get(f"measured_{k}"), r[f"predicted_{k}"]
+                cells.append("-" if m is None else f"{m:.2f} / {pr_:.2f}" + (
+                    f" ({100 * (pr_ / m - 1):+.0f}%)" if m > 1e-3 else ""))
+            ct.add_row(r["model"], str(r["mnt"]), f"{r['cv']:g}", r["strategy"], *cells)
+        console.print(ct)
         errs = [abs(r["step_error"]) for r in rows]
         within = sum(e <= 0.15 for e in errs)
         console.print(f"step time within +-15%: {within} of {len(rows)} settings; mean |error| "
