@@ -87,9 +87,18 @@ def test_bench_then_report(tmp_path, capsys):
 
     out = tmp_path / "b.json"
     assert main(["bench", "--num-requests", "3", "--isl", "40", "--cv", "0,0.3", "--dist", "normal",
-                 "--strategies", "dep,dwdp", "--max-num-tokens", "32", "--out", str(out)]) == 0
+                 "--strategies", "dep,dwdp", "--max-num-tokens", "32", "--balance-tail", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert "torch" in data["machine"] and len(data["runs"]) == 2
+    for run in data["runs"]:  # --balance-tail: dwdp ranks end on equal steps, lockstep dep keeps MNT steps
+        assert run["spec"]["balance_tail"] is True
+        for rank in run["results"]["dwdp"]["ranks"]:
+            real = [t for t in rank["step_tokens"] if t]
+            total = sum(real)
+            assert len(real) == -(-total // 32) and max(real) - min(real) <= 1, real
+        for rank in run["results"]["dep"]["ranks"]:
+            real = [t for t in rank["step_tokens"] if t]
+            assert all(t == 32 for t in real[:-1]), real
     assert [r["spec"]["workload"]["cv"] for r in data["runs"]] == [0.0, 0.3]
     for run in data["runs"]:
         assert set(run["results"]) == {"dep", "dwdp"}
@@ -108,7 +117,7 @@ def test_bench_then_report(tmp_path, capsys):
     assert all(r.split(" | ")[4] == "1.00" for r in rows if r.split(" | ")[2] == "dep")
     assert main(["plan", "--validate", str(out), "--hardware", "h200"]) == 0
     table = capsys.readouterr().out
-    assert table.count("tiny-qwen3-moe") == 4 and "step time within" in table
+    assert table.count("tiny-qwen3-moe") == 8 and "step time within" in table  # steps, then components
     # The same file twice reads as two repetitions of each setting: one row per strategy.
     assert main(["report", "--reps", str(out), str(out)]) == 0
     reps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-qwen3-moe")]

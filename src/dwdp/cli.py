@@ -259,7 +259,7 @@ def cmd_bench(args) -> int:
     workload.validate(cfg.max_position_embeddings)
     spec = BenchSpec(model=args.model, num_layers=args.num_layers, dtype=args.dtype, device=device,
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
-                     workload=workload, max_num_tokens=mnts[0], skew=args.skew, local_experts=args.local_experts,
+                     workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
                      slice_mb=args.slice_mb, copy_streams=args.copy_streams, expert_dtype=args.expert_dtype,
                      dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
                      seed=args.seed,
@@ -325,7 +325,7 @@ def _plan_input(args):
                       cv=args.cv, assign=args.assign, seed=args.seed, rate=args.rate)
     wl.validate(cfg.max_position_embeddings)
     return PlanInput(cfg, hw, args.expert_dtype, args.group_size, args.local_experts, wl, args.max_num_tokens,
-                     args.skew, args.sliced)
+                     args.skew, args.sliced, args.balance_tail)
 
 
 def cmd_plan(args) -> int:
@@ -567,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--assign", default="round_robin", choices=["round_robin", "least_loaded"],
                    help="how requests are spread over ranks")
     w.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of a router bias (hot experts); 0: none")
+    w.add_argument("--balance-tail", action="store_true",
+                   help="dp/dwdp ranks: once every request has arrived, split the rest into equal steps (no short "
+                        "last step whose pulls cannot hide); lockstep dep keeps the plain scheduler")
     w.add_argument("--seed", type=int, default=0, help="workload and random-weight seed")
     bench.add_argument("--max-num-tokens", default="256", help="MNT per step; comma list = sweep (default 256)")
     bench.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP experts kept per rank")
@@ -605,6 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--requests-per-rank", type=int, default=8)
     plan.add_argument("--max-num-tokens", type=int, default=16384)
     plan.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of expert popularity")
+    plan.add_argument("--balance-tail", action="store_true", help="the engine's --balance-tail scheduling")
     plan.add_argument("--rate", type=float, default=None,
                       help="requests/s in total (Poisson): also predict TTFT percentiles per strategy")
     plan.add_argument("--sliced", action="store_true", help="model the sliced round-robin pull plan")

@@ -64,6 +64,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def step_budget(left: int, max_num_tokens: int, balance: bool) -> int:
+    """Tokens the next step may take: MNT, or with ``balance`` an equal share of the
+    ``left`` tokens over the fewest MNT-sized steps that hold them."""
+    if not balance or left <= max_num_tokens:
+        return max_num_tokens
+    steps = -(-left // max_num_tokens)
+    return -(-left // steps)
+
+
 class PrefillEngine:
     """One rank's prefill scheduler: a FIFO of admitted requests, stepped under an MNT budget.
 
@@ -71,13 +80,19 @@ class PrefillEngine:
     requests on a rank of its own).
     """
 
-    def __init__(self, model: MoECausalLM, max_num_tokens: int = 8192, keep_kv: bool = True):
+    def __init__(self, model: MoECausalLM, max_num_tokens: int = 8192, keep_kv: bool = True,
+                 balance_tail: bool = False):
+        """``balance_tail``: once no more requests are coming, split what is left into
+        equal steps (17K tokens at MNT 16K: two of 8.5K, not 16K + 1K). A DWDP step pulls
+        the same experts whatever its size, so a short last step cannot hide its pulls;
+        equal steps can."""
         if max_num_tokens < 1:
             raise ValueError("max_num_tokens must be at least 1")
         self.model = model
         self.device = next(model.parameters()).device
         self.max_num_tokens = max_num_tokens
         self.keep_kv = keep_kv
+        self.balance_tail = balance_tail
         self.steps: list[StepRecord] = []
         self.queue: deque[_Running] = deque()
 
@@ -102,9 +117,11 @@ class PrefillEngine:
     def has_work(self) -> bool:
         return bool(self.queue)
 
-    def plan_step(self, queue: deque[_Running]) -> list[tuple[_Running, int]]:
-        """Take up to MNT tokens from the head of the queue, splitting the last prompt."""
-        budget, plan = self.max_num_tokens, []
+    def plan_step(self, queue: deque[_Running], final: bool = False) -> list[tuple[_Running, int]]:
+        """Take up to MNT tokens from the head of the queue, splitting the last prompt
+        (``final``, with ``balance_tail``: an equal share of what is left, see __init__)."""
+        left = sum(len(run.req.prompt) - run.done for run in queue)
+        budget, plan = step_budget(left, self.max_num_tokens, final and self.balance_tail), []
         for run in queue:
             if budget == 0:
                 break
@@ -140,9 +157,10 @@ class PrefillEngine:
                 finished.append(run)
         return finished
 
-    def step(self, now) -> list[RequestResult]:
-        """Run one step over the queue; ``now()`` gives the run clock for TTFTs."""
-        plan = self.plan_step(self.queue)
+    def step(self, now, final: bool = False) -> list[RequestResult]:
+        """Run one step over the queue; ``now()`` gives the run clock for TTFTs;
+        ``final``: no more requests are coming."""
+        plan = self.plan_step(self.queue, final)
         results = []
         for run in self.run_step(plan):
             self.queue.remove(run)
@@ -253,7 +271,7 @@ class StepDriver:
             self.source.wait(now, self.idle_poll_s if self.sync is not None else None)
             return []
         if engine.has_work:
-            return engine.step(self.clock)
+            return engine.step(self.clock, final=not more)
         engine.dummy_step()
         return []
 

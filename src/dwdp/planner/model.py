@@ -286,12 +286,16 @@ def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, rout
 
 
 # ------------------------------------------------------------------------------ workloads
-def pack_steps(lengths: list[int], mnt: int) -> list[tuple[list[int], list[int]]]:
-    """The engine's scheduler, without a model: FIFO, MNT tokens per step, chunked prefill."""
+def pack_steps(lengths: list[int], mnt: int, balance_tail: bool = False) -> list[tuple[list[int], list[int]]]:
+    """The engine's scheduler, without a model: FIFO, MNT tokens per step, chunked prefill
+    (``balance_tail``: every request is there from the start, so equal steps throughout)."""
+    from ..engine import step_budget
+
     queue = [[n, 0] for n in lengths]  # [length, done]
     steps = []
     while queue:
-        budget, seqs, prefix = mnt, [], []
+        budget = step_budget(sum(n - d for n, d in queue), mnt, balance_tail)
+        seqs, prefix = [], []
         for item in queue:
             if budget == 0:
                 break
@@ -326,11 +330,14 @@ class Prediction:
 
 
 def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy: str, n: int,
-            local: int | None = None, skew: float = 0.0, sliced: bool = False, seed: int = 0) -> Prediction:
+            local: int | None = None, skew: float = 0.0, sliced: bool = False, seed: int = 0,
+            balance_tail: bool = False) -> Prediction:
     cfg = cm.cfg
     world = len(per_rank_lengths)
     tokens = sum(map(sum, per_rank_lengths))
-    plans = [pack_steps(ls, mnt) for ls in per_rank_lengths]
+    # As the bench does: lockstep DEP keeps the plain scheduler (equal steps would only
+    # lengthen the steps its group waits for).
+    plans = [pack_steps(ls, mnt, balance_tail and strategy != DEP) for ls in per_rank_lengths]
     if strategy == DP:
         steps = [[cm.step_dp(s, p) for s, p in plan] for plan in plans]
         busy = [sum(x) for x in steps]

@@ -31,6 +31,7 @@ class PlanInput:
     mnt: int = 16384
     skew: float = 0.0
     sliced: bool = False
+    balance_tail: bool = False
 
     def requests(self, world: int | None = None) -> list[list[tuple[float, int]]]:
         """Per rank, (arrival seconds, prompt length) of its requests, with the workload's
@@ -66,7 +67,8 @@ def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, e
 def predict_all(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, Prediction]:
     cm = CostModel(p.cfg, p.hw.for_model(p.cfg.name or ""), p.expert_dtype)
     lengths = p.lengths()
-    return {s: predict(cm, lengths, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced) for s in strategies}
+    return {s: predict(cm, lengths, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced,
+                       balance_tail=p.balance_tail) for s in strategies}
 
 
 def crossover(p: PlanInput, isls=(1024, 2048, 4096, 8192, 16384, 32768, 65536), batch_one: bool = False):
@@ -158,7 +160,7 @@ def validate(runs: list, hw: HardwareProfile) -> list[dict]:
             if res.skipped or res.diagnostic:
                 continue
             pr = predict(cm, lengths, run.mnt, strat, n, spec.get("local_experts"), spec.get("skew", 0.0),
-                         bool(spec.get("slice_mb")))
+                         bool(spec.get("slice_mb")), balance_tail=bool(spec.get("balance_tail")))
             # Compare the mean time of real (non-dummy) steps, and throughput.
             meas_steps = [s for r in res.ranks for s, t in zip(r.step_seconds, r.step_tokens) if t]
             pred_real = []
@@ -168,7 +170,7 @@ def validate(runs: list, hw: HardwareProfile) -> list[dict]:
             from .ttft import simulate_ttft
 
             tt = simulate_ttft(cm, arrivals, run.mnt, strat, n, spec.get("local_experts"), spec.get("skew", 0.0),
-                               bool(spec.get("slice_mb")))
+                               bool(spec.get("slice_mb")), balance_tail=bool(spec.get("balance_tail")))
             ttft = {}
             if res.ttft_s is not None:
                 ttft = {"measured_ttft_p50_s": res.ttft_s.p50, "predicted_ttft_p50_s": tt["ttft_p50_s"],
@@ -213,4 +215,5 @@ def predict_ttft(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, dict]:
 
     cm = CostModel(p.cfg, p.hw.for_model(p.cfg.name or ""), p.expert_dtype)
     reqs = p.requests()
-    return {s: simulate_ttft(cm, reqs, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced) for s in strategies}
+    return {s: simulate_ttft(cm, reqs, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced,
+                             balance_tail=p.balance_tail) for s in strategies}

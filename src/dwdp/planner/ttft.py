@@ -46,8 +46,12 @@ class _RankQueue:
     def idle(self) -> bool:
         return not self.queue and not self.pending
 
-    def pack(self, mnt: int) -> tuple[list[int], list[int], list[_Req]]:
-        budget, seqs, prefix, chunks = mnt, [], [], []
+    def pack(self, mnt: int, balance_tail: bool = False) -> tuple[list[int], list[int], list[_Req]]:
+        from ..engine import step_budget
+
+        left = sum(r.length - r.done for r in self.queue)
+        budget = step_budget(left, mnt, balance_tail and not self.pending)  # the engine's final steps
+        seqs, prefix, chunks = [], [], []
         for r in self.queue:
             if budget == 0:
                 break
@@ -67,7 +71,8 @@ class _RankQueue:
 
 
 def simulate_ttft(cm: CostModel, per_rank: list[list[tuple[float, int]]], mnt: int, strategy: str, n: int,
-                  local: int | None = None, skew: float = 0.0, sliced: bool = False, seed: int = 0) -> dict:
+                  local: int | None = None, skew: float = 0.0, sliced: bool = False, seed: int = 0,
+                  balance_tail: bool = False) -> dict:
     """``per_rank[r]``: (arrival seconds, prompt length) of rank r's requests."""
     ranks = [_RankQueue(reqs) for reqs in per_rank]
     ttft: list[float] = []
@@ -81,7 +86,7 @@ def simulate_ttft(cm: CostModel, per_rank: list[list[tuple[float, int]]], mnt: i
                 if not q.queue:
                     t = q.next_arrival()
                     continue
-                seqs, prefix, chunks = q.pack(mnt)
+                seqs, prefix, chunks = q.pack(mnt, balance_tail)
                 t += cm.step_dp(seqs, prefix) if pl is None else cm.step_dwdp(seqs, prefix, pl, sliced)[0]
                 q.finish(chunks, seqs, t, ttft)
             ends[i] = t
@@ -96,7 +101,7 @@ def simulate_ttft(cm: CostModel, per_rank: list[list[tuple[float, int]]], mnt: i
                 if not any(q.queue for q in group):
                     t = min(q.next_arrival() for q in group)
                     continue
-                packed = [q.pack(mnt) if q.queue else ([1], [0], []) for q in group]  # idle: dummy step
+                packed = [q.pack(mnt) if q.queue else ([1], [0], []) for q in group]  # plain scheduler (see predict)
                 t += dep_step(cm, [(s, p) for s, p, _ in packed], n, router)[0]
                 for q, (s, _, chunks) in zip(group, packed):
                     q.finish(chunks, s, t, ttft)
