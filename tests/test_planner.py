@@ -221,8 +221,47 @@ def test_ttft_simulation_follows_the_schedule():
 
 def test_plan_rate_prints_ttft(capsys):
     assert main(["plan", "--model", "qwen3-235b-a22b", "--num-layers", "2", "--requests-per-rank", "3",
-                 "--rate", "4"]) == 0
+                 "--rate", "4", "--frontier", "50,100", "--osl", "256"]) == 0
     out = capsys.readouterr().out
+    assert "disaggregated serving, ISL" in out and "dwdp-context" in out
     import re
 
     assert "TTFT at 4 requests/s" in out and len(re.findall(r"│\s*dwdp\s*│", out)) == 2  # both tables
+
+
+def test_decode_step_model_against_the_h200_measurement():
+    """Issue 19: the decode step model (bytes at HBM + a per-layer launch floor) against
+    decode steps measured on one H200 (benchmarks/results/2026-11-28_decode_h200): within
+    20% at every batch for both families (mean 9%)."""
+    from pathlib import Path
+
+    from dwdp.planner.serving import decode_step_s
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks/results/2026-11-28_decode_h200/decode.json"
+    errs = []
+    for case in json.loads(path.read_text())["cases"]:
+        cfg, _ = resolve_model(case["model"], case["layers"])
+        cm = CostModel(cfg, PROFILES["h200"], "bf16" if case["expert_dtype"] == "same" else "fp8")
+        for row in case["rows"]:
+            pred = decode_step_s(cm, row["batch"], row["context"])["step_s"]
+            errs.append(pred / row["step_s_median"] - 1)
+    assert len(errs) == 15 and max(map(abs, errs)) < 0.2 and np.mean(np.abs(errs)) < 0.12
+
+
+def test_serving_frontier_trades_user_speed_for_gpu_throughput():
+    from dwdp.planner.serving import decode_step_s, frontier, max_batch_in_memory
+
+    cm = _cm(layers=8)
+    steps = [decode_step_s(cm, b, 8192)["step_s"] for b in (1, 8, 64, 256)]
+    assert steps == sorted(steps)
+    pts = frontier(cm, 20_000.0, 8192, 1024, [30, 60, 120])
+    assert [p.batch for p in pts] == sorted((p.batch for p in pts), reverse=True)
+    assert all(p.tps_user >= u * 0.999 for p, u in zip(pts, [30, 60, 120]))
+    assert [p.tps_per_gpu for p in pts] == sorted((p.tps_per_gpu for p in pts), reverse=True)
+    for p in pts:  # output tokens over context + generation GPUs
+        assert p.tps_per_gpu == pytest.approx(p.gen_tps_per_gpu / (1 + p.ctx_gpus_per_gen_gpu))
+        assert p.ctx_gpus_per_gen_gpu == pytest.approx(p.gen_tps_per_gpu * 8192 / 1024 / 20_000.0)
+    # A faster context strategy needs fewer context GPUs: more output per GPU at the same speed.
+    fast = frontier(cm, 40_000.0, 8192, 1024, [60])[0]
+    assert fast.tps_per_gpu > pts[1].tps_per_gpu and fast.batch == pts[1].batch
+    assert all(p.batch <= max_batch_in_memory(cm, 8192, 1024, 1) for p in pts)

@@ -441,6 +441,26 @@ def cmd_plan(args) -> int:
     rows1, first1 = crossover(p, batch_one=True)
     console.print("batch 1 (one prompt per step, MNT = ISL): " + ", ".join(
         f"{isl // 1024}K {r:.2f}" for isl, _, _, r in rows1) + (f" -> dwdp wins from ISL {first1}" if first1 else ""))
+    if args.frontier:
+        from .planner.model import CostModel
+        from .planner.serving import frontier
+
+        cm = CostModel(p.cfg, hw.for_model(p.cfg.name or ""), p.expert_dtype)
+        targets = [float(u) for u in args.frontier.split(",")]
+        t = Table(title=f"disaggregated serving, ISL {p.workload.isl} / OSL {args.osl}, generation: {args.gen_gpus} "
+                        f"GPU(s) per decode group (attention DP + EP), context: dwdp vs dep")
+        for c in ("tok/s/user", "batch per gen GPU", "decode step ms", "gen tok/s/GPU", "ctx GPUs per gen GPU dwdp",
+                  "dep", "output tok/s/GPU dwdp-context", "dep-context", "dwdp / dep"):
+            t.add_column(c, justify="right")
+        fr = {name: frontier(cm, pr[name].tps_per_gpu, p.workload.isl, args.osl, targets, args.gen_gpus)
+              for name in (DWDP, DEP)}
+        for a, b in zip(fr[DWDP], fr[DEP]):
+            t.add_row(f"{a.tps_user:.0f}", str(a.batch), f"{a.step_s * 1e3:.1f}", f"{a.gen_tps_per_gpu:,.0f}",
+                      f"{a.ctx_gpus_per_gen_gpu:.2f}", f"{b.ctx_gpus_per_gen_gpu:.2f}", f"{a.tps_per_gpu:,.0f}",
+                      f"{b.tps_per_gpu:,.0f}", f"{a.tps_per_gpu / b.tps_per_gpu:.3f}")
+        console.print(t)
+        if len(fr[DWDP]) < len(targets):
+            console.print(f"{len(targets) - len(fr[DWDP])} target(s) out of reach even at batch 1")
     if args.rate:
         from .planner.plan import predict_ttft
 
@@ -609,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-num-tokens", type=int, default=16384)
     plan.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of expert popularity")
     plan.add_argument("--balance-tail", action="store_true", help="the engine's --balance-tail scheduling")
+    plan.add_argument("--frontier", default=None, metavar="U1,U2,...",
+                      help="target tokens/s per user: the disaggregated-serving frontier (context dwdp vs dep)")
+    plan.add_argument("--osl", type=int, default=1024, help="with --frontier: output tokens per request")
+    plan.add_argument("--gen-gpus", type=int, default=1, help="with --frontier: GPUs per decode (DEP) group")
     plan.add_argument("--rate", type=float, default=None,
                       help="requests/s in total (Poisson): also predict TTFT percentiles per strategy")
     plan.add_argument("--sliced", action="store_true", help="model the sliced round-robin pull plan")
