@@ -265,3 +265,16 @@ def test_serving_frontier_trades_user_speed_for_gpu_throughput():
     fast = frontier(cm, 40_000.0, 8192, 1024, [60])[0]
     assert fast.tps_per_gpu > pts[1].tps_per_gpu and fast.batch == pts[1].batch
     assert all(p.batch <= max_batch_in_memory(cm, 8192, 1024, 1) for p in pts)
+
+
+def test_paper_table(capsys):
+    """`dwdp plan --paper`: every expressible published number beside its prediction; the
+    MNT-32K throughput ratios (what the planner is for) within 5% of the paper's."""
+    from dwdp.planner.paper import paper_points
+
+    pts = paper_points()
+    assert len(pts) == 19 and all(p.predicted > 0 for p in pts)
+    mnt32 = [p for p in pts if p.setting.startswith("TPS/GPU DWDP / DEP, MNT 32K")]
+    assert len(mnt32) == 4 and all(abs(p.error) < 0.05 for p in mnt32)
+    assert main(["plan", "--paper"]) == 0
+    assert capsys.readouterr().out.count("\n| ") == 20  # header + 19 rows

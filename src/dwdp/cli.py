@@ -370,6 +370,17 @@ def cmd_plan(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
         return 0
+    if args.paper:
+        from .planner.paper import markdown, paper_points
+
+        pts = paper_points()
+        print(markdown(pts))
+        errs = [abs(p.error) for p in pts]
+        print(f"\n{sum(e <= 0.05 for e in errs)} of {len(pts)} within 5%, {sum(e <= 0.15 for e in errs)} within 15%")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump([dataclasses.asdict(p) | {"error": p.error} for p in pts], f, indent=1)
+        return 0
     p = _plan_input(args)
     hw = p.hw
     console.print(f"[bold]{p.cfg.name}[/bold] ({p.cfg.num_layers} layers, E={p.cfg.num_experts}, top-{p.cfg.top_k}), "
@@ -629,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--max-num-tokens", type=int, default=16384)
     plan.add_argument("--skew", type=float, default=0.0, help="Zipf exponent of expert popularity")
     plan.add_argument("--balance-tail", action="store_true", help="the engine's --balance-tail scheduling")
+    plan.add_argument("--paper", action="store_true",
+                      help="the model against every published DWDP number it can express (a markdown table)")
     plan.add_argument("--frontier", default=None, metavar="U1,U2,...",
                       help="target tokens/s per user: the disaggregated-serving frontier (context dwdp vs dep)")
     plan.add_argument("--osl", type=int, default=1024, help="with --frontier: output tokens per request")
