@@ -117,3 +117,34 @@ def test_dead_idle_rank_is_reported_without_a_request(ref_cases):
         _wait_for(lambda: not pool.procs[1].is_alive(), 15, "the surviving DEP rank reaped")
     finally:
         worker.stop(2)
+
+
+def test_expert_parallel_decode_group_serves_like_transformers(ref_cases):
+    """Issue 18: decode in a DEP group of 2 processes (5 of the 10 experts each, attention
+    data parallel, lockstep with dummy steps): greedy output equals transformers' generate,
+    requests spread over both ranks, a cancel frees its slot, every rank closes cleanly."""
+    from dwdp.serve.decode_pool import DecodePool, DecodePoolSpec
+    from dwdp.serve.worker import ServingWorker
+
+    ref = ref_cases["qwen3_moe"]
+    pool = DecodePool(DecodePoolSpec(str(ref.path), 2, max_batch=2, max_context=128), ready_timeout_s=120)
+    worker = ServingWorker(ref.ours(), max_num_tokens=24, max_batch=2, decode=pool)
+    worker.start()
+    try:
+        lengths = [6, 3, 8, 1, 5]
+        prompts = PROMPTS + [[7, 7, 7]]
+        reqs = [worker.submit(ServeRequest(p, SamplingParams(max_tokens=n, temperature=0)))
+                for p, n in zip(prompts, lengths)]
+        long = worker.submit(ServeRequest([1, 2, 3], SamplingParams(max_tokens=100)))
+        for p, n, r in zip(prompts, lengths, reqs):
+            tokens, reason = _collect(r)
+            want = ref.hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=0)[0, len(p):].tolist()
+            assert (tokens, reason) == (want, "length"), f"prompt {p[:3]}..."
+        assert min(pool.routed) >= 2  # attention data parallel: both ranks decoded requests
+        worker.cancel(long.id)
+        _wait_for(lambda: not pool.active, 30, "the cancelled request to leave the decode group")
+        assert sorted(pool.load) == [0, 0]
+    finally:
+        worker.stop(10)
+    assert all(not p.is_alive() for p in pool.procs) and all(p.exitcode == 0 for p in pool.procs)

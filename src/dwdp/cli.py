@@ -514,9 +514,17 @@ def cmd_serve(args) -> int:
     from .serve.server import load_tokenizer
 
     tokenizer = load_tokenizer(args.model)
+    decode = None
+    if args.decode_ranks:
+        from .serve.decode_pool import DecodePool, DecodePoolSpec
+
+        print(f"dwdp serve: starting an expert-parallel decode group of {args.decode_ranks} ranks", flush=True)
+        decode = DecodePool(DecodePoolSpec(args.model, args.decode_ranks, args.num_layers, args.dtype,
+                                           "cuda" if args.device.startswith("cuda") else "cpu", args.expert_dtype,
+                                           args.max_batch, args.max_context, args.seed))
     if args.prefill == "local":
         worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue,
-                               intra_op_threads=args.threads, max_context=args.max_context)
+                               intra_op_threads=args.threads, max_context=args.max_context, decode=decode)
     else:
         from .serve.disagg import DisaggServingWorker, PrefillPool, PrefillPoolSpec
 
@@ -525,7 +533,7 @@ def cmd_serve(args) -> int:
                                args.max_num_tokens, args.seed)
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
         worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue,
-                                     intra_op_threads=args.threads, max_context=args.max_context)
+                                     intra_op_threads=args.threads, max_context=args.max_context, decode=decode)
     api_key = args.api_key or os.environ.get("DWDP_API_KEY")
     server = Server(worker, cfg.name or args.model, args.host, args.port, tokenizer, api_key,
                     drain_timeout_s=args.drain_timeout)
@@ -678,6 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     srv.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
                      help="routed experts as stored (auto), in the model dtype (same) or FP8 (fp8)")
+    srv.add_argument("--decode-ranks", type=int, default=0,
+                     help="decode in an expert-parallel (DEP) group of this many processes (GPUs cuda:0..N-1 with "
+                          "--device cuda), each holding E/N experts; 0: decode in the server process")
     srv.add_argument("--max-context", type=int, default=None,
                      help="tokens per request (prompt + output) the decode KV cache holds; it is allocated once "
                           "for --max-batch requests (default: the model's context, at most 4096)")

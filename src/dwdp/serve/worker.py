@@ -93,7 +93,10 @@ class ServeRequest:
 class ServingWorker(threading.Thread):
     def __init__(self, model, max_num_tokens: int = 8192, max_batch: int = 64, max_queue: int = 256,
                  metrics: Metrics | None = None, handoff: KVHandoff | None = None, max_engine_faults: int = 3,
-                 intra_op_threads: int | None = 1, max_context: int | None = None):
+                 intra_op_threads: int | None = 1, max_context: int | None = None, decode=None):
+        """``decode``: the decode engine to use (default: a :class:`DecodeEngine` on the
+        model's device; :class:`~dwdp.serve.decode_pool.DecodePool` decodes in an
+        expert-parallel group of other processes)."""
         super().__init__(name="dwdp-serving", daemon=True)
         if intra_op_threads is not None and intra_op_threads < 1:
             raise ValueError("intra_op_threads must be >= 1 (or None: keep torch's setting)")
@@ -102,7 +105,7 @@ class ServingWorker(threading.Thread):
         self.model = model
         self.max_num_tokens = max_num_tokens
         self.prefill = PrefillEngine(model, max_num_tokens, keep_kv=True)
-        self.decode = DecodeEngine(model, max_batch, max_context)
+        self.decode = decode if decode is not None else DecodeEngine(model, max_batch, max_context)
         self.handoff = handoff or LocalKVHandoff(self.decode.device)
         self.max_queue = max_queue
         self.max_engine_faults = max_engine_faults
@@ -201,6 +204,8 @@ class ServingWorker(threading.Thread):
         if self.is_alive():
             self.join(timeout=10)
         self._fail_all(f"the server shut down before this request finished (drain timeout {drain_timeout_s:g} s)")
+        if hasattr(self.decode, "close"):  # a decode group in other processes
+            self.decode.close()
 
     # -- the loop ------------------------------------------------------------------------
     def _set_threads(self) -> None:
