@@ -125,6 +125,11 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
             n = min(workload.isl, mnt, cfg.max_position_embeddings)
             drive(PrefillEngine(model, mnt, keep_kv=False),
                   [Request(f"warmup{i}", [1] * n) for i in range(-(-mnt // n))])
+            # And short steps: a few rows per expert take other kernels (the decode-size
+            # grouped GEMM tiers), which would otherwise compile inside a timed tail step
+            # (a 95-token step took 452 ms on 2x H200 before this).
+            for short in (61, 200):
+                drive(PrefillEngine(model, mnt, keep_kv=False), [Request(f"warmup-short{short}", [1] * short)])
             warmed.add(mnt)
         if spec.ceilings and strategy.lockstep and ctx.device.type == "cuda" and "a2a" not in warmed:
             from ..ceilings import all_to_all_gbps

@@ -59,7 +59,9 @@ def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, 
     return q, s
 
 
-@triton.jit
+# The tile count varies with every step's rows: not a specialisation key (a short step
+# would otherwise compile a new variant inside a timed step).
+@triton.jit(do_not_specialize=["num_tiles_m"])
 def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
                         num_tiles_m, N, K, s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
