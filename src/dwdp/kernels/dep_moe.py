@@ -42,7 +42,7 @@ def scatter_rows(src: torch.Tensor, slot: torch.Tensor, dst: torch.Tensor) -> No
                                                   J=slot.shape[1], BLOCK_C=bc, num_warps=4)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # rows vary per step: one compiled variant
 def _gather_rows_kernel(src_ptr, idx_ptr, dst_ptr, M, C, s_src, s_dst, BLOCK_R: tl.constexpr,
                         BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)

@@ -23,7 +23,7 @@ from ..quant import FP8, FP8_MAX
 BLOCK = 128  # the scale block along K and N
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # rows vary per step: one compiled variant
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, s_xm, s_qm, s_sm, half,
                       SWIGLU: tl.constexpr, BLOCK_R: tl.constexpr, FMAX: tl.constexpr):
     # One program quantises BLOCK_R rows x 128 columns (optionally of silu(gate) * up first).
