@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import SlotKVCache
+from .kv_cache import SlotKVCache, cache_bytes_per_token
 from .models.transformer import LayerKV, MoECausalLM
 from .sampling import SampleStream, SamplingParams, batch_logprobs, make_stream, sample_batch
 
@@ -87,6 +87,12 @@ class DecodeEngine:
         self.max_batch = max_batch
         self.max_context = max_context or min(cfg.max_position_embeddings, DEFAULT_MAX_CONTEXT)
         dtype = model.model.embed_tokens.weight.dtype
+        need = (max_batch + 1) * self.max_context * cache_bytes_per_token(cfg, dtype)
+        if self.device.type == "cuda" and need > torch.cuda.mem_get_info(self.device)[0]:
+            raise ValueError(f"the decode KV cache ({max_batch} requests x {self.max_context} tokens = "
+                             f"{need / 2**30:.1f} GiB) does not fit the free GPU memory "
+                             f"({torch.cuda.mem_get_info(self.device)[0] / 2**30:.1f} GiB); lower --max-batch or "
+                             "--max-context")
         # One slot per running request, plus a scratch slot that padding rows write to.
         self.cache = SlotKVCache(cfg, max_batch + 1, self.max_context, dtype, self.device)
         self._scratch = max_batch
