@@ -460,8 +460,8 @@ def cmd_plan(args) -> int:
         targets = [float(u) for u in args.frontier.split(",")]
         t = Table(title=f"disaggregated serving, ISL {p.workload.isl} / OSL {args.osl}, generation: {args.gen_gpus} "
                         f"GPU(s) per decode group (attention DP + EP), context: dwdp vs dep")
-        for c in ("tok/s/user", "batch per gen GPU", "decode step ms", "gen tok/s/GPU", "ctx GPUs per gen GPU dwdp",
-                  "dep", "output tok/s/GPU dwdp-context", "dep-context", "dwdp / dep"):
+        for c in ("tok/s/user", "batch per gen GPU", "decode step ms", "gen tok/s/GPU", f"ctx GPUs per gen GPU {DWDP}",
+                  DEP, f"output tok/s/GPU {DWDP}-context", f"{DEP}-context", f"{DWDP} / {DEP}"):
             t.add_column(c, justify="right")
         fr = {name: frontier(cm, pr[name].tps_per_gpu, p.workload.isl, args.osl, targets, args.gen_gpus)
               for name in (DWDP, DEP)}
