@@ -59,6 +59,8 @@ def test_info_shows_experts_dominate_and_dwdp_memory(capsys):
     assert main(["info", "--model", "deepseek-v3", "-N", "4"]) == 0
     text = capsys.readouterr().out
     assert "671,026,404,352" in text and "97.4%" in text and "two prefetch slots" in text
+    # (512 latent + 64 rope) x 61 layers x 2 bytes = 70,272 B per token
+    assert "decode KV cache: 68.6 KiB per token" in text
 
 
 def test_bad_input_gives_a_clear_error(capsys):

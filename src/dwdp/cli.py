@@ -221,6 +221,11 @@ def cmd_info(args) -> int:
         t2.add_row("total", _fmt_bytes(mem.total))
         console.print(t2)
         console.print(f"bytes pulled per rank per MoE layer: {_fmt_bytes(pl.remote * pb.expert_numel * ebpp)}")
+    from .kv_cache import cache_bytes_per_token
+
+    kv = cache_bytes_per_token(cfg, DTYPES[args.dtype])
+    console.print(f"decode KV cache: {_fmt_bytes(kv)} per token (all layers{', compressed MLA latent' if cfg.is_mla else ''});"
+                  f" dwdp serve allocates --max-batch x --max-context of it, e.g. 64 x 8192 = {_fmt_bytes(64 * 8192 * kv)}")
     return 0
 
 
