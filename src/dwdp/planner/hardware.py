@@ -32,6 +32,10 @@ class HardwareProfile:
     attn_eff: float = 0.45
     hbm_eff: float = 1.0  # achievable fraction of hbm_gbps (1.0 when hbm_gbps is a measured copy rate)
     fp8_gemm_eff: float | None = None  # FP8 expert GEMMs' fraction of fp8_tflops (None: gemm_eff)
+    # Relative standard deviation of one layer's compute time across ranks doing identical
+    # work (clock, launch and memory-system noise): what lockstep ranks wait for at every
+    # layer even when their work is equal. See MEASURED_FRACTIONS["jitter"].
+    layer_jitter: float = 0.028
     fp4_tflops: float = 0.0  # 0: no FP4 tensor cores (FP4 experts run at the FP8 rate)
     interference: float = 0.07  # compute slowdown while pulls run (measured 1.06-1.15x on H200)
     layer_overhead_us: float = 300.0  # launches, host syncs, elementwise glue per layer
@@ -67,8 +71,13 @@ class HardwareProfile:
 #   grouped expert GEMMs 0.56 of the bf16 peak (552 TFLOP/s at 1,024 rows per expert; the
 #   large matmul reaches 0.81) and 0.34 of the FP8 peak (our block-scaled Triton kernel,
 #   680 TFLOP/s), causal attention 0.35 (varlen FlashAttention, GQA 16K:
-#   345 TFLOP/s; MLA reaches 0.27); ~0.3 ms of launches and host work per layer.
-MEASURED_FRACTIONS = dict(pull_single=0.87, pull_all=0.82, a2a=0.66, hbm=0.87, gemm=0.56, fp8_gemm=0.34, attn=0.35)
+#   345 TFLOP/s; MLA reaches 0.27); ~0.3 ms of launches and host work per layer;
+#   per-layer compute jitter across ranks 2.8%: identical 16K/32K dp steps on two ranks
+#   differ by 1.1% on average (48 pairs, CV-0 runs of 2026-11-28_strong_dep_h200x2), a step
+#   standard deviation of 0.98%, i.e. 2.8% per layer for 8 independent layers
+#   (planner.plan.layer_jitter_from_runs re-derives it).
+MEASURED_FRACTIONS = dict(pull_single=0.87, pull_all=0.82, a2a=0.66, hbm=0.87, gemm=0.56, fp8_gemm=0.34, attn=0.35,
+                          jitter=0.028)
 
 
 def _datasheet(name, bf16, fp8, hbm, link, mem, domain, note, fp4=0.0) -> HardwareProfile:
@@ -76,7 +85,7 @@ def _datasheet(name, bf16, fp8, hbm, link, mem, domain, note, fp4=0.0) -> Hardwa
     return HardwareProfile(name, f"datasheet ({note}); derated by fractions measured on H200", bf16, fp8, hbm, link,
                            f["pull_single"] * link, f["pull_all"] * link, f["a2a"] * link, 25.0, mem, domain,
                            gemm_eff=f["gemm"], attn_eff=f["attn"], hbm_eff=f["hbm"], fp4_tflops=fp4,
-                           fp8_gemm_eff=f["fp8_gemm"])
+                           fp8_gemm_eff=f["fp8_gemm"], layer_jitter=f["jitter"])
 
 
 PROFILES: dict[str, HardwareProfile] = {

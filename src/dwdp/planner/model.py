@@ -264,6 +264,17 @@ class DEPRouting:
         return float(np.mean(self.imbalance)) if self.imbalance else 1.0
 
 
+@functools.lru_cache(maxsize=256)
+def expected_max_normal(n: int) -> float:
+    """E[max of n independent standard normals] (0 for one)."""
+    if n <= 1:
+        return 0.0
+    x = np.linspace(-8, 8, 16001)
+    pdf = np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+    cdf = np.cumsum(pdf) * (x[1] - x[0])
+    return float(np.sum(x * n * pdf * cdf ** (n - 1)) * (x[1] - x[0]))
+
+
 def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, router: DEPRouting
              ) -> tuple[float, float, float]:
     """One lockstep DEP step of ``n`` ranks, rank i running (seq_lens, prefix_lens) ``per[i]``
@@ -278,10 +289,15 @@ def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, rout
         pairs = sum(w.tokens for w in works) * cfg.top_k
         loads = router.loads(pairs) if layer in moe else np.zeros(n)
         lt, a2a = cm.dep_layer(works, loads, n)
+        mine = [cm.dense_part(w) + (cm.experts_part(pairs / n, cfg.num_experts // n) if layer in moe else 0.0)
+                for w in works]  # each rank's own work, were the layer perfectly balanced
+        # Equal work still finishes at different times: the layer waits for the slowest
+        # draw of the ranks' compute jitter.
+        lt += cm.hw.layer_jitter * float(np.mean(mine)) * expected_max_normal(n)
         t += lt
         step_a2a += a2a
-        for i, w in enumerate(works):  # its own work, were the layer perfectly balanced
-            own[i] += cm.dense_part(w) + (cm.experts_part(pairs / n, cfg.num_experts // n) if layer in moe else 0.0)
+        for i, o in enumerate(mine):
+            own[i] += o
     return t, step_a2a, sum(t - step_a2a - o for o in own)
 
 
