@@ -148,3 +148,14 @@ def test_expert_parallel_decode_group_serves_like_transformers(ref_cases):
     finally:
         worker.stop(10)
     assert all(not p.is_alive() for p in pool.procs) and all(p.exitcode == 0 for p in pool.procs)
+
+
+def test_a_group_that_cannot_start_says_why():
+    """Both pools start through serve/rank_group.py: a rank that fails while starting ends
+    the start-up with its reason."""
+    from dwdp.serve.decode_pool import DecodePool, DecodePoolSpec
+
+    for make in (lambda: PrefillPool(PrefillPoolSpec("no-such-model", "dwdp", 2), ready_timeout_s=60),
+                 lambda: DecodePool(DecodePoolSpec("no-such-model", 2), ready_timeout_s=60)):
+        with pytest.raises(RuntimeError, match=r"(prefill|decode) rank \d failed to start: .*no-such-model"):
+            make()

@@ -17,9 +17,7 @@ the running requests fail with an error naming it; there is no restart yet.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import queue
-import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -27,6 +25,7 @@ import torch
 from ..decode import DecodeRequest, DecodeResult, _Active
 from ..parallel.rank import RankSpec
 from ..parallel.strategies import DEP
+from .rank_group import RankProcesses, leave_group, rank_process
 
 
 @dataclass
@@ -49,15 +48,11 @@ class DecodePoolSpec:
 
 
 def _decode_rank(rank: int, port: int, run_id: str, spec: DecodePoolSpec, inq, outq) -> None:
-    import torch.distributed as dist
-
     from ..decode import DecodeEngine
     from ..parallel.group import PeerWatchdog, init_dwdp_groups, lockstep_sync
-    from ..parallel.launch import setup_rank_process
     from ..parallel.rank import build_rank
 
-    setup_rank_process(rank, spec.world_size, port, run_id, cpu_share=spec.world_size + 1)
-    try:
+    with rank_process(rank, spec.world_size, port, run_id, outq):
         ctx = init_dwdp_groups(spec.world_size, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
         watchdog = PeerWatchdog(ctx, spec.peer_timeout_s) if spec.world_size > 1 else None
         dec_rank = build_rank(spec.rank_spec(), ctx)
@@ -112,36 +107,18 @@ def _decode_rank(rank: int, port: int, run_id: str, spec: DecodePoolSpec, inq, o
                     pass
             if watchdog is not None:
                 watchdog.check()
-        if watchdog is not None:
-            watchdog.stop()
-        dec_rank.close()
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:
-        outq.put(("error", rank, f"{type(e).__name__}: {e}"))
-        raise SystemExit(1)
+        leave_group(watchdog, dec_rank)
 
 
-class DecodePool:
+class DecodePool(RankProcesses):
     """The decode engine interface over a DEP generation group in other processes."""
 
     device = torch.device("cpu")  # where the server hands KV over (shared memory to the ranks)
 
     def __init__(self, spec: DecodePoolSpec, ready_timeout_s: float = 300.0):
-        if spec.world_size < 1:
-            raise ValueError("the decode group needs at least one rank")
-        from ..parallel.launch import LocalRendezvous
-
         self.spec = spec
-        ctx = mp.get_context("spawn")
-        self._rendezvous = LocalRendezvous(ready_timeout_s)
-        port, run_id = self._rendezvous.port, self._rendezvous.run_id
-        self.inqs = [ctx.Queue() for _ in range(spec.world_size)]
-        self.outq = ctx.Queue()
-        self.procs = [ctx.Process(target=_decode_rank, args=(r, port, run_id, spec, self.inqs[r], self.outq),
-                                  daemon=True) for r in range(spec.world_size)]
-        for p in self.procs:
-            p.start()
+        super().__init__(_decode_rank, spec, spec.world_size, "decode", ready_timeout_s)
+        self.max_context = min(self.ready.values())  # what every rank's cache slot holds
         self.active: list[_Active] = []
         self.waiting: list[_Active] = []  # (never used: a rank queues what it cannot admit yet)
         self.steps = 0
@@ -149,24 +126,6 @@ class DecodePool:
         self._by_id: dict = {}
         self.load = [0] * spec.world_size  # running requests per rank
         self.routed = [0] * spec.world_size  # requests sent to each rank, ever
-        ready, deadline = {}, time.monotonic() + ready_timeout_s
-        while len(ready) < spec.world_size:
-            try:
-                kind, rank, val = self.outq.get(timeout=0.5)
-            except queue.Empty:
-                if time.monotonic() > deadline or self.dead():
-                    self.close()
-                    raise RuntimeError(f"decode group did not start: {self.dead() or 'timed out'}")
-                continue
-            if kind == "error":
-                self.close()
-                raise RuntimeError(f"decode rank {rank} failed to start: {val}")
-            ready[rank] = val
-        self.max_context = min(ready.values())
-
-    def dead(self) -> str | None:
-        gone = [f"decode rank {r} exited (code {p.exitcode})" for r, p in enumerate(self.procs) if not p.is_alive()]
-        return "; ".join(gone) or None
 
     @property
     def has_work(self) -> bool:
@@ -239,13 +198,3 @@ class DecodePool:
         for a in gone:
             self._drop(a.req.id)
         return [DecodeResult(a.req.id, a.tokens, "error", a.itl, msg) for a in gone]
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        for q in self.inqs:
-            q.put(None)
-        deadline = time.monotonic() + timeout_s
-        for p in self.procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join()

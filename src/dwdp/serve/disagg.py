@@ -19,7 +19,6 @@ model is the whole model): the server keeps answering and ``/health`` reports
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from ..engine import PrefillEngine, Request
 from ..parallel.rank import RankSpec
 from ..parallel.strategies import DWDP, get_strategy
+from .rank_group import RankProcesses, leave_group, rank_process
 from .worker import ServeRequest, ServingWorker
 
 
@@ -84,16 +84,11 @@ class _Inbox:
 
 
 def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq, outq) -> None:
-    import torch.distributed as dist
-
     from ..engine import StepDriver
     from ..parallel.group import PeerWatchdog, init_dwdp_groups, lockstep_sync
-    from ..parallel.launch import setup_rank_process
     from ..parallel.rank import build_rank
 
-    # The server process decodes on the same machine: it counts as one more CPU user.
-    setup_rank_process(rank, spec.world_size, port, run_id, cpu_share=spec.world_size + 1)
-    try:
+    with rank_process(rank, spec.world_size, port, run_id, outq):
         strategy = get_strategy(spec.strategy)
         group = spec.world_size if strategy.grouped else 1
         ctx = init_dwdp_groups(group, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
@@ -116,53 +111,17 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
                                          r.prompt_len)))
             if watchdog is not None:
                 watchdog.check()
-        if watchdog is not None:
-            watchdog.stop()
-        prefill_rank.close()
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException as e:
-        outq.put(("error", rank, f"{type(e).__name__}: {e}"))
-        raise SystemExit(1)
+        leave_group(watchdog, prefill_rank)
 
 
-class PrefillPool:
+class PrefillPool(RankProcesses):
     def __init__(self, spec: PrefillPoolSpec, ready_timeout_s: float = 300.0):
-        if spec.world_size < 1:
-            raise ValueError("the prefill group needs at least one rank")
         self.spec = spec
-        ctx = mp.get_context("spawn")
-        from ..parallel.launch import LocalRendezvous
-
-        self._rendezvous = LocalRendezvous(ready_timeout_s)  # kept open while the group lives
-        port, run_id = self._rendezvous.port, self._rendezvous.run_id
-        self.inqs = [ctx.Queue() for _ in range(spec.world_size)]
-        self.outq = ctx.Queue()
-        self.procs = [ctx.Process(target=_prefill_rank, args=(r, port, run_id, spec, self.inqs[r], self.outq),
-                                  daemon=True) for r in range(spec.world_size)]
-        for p in self.procs:
-            p.start()
+        super().__init__(_prefill_rank, spec, spec.world_size, "prefill", ready_timeout_s)
         self.load = [0] * spec.world_size  # outstanding prompt tokens per rank
         self.exposed_wait_s = 0.0  # DWDP prefill: pull wait the steps could not hide, summed over ranks
         self.stats_reports = 0  # step-stats messages received (each adds to exposed_wait_s)
         self.where: dict[str, tuple[int, int]] = {}
-        ready, deadline = set(), time.monotonic() + ready_timeout_s
-        while len(ready) < spec.world_size:
-            try:
-                kind, rank, val = self.outq.get(timeout=0.5)
-            except queue.Empty:
-                if time.monotonic() > deadline or self.dead():
-                    self.close()
-                    raise RuntimeError(f"prefill group did not start: {self.dead() or 'timed out'}")
-                continue
-            if kind == "error":
-                self.close()
-                raise RuntimeError(f"prefill rank {rank} failed to start: {val}")
-            ready.add(rank)
-
-    def dead(self) -> str | None:
-        gone = [f"prefill rank {r} exited (code {p.exitcode})" for r, p in enumerate(self.procs) if not p.is_alive()]
-        return "; ".join(gone) or None
 
     def send(self, rid: str, prompt: list[int]) -> None:
         r = min(range(len(self.load)), key=lambda i: (self.load[i], i))
@@ -199,24 +158,6 @@ class PrefillPool:
     @property
     def outstanding(self) -> int:
         return len(self.where)
-
-    def kill(self) -> None:
-        """End every rank now (a broken group: survivors may be blocked on the dead peer)."""
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-        for p in self.procs:
-            p.join(timeout=10)
-
-    def close(self, timeout_s: float = 10.0) -> None:
-        for q in self.inqs:
-            q.put(None)
-        deadline = time.monotonic() + timeout_s
-        for p in self.procs:
-            p.join(timeout=max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join()
 
 
 class DisaggServingWorker(ServingWorker):
