@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
+from ..engine import step_budget
 from ..flops import attention_proj_params
 from ..parallel.placement import Placement
 from ..parallel.strategies import DEP, DP, DWDP
@@ -305,8 +306,6 @@ def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, rout
 def pack_steps(lengths: list[int], mnt: int, balance_tail: bool = False) -> list[tuple[list[int], list[int]]]:
     """The engine's scheduler, without a model: FIFO, MNT tokens per step, chunked prefill
     (``balance_tail``: every request is there from the start, so equal steps throughout)."""
-    from ..engine import step_budget
-
     queue = [[n, 0] for n in lengths]  # [length, done]
     steps = []
     while queue:

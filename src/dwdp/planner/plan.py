@@ -16,6 +16,7 @@ from ..parallel.strategies import DEP, DP, DWDP
 from ..workload import WorkloadSpec, assign, generate
 from .hardware import HardwareProfile
 from .model import EXPERT_BYTES, CostModel, Prediction, predict
+from .ttft import simulate_ttft
 
 GiB = 2**30
 
@@ -167,8 +168,6 @@ def validate(runs: list, hw: HardwareProfile) -> list[dict]:
             for rk, steps in enumerate(pr.step_s):
                 real = sum(1 for t in res.ranks[rk].step_tokens if t)
                 pred_real += steps[:real]
-            from .ttft import simulate_ttft
-
             tt = simulate_ttft(cm, arrivals, run.mnt, strat, n, spec.get("local_experts"), spec.get("skew", 0.0),
                                bool(spec.get("slice_mb")), balance_tail=bool(spec.get("balance_tail")))
             ttft = {}
@@ -211,8 +210,6 @@ def _components(pr: Prediction, res, strat: str, n: int, moe_layers: int) -> dic
 
 def predict_ttft(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, dict]:
     """TTFT percentiles per strategy for the workload's arrivals (see :mod:`.ttft`)."""
-    from .ttft import simulate_ttft
-
     cm = CostModel(p.cfg, p.hw.for_model(p.cfg.name or ""), p.expert_dtype)
     reqs = p.requests()
     return {s: simulate_ttft(cm, reqs, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced,

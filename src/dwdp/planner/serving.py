@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from ..info import param_breakdown
 from ..kv_cache import cache_bytes_per_token
 from .model import CostModel, expected_distinct
 
@@ -30,8 +33,6 @@ DECODE_LAYER_FLOOR_US = 265.0  # H200, CUDA graph, batch 1: (3.30 ms - 1.18 ms b
 def _non_expert_bytes_read(cfg) -> float:
     """Non-expert weights a decode step reads (bf16): all but the embedding table, of
     which only the batch's rows are touched (a tied lm_head is read in full as the head)."""
-    from ..info import param_breakdown
-
     table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
     return (param_breakdown(cfg).non_expert - table) * 2
 
@@ -44,7 +45,7 @@ def decode_step_s(cm: CostModel, batch: int, context: int, gen_gpus: int = 1,
     held = -(-cfg.num_experts // gen_gpus)
     picks = batch * gen_gpus * cfg.top_k * held / cfg.num_experts  # this GPU's share of the group's choices
     experts = expected_distinct(held, picks) * cm.expert_bytes * len(cfg.moe_layers)
-    kv = batch * context * cache_bytes_per_token(cfg, _bf16())
+    kv = batch * context * cache_bytes_per_token(cfg, torch.bfloat16)
     rate = hw.hbm_eff * hw.hbm_gbps * 1e9
     # Attention reads the KV once for all query heads of a KV head, but absorbed MLA does
     # (latent + rope + latent) x 128 heads of FLOPs per cached token: compute-bound at batch.
@@ -56,12 +57,6 @@ def decode_step_s(cm: CostModel, batch: int, context: int, gen_gpus: int = 1,
     t = (nonexp + experts) / rate + attn + floor + a2a
     return {"step_s": t, "bytes": nonexp + experts + kv, "floor_s": floor, "a2a_s": a2a, "kv_bytes": kv,
             "attention_s": attn}
-
-
-def _bf16():
-    import torch
-
-    return torch.bfloat16
 
 
 @dataclass
@@ -77,13 +72,11 @@ class FrontierPoint:
 def max_batch_in_memory(cm: CostModel, isl: int, osl: int, gen_gpus: int) -> int:
     """Sequences of ISL + OSL tokens one generation GPU can hold next to its weights
     (non-expert weights + E/G experts per MoE layer), within 92% of its memory."""
-    from ..info import param_breakdown
-
     cfg = cm.cfg
     pb = param_breakdown(cfg)
     weights = pb.non_expert * 2 + -(-cfg.num_experts // gen_gpus) * len(cfg.moe_layers) * cm.expert_bytes
     free = 0.92 * cm.hw.memory_gib * 2**30 - weights
-    return max(0, int(free // ((isl + osl) * cache_bytes_per_token(cfg, _bf16()))))
+    return max(0, int(free // ((isl + osl) * cache_bytes_per_token(cfg, torch.bfloat16))))
 
 
 def frontier(cm: CostModel, ctx_tps_per_gpu: float, isl: int, osl: int, targets: list[float],

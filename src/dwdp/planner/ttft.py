@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..engine import step_budget
 from ..parallel.placement import Placement
 from ..parallel.strategies import DEP, DP, DWDP
 from .model import CostModel, DEPRouting, dep_step
@@ -47,8 +48,6 @@ class _RankQueue:
         return not self.queue and not self.pending
 
     def pack(self, mnt: int, balance_tail: bool = False) -> tuple[list[int], list[int], list[_Req]]:
-        from ..engine import step_budget
-
         left = sum(r.length - r.done for r in self.queue)
         budget = step_budget(left, mnt, balance_tail and not self.pending)  # the engine's final steps
         seqs, prefix, chunks = [], [], []
