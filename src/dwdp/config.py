@@ -104,6 +104,11 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
 
     @property
+    def kv_cache_width(self) -> int:
+        """Elements one token caches per layer: GQA keys + values, MLA latent + roped key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim if self.is_mla else 2 * self.num_kv_heads * self.head_dim
+
+    @property
     def rope_dim(self) -> int:
         return self.qk_rope_head_dim if self.is_mla else self.head_dim
 

@@ -24,8 +24,7 @@ from .models.transformer import LayerKV
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Bytes one token occupies across all layers."""
-    width = cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.is_mla else 2 * cfg.num_kv_heads * cfg.head_dim
-    return width * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
+    return cfg.kv_cache_width * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
 
 
 class SlotKVCache:

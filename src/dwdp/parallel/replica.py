@@ -25,7 +25,7 @@ def activation_bytes(cfg: ModelConfig, max_num_tokens: int, bytes_per_elem: int)
     T, H, K, inter = max_num_tokens, cfg.hidden_size, max(cfg.top_k, 1), cfg.moe_intermediate_size
     moe = T * K * (2 * H + 3 * inter)
     qkv = T * (cfg.num_heads * (cfg.qk_head_dim + (cfg.v_head_dim if cfg.is_mla else cfg.head_dim)) + 2 * H)
-    kv = T * cfg.num_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim if cfg.is_mla else 2 * cfg.num_kv_heads * cfg.head_dim)
+    kv = T * cfg.num_layers * cfg.kv_cache_width
     return int((moe + qkv + kv + 4 * T * H) * bytes_per_elem + T * cfg.num_experts * 4 * 2)
 
 
