@@ -15,6 +15,7 @@ from dwdp.checkpoint import load_checkpoint
 from dwdp.models import build_model, init_random
 from dwdp.parallel.group import PeerFailure, PeerWatchdog, check_agreement, init_dwdp_groups
 from dwdp.parallel.hooks import NO_HOOKS, RuntimeHooks
+from dwdp.parallel.pacing import PullRates
 from dwdp.parallel.rank import RankSpec, build_rank
 from dwdp.presets import resolve_model
 
@@ -40,11 +41,13 @@ class StressHooks(RuntimeHooks):
 
 
 def build_dwdp_rank(ctx, model_spec: str, local: int | None, hooks: RuntimeHooks = NO_HOOKS,
-                    slice_bytes: int | None = None):
+                    slice_bytes: int | None = None, pacing: str = "off"):
     """The same build_rank every entry point uses, at fp32 on CPU."""
     spec = RankSpec(model=model_spec, strategy="dwdp", group_size=ctx.group_size, local_experts=local,
-                    slice_mb=slice_bytes / 2**20 if slice_bytes else None, peer_timeout_s=30.0)
+                    slice_mb=slice_bytes / 2**20 if slice_bytes else None, pull_pacing=pacing, peer_timeout_s=30.0)
     rank = build_rank(spec, ctx, hooks)
+    if pacing == "jit":  # tiny steps: learn from every step, and cut pulls into several slices
+        rank.runtime.rates = PullRates(min_tokens=1, slice_bytes=4096)
     return rank.model, rank.runtime
 
 
@@ -63,7 +66,7 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
     """For each (model, L) case: build a DWDP rank, run every batch as one step, return logits.
 
     opts: copy_delay_ms / compute_delay_ms (random sleeps up to that), skip_raw_wait, slice_bytes,
-    count_collectives (return how many torch.distributed calls the steps made).
+    pacing ("jit": paced pulls), count_collectives (return how many torch.distributed calls the steps made).
     """
     opts = opts or {}
     torch.set_num_threads(1)
@@ -76,7 +79,7 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
         for spec, local in cases:
             hooks = StressHooks(rng, opts.get("copy_delay_ms", 0.0), opts.get("compute_delay_ms", 0.0),
                                 opts.get("skip_raw_wait", False))
-            model, rt = build_dwdp_rank(ctx, spec, local, hooks, opts.get("slice_bytes"))
+            model, rt = build_dwdp_rank(ctx, spec, local, hooks, opts.get("slice_bytes"), opts.get("pacing", "off"))
             originals = {}
             if opts.get("count_collectives"):
                 for name in COLLECTIVES:
@@ -93,7 +96,9 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
             finally:
                 for name, fn in originals.items():
                     setattr(dist, name, fn)
-            out.append({"logits": logits, "stats": [(s.exposed_wait_s, s.pulled_bytes) for s in rt.step_stats]})
+            out.append({"logits": logits, "stats": [(s.exposed_wait_s, s.pulled_bytes) for s in rt.step_stats],
+                        "paced_pulls": [s.paced_pulls for s in rt.step_stats],
+                        "break_even_tokens": rt.break_even_tokens()})
             rt.close()
     finally:
         wd.stop()

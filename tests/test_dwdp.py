@@ -28,11 +28,11 @@ def models(ref_cases):
     return {"qwen3": str(ref_cases["qwen3_moe"].path), "dsv3": str(ref_cases["deepseek_v3"].path)}
 
 
-def _reference(spec):
+def _reference(spec, batches=BATCHES):
     n = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as the ranks run: same reduction order, bitwise comparable
     try:
-        return [t.numpy() for t in reference_logits(spec, BATCHES)]
+        return [t.numpy() for t in reference_logits(spec, batches)]
     finally:
         torch.set_num_threads(n)
 
@@ -86,6 +86,24 @@ def test_three_ranks_per_peer_parts_and_sliced_plans_under_random_delays(models,
         for res in ranks:
             for got, want in zip(res["cases"][c]["logits"], ref):
                 assert np.array_equal(got, want)
+
+
+def test_paced_pulls_keep_outputs_identical(models):
+    """Just-in-time pacing: after the first step has measured the compute window and the
+    pull rate, later steps issue their pulls in slices with idle gaps; the outputs stay
+    bitwise those of the reference, and the same rates give a break-even step size."""
+    cases = [(models["qwen3"], None), (models["dsv3"], 6)]
+    batches = BATCHES + BATCHES
+    ranks = spawn_local(logits_worker, 2, (2, cases, batches, {"pacing": "jit", "compute_delay_ms": 5}),
+                        timeout_s=300)
+    for c, (spec, _) in enumerate(cases):
+        ref = _reference(spec, batches)
+        for res in ranks:
+            for got, want in zip(res["cases"][c]["logits"], ref):
+                assert np.array_equal(got, want)
+            paced = res["cases"][c]["paced_pulls"]
+            assert paced[0] == 0 and sum(paced[1:]) > 0, paced  # the first step only measures
+            assert res["cases"][c]["break_even_tokens"] >= 1
 
 
 def test_removing_the_read_after_write_wait_breaks_outputs(models):

@@ -51,6 +51,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="routed experts: auto = as the checkpoint ships them (FP8 releases stay FP8), same = the "
                         "model dtype, fp8 = e4m3 with 128x128 block scales (quantised at load)")
     d.add_argument("--copy-streams", type=int, default=1, help="DWDP copy streams per rank (default 1)")
+    d.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
+                   help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE "
+                        "(less HBM taken from the compute it overlaps; rates measured on the run's own steps)")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
     d.add_argument("--local-experts", "-L", type=int, default=None,
                    help="experts each rank keeps per MoE layer (default: the smallest valid L)")
@@ -79,7 +82,8 @@ def _rank_spec(args, strategy: str = DP, group_size: int = 1):
                     device="cuda" if args.device.startswith("cuda") else "cpu", group_size=group_size,
                     local_experts=getattr(args, "local_experts", None),
                     expert_dtype=getattr(args, "expert_dtype", "auto"), slice_mb=getattr(args, "slice_mb", None),
-                    copy_streams=getattr(args, "copy_streams", 1), seed=args.seed,
+                    copy_streams=getattr(args, "copy_streams", 1), pull_pacing=getattr(args, "pull_pacing", "off"),
+                    seed=args.seed,
                     max_num_tokens=args.max_num_tokens, peer_timeout_s=getattr(args, "peer_timeout", 60.0))
 
 
@@ -265,7 +269,8 @@ def cmd_bench(args) -> int:
     spec = BenchSpec(model=args.model, num_layers=args.num_layers, dtype=args.dtype, device=device,
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
-                     slice_mb=args.slice_mb, copy_streams=args.copy_streams, expert_dtype=args.expert_dtype,
+                     slice_mb=args.slice_mb, copy_streams=args.copy_streams, pull_pacing=args.pull_pacing,
+                     expert_dtype=args.expert_dtype,
                      dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
                      seed=args.seed,
                      peer_timeout_s=args.peer_timeout,
@@ -620,6 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--slice-mb", type=float, default=None, help="DWDP pull slices of this many MiB")
     bench.add_argument("--copy-streams", type=int, default=1,
                        help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
+    bench.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
+                       help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE")
     bench.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
                        help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
     bench.add_argument("--dep-transport", default="nccl", choices=["nccl", "symm"],

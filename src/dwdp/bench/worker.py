@@ -32,6 +32,7 @@ class BenchSpec:
     local_experts: int | None = None  # DWDP L
     slice_mb: float | None = None  # DWDP sliced pulls
     copy_streams: int = 1  # DWDP copy streams per rank
+    pull_pacing: str = "off"  # DWDP: "jit" stretches each pull to end just before its MoE
     dep_transport: str = "nccl"  # DEP: nccl or symm (NVSHMEM one-sided)
     dep_overlap: bool = False  # DEP two-batch overlap
     dep_wire: str = "auto"  # DEP dispatch row format
@@ -52,6 +53,7 @@ class BenchSpec:
         return RankSpec(model=self.model, strategy=strategy, num_layers=self.num_layers, dtype=self.dtype,
                         device=self.device, group_size=self.n, local_experts=self.local_experts,
                         expert_dtype=self.expert_dtype, slice_mb=self.slice_mb, copy_streams=self.copy_streams,
+                        pull_pacing=self.pull_pacing,
                         dep_transport=self.dep_transport, dep_overlap=self.dep_overlap, dep_wire=self.dep_wire,
                         seed=self.seed, max_num_tokens=max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 

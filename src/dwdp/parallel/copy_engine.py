@@ -7,7 +7,9 @@ One interface, two implementations chosen by device:
 
 Both give the same guarantees: copies of one submission run after the signals it
 waits for, in submission order, and ``compute_wait(signal)`` makes subsequent compute
-observe the finished copies.
+observe the finished copies. A submission may be paced (:class:`~dwdp.parallel.pacing.Pace`):
+cut into slices with an idle gap on the copy queue after each, so it takes longer and
+draws less bandwidth at any moment. ``mark()`` timestamps the compute queue.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from .pacing import Pace, slice_copies
+
 
 class TransportTimeout(RuntimeError):
     """A copy or a wait did not finish within the configured time."""
@@ -31,7 +35,14 @@ Copy = tuple[torch.Tensor, torch.Tensor]  # (dst, src)
 class CopyEngine:
     """Abstract interface; see the module docstring."""
 
-    def submit(self, copies: list[Copy], wait_for=None, nbytes: int = 0):
+    def submit(self, copies: list[Copy], wait_for=None, nbytes: int = 0, pace: Pace | None = None):
+        raise NotImplementedError
+
+    def mark(self):
+        """A timestamp of the compute queue at this point (read after the step)."""
+        raise NotImplementedError
+
+    def seconds_between(self, a, b) -> float:
         raise NotImplementedError
 
     def compute_signal(self):
@@ -70,24 +81,32 @@ class CpuCopyEngine(CopyEngine):
             item = self._q.get()
             if item is None:
                 return
-            copies, wait_for, sig = item
+            copies, wait_for, sig, pace = item
             try:
                 if wait_for is not None and not wait_for.event.wait(self.timeout_s):
                     raise TransportTimeout(f"copy waited over {self.timeout_s:.0f} s for its slot to be released")
                 sig.start = time.perf_counter()
-                for dst, src in copies:
+                for dst, src in (slice_copies(copies, pace.slice_bytes) if pace else copies):
                     if self.copy_delay is not None:
                         time.sleep(self.copy_delay())
                     dst.copy_(src)
+                    if pace:
+                        time.sleep(pace.gap_s)
                 sig.end = time.perf_counter()
             except BaseException as e:  # surfaced to whoever waits on this signal
                 sig.error = e
             sig.event.set()
 
-    def submit(self, copies, wait_for=None, nbytes: int = 0):
+    def submit(self, copies, wait_for=None, nbytes: int = 0, pace: Pace | None = None):
         sig = _CpuSignal(nbytes=nbytes)
-        self._q.put((copies, wait_for, sig))
+        self._q.put((copies, wait_for, sig, pace))
         return sig
+
+    def mark(self) -> float:
+        return time.perf_counter()  # CPU compute is synchronous: now is where it stands
+
+    def seconds_between(self, a: float, b: float) -> float:
+        return b - a
 
     def compute_signal(self):
         sig = _CpuSignal()
@@ -136,8 +155,22 @@ class CudaCopyEngine(CopyEngine):
         self.stream = self.streams[0]
         self.timing = timing
         self.wait_timers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._cycles_per_s: float | None = None
 
-    def submit(self, copies, wait_for=None, nbytes: int = 0):
+    def sleep_cycles_per_s(self) -> float:
+        """Clock rate of ``torch.cuda._sleep`` (what paced gaps are made of), measured once."""
+        if self._cycles_per_s is None:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(self.stream):
+                torch.cuda._sleep(1_000)  # load the kernel outside the timed span
+                a.record(self.stream)
+                torch.cuda._sleep(20_000_000)
+                b.record(self.stream)
+            b.synchronize()
+            self._cycles_per_s = 20_000_000 / (a.elapsed_time(b) / 1e3)
+        return self._cycles_per_s
+
+    def submit(self, copies, wait_for=None, nbytes: int = 0, pace: Pace | None = None):
         main = self.stream
         with torch.cuda.stream(main):
             if wait_for is not None:
@@ -147,7 +180,13 @@ class CudaCopyEngine(CopyEngine):
                 start.record(main)
             if self.delay_cycles:
                 torch.cuda._sleep(self.delay_cycles)
-            if len(self.streams) == 1:
+            if pace is not None:  # slices on one stream, an idle gap (a one-thread spin) after each
+                gap = int(pace.gap_s * self.sleep_cycles_per_s())
+                for dst, src in slice_copies(copies, pace.slice_bytes):
+                    dst.copy_(src, non_blocking=True)
+                    if gap > 0:
+                        torch.cuda._sleep(gap)
+            elif len(self.streams) == 1:
                 for dst, src in copies:
                     dst.copy_(src, non_blocking=True)
             else:
@@ -172,6 +211,14 @@ class CudaCopyEngine(CopyEngine):
         ev.record(torch.cuda.current_stream(self.device))
         return _CudaSignal(ev)
 
+    def mark(self) -> "torch.cuda.Event":
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(self.device))
+        return ev
+
+    def seconds_between(self, a, b) -> float:
+        return a.elapsed_time(b) / 1e3
+
     def compute_wait(self, signal) -> float:
         cur = torch.cuda.current_stream(self.device)
         if self.timing:
@@ -190,11 +237,16 @@ class CudaCopyEngine(CopyEngine):
             return float("nan")
         return signal.start.elapsed_time(signal.done) / 1e3
 
+    def drain_waits(self) -> list[float]:
+        """Device seconds the compute stream stalled at each ``compute_wait`` since the last
+        drain, in call order (syncs)."""
+        if not self.wait_timers:
+            return []
+        self.wait_timers[-1][1].synchronize()
+        waits = [a.elapsed_time(b) / 1e3 for a, b in self.wait_timers]
+        self.wait_timers.clear()
+        return waits
+
     def drain_wait_seconds(self) -> float:
         """Device time the compute stream stalled on pulls since the last drain (syncs)."""
-        if not self.wait_timers:
-            return 0.0
-        self.wait_timers[-1][1].synchronize()
-        total = sum(a.elapsed_time(b) for a, b in self.wait_timers) / 1e3
-        self.wait_timers.clear()
-        return total
+        return sum(self.drain_waits())

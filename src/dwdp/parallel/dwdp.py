@@ -13,7 +13,9 @@ each MoE block's ``experts`` for a :class:`DWDPExperts` that
 3. releases its slot for the refill two layers later.
 
 A forward pre-hook primes the first MoE layer at every step start. No collective is
-issued during steps.
+issued during steps. The runtime times each MoE layer's compute window and its pulls
+(:class:`~dwdp.parallel.pacing.PullRates`): with ``pacing="jit"`` a pull is stretched to
+end just before its layer needs it; the same rates give the break-even step size.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ..models.transformer import MoECausalLM
 from .copy_engine import CpuCopyEngine, CudaCopyEngine
 from .group import DWDPContext
 from .hooks import NO_HOOKS, RuntimeHooks
+from .pacing import PACINGS, Pace, PullRates
 from .placement import Placement
 from .prefetch import SlotPrefetcher
 from .transport import PeerMemory
@@ -76,7 +79,8 @@ class ExpertRows:
 class DWDPStepStats:
     exposed_wait_s: float
     pulled_bytes: int
-    pull_seconds: list[float] = field(default_factory=list)  # per MoE layer
+    pull_seconds: list[float] = field(default_factory=list)  # per pull part, in issue order
+    paced_pulls: int = 0  # pull parts issued paced (just in time)
 
     @property
     def pull_gbps(self) -> float:
@@ -96,8 +100,9 @@ class DWDPExperts(nn.Module):
     def forward(self, x, topk_ids, topk_weights):
         rt = self.runtime
         m = self.moe_index
+        rt.moe_start(x.shape[0])
         if m + 1 < rt.prefetcher.num_layers:
-            rt.prefetcher.prefetch(m + 1)  # overlaps this MoE and the next attention
+            rt.prefetcher.prefetch(m + 1, rt.pace(x.shape[0]))  # overlaps this MoE and the next attention
         segments = [self.local]
         remote = rt.remote_segments_for_slot[m % 2] if rt.remote_segments_for_slot else []
         part_of = {id(seg): part for seg, part in remote}
@@ -125,7 +130,10 @@ class DWDPExperts(nn.Module):
 class DWDPRuntime:
     def __init__(self, model: MoECausalLM, ctx: DWDPContext, placement: Placement, peer_memory: PeerMemory,
                  slots: list[torch.Tensor], engine, layer_parts, rows: ExpertRows | None = None,
-                 remote_parts: list[list[range]] | None = None, hooks: RuntimeHooks = NO_HOOKS):
+                 remote_parts: list[list[range]] | None = None, hooks: RuntimeHooks = NO_HOOKS,
+                 pacing: str = "off", rates: PullRates | None = None):
+        if pacing not in PACINGS:
+            raise ValueError(f"pull pacing {pacing!r}: choose from {', '.join(PACINGS)}")
         cfg = model.config
         self.rows = rows or ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, peer_memory.local.dtype)
         self.model, self.ctx, self.placement = model, ctx, placement
@@ -149,12 +157,32 @@ class DWDPRuntime:
                     segs.append((ExpertSegment(r.start, *[v[s0:s0 + len(r)] if v is not None else None
                                                           for v in views]), part))
             self.remote_segments_for_slot.append(segs)
+        self.pacing, self.rates = pacing, rates or PullRates()
+        # Bytes one MoE layer pulls (every layer pulls the same).
+        self.layer_bytes = sum(d.numel() * d.element_size() for part in (layer_parts[0] if layer_parts else [])
+                               for d, _ in part)
+        self._marks: list = []  # compute-queue timestamp at each MoE start of this step
+        self._tokens = 0
         self.step_stats: list[DWDPStepStats] = []
         self._hooks = [model.register_forward_pre_hook(self._begin_step),
                        model.register_forward_hook(self._end_step)]
 
+    def moe_start(self, tokens: int) -> None:
+        self._marks.append(self.engine.mark())
+        self._tokens = tokens
+
+    def pace(self, tokens: int) -> Pace | None:
+        """How to issue the next layer's pull: just in time (``pacing="jit"``, once the
+        rates are measured) or at full rate (None)."""
+        return self.rates.pace(tokens, self.layer_bytes) if self.pacing == "jit" else None
+
+    def break_even_tokens(self) -> int | None:
+        """The smallest step whose layer compute hides a full-rate pull (None: not yet measured)."""
+        return self.rates.break_even_tokens(self.layer_bytes) if self.layer_bytes else None
+
     def _begin_step(self, module, args):
         self.hooks.step_begin()
+        self._marks = []
         if self.prefetcher.num_layers and self.remote_segments_for_slot:
             self.prefetcher.new_step()
             self.prefetcher.prefetch(0)
@@ -162,19 +190,33 @@ class DWDPRuntime:
     def _end_step(self, module, args, output):
         self.hooks.step_end()
         st = self.prefetcher.take_stats()
-        wait = st.exposed_wait_s
+        waits = [w for _, w in st.waits]
         if isinstance(self.engine, CudaCopyEngine):
             # Reading the timers syncs with this step's copies; a step ends in a sync anyway.
             for p in st.pulls:
                 p.signal.done.synchronize()
-            wait += self.engine.drain_wait_seconds()
+            device = self.engine.drain_waits()
+            if len(device) == len(waits):
+                waits = [h + d for h, d in zip(waits, device)]
+            else:  # a hook waited outside the prefetcher: totals stay right, per layer unknown
+                waits = [sum(waits) + sum(device)]
             secs = [self.engine.copy_seconds(p.signal) for p in st.pulls]
         else:
             secs = []
             for p in st.pulls:
                 self.engine.compute_wait(p.signal)
                 secs.append(self.engine.copy_seconds(p.signal))
-        self.step_stats.append(DWDPStepStats(wait, sum(p.nbytes for p in st.pulls), secs))
+        if len(waits) == len(st.waits) and len(self._marks) > 1:
+            per_layer = [0.0] * len(self._marks)
+            for (layer, _), w in zip(st.waits, waits):
+                if layer < len(per_layer):
+                    per_layer[layer] += w
+            windows = [self.engine.seconds_between(a, b) - per_layer[m]
+                       for m, (a, b) in enumerate(zip(self._marks, self._marks[1:]))]
+            self.rates.observe(self._tokens, windows,
+                               [(p.nbytes, s) for p, s in zip(st.pulls, secs) if not p.paced])
+        self.step_stats.append(DWDPStepStats(sum(waits), sum(p.nbytes for p in st.pulls), secs,
+                                             sum(p.paced for p in st.pulls)))
 
     def memory_bytes(self) -> dict[str, int]:
         local = self.peer_memory.local
@@ -208,13 +250,15 @@ class ResidentStore:
 
 @torch.no_grad()
 def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, copy_timeout_s: float = 60.0,
-               slice_bytes: int | None = None, copy_streams: int = 1,
+               slice_bytes: int | None = None, copy_streams: int = 1, pacing: str = "off",
                hooks: RuntimeHooks = NO_HOOKS, store: ResidentStore | None = None) -> DWDPRuntime:
     """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group.
 
     ``slice_bytes``/``copy_streams`` choose the pull plan: whole per-peer blocks on one
     stream (the default: fastest measured on H100/H200, see BENCHMARKS.md) or slices
-    issued round-robin over peers, on one or several copy streams (CUDA). ``hooks``: fault
+    issued round-robin over peers, on one or several copy streams (CUDA). ``pacing``: "off"
+    (every pull as fast as possible) or "jit" (each pull after a step's first stretched to end
+    just before its MoE, see :mod:`dwdp.parallel.pacing`). ``hooks``: fault
     injection and tracing for tests and diagnostics (:mod:`dwdp.parallel.hooks`). ``store``:
     the model was built into it (its experts already lie in peer-visible memory)."""
     cfg = model.config
@@ -253,12 +297,14 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     slots = [torch.empty((R, row), dtype=rows.storage_dtype, device=device) for _ in range(2)] if R else []
     if device.type == "cuda":
         engine = CudaCopyEngine(device, delay_cycles=hooks.copy_delay_cycles, num_streams=copy_streams)
+        if pacing == "jit":
+            engine.sleep_cycles_per_s()  # measured now (a sync), not inside a step
     else:
         engine = CpuCopyEngine(timeout_s=copy_timeout_s, copy_delay=hooks.copy_delay_s)
     plans = [_layer_copy_plan(m, placement, rank, peer_memory, slots, slice_bytes) for m in range(len(blocks))] \
         if R else []
     rt = DWDPRuntime(model, ctx, placement, peer_memory, slots or [torch.empty(0)] * 2, engine,
-                     [p[0] for p in plans], rows, plans[0][1] if plans else None, hooks)
+                     [p[0] for p in plans], rows, plans[0][1] if plans else None, hooks, pacing)
     for m, b in enumerate(blocks):
         b.experts = DWDPExperts(rt, m, peer_memory.local[m])
     return rt

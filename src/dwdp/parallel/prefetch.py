@@ -22,6 +22,7 @@ import torch
 
 from .copy_engine import Copy, CopyEngine
 from .hooks import NO_HOOKS, RuntimeHooks
+from .pacing import Pace
 
 
 @dataclass
@@ -29,12 +30,16 @@ class PullStats:
     layer: int
     nbytes: int
     signal: object
+    paced: bool = False
 
 
 @dataclass
 class StepStats:
     exposed_wait_s: float = 0.0  # host-measured (CPU); CUDA adds device-measured at step end
     pulls: list[PullStats] = field(default_factory=list)
+    # One entry per compute_wait, in call order: the layer and the host-measured seconds
+    # (CUDA: 0 here, the device-measured stall comes from the engine's timers, same order).
+    waits: list[tuple[int, float]] = field(default_factory=list)
 
 
 class SlotPrefetcher:
@@ -59,8 +64,9 @@ class SlotPrefetcher:
         on truncated models must not profit from that)."""
         self._filled = [None, None]
 
-    def prefetch(self, layer: int) -> None:
-        """Issue the pulls of ``layer`` into its slot, after the slot's last reader."""
+    def prefetch(self, layer: int, pace: Pace | None = None) -> None:
+        """Issue the pulls of ``layer`` into its slot, after the slot's last reader
+        (``pace``: slices with idle gaps, see :mod:`dwdp.parallel.pacing`)."""
         s = layer % 2
         if self.skip_pulls or (self._filled[s] is not None and self._filled[s][0] == layer):
             return  # already issued
@@ -68,9 +74,9 @@ class SlotPrefetcher:
         sigs = []
         for copies in self.layer_parts[layer]:
             nbytes = sum(d.numel() * d.element_size() for d, _ in copies)
-            sig = self.engine.submit(copies, wait_for=wait, nbytes=nbytes)
+            sig = self.engine.submit(copies, wait_for=wait, nbytes=nbytes, pace=pace)
             sigs.append(sig)
-            self.stats.pulls.append(PullStats(layer, nbytes, sig))
+            self.stats.pulls.append(PullStats(layer, nbytes, sig, pace is not None))
         self._filled[s] = (layer, sigs)
 
     def acquire(self, layer: int, part: int | None = None) -> torch.Tensor:
@@ -84,7 +90,9 @@ class SlotPrefetcher:
         if not self.skip_raw:
             sigs = self._filled[s][1]
             for sig in (sigs if part is None else [sigs[part]]):
-                self.stats.exposed_wait_s += self.engine.compute_wait(sig)
+                waited = self.engine.compute_wait(sig)
+                self.stats.exposed_wait_s += waited
+                self.stats.waits.append((layer, waited))
         return self.slots[s]
 
     def release(self, layer: int) -> None:
