@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dwdp.engine import ArrivalSource, PrefillEngine, Request, StepDriver
+from dwdp.engine import ArrivalSource, PrefillEngine, Request, ShortStepHold, StepDriver
 from dwdp.models import build_model, init_random
 from dwdp.info import rank_memory
 from dwdp.parallel.replica import DoesNotFit, check_fits
@@ -128,6 +128,38 @@ def test_lockstep_runs_dummy_steps_while_a_peer_is_busy():
     solo = PrefillEngine(model, max_num_tokens=16, keep_kv=False).run([Request(0, list(range(20)))])
     assert res[0].next_token == solo[0].next_token
     assert torch.allclose(res[0].logits, solo[0].logits)
+
+
+@pytest.mark.parametrize("hold_s,break_even,steps", [
+    (0.0, 100, [[10], [10]]),  # no hold: the first request runs alone, then the second
+    (2.0, 100, [[10, 10]]),  # held: the second arrival (0.15 s later) joins the first step
+    (2.0, 15, [[10, 10]]),
+    (2.0, 5, [[10], [10]]),  # the first step is already above break-even: never held
+    (2.0, None, [[10], [10]]),  # nothing measured yet: never held
+    (0.05, 100, [[10], [10]]),  # the hold runs out before the second arrival
+])
+def test_short_step_is_held_back_to_fill_up(hold_s, break_even, steps):
+    cfg, _ = resolve_model("tiny-qwen3-moe", 2)
+    model = build_model(cfg)
+    init_random(model, 0)
+    engine = PrefillEngine(model, max_num_tokens=64, keep_kv=False)
+    reqs = [Request(0, list(range(10)), arrival=0.0), Request(1, list(range(10, 20)), arrival=0.15)]
+    driver = StepDriver(engine, ArrivalSource(reqs), hold=ShortStepHold(hold_s, lambda: break_even))
+    res = driver.run()
+    assert sorted(r.id for r in res) == [0, 1]
+    assert [[10] * s.num_seqs for s in engine.steps] == steps
+    if len(steps) == 1:
+        assert 0.1 < driver.held_s < 0.5  # held until the second arrival, not the whole 2 s
+        assert min(r.ttft for r in res) < 0.5
+
+
+def test_lockstep_ranks_never_hold():
+    cfg, _ = resolve_model("tiny-qwen3-moe", 2)
+    model = build_model(cfg)
+    init_random(model, 0)
+    driver = StepDriver(PrefillEngine(model, 64), ArrivalSource([]), sync=lambda f: f,
+                        hold=ShortStepHold(1.0, lambda: 10**6))
+    assert driver.hold is None
 
 
 def test_replica_fit_check_names_the_numbers():

@@ -270,6 +270,7 @@ def cmd_bench(args) -> int:
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
                      slice_mb=args.slice_mb, copy_streams=args.copy_streams, pull_pacing=args.pull_pacing,
+                     hold_ms=args.hold_ms,
                      expert_dtype=args.expert_dtype,
                      dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
                      seed=args.seed,
@@ -540,7 +541,8 @@ def cmd_serve(args) -> int:
 
         spec = PrefillPoolSpec(args.model, args.prefill, args.prefill_ranks, args.num_layers, args.dtype,
                                "cuda" if args.device.startswith("cuda") else "cpu", args.local_experts,
-                               args.max_num_tokens, args.seed)
+                               args.max_num_tokens, args.seed, expert_dtype=args.expert_dtype,
+                               pull_pacing=args.pull_pacing, hold_ms=args.prefill_hold_ms)
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
         worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue,
                                      intra_op_threads=args.threads, max_context=args.max_context, decode=decode)
@@ -627,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
     bench.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
                        help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE")
+    bench.add_argument("--hold-ms", type=float, default=3.0,
+                       help="DWDP with timed arrivals (--rate, traces): hold a step below the measured break-even "
+                            "size up to this long for more requests (default 3; 0: never)")
     bench.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
                        help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
     bench.add_argument("--dep-transport", default="nccl", choices=["nccl", "symm"],
@@ -713,6 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(GPUs cuda:0..R-1) handing KV caches to decode here (--device, e.g. cuda:4)")
     srv.add_argument("--prefill-ranks", type=int, default=2)
     srv.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP prefill: experts kept per rank")
+    srv.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
+                     help="DWDP prefill pulls: off = as fast as possible; jit = each ends just before its MoE")
+    srv.add_argument("--prefill-hold-ms", type=float, default=3.0,
+                     help="DWDP prefill: hold a step smaller than the measured break-even size (the tokens whose "
+                          "compute hides one layer's pull) up to this long for more requests (default 3; 0: never)")
     srv.add_argument("--drain-timeout", type=float, default=30.0,
                      help="on SIGTERM/SIGINT, seconds running requests may take to finish (default 30)")
     srv.set_defaults(func=cmd_serve)

@@ -168,6 +168,14 @@ class PrefillEngine:
                                          run.cached() if self.keep_kv else [], now() - run.req.arrival))
         return results
 
+    @property
+    def queued_tokens(self) -> int:
+        return sum(len(run.req.prompt) - run.done for run in self.queue)
+
+    @property
+    def oldest_arrival(self) -> float | None:
+        return min((run.req.arrival for run in self.queue), default=None)
+
     def dummy_step(self) -> None:
         """A one-token forward whose output is dropped: what an idle rank runs so that the
         collectives of a lockstep group (expert parallelism) line up."""
@@ -233,6 +241,20 @@ class Submitted:
         pass
 
 
+@dataclass
+class ShortStepHold:
+    """Hold back a step smaller than ``min_tokens()`` for at most ``max_s`` (counted from
+    its oldest request's arrival) while more requests may come, so it can fill up.
+
+    DWDP: a step pulls every remote expert whatever its size, so one below the break-even
+    size (:meth:`~dwdp.parallel.dwdp.DWDPRuntime.break_even_tokens`, measured) waits on its
+    pulls; a few ms of holding can turn two such steps into one that hides them.
+    ``min_tokens()`` returns None while nothing is measured (no hold)."""
+
+    max_s: float
+    min_tokens: Callable[[], int | None]
+
+
 class StepDriver:
     """The one step loop, shared by ``dwdp run``, the bench, serving and the prefill group.
 
@@ -242,13 +264,16 @@ class StepDriver:
     while any rank has work every rank steps, an idle one with a
     :meth:`~PrefillEngine.dummy_step` so the collectives line up; the loop ends when no
     rank has work and no arrivals are to come. A rank on its own (dp, dwdp) steps only on
-    its own work and idles until its next arrival.
+    its own work and idles until its next arrival; with a :class:`ShortStepHold` it also
+    waits a bounded moment before a step too short to hide its pulls.
     """
 
     def __init__(self, engine: PrefillEngine, source: RequestSource,
                  sync: Callable[[list[bool]], list[bool]] | None = None, idle_poll_s: float = 0.0005,
-                 start: float | None = None):
+                 start: float | None = None, hold: ShortStepHold | None = None):
         self.engine, self.source, self.sync, self.idle_poll_s = engine, source, sync, idle_poll_s
+        self.hold = hold if sync is None else None  # a lockstep rank steps when its group does
+        self.held_s = 0.0  # total time steps were held back
         self._start = time.perf_counter() if start is None else start  # perf_counter() at clock 0
 
     def clock(self) -> float:
@@ -271,9 +296,26 @@ class StepDriver:
             self.source.wait(now, self.idle_poll_s if self.sync is not None else None)
             return []
         if engine.has_work:
+            if more and self._hold(now):
+                return []
             return engine.step(self.clock, final=not more)
         engine.dummy_step()
         return []
+
+    def _hold(self, now: float) -> bool:
+        """Wait (bounded) for more work instead of running a step below break-even."""
+        if self.hold is None or self.hold.max_s <= 0:
+            return False
+        need = self.hold.min_tokens()
+        queued = self.engine.queued_tokens
+        if need is None or queued >= min(need, self.engine.max_num_tokens):
+            return False
+        left = self.hold.max_s - (now - self.engine.oldest_arrival)
+        if left <= 0:
+            return False
+        self.source.wait(now, left)
+        self.held_s += self.clock() - now
+        return True
 
     def run(self, progress: bool = False) -> list[RequestResult]:
         results: list[RequestResult] = []

@@ -33,6 +33,7 @@ class BenchSpec:
     slice_mb: float | None = None  # DWDP sliced pulls
     copy_streams: int = 1  # DWDP copy streams per rank
     pull_pacing: str = "off"  # DWDP: "jit" stretches each pull to end just before its MoE
+    hold_ms: float = 3.0  # DWDP, timed arrivals: hold a step below the measured break-even this long
     dep_transport: str = "nccl"  # DEP: nccl or symm (NVSHMEM one-sided)
     dep_overlap: bool = False  # DEP two-batch overlap
     dep_wire: str = "auto"  # DEP dispatch row format
@@ -103,7 +104,7 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
                 ) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from ..engine import ArrivalSource, PrefillEngine, Request, StepDriver
+    from ..engine import ArrivalSource, PrefillEngine, Request, ShortStepHold, StepDriver
     from ..parallel.group import lockstep_sync
     from ..workload import apply_router_skew, assign, generate
 
@@ -115,8 +116,12 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
     mine_reqs = assign(requests, ctx.world_size, workload.assign)[ctx.rank]
     sync = lockstep_sync(ctx) if strategy.lockstep else None
 
+    break_even = getattr(rank.runtime, "break_even_tokens", None)  # DWDP only: it pulls per step
+    hold = ShortStepHold(spec.hold_ms / 1e3, break_even) if break_even and spec.hold_ms > 0 else None
+
     def drive(engine, reqs, progress=False):
-        return StepDriver(engine, ArrivalSource(reqs, engine.validate), sync).run(progress)
+        driver = StepDriver(engine, ArrivalSource(reqs, engine.validate), sync, hold=hold)
+        return driver.run(progress), driver.held_s
 
     with torch.no_grad():
         if spec.warmup and mnt not in warmed:  # kernels, allocator, NCCL channels: not measured
@@ -149,11 +154,12 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
         engine = PrefillEngine(model, mnt, keep_kv=False, balance_tail=spec.balance_tail and not strategy.lockstep)
         dist.barrier()
         t0 = time.perf_counter()
-        results = drive(engine, mine_reqs, progress=spec.progress and ctx.rank == 0)
+        results, held_s = drive(engine, mine_reqs, progress=spec.progress and ctx.rank == 0)
         makespan = time.perf_counter() - t0
     out.update(
         makespan_s=makespan,
         busy_s=sum(s.seconds for s in engine.steps),
+        held_s=held_s,
         steps=[asdict(s) for s in engine.steps],
         requests=[{"id": x.id, "prompt_len": x.prompt_len, "ttft_s": x.ttft, "next_token": x.next_token}
                   for x in results],

@@ -43,10 +43,14 @@ class PrefillPoolSpec:
     max_num_tokens: int = 8192
     seed: int = 0
     peer_timeout_s: float = 60.0
+    expert_dtype: str = "auto"
+    pull_pacing: str = "off"  # DWDP: "jit" stretches each pull to end just before its MoE
+    hold_ms: float = 3.0  # DWDP: hold a step below the measured break-even size this long to fill it
 
     def rank_spec(self, group_size: int) -> RankSpec:
         return RankSpec(model=self.model, strategy=self.strategy, num_layers=self.num_layers, dtype=self.dtype,
                         device=self.device, group_size=group_size, local_experts=self.local_experts, seed=self.seed,
+                        expert_dtype=self.expert_dtype, pull_pacing=self.pull_pacing,
                         max_num_tokens=self.max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
 
@@ -84,7 +88,7 @@ class _Inbox:
 
 
 def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq, outq) -> None:
-    from ..engine import StepDriver
+    from ..engine import ShortStepHold, StepDriver
     from ..parallel.group import PeerWatchdog, init_dwdp_groups, lockstep_sync
     from ..parallel.rank import build_rank
 
@@ -96,8 +100,10 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
         prefill_rank = build_rank(spec.rank_spec(group), ctx)
         runtime = prefill_rank.runtime
         engine = PrefillEngine(prefill_rank.model, spec.max_num_tokens, keep_kv=True)
+        break_even = getattr(runtime, "break_even_tokens", None)  # DWDP only: it pulls per step
         driver = StepDriver(engine, _Inbox(inq), lockstep_sync(ctx) if strategy.lockstep else None,
-                            idle_poll_s=0.002)
+                            idle_poll_s=0.002,
+                            hold=ShortStepHold(spec.hold_ms / 1e3, break_even) if break_even else None)
         outq.put(("ready", rank, None))
         while (results := driver.step_once()) is not None:
             engine.steps.clear()  # a server runs for days: keep no per-step history here
