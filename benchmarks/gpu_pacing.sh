@@ -21,7 +21,7 @@ for rep in ${REPS:-1 2 3}; do
   echo "jit rep$rep rc=$?" >> "$OUT/log"
 done
 if [ -n "${HOLD:-}" ]; then  # Poisson arrivals of 2K prompts: steps are short unless held back
-  for hold in 0 3; do
+  for hold in 0 3 20; do
     timeout 120 python3 -m dwdp.cli bench --device cuda -W $G --model qwen3-235b-a22b --num-layers 8 --dist uniform \
       --isl 2048 --ratio 0.5 --rate ${HOLD} --num-requests $((24 * G)) --max-num-tokens 16384 --strategies dwdp \
       --hold-ms $hold --out "$OUT/hold${hold}.json" > "$OUT/hold${hold}.txt" 2>&1
