@@ -17,7 +17,7 @@ def test_nothing_measured_means_full_rate_and_no_break_even():
 
 def test_paced_pull_ends_at_margin_of_the_window():
     r = PullRates(margin=0.8, slice_bytes=32 << 20)
-    r.observe(1000, [0.010, 0.012, 0.011], [(10**9, 0.004)])
+    r.observe(1000, [0.010, 0.012, 0.011], [(10**9, 0.004, None)])
     window, full = r.window_s(1000), r.full_rate_s(10**9)
     assert window == pytest.approx(0.011) and full == pytest.approx(0.004)
     pace = r.pace(1000, 10**9)
@@ -28,9 +28,24 @@ def test_paced_pull_ends_at_margin_of_the_window():
     assert r.pace(300, 10**9) is None
 
 
+def test_slicing_overhead_is_learnt_from_paced_pulls_and_taken_off_the_gaps():
+    r = PullRates(margin=0.8, slice_bytes=10**8)
+    r.observe(1000, [0.020], [(10**9, 0.004, None)])
+    first = r.pace(1000, 10**9)  # 10 slices; nothing known about their cost yet
+    assert 0.004 + 10 * first.gap_s == pytest.approx(0.016)
+    # That pull took 4 ms longer than bytes + gaps: 0.4 ms per slice.
+    r.observe(1000, [0.020], [(10**9, 0.004 + 10 * first.gap_s + 0.004, first)])
+    assert r.slice_overhead_s == pytest.approx(4e-4)
+    second = r.pace(1000, 10**9)
+    assert 0.004 + 10 * (second.gap_s + 4e-4) == pytest.approx(0.016)  # lands at 80% again
+    # Overhead so large that even gap-less slices would be late: pull whole, at full rate.
+    r.observe(1000, [0.020], [(10**9, 0.004 + 10 * second.gap_s + 0.02, second)] * 20)
+    assert r.pace(1000, 10**9) is None
+
+
 def test_break_even_is_the_first_step_whose_window_hides_the_pull():
     r = PullRates()
-    r.observe(2048, [0.02] * 4, [(3 * 10**9, 0.009)])
+    r.observe(2048, [0.02] * 4, [(3 * 10**9, 0.009, None)])
     be = r.break_even_tokens(3 * 10**9)
     assert r.window_s(be) >= r.full_rate_s(3 * 10**9) > r.window_s(be - 1)
 
@@ -41,7 +56,7 @@ def test_prediction_uses_the_fastest_recent_step_and_ignores_short_ones():
     r.observe(4096, [0.080], [])  # a slow step (waits, jitter) must not lengthen the prediction
     r.observe(100, [0.0001], [])  # launch-bound: says nothing about a long step
     assert r.window_s(4096) == pytest.approx(0.040)
-    r.observe(1000, [0.0], [(100, float("nan"))])  # nothing usable
+    r.observe(1000, [0.0], [(100, float("nan"), None)])  # nothing usable
     assert r.full_rate_s(100) is None
 
 

@@ -304,3 +304,37 @@ def test_layer_jitter_is_the_measured_one_and_makes_lockstep_wait():
     quiet = predict(_cm(layer_jitter=0.0), equal, 16384, "dep", 4)
     noisy = predict(_cm(), equal, 16384, "dep", 4)
     assert quiet.extra["sync_share"] < 0.01 < noisy.extra["sync_share"]
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_calibrated_jitter_recovers_the_spread_of_identical_work(ranks):
+    from dwdp.planner.calibrate import layer_jitter_from_times
+
+    rng = np.random.default_rng(0)
+    times = 0.005 * (1 + 0.03 * rng.standard_normal((ranks, 4000)))
+    assert layer_jitter_from_times(times.tolist()) == pytest.approx(0.03, rel=0.05)
+    assert layer_jitter_from_times(times[:1].tolist()) == 0.0
+
+
+def test_per_kind_interference_slows_each_kind_by_its_own_measure():
+    from dataclasses import replace
+
+    from dwdp.planner.hardware import PROFILES
+    from dwdp.planner.model import CostModel
+
+    cfg, _ = resolve_model("qwen3-235b-a22b", 8)
+    base = PROFILES["h200"]
+    cm = CostModel(cfg, replace(base, interference_gemm=0.02, interference_hbm=0.20, interference_attn=0.05))
+    kinds = {"gemm": 3.0, "hbm": 1.0, "attn": 2.0, "host": 4.0}
+    # Host work (launches) is not slowed by pulls; each device kind by its own factor.
+    assert cm.slowdown(kinds) == pytest.approx((3 * 1.02 + 1 * 1.20 + 2 * 1.05 + 4) / 10)
+    # Without per-kind measures the one interference factor applies to all of it, as before.
+    assert CostModel(cfg, base).slowdown(kinds) == pytest.approx(1 + base.interference)
+    # A DWDP step under the per-kind profile lies between no interference and the
+    # worst kind everywhere.
+    pl = Placement.create(cfg.num_experts, 4)
+    lens = [8192, 8192]
+    t = cm.step_dwdp(lens, [0, 0], pl)[0]
+    lo = CostModel(cfg, replace(base, interference=0.0)).step_dwdp(lens, [0, 0], pl)[0]
+    hi = CostModel(cfg, replace(base, interference=0.20)).step_dwdp(lens, [0, 0], pl)[0]
+    assert lo < t < hi

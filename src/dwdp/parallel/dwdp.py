@@ -213,10 +213,9 @@ class DWDPRuntime:
                     per_layer[layer] += w
             windows = [self.engine.seconds_between(a, b) - per_layer[m]
                        for m, (a, b) in enumerate(zip(self._marks, self._marks[1:]))]
-            self.rates.observe(self._tokens, windows,
-                               [(p.nbytes, s) for p, s in zip(st.pulls, secs) if not p.paced])
+            self.rates.observe(self._tokens, windows, [(p.nbytes, s, p.pace) for p, s in zip(st.pulls, secs)])
         self.step_stats.append(DWDPStepStats(sum(waits), sum(p.nbytes for p in st.pulls), secs,
-                                             sum(p.paced for p in st.pulls)))
+                                             sum(p.pace is not None for p in st.pulls)))
 
     def memory_bytes(self) -> dict[str, int]:
         local = self.peer_memory.local

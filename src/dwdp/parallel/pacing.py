@@ -10,7 +10,11 @@ bandwidth at any moment. :class:`PullRates` learns both rates from the rank's ow
 * the compute window of one MoE layer per token of the step: the time between two
   consecutive MoE starts on the compute stream, less the time spent waiting for pulls
   there (so a too-slow pace cannot feed back into a longer window);
-* the full-rate pull bandwidth: bytes over copy-engine seconds of pulls issued unpaced.
+* the full-rate pull bandwidth: bytes over copy-engine seconds of pulls issued unpaced;
+* what slicing itself costs: a paced pull takes longer than its bytes at full rate plus
+  its gaps (a slice copies slower than a whole block, each gap is a launch); measured on
+  2x H200 at 32 MiB slices, 0.1 ms per slice, which made the first version's pulls land
+  late. Learnt per slice from the paced pulls themselves and taken off the gaps.
 
 :meth:`PullRates.pace` turns them into a :class:`Pace` (slices with idle gaps on the copy
 queue) so a pull ends at ``margin`` of the predicted window; :meth:`PullRates.break_even_tokens`
@@ -36,7 +40,7 @@ class Pace:
 
 
 class PullRates:
-    def __init__(self, margin: float = 0.8, slice_bytes: int = 32 * MiB, history: int = 16,
+    def __init__(self, margin: float = 0.8, slice_bytes: int = 64 * MiB, history: int = 16,
                  min_tokens: int = 256):
         """``margin``: a paced pull should end at this fraction of the predicted window (the
         rest absorbs prediction error). ``history``: steps remembered. Steps under
@@ -47,16 +51,33 @@ class PullRates:
         self.margin, self.slice_bytes, self.min_tokens = margin, slice_bytes, min_tokens
         self._per_token: deque[float] = deque(maxlen=history)
         self._bytes_per_s: deque[float] = deque(maxlen=history)
+        self._slice_overhead: deque[float] = deque(maxlen=history)
 
-    def observe(self, tokens: int, windows_s: list[float], unpaced: list[tuple[int, float]]) -> None:
+    def observe(self, tokens: int, windows_s: list[float], pulls: list[tuple[int, float, Pace | None]]) -> None:
         """One finished step: its token count, the compute window of each MoE layer that had
-        a pull in flight (waits excluded), and (bytes, seconds) of pulls issued unpaced."""
+        a pull in flight (waits excluded), and (bytes, seconds, pace) of each pull."""
         good = sorted(w for w in windows_s if w > 0)
         if tokens >= self.min_tokens and good:
             self._per_token.append(good[len(good) // 2] / tokens)
-        nbytes, secs = sum(b for b, _ in unpaced), sum(s for _, s in unpaced if s == s)
+        unpaced = [(b, s) for b, s, p in pulls if p is None and s == s]
+        nbytes, secs = sum(b for b, _ in unpaced), sum(s for _, s in unpaced)
         if nbytes and secs > 0:
             self._bytes_per_s.append(nbytes / secs)
+        for b, s, p in pulls:
+            full = self.full_rate_s(b)
+            if p is not None and s == s and full is not None:
+                n = self.slices(b, p.slice_bytes)
+                self._slice_overhead.append(max(0.0, (s - full - n * p.gap_s) / n))
+
+    @staticmethod
+    def slices(nbytes: int, slice_bytes: int) -> int:
+        return max(1, -(-nbytes // slice_bytes))
+
+    @property
+    def slice_overhead_s(self) -> float:
+        """Extra seconds per slice of a paced pull beyond its bytes at full rate and its gap."""
+        s = sorted(self._slice_overhead)
+        return s[len(s) // 2] if s else 0.0
 
     def window_s(self, tokens: int) -> float | None:
         """Predicted compute window of one MoE layer at ``tokens``: the fastest per-token
@@ -73,10 +94,10 @@ class PullRates:
         window, full = self.window_s(tokens), self.full_rate_s(nbytes)
         if window is None or full is None or nbytes <= 0:
             return None
-        spare = self.margin * window - full
+        slices = self.slices(nbytes, self.slice_bytes)
+        spare = self.margin * window - full - slices * self.slice_overhead_s
         if spare <= 0.05 * full:  # within 5% of full rate: pacing buys nothing
             return None
-        slices = -(-nbytes // self.slice_bytes)
         return Pace(self.slice_bytes, spare / slices)
 
     def break_even_tokens(self, nbytes_per_layer: int) -> int | None:

@@ -30,7 +30,7 @@ class PullStats:
     layer: int
     nbytes: int
     signal: object
-    paced: bool = False
+    pace: Pace | None = None
 
 
 @dataclass
@@ -76,7 +76,7 @@ class SlotPrefetcher:
             nbytes = sum(d.numel() * d.element_size() for d, _ in copies)
             sig = self.engine.submit(copies, wait_for=wait, nbytes=nbytes, pace=pace)
             sigs.append(sig)
-            self.stats.pulls.append(PullStats(layer, nbytes, sig, pace is not None))
+            self.stats.pulls.append(PullStats(layer, nbytes, sig, pace))
         self._filled[s] = (layer, sigs)
 
     def acquire(self, layer: int, part: int | None = None) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 Measured: a large bf16 matmul (and fp8 where ``torch._scaled_mm`` runs), a device copy,
 single-peer and all-peer pulls through symmetric memory on the copy engine, NCCL
-all-to-all bandwidth and latency (all with every visible GPU), and, for a model, a fit of
-the engine's own step times (GEMM and attention efficiency, per-layer overhead) from a
-few one-GPU steps of that model's shape.
+all-to-all bandwidth and latency (all with every visible GPU), the slowdown of each
+kind of kernel (GEMM, HBM-bound, attention) while every rank pulls (interference), the
+spread of identical work across ranks (layer jitter), and, for a model, a fit of the
+engine's own step times (GEMM and attention efficiency, per-layer overhead) from a few
+one-GPU steps of that model's shape.
 """
 
 from __future__ import annotations
@@ -51,10 +53,16 @@ def _comm_worker(n: int, nbytes: int) -> dict:
     dst = torch.empty((n, nbytes), dtype=torch.uint8, device=ctx.device)
     stream = torch.cuda.Stream(ctx.device)
 
-    def pull(qs):
+    def issue(qs):
         with torch.cuda.stream(stream):
             for q in qs:
                 dst[q].copy_(peers[q], non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return done
+
+    def pull(qs):
+        issue(qs)
         torch.cuda.current_stream().wait_stream(stream)
 
     out = {}
@@ -68,6 +76,8 @@ def _comm_worker(n: int, nbytes: int) -> dict:
     dist.barrier(group=pg)
     t = time_cuda(lambda: pull(order), warmup=1, iters=5)
     out["pull_all_gbps"] = (n - 1) * nbytes / t / 1e9
+    out.update(_interference(lambda: issue(order), t, pg))
+    out["jitter_times"] = _jitter_times(pg)
     out["a2a_gbps"] = all_to_all_gbps(pg, 512 * MB)
     small = torch.zeros(n * 256, device=ctx.device, dtype=torch.bfloat16)
     small_out = torch.empty_like(small)
@@ -75,6 +85,87 @@ def _comm_worker(n: int, nbytes: int) -> dict:
     dist.barrier(group=pg)
     dist.destroy_process_group()
     return out
+
+
+def _kernels() -> dict:
+    """One kernel of each kind the planner prices: (function, kind)."""
+    import torch.nn.functional as F
+
+    m = 8192
+    A = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    B = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(128 * MB, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
+    return {"gemm": lambda: torch.mm(A, B), "hbm": lambda: torch.mul(x, 1.5, out=y),
+            "attention": lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True)}
+
+
+def _interference(issue, round_s: float, pg) -> dict:
+    """Each kernel kind timed alone, then while every rank pulls from every peer: the
+    slowdown the planner applies to compute that overlaps pulls, per kind. ``issue()``
+    queues one round of all-peer pulls on the copy stream (``round_s`` seconds) and returns
+    its done event."""
+    import torch.distributed as dist
+
+    from ..ceilings import time_cuda
+
+    out = {}
+    for kind, fn in _kernels().items():
+        alone = time_cuda(fn, warmup=3, iters=10)
+        dist.barrier(group=pg)
+        torch.cuda.synchronize()
+        rounds = max(2, int(1.5 * 10 * alone / round_s) + 1)  # outlast the timed loop
+        done = [issue() for _ in range(rounds)][-1]  # queued first, so they run beside the kernels
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            fn()
+        b.record()
+        b.synchronize()
+        outlasted = not done.query()
+        torch.cuda.synchronize()
+        slowdown = a.elapsed_time(b) / 1e3 / 10 / alone - 1.0
+        out[f"interference_{kind}"] = max(0.0, slowdown)
+        out[f"interference_{kind}_pulls_outlasted"] = outlasted  # False: a lower bound
+        dist.barrier(group=pg)
+    return out
+
+
+def _jitter_times(pg, iters: int = 30) -> list[float]:
+    """Device seconds of the same ~5 ms kernel mix, iteration by iteration, started together
+    on every rank: how far ranks doing identical work drift apart per layer."""
+    import torch.distributed as dist
+
+    ks = _kernels()
+    mix = [ks["gemm"], ks["hbm"], ks["attention"]]
+    ts = []
+    for i in range(iters + 3):
+        dist.barrier(group=pg)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for fn in mix:
+            fn()
+        b.record()
+        b.synchronize()
+        if i >= 3:
+            ts.append(a.elapsed_time(b) / 1e3)
+    return ts
+
+
+def layer_jitter_from_times(per_rank: list[list[float]]) -> float:
+    """Relative standard deviation of one unit of identical work across ranks: the mean over
+    iterations of the ranks' sample standard deviation over their mean, unbiased (a sample
+    standard deviation of n draws averages c4(n) sigma: 0.80 sigma for two ranks)."""
+    import math
+
+    t = np.array(per_rank, dtype=float)  # [ranks, iterations]
+    n = t.shape[0]
+    if n < 2:
+        return 0.0
+    c4 = math.sqrt(2.0 / (n - 1)) * math.exp(math.lgamma(n / 2) - math.lgamma((n - 1) / 2))
+    return float(np.mean(t.std(axis=0, ddof=1) / t.mean(axis=0)) / c4)
 
 
 def fit_model(model: str, num_layers: int | None, peak_tflops: float, hbm_gbps: float) -> dict:
@@ -141,9 +232,15 @@ def calibrate(models: list[str] = (), num_layers: int | None = None, log=print) 
         comm = {"pull_single_gbps": ranks[0]["pull_single_gbps"],
                 "pull_all_gbps": float(np.mean([r["pull_all_gbps"] for r in ranks])),
                 "a2a_gbps": float(np.mean([r["a2a_gbps"] for r in ranks])),
-                "a2a_latency_us": float(np.mean([r["a2a_latency_us"] for r in ranks]))}
+                "a2a_latency_us": float(np.mean([r["a2a_latency_us"] for r in ranks])),
+                "layer_jitter": layer_jitter_from_times([r["jitter_times"] for r in ranks])}
+        for kind in ("gemm", "hbm", "attention"):
+            comm[f"interference_{kind}"] = float(np.mean([r[f"interference_{kind}"] for r in ranks]))
         log("  pulls: single peer {pull_single_gbps:.0f} GB/s, all peers {pull_all_gbps:.0f} GB/s/rank; "
             "all-to-all {a2a_gbps:.0f} GB/s/rank, latency {a2a_latency_us:.0f} us".format(**comm))
+        log("  under all-peer pulls: GEMM {:.1%}, HBM-bound {:.1%}, attention {:.1%} slower; layer jitter "
+            "across ranks {:.2%}".format(comm["interference_gemm"], comm["interference_hbm"],
+                                         comm["interference_attention"], comm["layer_jitter"]))
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     prof = HardwareProfile(
         name=f"{n}x {name}", source=f"measured on {platform.node()}, {datetime.date.today()}, torch {torch.__version__}",
@@ -152,6 +249,11 @@ def calibrate(models: list[str] = (), num_layers: int | None = None, log=print) 
         pull_all_gbps=comm.get("pull_all_gbps", 0.0), a2a_gbps=comm.get("a2a_gbps", 0.0),
         a2a_latency_us=comm.get("a2a_latency_us", 0.0), memory_gib=total, domain=n,
         gemm_eff=1.0, attn_eff=0.8)
+    if n > 1:  # measured here; one GPU keeps the defaults (nothing to pull, no peer to drift from)
+        prof.layer_jitter = comm["layer_jitter"]
+        prof.interference_gemm = comm["interference_gemm"]
+        prof.interference_hbm = comm["interference_hbm"]
+        prof.interference_attn = comm["interference_attention"]
     for model in models:
         t0 = time.perf_counter()
         fit = fit_model(model, num_layers, bf16, hbm)

@@ -38,6 +38,11 @@ class HardwareProfile:
     layer_jitter: float = 0.028
     fp4_tflops: float = 0.0  # 0: no FP4 tensor cores (FP4 experts run at the FP8 rate)
     interference: float = 0.07  # compute slowdown while pulls run (measured 1.06-1.15x on H200)
+    # Per kind of kernel (``dwdp calibrate`` measures them; None: ``interference``): pulls take
+    # HBM bandwidth at both ends, so HBM-bound kernels suffer most.
+    interference_gemm: float | None = None
+    interference_hbm: float | None = None
+    interference_attn: float | None = None
     layer_overhead_us: float = 300.0  # launches, host syncs, elementwise glue per layer
     bytes_per_token_layer: float = 0.0  # activation traffic per token per layer (fit), bytes
     # Per-model fits of step time from `dwdp calibrate --model`: {model: {"gemm_eff", "attn_eff", ...}}

@@ -115,21 +115,42 @@ class CostModel:
         self.hbm_rate = hw.hbm_eff * hw.hbm_gbps * 1e9
 
     # -- per layer ----------------------------------------------------------------------
-    def dense_part(self, w: LayerWork) -> float:
-        """Attention + projections + glue of one layer on one rank (no routed experts)."""
+    def dense_kinds(self, w: LayerWork) -> dict[str, float]:
+        """Attention + projections + glue of one layer on one rank (no routed experts), in
+        seconds by kind of work: gemm, attn, hbm (elementwise glue), host (launches)."""
         if w.tokens == 0:
-            return 0.0
-        t = w.gemm_flops / self.gemm_rate + w.attn_flops / self.attn_rate
-        t += (w.glue_bytes * self.act_bytes + w.tokens * self.hw.bytes_per_token_layer) / self.hbm_rate
-        return t + self.hw.layer_overhead_us * 1e-6
+            return {}
+        return {"gemm": w.gemm_flops / self.gemm_rate, "attn": w.attn_flops / self.attn_rate,
+                "hbm": (w.glue_bytes * self.act_bytes + w.tokens * self.hw.bytes_per_token_layer) / self.hbm_rate,
+                "host": self.hw.layer_overhead_us * 1e-6}
 
-    def experts_part(self, tokens_k: float, experts_held: int) -> float:
-        """Routed experts over ``tokens_k`` (token, expert) pairs spread over ``experts_held``."""
+    def dense_part(self, w: LayerWork) -> float:
+        return sum(self.dense_kinds(w).values())
+
+    def experts_kinds(self, tokens_k: float, experts_held: int) -> dict[str, float]:
+        """Routed experts over ``tokens_k`` (token, expert) pairs spread over ``experts_held``:
+        FLOP-bound (gemm) or weight-read-bound (hbm), whichever takes longer."""
         if tokens_k <= 0:
-            return 0.0
+            return {}
         flops = 2.0 * tokens_k * 3 * self.cfg.hidden_size * self.cfg.moe_intermediate_size
         touched = expected_distinct(experts_held, tokens_k) * self.expert_bytes
-        return max(flops / self.expert_rate, touched / self.hbm_rate)
+        g, h = flops / self.expert_rate, touched / self.hbm_rate
+        return {"gemm": g} if g >= h else {"hbm": h}
+
+    def experts_part(self, tokens_k: float, experts_held: int) -> float:
+        return sum(self.experts_kinds(tokens_k, experts_held).values())
+
+    def slowdown(self, kinds: dict[str, float]) -> float:
+        """Factor on ``kinds``' time while pulls run beside it: per kind of work when the
+        profile measured it (calibrate), else the one ``interference`` on everything."""
+        hw = self.hw
+        per = {"gemm": hw.interference_gemm, "attn": hw.interference_attn, "hbm": hw.interference_hbm}
+        total = sum(kinds.values())
+        if all(v is None for v in per.values()) or total <= 0:
+            return 1.0 + hw.interference
+        slowed = sum(t * (1.0 + ((hw.interference if per[k] is None else per[k]) if k in per else 0.0))
+                     for k, t in kinds.items())
+        return slowed / total
 
     # -- pulls --------------------------------------------------------------------------
     def pull_gbps(self, n: int, sliced: bool = False) -> float:
@@ -169,10 +190,10 @@ class CostModel:
         if moe_layers and pull:
             pull_end[0] = copy_free = pull  # primed at step start
         m = 0
-        slow = 1.0 + self.hw.interference
 
-        def run(t0: float, work: float) -> float:
-            """Finish time of ``work`` seconds of compute started at t0; slowed while pulls run."""
+        def run(t0: float, kinds: dict[str, float]) -> float:
+            """Finish time of compute ``kinds`` (seconds by kind) started at t0; slowed while pulls run."""
+            work, slow = sum(kinds.values()), self.slowdown(kinds)
             overlap = max(0.0, copy_free - t0)
             if work * slow <= overlap:
                 return t0 + work * slow
@@ -180,21 +201,21 @@ class CostModel:
 
         for layer in range(cfg.num_layers):
             w = layer_work(cfg, layer, seq_lens, prefix_lens)
-            t = run(t, self.dense_part(w))
+            t = run(t, self.dense_kinds(w))
             if not w.is_moe:
                 continue
             if pull and m + 1 < len(moe_layers):
                 start = max(t, copy_free)
                 pull_end[m + 1] = copy_free = start + pull
             tk = w.tokens * cfg.top_k
-            t = run(t, self.experts_part(tk * local_share, placement.local))
+            t = run(t, self.experts_kinds(tk * local_share, placement.local))
             if pull:
                 ready = pull_end[m]
                 if ready > t:
                     waited += ready - t
                     t = ready
             # The next layer's pull may still be running: remote experts are slowed too.
-            t = run(t, self.experts_part(tk * (1 - local_share), cfg.num_experts - placement.local))
+            t = run(t, self.experts_kinds(tk * (1 - local_share), cfg.num_experts - placement.local))
             m += 1
         return t, waited
 
