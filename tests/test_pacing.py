@@ -22,8 +22,11 @@ def test_paced_pull_ends_at_margin_of_the_window():
     assert window == pytest.approx(0.011) and full == pytest.approx(0.004)
     pace = r.pace(1000, 10**9)
     slices = -(-10**9 // (32 << 20))
-    # Full-rate copy time plus one gap per slice lands the pull at 80% of the window.
-    assert full + slices * pace.gap_s == pytest.approx(0.8 * window)
+    # Before any paced pull is measured, a slice is assumed to cost twice its bytes' time.
+    prior = r.full_rate_s(32 << 20)
+    assert r.slice_overhead_s == pytest.approx(prior)
+    # Full-rate copy time plus one gap and one overhead per slice: the pull lands at 80%.
+    assert full + slices * (pace.gap_s + prior) == pytest.approx(0.8 * window)
     # A window shorter than the full-rate pull: nothing to stretch.
     assert r.pace(300, 10**9) is None
 
@@ -31,13 +34,13 @@ def test_paced_pull_ends_at_margin_of_the_window():
 def test_slicing_overhead_is_learnt_from_paced_pulls_and_taken_off_the_gaps():
     r = PullRates(margin=0.8, slice_bytes=10**8)
     r.observe(1000, [0.020], [(10**9, 0.004, None)])
-    first = r.pace(1000, 10**9)  # 10 slices; nothing known about their cost yet
-    assert 0.004 + 10 * first.gap_s == pytest.approx(0.016)
-    # That pull took 4 ms longer than bytes + gaps: 0.4 ms per slice.
-    r.observe(1000, [0.020], [(10**9, 0.004 + 10 * first.gap_s + 0.004, first)])
-    assert r.slice_overhead_s == pytest.approx(4e-4)
+    first = r.pace(1000, 10**9)  # 10 slices of 0.4 ms at full rate; their cost assumed 0.4 ms each
+    assert 0.004 + 10 * (first.gap_s + 4e-4) == pytest.approx(0.016)
+    # That pull took 6 ms longer than bytes + gaps: 0.6 ms per slice, learnt.
+    r.observe(1000, [0.020], [(10**9, 0.004 + 10 * first.gap_s + 0.006, first)])
+    assert r.slice_overhead_s == pytest.approx(6e-4)
     second = r.pace(1000, 10**9)
-    assert 0.004 + 10 * (second.gap_s + 4e-4) == pytest.approx(0.016)  # lands at 80% again
+    assert 0.004 + 10 * (second.gap_s + 6e-4) == pytest.approx(0.016)  # lands at 80% again
     # Overhead so large that even gap-less slices would be late: pull whole, at full rate.
     r.observe(1000, [0.020], [(10**9, 0.004 + 10 * second.gap_s + 0.02, second)] * 20)
     assert r.pace(1000, 10**9) is None

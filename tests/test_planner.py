@@ -324,10 +324,11 @@ def test_per_kind_interference_slows_each_kind_by_its_own_measure():
 
     cfg, _ = resolve_model("qwen3-235b-a22b", 8)
     base = PROFILES["h200"]
-    cm = CostModel(cfg, replace(base, interference_gemm=0.02, interference_hbm=0.20, interference_attn=0.05))
-    kinds = {"gemm": 3.0, "hbm": 1.0, "attn": 2.0, "host": 4.0}
+    cm = CostModel(cfg, replace(base, interference_gemm=0.02, interference_hbm=0.20, interference_attn=0.05,
+                                interference_experts=0.10))
+    kinds = {"gemm": 3.0, "hbm": 1.0, "attn": 2.0, "host": 4.0, "experts": 5.0}
     # Host work (launches) is not slowed by pulls; each device kind by its own factor.
-    assert cm.slowdown(kinds) == pytest.approx((3 * 1.02 + 1 * 1.20 + 2 * 1.05 + 4) / 10)
+    assert cm.slowdown(kinds) == pytest.approx((3 * 1.02 + 1 * 1.20 + 2 * 1.05 + 4 + 5 * 1.10) / 15)
     # Without per-kind measures the one interference factor applies to all of it, as before.
     assert CostModel(cfg, base).slowdown(kinds) == pytest.approx(1 + base.interference)
     # A DWDP step under the per-kind profile lies between no interference and the

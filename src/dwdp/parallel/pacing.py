@@ -75,9 +75,13 @@ class PullRates:
 
     @property
     def slice_overhead_s(self) -> float:
-        """Extra seconds per slice of a paced pull beyond its bytes at full rate and its gap."""
+        """Extra seconds per slice of a paced pull beyond its bytes at full rate and its gap.
+        Before any paced pull is measured: one slice's full-rate time (what 2x H200 showed;
+        assuming none made the first paced step's pulls land 60 ms late)."""
         s = sorted(self._slice_overhead)
-        return s[len(s) // 2] if s else 0.0
+        if s:
+            return s[len(s) // 2]
+        return self.full_rate_s(self.slice_bytes) or 0.0
 
     def window_s(self, tokens: int) -> float | None:
         """Predicted compute window of one MoE layer at ``tokens``: the fastest per-token

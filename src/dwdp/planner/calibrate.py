@@ -97,7 +97,13 @@ def _kernels() -> dict:
     x = torch.randn(128 * MB, device="cuda", dtype=torch.bfloat16)
     y = torch.empty_like(x)
     q = torch.randn(1, 32, 8192, 128, device="cuda", dtype=torch.bfloat16)
-    return {"gemm": lambda: torch.mm(A, B), "hbm": lambda: torch.mul(x, 1.5, out=y),
+    # Expert GEMMs: 32 experts' [4096 x 3072] weights (0.8 GB) against 1,024 rows each, the
+    # shape of a 16K-token qwen3-235b MoE layer; they read far more weight bytes per FLOP
+    # than one large matmul, and on 2x H200 slowed 9-13% under pulls where it did not slow.
+    xe = torch.randn(32, 1024, 4096, device="cuda", dtype=torch.bfloat16)
+    we = torch.randn(32, 4096, 3072, device="cuda", dtype=torch.bfloat16)
+    return {"gemm": lambda: torch.mm(A, B), "experts": lambda: torch.bmm(xe, we),
+            "hbm": lambda: torch.mul(x, 1.5, out=y),
             "attention": lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True)}
 
 
@@ -234,13 +240,14 @@ def calibrate(models: list[str] = (), num_layers: int | None = None, log=print) 
                 "a2a_gbps": float(np.mean([r["a2a_gbps"] for r in ranks])),
                 "a2a_latency_us": float(np.mean([r["a2a_latency_us"] for r in ranks])),
                 "layer_jitter": layer_jitter_from_times([r["jitter_times"] for r in ranks])}
-        for kind in ("gemm", "hbm", "attention"):
+        for kind in ("gemm", "experts", "hbm", "attention"):
             comm[f"interference_{kind}"] = float(np.mean([r[f"interference_{kind}"] for r in ranks]))
         log("  pulls: single peer {pull_single_gbps:.0f} GB/s, all peers {pull_all_gbps:.0f} GB/s/rank; "
             "all-to-all {a2a_gbps:.0f} GB/s/rank, latency {a2a_latency_us:.0f} us".format(**comm))
-        log("  under all-peer pulls: GEMM {:.1%}, HBM-bound {:.1%}, attention {:.1%} slower; layer jitter "
-            "across ranks {:.2%}".format(comm["interference_gemm"], comm["interference_hbm"],
-                                         comm["interference_attention"], comm["layer_jitter"]))
+        log("  under all-peer pulls: GEMM {:.1%}, expert GEMMs {:.1%}, HBM-bound {:.1%}, attention {:.1%} slower; "
+            "layer jitter across ranks {:.2%}".format(comm["interference_gemm"], comm["interference_experts"],
+                                                      comm["interference_hbm"], comm["interference_attention"],
+                                                      comm["layer_jitter"]))
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     prof = HardwareProfile(
         name=f"{n}x {name}", source=f"measured on {platform.node()}, {datetime.date.today()}, torch {torch.__version__}",
@@ -252,6 +259,7 @@ def calibrate(models: list[str] = (), num_layers: int | None = None, log=print) 
     if n > 1:  # measured here; one GPU keeps the defaults (nothing to pull, no peer to drift from)
         prof.layer_jitter = comm["layer_jitter"]
         prof.interference_gemm = comm["interference_gemm"]
+        prof.interference_experts = comm["interference_experts"]
         prof.interference_hbm = comm["interference_hbm"]
         prof.interference_attn = comm["interference_attention"]
     for model in models:

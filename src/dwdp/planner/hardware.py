@@ -40,7 +40,8 @@ class HardwareProfile:
     interference: float = 0.07  # compute slowdown while pulls run (measured 1.06-1.15x on H200)
     # Per kind of kernel (``dwdp calibrate`` measures them; None: ``interference``): pulls take
     # HBM bandwidth at both ends, so HBM-bound kernels suffer most.
-    interference_gemm: float | None = None
+    interference_gemm: float | None = None  # dense projections
+    interference_experts: float | None = None  # grouped expert GEMMs (many weight bytes per FLOP)
     interference_hbm: float | None = None
     interference_attn: float | None = None
     layer_overhead_us: float = 300.0  # launches, host syncs, elementwise glue per layer

@@ -129,13 +129,13 @@ class CostModel:
 
     def experts_kinds(self, tokens_k: float, experts_held: int) -> dict[str, float]:
         """Routed experts over ``tokens_k`` (token, expert) pairs spread over ``experts_held``:
-        FLOP-bound (gemm) or weight-read-bound (hbm), whichever takes longer."""
+        FLOP-bound (experts) or weight-read-bound (hbm), whichever takes longer."""
         if tokens_k <= 0:
             return {}
         flops = 2.0 * tokens_k * 3 * self.cfg.hidden_size * self.cfg.moe_intermediate_size
         touched = expected_distinct(experts_held, tokens_k) * self.expert_bytes
         g, h = flops / self.expert_rate, touched / self.hbm_rate
-        return {"gemm": g} if g >= h else {"hbm": h}
+        return {"experts": g} if g >= h else {"hbm": h}
 
     def experts_part(self, tokens_k: float, experts_held: int) -> float:
         return sum(self.experts_kinds(tokens_k, experts_held).values())
@@ -144,7 +144,8 @@ class CostModel:
         """Factor on ``kinds``' time while pulls run beside it: per kind of work when the
         profile measured it (calibrate), else the one ``interference`` on everything."""
         hw = self.hw
-        per = {"gemm": hw.interference_gemm, "attn": hw.interference_attn, "hbm": hw.interference_hbm}
+        per = {"gemm": hw.interference_gemm, "experts": hw.interference_experts, "attn": hw.interference_attn,
+               "hbm": hw.interference_hbm}
         total = sum(kinds.values())
         if all(v is None for v in per.values()) or total <= 0:
             return 1.0 + hw.interference
