@@ -22,28 +22,31 @@ def test_paced_pull_ends_at_margin_of_the_window():
     assert window == pytest.approx(0.011) and full == pytest.approx(0.004)
     pace = r.pace(1000, 10**9)
     slices = -(-10**9 // (32 << 20))
-    # Before any paced pull is measured, a slice is assumed to cost twice its bytes' time.
-    prior = r.full_rate_s(32 << 20)
-    assert r.slice_overhead_s == pytest.approx(prior)
-    # Full-rate copy time plus one gap and one overhead per slice: the pull lands at 80%.
-    assert full + slices * (pace.gap_s + prior) == pytest.approx(0.8 * window)
+    # Planned: bytes at full rate, then per slice its gap and one slice's full-rate time.
+    assert r.planned_s(10**9, pace) == pytest.approx(full + slices * (pace.gap_s + r.full_rate_s(32 << 20)))
+    assert r.planned_s(10**9, pace) == pytest.approx(0.8 * window)
     # A window shorter than the full-rate pull: nothing to stretch.
     assert r.pace(300, 10**9) is None
 
 
-def test_slicing_overhead_is_learnt_from_paced_pulls_and_taken_off_the_gaps():
+def test_overrun_of_paced_pulls_is_learnt_and_planned_for():
     r = PullRates(margin=0.8, slice_bytes=10**8)
     r.observe(1000, [0.020], [(10**9, 0.004, None)])
-    first = r.pace(1000, 10**9)  # 10 slices of 0.4 ms at full rate; their cost assumed 0.4 ms each
-    assert 0.004 + 10 * (first.gap_s + 4e-4) == pytest.approx(0.016)
-    # That pull took 6 ms longer than bytes + gaps: 0.6 ms per slice, learnt.
-    r.observe(1000, [0.020], [(10**9, 0.004 + 10 * first.gap_s + 0.006, first)])
-    assert r.slice_overhead_s == pytest.approx(6e-4)
+    first = r.pace(1000, 10**9)
+    assert r.stretch == 1.0 and r.planned_s(10**9, first) == pytest.approx(0.016)
+    # That pull took 25% longer than planned (its gaps ran long): the next plan is shorter.
+    r.observe(1000, [0.020], [(10**9, 1.25 * 0.016, first)])
+    assert r.stretch == pytest.approx(1.25)
     second = r.pace(1000, 10**9)
-    assert 0.004 + 10 * (second.gap_s + 6e-4) == pytest.approx(0.016)  # lands at 80% again
-    # Overhead so large that even gap-less slices would be late: pull whole, at full rate.
-    r.observe(1000, [0.020], [(10**9, 0.004 + 10 * second.gap_s + 0.02, second)] * 20)
+    assert second.gap_s < first.gap_s
+    assert 1.25 * r.planned_s(10**9, second) == pytest.approx(0.016)  # lands at 80% again
+    # Overruns so large that even gap-less slices would be late: pull whole, at full rate,
+    # while the learnt overrun decays so that pacing is tried again later.
+    for _ in range(20):
+        r.observe(1000, [0.020], [(10**9, 4 * r.planned_s(10**9, second), second)])
     assert r.pace(1000, 10**9) is None
+    tries = [r.pace(1000, 10**9) for _ in range(40)]
+    assert any(t is not None for t in tries)
 
 
 def test_break_even_is_the_first_step_whose_window_hides_the_pull():

@@ -11,10 +11,11 @@ bandwidth at any moment. :class:`PullRates` learns both rates from the rank's ow
   consecutive MoE starts on the compute stream, less the time spent waiting for pulls
   there (so a too-slow pace cannot feed back into a longer window);
 * the full-rate pull bandwidth: bytes over copy-engine seconds of pulls issued unpaced;
-* what slicing itself costs: a paced pull takes longer than its bytes at full rate plus
-  its gaps (a slice copies slower than a whole block, each gap is a launch); measured on
-  2x H200 at 32 MiB slices, 0.1 ms per slice, which made the first version's pulls land
-  late. Learnt per slice from the paced pulls themselves and taken off the gaps.
+* how far paced pulls overrun their plan (``stretch``): a slice copies slower than a whole
+  block, each gap is a launch, and the gaps are clock-cycle spins that last longer when
+  the GPU clocks down; the first version planned with the full rate alone and its pulls
+  landed 60 ms late on 2x H200. The plan assumes one slice's full-rate time per slice and
+  is scaled by the measured overrun.
 
 :meth:`PullRates.pace` turns them into a :class:`Pace` (slices with idle gaps on the copy
 queue) so a pull ends at ``margin`` of the predicted window; :meth:`PullRates.break_even_tokens`
@@ -51,7 +52,7 @@ class PullRates:
         self.margin, self.slice_bytes, self.min_tokens = margin, slice_bytes, min_tokens
         self._per_token: deque[float] = deque(maxlen=history)
         self._bytes_per_s: deque[float] = deque(maxlen=history)
-        self._slice_overhead: deque[float] = deque(maxlen=history)
+        self._stretch: deque[float] = deque(maxlen=history)
 
     def observe(self, tokens: int, windows_s: list[float], pulls: list[tuple[int, float, Pace | None]]) -> None:
         """One finished step: its token count, the compute window of each MoE layer that had
@@ -64,24 +65,30 @@ class PullRates:
         if nbytes and secs > 0:
             self._bytes_per_s.append(nbytes / secs)
         for b, s, p in pulls:
-            full = self.full_rate_s(b)
-            if p is not None and s == s and full is not None:
-                n = self.slices(b, p.slice_bytes)
-                self._slice_overhead.append(max(0.0, (s - full - n * p.gap_s) / n))
+            planned = self.planned_s(b, p) if p is not None else None
+            if planned and s == s:
+                self._stretch.append(s / planned)
 
     @staticmethod
     def slices(nbytes: int, slice_bytes: int) -> int:
         return max(1, -(-nbytes // slice_bytes))
 
+    def planned_s(self, nbytes: int, pace: Pace) -> float | None:
+        """What a paced pull should take: its bytes at full rate, then per slice its gap and
+        the slicing cost (assumed one slice's full-rate time: a slice copies slower than a
+        whole block, and each gap is a launch; 2x H200 showed ~0.1 ms per 32 MiB slice)."""
+        full = self.full_rate_s(nbytes)
+        if full is None:
+            return None
+        return full + self.slices(nbytes, pace.slice_bytes) * (pace.gap_s + self.full_rate_s(pace.slice_bytes))
+
     @property
-    def slice_overhead_s(self) -> float:
-        """Extra seconds per slice of a paced pull beyond its bytes at full rate and its gap.
-        Before any paced pull is measured: one slice's full-rate time (what 2x H200 showed;
-        assuming none made the first paced step's pulls land 60 ms late)."""
-        s = sorted(self._slice_overhead)
-        if s:
-            return s[len(s) // 2]
-        return self.full_rate_s(self.slice_bytes) or 0.0
+    def stretch(self) -> float:
+        """Measured over planned duration of recent paced pulls (1.0 until one is measured).
+        Folds in whatever the plan misses: the gaps are spins counted in GPU clock cycles,
+        which last longer when the GPU clocks down under load."""
+        s = sorted(self._stretch)
+        return s[len(s) // 2] if s else 1.0
 
     def window_s(self, tokens: int) -> float | None:
         """Predicted compute window of one MoE layer at ``tokens``: the fastest per-token
@@ -98,11 +105,14 @@ class PullRates:
         window, full = self.window_s(tokens), self.full_rate_s(nbytes)
         if window is None or full is None or nbytes <= 0:
             return None
-        slices = self.slices(nbytes, self.slice_bytes)
-        spare = self.margin * window - full - slices * self.slice_overhead_s
+        n, stretch = self.slices(nbytes, self.slice_bytes), self.stretch
+        # stretch * (full + n * (gap + slice cost)) = margin * window
+        spare = self.margin * window / stretch - full - n * self.full_rate_s(self.slice_bytes)
         if spare <= 0.05 * full:  # within 5% of full rate: pacing buys nothing
+            if self._stretch:  # forget the stretch slowly, so a later step tries pacing again
+                self._stretch.append(1.0 + (stretch - 1.0) / 2)
             return None
-        return Pace(self.slice_bytes, spare / slices)
+        return Pace(self.slice_bytes, spare / n)
 
     def break_even_tokens(self, nbytes_per_layer: int) -> int | None:
         """Tokens a step needs for one layer's compute to hide one layer's full-rate pull."""
