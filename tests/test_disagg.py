@@ -150,6 +150,47 @@ def test_expert_parallel_decode_group_serves_like_transformers(ref_cases):
     assert all(not p.is_alive() for p in pool.procs) and all(p.exitcode == 0 for p in pool.procs)
 
 
+def test_dead_decode_rank_fails_its_requests_and_the_group_restarts(ref_cases):
+    """Issue 18: a decode rank dies mid-generation. The requests the group was decoding fail
+    with an error naming the rank (not a hang), health reads degraded while the group
+    restarts, a request prefilled meanwhile waits and then decodes exactly as transformers;
+    once the restarts are used up, health reads down."""
+    from dwdp.serve.decode_pool import DecodePoolSpec, SupervisedDecodePool
+    from dwdp.serve.worker import ServingWorker
+
+    ref = ref_cases["qwen3_moe"]
+    pool = SupervisedDecodePool(DecodePoolSpec(str(ref.path), 2, max_batch=2, max_context=256), max_restarts=1,
+                                ready_timeout_s=120)
+    worker = ServingWorker(ref.ours(), max_num_tokens=24, max_batch=2, decode=pool)
+    worker.start()
+    try:
+        long = worker.submit(ServeRequest([1, 2, 3], SamplingParams(max_tokens=200, temperature=0)))
+        _wait_for(lambda: pool.active and len(pool.active[0].tokens) > 3, 60, "decoding to start")
+        first = pool.pool
+        first.procs[1].kill()
+        events = []
+        while True:
+            kind, val = long.events.get(timeout=30)
+            events.append(kind)
+            if kind in ("done", "error"):
+                break
+        assert kind == "error" and "decode" in val and "rank" in val, val
+        assert worker.health()[0] == "degraded" and "restarting" in worker.health()[1]
+        _wait_for(lambda: all(not p.is_alive() for p in first.procs), 15, "the surviving rank reaped")
+        p, n = PROMPTS[0], 6
+        r = worker.submit(ServeRequest(p, SamplingParams(max_tokens=n, temperature=0)))  # may wait for the restart
+        want = ref.hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                               pad_token_id=0)[0, len(p):].tolist()
+        assert _collect(r, timeout=120) == (want, "length")
+        _wait_for(lambda: worker.health() == ("ok", None), 60, "health ok after the restart")
+        assert pool.pool is not first and pool.restarts == 1
+        pool.pool.procs[0].kill()  # restarts used up: down, with the reason
+        _wait_for(lambda: worker.health()[0] == "down", 30, "down")
+        assert "gave up after 1 restart" in worker.health()[1]
+    finally:
+        worker.stop(5)
+
+
 def test_a_group_that_cannot_start_says_why():
     """Both pools start through serve/rank_group.py: a rank that fails while starting ends
     the start-up with its reason."""

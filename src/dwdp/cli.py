@@ -527,12 +527,12 @@ def cmd_serve(args) -> int:
     tokenizer = load_tokenizer(args.model)
     decode = None
     if args.decode_ranks:
-        from .serve.decode_pool import DecodePool, DecodePoolSpec
+        from .serve.decode_pool import DecodePoolSpec, SupervisedDecodePool
 
         print(f"dwdp serve: starting an expert-parallel decode group of {args.decode_ranks} ranks", flush=True)
-        decode = DecodePool(DecodePoolSpec(args.model, args.decode_ranks, args.num_layers, args.dtype,
-                                           "cuda" if args.device.startswith("cuda") else "cpu", args.expert_dtype,
-                                           args.max_batch, args.max_context, args.seed))
+        decode = SupervisedDecodePool(DecodePoolSpec(
+            args.model, args.decode_ranks, args.num_layers, args.dtype, "cuda" if args.device.startswith("cuda") else "cpu",
+            args.expert_dtype, args.max_batch, args.max_context, args.seed))
     if args.prefill == "local":
         worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue,
                                intra_op_threads=args.threads, max_context=args.max_context, decode=decode)

@@ -12,12 +12,18 @@ back. :class:`DecodePool` is what the serving loop sees: the decode engine's int
 mirrors of the remote requests.
 
 A rank that dies takes the group down (its peers would block in the next all-to-all):
-the running requests fail with an error naming it; there is no restart yet.
+the running requests fail with an error naming it. :class:`SupervisedDecodePool` (what
+``dwdp serve --decode-ranks`` runs) then kills the survivors and restarts the group in the
+background, with back-off, at most ``max_restarts`` times; requests prefilled meanwhile
+wait for it (the model may not fit the server's device, so there is no local fallback),
+and health reads ``degraded`` until it is back, ``down`` once the restarts are used up.
 """
 
 from __future__ import annotations
 
 import queue
+import threading
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -198,3 +204,130 @@ class DecodePool(RankProcesses):
         for a in gone:
             self._drop(a.req.id)
         return [DecodeResult(a.req.id, a.tokens, "error", a.itl, msg) for a in gone]
+
+
+class SupervisedDecodePool:
+    """The decode engine interface over a :class:`DecodePool` that is restarted when a rank
+    dies (see the module docstring). ``factory(spec)`` builds a pool (tests inject one)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, spec: DecodePoolSpec, max_restarts: int = 3, factory=None, ready_timeout_s: float = 300.0):
+        self.spec, self.max_restarts = spec, max_restarts
+        self._factory = factory or (lambda s: DecodePool(s, ready_timeout_s))
+        self.pool: DecodePool | None = self._factory(spec)
+        self.max_context = self.pool.max_context
+        self.held: list[DecodeRequest] = []  # prefilled while the group restarts
+        self.waiting: list[_Active] = []
+        self.restarts = 0  # attempts made
+        self.degraded: str | None = None  # serving impaired (restarting): the reason
+        self.down: str | None = None  # restarts used up: the reason
+        self._thread: threading.Thread | None = None
+        self._result: tuple[DecodePool | None, str | None] | None = None
+        self._failures: list[DecodeResult] = []  # requests a death took down, not yet reported
+        self._closing = False
+
+    @property
+    def active(self) -> list[_Active]:
+        return self.pool.active if self.pool is not None else []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.active) or bool(self.held) or bool(self._failures)
+
+    def add(self, req: DecodeRequest) -> None:
+        if self.pool is not None and self.pool.dead():  # died while idle: its requests fail at the next poll
+            self._group_failed(self.pool.dead())
+        if self.down:
+            raise RuntimeError(self.down)
+        if self.pool is None:
+            self.held.append(req)
+        else:
+            self.pool.add(req)
+
+    def step(self, wait_s: float = 0.005) -> list[DecodeResult]:
+        """Tokens since the last call; when the group died, its running requests come back
+        as errors naming the rank (the loop fails them and goes on) and a restart begins."""
+        failed = self.supervise()
+        if self.pool is None:
+            time.sleep(wait_s)
+            return failed
+        try:
+            return failed + self.pool.step(wait_s)
+        except RuntimeError as e:
+            self._group_failed(str(e))
+            return failed + self.supervise()
+
+    def supervise(self) -> list[DecodeResult]:
+        """Notice a dead group (idle or not) and a finished restart; the requests a death
+        took down come back as error results."""
+        if self.pool is not None and self.pool.dead():
+            self._group_failed(self.pool.dead())
+        if self._thread is not None and not self._thread.is_alive():
+            self._thread = None
+            pool, err = self._result or (None, "the restart thread ended without a result")
+            if pool is None:
+                self._start_restart(f"restart failed: {err}")
+            else:
+                self.pool, self.degraded = pool, None
+                held, self.held = self.held, []
+                for req in held:
+                    pool.add(req)
+        out, self._failures = self._failures, []
+        return out
+
+    def _group_failed(self, reason: str) -> None:
+        pool, self.pool = self.pool, None
+        self._failures += pool.fail_active(f"decode group failed: {reason}")
+        pool.kill()  # its peers would block on the dead rank: reap them now
+        self._start_restart(reason)
+
+    def _start_restart(self, reason: str) -> None:
+        if self._closing:
+            return
+        if self.restarts >= self.max_restarts:
+            self.down = f"decode group down ({reason}); gave up after {self.restarts} restart(s)"
+            self.degraded = None
+            held, self.held = self.held, []
+            self._failures += [DecodeResult(r.id, [r.first_token], "error", [], self.down) for r in held]
+            return
+        self.restarts += 1
+        attempt = self.restarts
+        self.degraded = f"decode group down ({reason}); restarting it (attempt {attempt}/{self.max_restarts})"
+
+        def restart():
+            time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))  # back off: a rank that dies at start-up dies again
+            try:
+                pool = self._factory(self.spec)
+            except Exception as e:  # noqa: BLE001
+                self._result = (None, f"{type(e).__name__}: {e}")
+                return
+            if self._closing:
+                pool.close()
+                pool = None
+            self._result = (pool, None)
+
+        self._result = None
+        self._thread = threading.Thread(target=restart, name="dwdp-decode-restart", daemon=True)
+        self._thread.start()
+
+    def cancel(self, ids) -> list[DecodeResult]:
+        ids = set(ids)
+        out = [DecodeResult(r.id, [r.first_token], "cancelled", []) for r in self.held if r.id in ids]
+        self.held = [r for r in self.held if r.id not in ids]
+        return out + (self.pool.cancel(ids) if self.pool is not None else [])
+
+    def fail_active(self, msg: str) -> list[DecodeResult]:
+        held, self.held = self.held, []
+        out = [DecodeResult(r.id, [r.first_token], "error", [], msg) for r in held]
+        return out + (self.pool.fail_active(msg) if self.pool is not None else [])
+
+    def close(self) -> None:
+        self._closing = True
+        if self.pool is not None:
+            self.pool.close()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            pool, _ = self._result or (None, None)
+            if pool is not None:
+                pool.close()

@@ -216,6 +216,7 @@ class DisaggServingWorker(ServingWorker):
 
     # -- supervision --------------------------------------------------------------------
     def _supervise(self) -> None:
+        super()._supervise()
         if self.pool is not None and self.pool.dead():
             try:  # deliver what the group finished before the death; poll raises once drained
                 while True:

@@ -186,10 +186,12 @@ class ServingWorker(threading.Thread):
         """("ok" | "degraded" | "draining" | "down", reason)."""
         if self.failure:
             return "down", self.failure
+        if getattr(self.decode, "down", None):  # a decode group that could not be restarted
+            return "down", self.decode.down
         if self._draining:
             return "draining", "the server is shutting down"
-        if self.degraded:
-            return "degraded", self.degraded
+        if self.degraded or getattr(self.decode, "degraded", None):
+            return "degraded", self.degraded or self.decode.degraded
         return "ok", None
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -254,7 +256,10 @@ class ServingWorker(threading.Thread):
         self._fail_all(msg)
 
     def _supervise(self) -> None:
-        """Health checks run every iteration, idle or not (a remote prefill pool's ranks)."""
+        """Health checks run every iteration, idle or not (remote prefill / decode ranks)."""
+        if hasattr(self.decode, "supervise"):  # a decode group in other processes
+            for r in self.decode.supervise():
+                self._fail_request(r.id, r.error or "failed")
 
     def _apply_cancels(self) -> None:
         ids = set()
