@@ -22,7 +22,6 @@ and health reads ``degraded`` until it is back, ``down`` once the restarts are u
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -31,7 +30,7 @@ import torch
 from ..decode import DecodeRequest, DecodeResult, _Active
 from ..parallel.rank import RankSpec
 from ..parallel.strategies import DEP
-from .rank_group import RankProcesses, leave_group, rank_process
+from .rank_group import GroupRestarter, RankProcesses, leave_group, rank_process
 
 
 @dataclass
@@ -214,18 +213,19 @@ class SupervisedDecodePool:
 
     def __init__(self, spec: DecodePoolSpec, max_restarts: int = 3, factory=None, ready_timeout_s: float = 300.0):
         self.spec, self.max_restarts = spec, max_restarts
-        self._factory = factory or (lambda s: DecodePool(s, ready_timeout_s))
-        self.pool: DecodePool | None = self._factory(spec)
+        factory = factory or (lambda s: DecodePool(s, ready_timeout_s))
+        self.pool: DecodePool | None = factory(spec)
+        self._restarter = GroupRestarter(lambda: factory(spec), max_restarts, "decode")
         self.max_context = self.pool.max_context
         self.held: list[DecodeRequest] = []  # prefilled while the group restarts
         self.waiting: list[_Active] = []
-        self.restarts = 0  # attempts made
         self.degraded: str | None = None  # serving impaired (restarting): the reason
         self.down: str | None = None  # restarts used up: the reason
-        self._thread: threading.Thread | None = None
-        self._result: tuple[DecodePool | None, str | None] | None = None
         self._failures: list[DecodeResult] = []  # requests a death took down, not yet reported
-        self._closing = False
+
+    @property
+    def restarts(self) -> int:
+        return self._restarter.attempts
 
     @property
     def active(self) -> list[_Active]:
@@ -263,9 +263,9 @@ class SupervisedDecodePool:
         took down come back as error results."""
         if self.pool is not None and self.pool.dead():
             self._group_failed(self.pool.dead())
-        if self._thread is not None and not self._thread.is_alive():
-            self._thread = None
-            pool, err = self._result or (None, "the restart thread ended without a result")
+        done = self._restarter.poll()
+        if done is not None:
+            pool, err = done
             if pool is None:
                 self._start_restart(f"restart failed: {err}")
             else:
@@ -283,33 +283,14 @@ class SupervisedDecodePool:
         self._start_restart(reason)
 
     def _start_restart(self, reason: str) -> None:
-        if self._closing:
-            return
-        if self.restarts >= self.max_restarts:
-            self.down = f"decode group down ({reason}); gave up after {self.restarts} restart(s)"
+        if self._restarter.start():
+            self.degraded = (f"decode group down ({reason}); restarting it "
+                             f"(attempt {self._restarter.attempts}/{self.max_restarts})")
+        elif not self._restarter.closing:
+            self.down = f"decode group down ({reason}); gave up after {self._restarter.attempts} restart(s)"
             self.degraded = None
             held, self.held = self.held, []
             self._failures += [DecodeResult(r.id, [r.first_token], "error", [], self.down) for r in held]
-            return
-        self.restarts += 1
-        attempt = self.restarts
-        self.degraded = f"decode group down ({reason}); restarting it (attempt {attempt}/{self.max_restarts})"
-
-        def restart():
-            time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))  # back off: a rank that dies at start-up dies again
-            try:
-                pool = self._factory(self.spec)
-            except Exception as e:  # noqa: BLE001
-                self._result = (None, f"{type(e).__name__}: {e}")
-                return
-            if self._closing:
-                pool.close()
-                pool = None
-            self._result = (pool, None)
-
-        self._result = None
-        self._thread = threading.Thread(target=restart, name="dwdp-decode-restart", daemon=True)
-        self._thread.start()
 
     def cancel(self, ids) -> list[DecodeResult]:
         ids = set(ids)
@@ -323,11 +304,7 @@ class SupervisedDecodePool:
         return out + (self.pool.fail_active(msg) if self.pool is not None else [])
 
     def close(self) -> None:
-        self._closing = True
+        self._restarter.closing = True
         if self.pool is not None:
             self.pool.close()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-            pool, _ = self._result or (None, None)
-            if pool is not None:
-                pool.close()
+        self._restarter.close()

@@ -20,14 +20,13 @@ model is the whole model): the server keeps answering and ``/health`` reports
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from dataclasses import dataclass
 
 from ..engine import PrefillEngine, Request
 from ..parallel.rank import RankSpec
 from ..parallel.strategies import DWDP, get_strategy
-from .rank_group import RankProcesses, leave_group, rank_process
+from .rank_group import GroupRestarter, RankProcesses, leave_group, rank_process
 from .worker import ServeRequest, ServingWorker
 
 
@@ -177,11 +176,13 @@ class DisaggServingWorker(ServingWorker):
         self.pool: PrefillPool | None = pool
         self.spec = pool.spec
         self.max_pool_restarts = max_pool_restarts
-        self.pool_restarts = 0  # attempts made
-        self._pool_factory = pool_factory or PrefillPool
-        self._restart: threading.Thread | None = None
-        self._restart_result: tuple[PrefillPool | None, str | None] | None = None
-        self._closing = False
+        factory = pool_factory or PrefillPool
+        self._restarter = GroupRestarter(lambda: factory(self.spec), max_pool_restarts, "prefill")
+
+    @property
+    def pool_restarts(self) -> int:
+        """Restart attempts made."""
+        return self._restarter.attempts
 
     def _dispatch(self, req: ServeRequest) -> None:
         if self.pool is None:
@@ -224,9 +225,9 @@ class DisaggServingWorker(ServingWorker):
                         self._prefilled(rid, logits, kv, n)
             except RuntimeError as e:
                 self._pool_failed(str(e))
-        if self._restart is not None and not self._restart.is_alive():
-            self._restart = None
-            new, err = self._restart_result or (None, "restart thread ended without a result")
+        done = self._restarter.poll()
+        if done is not None:
+            new, err = done
             if new is not None:
                 self.pool = new
                 self.degraded = None
@@ -245,35 +246,16 @@ class DisaggServingWorker(ServingWorker):
         self._start_restart(reason)
 
     def _start_restart(self, reason: str) -> None:
-        if self._closing:
-            return
-        if self.pool_restarts >= self.max_pool_restarts:
-            self.degraded = (f"prefill group down ({reason}); gave up after {self.pool_restarts} restart(s), "
+        if self._restarter.start():
+            self.degraded = (f"prefill group down ({reason}); prefilling in the server process while restarting "
+                             f"it (attempt {self._restarter.attempts}/{self.max_pool_restarts})")
+        elif not self._restarter.closing:
+            self.degraded = (f"prefill group down ({reason}); gave up after {self._restarter.attempts} restart(s), "
                              "prefilling in the server process")
-            return
-        self.pool_restarts += 1
-        attempt = self.pool_restarts
-        self.degraded = (f"prefill group down ({reason}); prefilling in the server process while restarting it "
-                         f"(attempt {attempt}/{self.max_pool_restarts})")
-
-        def restart():
-            time.sleep(min(30.0, 0.5 * 2 ** (attempt - 1)))  # back off: a rank that dies at start-up dies again
-            try:
-                pool = self._pool_factory(self.spec)
-            except Exception as e:  # noqa: BLE001
-                self._restart_result = (None, f"{type(e).__name__}: {e}")
-                return
-            if self._closing:
-                pool.close()
-                pool = None
-            self._restart_result = (pool, None)
-
-        self._restart_result = None
-        self._restart = threading.Thread(target=restart, name="dwdp-prefill-restart", daemon=True)
-        self._restart.start()
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
-        self._closing = True
+        self._restarter.closing = True
         super().stop(drain_timeout_s)
         if self.pool is not None:
             self.pool.close()
+        self._restarter.close()

@@ -6,7 +6,8 @@ store the parent keeps open, one inbox queue per rank and one shared outbox, and
 until every rank has reported ``("ready", rank, value)`` (or fail with the reason a rank
 gave, or the exit code of the one that died). Rank side, :func:`rank_process` and
 :func:`leave_group`: the set-up, the error report the parent waits for, and the
-orderly exit.
+orderly exit. :class:`GroupRestarter`: a failed group rebuilt in the background, with
+back-off and a bounded number of attempts (both groups' supervisors use it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,64 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import queue
+import threading
 import time
+
+
+class GroupRestarter:
+    """Rebuild a rank group with ``factory()`` in a background thread, waiting 0.5, 1, 2 ...
+    s (at most 30) before attempt k: a rank that dies at start-up tends to die again.
+    At most ``max_attempts`` attempts over the restarter's life."""
+
+    def __init__(self, factory, max_attempts: int, what: str):
+        self.factory, self.max_attempts, self.what = factory, max_attempts, what
+        self.attempts = 0
+        self.closing = False
+        self._thread: threading.Thread | None = None
+        self._result: tuple[object | None, str | None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> bool:
+        """Begin the next attempt; False when they are used up (or closing)."""
+        if self.closing or self.attempts >= self.max_attempts:
+            return False
+        self.attempts += 1
+        delay = min(30.0, 0.5 * 2 ** (self.attempts - 1))
+
+        def attempt():
+            time.sleep(delay)
+            try:
+                group = self.factory()
+            except Exception as e:  # noqa: BLE001
+                self._result = (None, f"{type(e).__name__}: {e}")
+                return
+            if self.closing:  # the server stopped meanwhile
+                group.close()
+                group = None
+            self._result = (group, None)
+
+        self._result = None
+        self._thread = threading.Thread(target=attempt, name=f"dwdp-{self.what}-restart", daemon=True)
+        self._thread.start()
+        return True
+
+    def poll(self) -> tuple[object | None, str | None] | None:
+        """None while idle or still trying; else (the new group, None) or (None, why it failed)."""
+        if self._thread is None or self._thread.is_alive():
+            return None
+        self._thread = None
+        return self._result or (None, "the restart thread ended without a result")
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        self.closing = True
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+            group, _ = self._result or (None, None)
+            if group is not None:
+                group.close()
 
 
 class RankProcesses:
