@@ -64,9 +64,11 @@ class BenchSpec:
         return d
 
 
-def _peak_memory(device: torch.device) -> int:
+def _peak_memory(device: torch.device, runtime=None) -> int:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+        # Plus what lives outside the caching allocator (DWDP's peer-visible experts; before
+        # this, DWDP peaks were reported without its resident experts).
+        return torch.cuda.max_memory_allocated(device) + getattr(runtime, "outside_allocator_bytes", 0)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
@@ -163,7 +165,7 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
         steps=[asdict(s) for s in engine.steps],
         requests=[{"id": x.id, "prompt_len": x.prompt_len, "ttft_s": x.ttft, "next_token": x.next_token}
                   for x in results],
-        peak_memory_bytes=_peak_memory(ctx.device),
+        peak_memory_bytes=_peak_memory(ctx.device, rank.runtime),
         runtime=strategy.step_report(rank.runtime),
     )
     if spec.diagnostic:

@@ -217,6 +217,13 @@ class DWDPRuntime:
         self.step_stats.append(DWDPStepStats(sum(waits), sum(p.nbytes for p in st.pulls), secs,
                                              sum(p.pace is not None for p in st.pulls)))
 
+    @property
+    def outside_allocator_bytes(self) -> int:
+        """Device memory torch's caching allocator does not count: the resident experts live
+        in peer-visible (symmetric / IPC) memory, so max_memory_allocated() misses them."""
+        local = self.peer_memory.local
+        return local.numel() * local.element_size() if local.is_cuda else 0
+
     def memory_bytes(self) -> dict[str, int]:
         local = self.peer_memory.local
         slot_bytes = sum(s.numel() * s.element_size() for s in self.prefetcher.slots)
