@@ -31,7 +31,7 @@ from ..models.transformer import MoECausalLM
 from .copy_engine import CpuCopyEngine, CudaCopyEngine
 from .group import DWDPContext
 from .hooks import NO_HOOKS, RuntimeHooks
-from .pacing import PACINGS, Pace, PullRates
+from .pacing import PACINGS, Pace, PullRates, slice_copies
 from .placement import Placement
 from .prefetch import SlotPrefetcher
 from .transport import PeerMemory
@@ -331,20 +331,10 @@ def _layer_copy_plan(m: int, placement: Placement, rank: int, peer_memory: PeerM
     for pp in placement.pulls(rank):
         dst0 = pp.start if pp.start < lo else pp.start - placement.local
         src = peer_memory.peer(pp.peer)[m, pp.peer_offset:pp.peer_offset + pp.count]
-        dst = slot[dst0:dst0 + pp.count]
-        if slice_bytes:
-            per_row = src[0].numel() * src.element_size()
-            rows = max(1, slice_bytes // per_row)
-            copies = [(dst[i:i + rows], src[i:i + rows]) for i in range(0, pp.count, rows)]
-        else:
-            copies = [(dst, src)]
-        per_peer.append((copies, range(pp.start, pp.start + pp.count)))
+        per_peer.append(((slot[dst0:dst0 + pp.count], src), range(pp.start, pp.start + pp.count)))
     n = len(per_peer)
     start = rank % n if n else 0
     order = per_peer[start:] + per_peer[:start]
     if not slice_bytes:
-        return [c for c, _ in order], [[r] for _, r in order]
-    copies = []
-    for i in range(max((len(c) for c, _ in order), default=0)):
-        copies += [c[i] for c, _ in order if i < len(c)]
-    return [copies], [[r for _, r in order]]
+        return [[c] for c, _ in order], [[r] for _, r in order]
+    return [slice_copies([c for c, _ in order], slice_bytes)], [[r for _, r in order]]

@@ -127,10 +127,8 @@ def slice_copies(copies: list, slice_bytes: int) -> list:
     ``slice_bytes`` (at least one row), interleaved across copies so peers alternate."""
     pieces = []
     for dst, src in copies:
-        row = max(1, src[0].numel() * src.element_size()) if src.dim() and len(src) else 1
-        rows = max(1, slice_bytes // row)
-        pieces.append([(dst[i:i + rows], src[i:i + rows]) for i in range(0, len(src), rows)] if src.dim() else
-                      [(dst, src)])
+        rows = max(1, slice_bytes // max(1, src[0].numel() * src.element_size())) if len(src) else 1
+        pieces.append([(dst[i:i + rows], src[i:i + rows]) for i in range(0, len(src), rows)])
     out = []
     for i in range(max((len(p) for p in pieces), default=0)):
         out += [p[i] for p in pieces if i < len(p)]
