@@ -64,6 +64,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _tokens_left(queue) -> int:
+    """Prompt tokens of ``queue`` not prefilled yet."""
+    return sum(len(run.req.prompt) - run.done for run in queue)
+
+
 def step_budget(left: int, max_num_tokens: int, balance: bool) -> int:
     """Tokens the next step may take: MNT, or with ``balance`` an equal share of the
     ``left`` tokens over the fewest MNT-sized steps that hold them."""
@@ -120,8 +125,7 @@ class PrefillEngine:
     def plan_step(self, queue: deque[_Running], final: bool = False) -> list[tuple[_Running, int]]:
         """Take up to MNT tokens from the head of the queue, splitting the last prompt
         (``final``, with ``balance_tail``: an equal share of what is left, see __init__)."""
-        left = sum(len(run.req.prompt) - run.done for run in queue)
-        budget, plan = step_budget(left, self.max_num_tokens, final and self.balance_tail), []
+        budget, plan = step_budget(_tokens_left(queue), self.max_num_tokens, final and self.balance_tail), []
         for run in queue:
             if budget == 0:
                 break
@@ -170,7 +174,7 @@ class PrefillEngine:
 
     @property
     def queued_tokens(self) -> int:
-        return sum(len(run.req.prompt) - run.done for run in self.queue)
+        return _tokens_left(self.queue)
 
     @property
     def oldest_arrival(self) -> float | None:
@@ -253,6 +257,13 @@ class ShortStepHold:
 
     max_s: float
     min_tokens: Callable[[], int | None]
+
+    @classmethod
+    def for_runtime(cls, runtime, hold_ms: float) -> "ShortStepHold | None":
+        """The hold for a rank's strategy runtime: only one with a break-even size (DWDP:
+        it pulls per step), and only for a positive ``hold_ms``."""
+        break_even = getattr(runtime, "break_even_tokens", None)
+        return cls(hold_ms / 1e3, break_even) if break_even is not None and hold_ms > 0 else None
 
 
 class StepDriver:

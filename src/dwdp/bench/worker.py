@@ -118,8 +118,7 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
     mine_reqs = assign(requests, ctx.world_size, workload.assign)[ctx.rank]
     sync = lockstep_sync(ctx) if strategy.lockstep else None
 
-    break_even = getattr(rank.runtime, "break_even_tokens", None)  # DWDP only: it pulls per step
-    hold = ShortStepHold(spec.hold_ms / 1e3, break_even) if break_even and spec.hold_ms > 0 else None
+    hold = ShortStepHold.for_runtime(rank.runtime, spec.hold_ms)
 
     def drive(engine, reqs, progress=False):
         driver = StepDriver(engine, ArrivalSource(reqs, engine.validate), sync, hold=hold)

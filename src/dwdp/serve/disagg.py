@@ -99,10 +99,8 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
         prefill_rank = build_rank(spec.rank_spec(group), ctx)
         runtime = prefill_rank.runtime
         engine = PrefillEngine(prefill_rank.model, spec.max_num_tokens, keep_kv=True)
-        break_even = getattr(runtime, "break_even_tokens", None)  # DWDP only: it pulls per step
         driver = StepDriver(engine, _Inbox(inq), lockstep_sync(ctx) if strategy.lockstep else None,
-                            idle_poll_s=0.002,
-                            hold=ShortStepHold(spec.hold_ms / 1e3, break_even) if break_even else None)
+                            idle_poll_s=0.002, hold=ShortStepHold.for_runtime(runtime, spec.hold_ms))
         outq.put(("ready", rank, None))
         while (results := driver.step_once()) is not None:
             engine.steps.clear()  # a server runs for days: keep no per-step history here
