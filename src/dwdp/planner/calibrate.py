@@ -181,36 +181,44 @@ def layer_jitter_from_times(per_rank: list[list[float]]) -> float:
     return float(np.mean(t.std(axis=0, ddof=1) / t.mean(axis=0)) / c4)
 
 
+def _timed_shapes(net, cfg, shapes, device="cuda"):
+    """Time one step of ``net`` per shape (lists of sequence lengths the model's context
+    allows); yields (lengths, seconds, dense GEMM FLOPs, expert FLOPs, attention FLOPs)."""
+    from ..batch import PackedBatch
+    from ..ceilings import time_cuda
+    from .model import layer_work
+
+    for lens in shapes:
+        if max(lens) > cfg.max_position_embeddings:
+            continue
+        batch = PackedBatch.from_sequences([[1] * n for n in lens], device)
+        batch.meta()
+        with torch.no_grad():
+            t = time_cuda(lambda: net(batch), warmup=2, iters=3)
+        dense = experts = attn = 0.0
+        for layer in range(cfg.num_layers):
+            w = layer_work(cfg, layer, lens, [0] * len(lens))
+            dense, experts, attn = dense + w.gemm_flops, experts + w.expert_flops, attn + w.attn_flops
+        yield lens, t, dense, experts, attn
+
+
 def fit_model(model: str, num_layers: int | None, peak_tflops: float, hbm_gbps: float,
               fp8_tflops: float | None = None) -> dict:
     """Time one-GPU steps of ``model`` (every expert local) at several shapes and fit
     step = sum over layers of (GEMM FLOPs / (gemm_eff peak) + attention FLOPs / (attn_eff
     peak) + overhead) by least squares."""
-    from ..batch import PackedBatch
-    from ..ceilings import time_cuda
     from ..models import build_model, init_random
     from ..presets import resolve_model
-    from .model import layer_work
 
     cfg, _ = resolve_model(model, num_layers)
     net = init_random(build_model(cfg, torch.bfloat16, "cuda"), 0)
     shapes = [[256], [2048], [4096] * 4, [16384], [8192] * 2, [1024] * 8]
-    rows, ts = [], []
-    for lens in shapes:
-        if max(lens) > cfg.max_position_embeddings:
-            continue
-        batch = PackedBatch.from_sequences([[1] * n for n in lens], "cuda")
-        batch.meta()
-        with torch.no_grad():
-            t = time_cuda(lambda: net(batch), warmup=2, iters=3)
-        g = a = 0.0
-        for layer in range(cfg.num_layers):
-            w = layer_work(cfg, layer, lens, [0] * len(lens))
-            g += w.gemm_flops + w.expert_flops
-            a += w.attn_flops
-        rows.append([g / (peak_tflops * 1e12), a / (peak_tflops * 1e12), cfg.num_layers,
+    rows, ts, used = [], [], []
+    for lens, t, dense, experts, attn in _timed_shapes(net, cfg, shapes):
+        rows.append([(dense + experts) / (peak_tflops * 1e12), attn / (peak_tflops * 1e12), cfg.num_layers,
                      sum(lens) * cfg.num_layers / (hbm_gbps * 1e9)])
         ts.append(t)
+        used.append(lens)
     A, y = np.array(rows), np.array(ts)
     coef = np.linalg.lstsq(A, y, rcond=None)[0]
     keep = list(range(4))
@@ -222,7 +230,7 @@ def fit_model(model: str, num_layers: int | None, peak_tflops: float, hbm_gbps: 
     fit = {"gemm_eff": 1 / coef[0] if coef[0] > 0 else 1.0, "attn_eff": 1 / coef[1] if coef[1] > 0 else 1.0,
            "layer_overhead_us": coef[2] * 1e6, "bytes_per_token_layer": coef[3],
            "samples": [{"lengths": s, "measured_s": float(t), "fit_s": float(p)}
-                       for s, t, p in zip(shapes, ts, pred)]}
+                       for s, t, p in zip(used, ts, pred)]}
     if fp8_tflops:
         del net
         torch.cuda.empty_cache()
@@ -230,29 +238,16 @@ def fit_model(model: str, num_layers: int | None, peak_tflops: float, hbm_gbps: 
     return fit
 
 
-def _fit_fp8_experts(cfg, coef, peak_tflops: float, fp8_tflops: float, hbm_gbps: float) -> dict:
+def _fit_fp8_experts(cfg, coef, peak_tflops: float, fp8_tflops: float, hbm_gbps: float, device="cuda") -> dict:
     """The same model with FP8 experts (our block-scaled kernel): keep the bf16 fit for
     everything else and solve each large step for the expert GEMMs' fraction of the FP8
     peak; their median is ``fp8_gemm_eff`` (without it FP8 runs were predicted 12-22% fast
     on 2x H200: the bf16 GEMM fraction does not carry over to the FP8 kernel)."""
-    from ..batch import PackedBatch
-    from ..ceilings import time_cuda
     from ..models import build_model, init_random
-    from .model import layer_work
 
-    net = init_random(build_model(cfg, torch.bfloat16, "cuda", expert_dtype="fp8"), 0)
+    net = init_random(build_model(cfg, torch.bfloat16, device, expert_dtype="fp8"), 0)
     effs, samples = [], []
-    for lens in ([16384], [8192] * 2, [4096] * 4):
-        if max(lens) > cfg.max_position_embeddings:
-            continue
-        batch = PackedBatch.from_sequences([[1] * n for n in lens], "cuda")
-        batch.meta()
-        with torch.no_grad():
-            t = time_cuda(lambda: net(batch), warmup=2, iters=3)
-        dense = experts = attn = 0.0
-        for layer in range(cfg.num_layers):
-            w = layer_work(cfg, layer, lens, [0] * len(lens))
-            dense, experts, attn = dense + w.gemm_flops, experts + w.expert_flops, attn + w.attn_flops
+    for lens, t, dense, experts, attn in _timed_shapes(net, cfg, ([16384], [8192] * 2, [4096] * 4), device):
         rest = (dense * coef[0] + attn * coef[1]) / (peak_tflops * 1e12) + coef[2] * cfg.num_layers \
             + coef[3] * sum(lens) * cfg.num_layers / (hbm_gbps * 1e9)
         if experts and t > rest:
