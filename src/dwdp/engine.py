@@ -78,6 +78,20 @@ def step_budget(left: int, max_num_tokens: int, balance: bool) -> int:
     return -(-left // steps)
 
 
+def take_chunks(remaining: list[int], max_num_tokens: int, balance: bool = False) -> list[int]:
+    """The scheduler's packing rule, on numbers alone (the engine and the planner both use
+    it): FIFO over requests with ``remaining`` prompt tokens each, up to the step budget
+    (:func:`step_budget`), the last request taken split (chunked prefill). Returns the
+    tokens taken from each of the first requests."""
+    budget, takes = step_budget(sum(remaining), max_num_tokens, balance), []
+    for left in remaining:
+        if budget == 0:
+            break
+        takes.append(min(left, budget))
+        budget -= takes[-1]
+    return takes
+
+
 class PrefillEngine:
     """One rank's prefill scheduler: a FIFO of admitted requests, stepped under an MNT budget.
 
@@ -125,14 +139,9 @@ class PrefillEngine:
     def plan_step(self, queue: deque[_Running], final: bool = False) -> list[tuple[_Running, int]]:
         """Take up to MNT tokens from the head of the queue, splitting the last prompt
         (``final``, with ``balance_tail``: an equal share of what is left, see __init__)."""
-        budget, plan = step_budget(_tokens_left(queue), self.max_num_tokens, final and self.balance_tail), []
-        for run in queue:
-            if budget == 0:
-                break
-            n = min(len(run.req.prompt) - run.done, budget)
-            plan.append((run, n))
-            budget -= n
-        return plan
+        takes = take_chunks([len(run.req.prompt) - run.done for run in queue], self.max_num_tokens,
+                            final and self.balance_tail)
+        return list(zip(queue, takes))
 
     def run_step(self, plan: list[tuple[_Running, int]]) -> list[_Running]:
         """One forward over the planned chunks; returns the requests it finished."""

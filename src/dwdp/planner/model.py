@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..config import ModelConfig
-from ..engine import step_budget
+from ..engine import take_chunks
 from ..flops import attention_proj_params
 from ..parallel.placement import Placement
 from ..parallel.strategies import DEP, DP, DWDP
@@ -331,16 +331,9 @@ def pack_steps(lengths: list[int], mnt: int, balance_tail: bool = False) -> list
     queue = [[n, 0] for n in lengths]  # [length, done]
     steps = []
     while queue:
-        budget = step_budget(sum(n - d for n, d in queue), mnt, balance_tail)
-        seqs, prefix = [], []
-        for item in queue:
-            if budget == 0:
-                break
-            take = min(item[0] - item[1], budget)
-            seqs.append(take)
-            prefix.append(item[1])
-            budget -= take
-        for item, take in zip(queue[:len(seqs)], seqs):
+        seqs = take_chunks([n - d for n, d in queue], mnt, balance_tail)
+        prefix = [d for _, d in queue[:len(seqs)]]
+        for item, take in zip(queue, seqs):
             item[1] += take
         queue = [it for it in queue if it[1] < it[0]]
         steps.append((seqs, prefix))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..engine import step_budget
+from ..engine import take_chunks
 from ..parallel.placement import Placement
 from ..parallel.strategies import DEP, DP, DWDP
 from .model import CostModel, DEPRouting, dep_step
@@ -48,18 +48,10 @@ class _RankQueue:
         return not self.queue and not self.pending
 
     def pack(self, mnt: int, balance_tail: bool = False) -> tuple[list[int], list[int], list[_Req]]:
-        left = sum(r.length - r.done for r in self.queue)
-        budget = step_budget(left, mnt, balance_tail and not self.pending)  # the engine's final steps
-        seqs, prefix, chunks = [], [], []
-        for r in self.queue:
-            if budget == 0:
-                break
-            take = min(r.length - r.done, budget)
-            seqs.append(take)
-            prefix.append(r.done)
-            chunks.append(r)
-            budget -= take
-        return seqs, prefix, chunks
+        # balance_tail applies once nothing more is coming, as in the engine's final steps.
+        seqs = take_chunks([r.length - r.done for r in self.queue], mnt, balance_tail and not self.pending)
+        chunks = self.queue[:len(seqs)]
+        return seqs, [r.done for r in chunks], chunks
 
     def finish(self, chunks: list[_Req], seqs: list[int], end: float, ttft: list[float]) -> None:
         for r, take in zip(chunks, seqs):
