@@ -177,3 +177,40 @@ def allreduce_worker(group_size: int) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return int(t)
+
+
+def gpu_ship_worker(group_size: int, model_spec: str, lengths: list[int], cap: int) -> dict:
+    """GPU: the same step pulled and shipped (bf16), a step over the cap (pulls), then rank 1
+    stops serving and rank 0's shipped step must raise a timeout. Returns errors and flags."""
+    ctx = init_dwdp_groups(group_size, "cuda", timeout_s=120)
+    spec = RankSpec(model=model_spec, strategy="dwdp", device="cuda", group_size=group_size, short_steps="ship",
+                    ship_max_tokens=cap, peer_timeout_s=3.0)
+    rank = build_rank(spec, ctx)
+    model, rt = rank.model, rank.runtime
+    g = torch.Generator().manual_seed(ctx.group_rank)
+    out = {"rel_err": [], "shipped": []}
+    for T in lengths:
+        batch = PackedBatch.from_sequences([torch.randint(0, 500, (T,), generator=g).tolist()])
+        rt.short_steps = "pull"
+        want = model(batch).logits.float()
+        rt.short_steps = "ship"
+        got = model(batch).logits.float()
+        out["rel_err"].append(float((got - want).norm() / want.norm()))
+        out["shipped"].append(rt.step_stats[-1].shipped_bytes > 0)
+    dist.barrier()
+    if ctx.group_rank == 1:
+        rt.shipper._stop.set()  # stops serving at once (close() would wait for rank 0)
+        rt.shipper._thread.join()
+    dist.barrier()
+    if ctx.group_rank == 0:
+        t0 = time.monotonic()
+        try:
+            model(PackedBatch.from_sequences([[1, 2, 3, 4]]))
+            out["timeout"] = ("no error", time.monotonic() - t0)
+        except Exception as e:  # noqa: BLE001 - the test reads the message
+            out["timeout"] = (f"{type(e).__name__}: {e}", time.monotonic() - t0)
+    dist.barrier()
+    rt.shipper.timeout_s = 1.0  # the peers are gone or stopped: do not wait long at close
+    rt.close()
+    dist.destroy_process_group()
+    return out

@@ -191,7 +191,7 @@ class DWDPRuntime:
     def ships(self, tokens: int) -> bool:
         """Whether a step of ``tokens`` tokens ships instead of pulling: ``short_steps="ship"``,
         every step that fits the boxes; ``"auto"``, those below the measured break-even size."""
-        if self.shipper is None or not self.shipper.fits(tokens):
+        if self.shipper is None or self.short_steps == "pull" or not self.shipper.fits(tokens):
             return False
         if self.short_steps == "ship":
             return True

@@ -87,6 +87,11 @@ class TokenShipper:
         self.stats = ShipStats()
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        if self.cuda:  # compile the counter kernels here, not in two threads at once
+            probe = torch.zeros(1, dtype=torch.int64, device=dev)
+            signal_set(probe, 1, self.status)
+            signal_wait(probe, 1, self.status, 1.0)
+            torch.cuda.synchronize(dev)
         self._thread = threading.Thread(target=self._serve_loop, name="dwdp-ship", daemon=True)
         self._thread.start()
 
