@@ -54,6 +54,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
                    help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE "
                         "(less HBM taken from the compute it overlaps; rates measured on the run's own steps)")
+    d.add_argument("--short-steps", default="pull", choices=["pull", "ship", "auto"],
+                   help="DWDP steps too short to hide their pulls: pull (default), ship = every step of at most "
+                        "--ship-max-tokens sends its tokens to the experts' owners instead, auto = those below the "
+                        "measured break-even size ship")
+    d.add_argument("--ship-max-tokens", type=int, default=2048, help="largest step that may ship (default 2048)")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
     d.add_argument("--local-experts", "-L", type=int, default=None,
                    help="experts each rank keeps per MoE layer (default: the smallest valid L)")
@@ -83,7 +88,8 @@ def _rank_spec(args, strategy: str = DP, group_size: int = 1):
                     local_experts=getattr(args, "local_experts", None),
                     expert_dtype=getattr(args, "expert_dtype", "auto"), slice_mb=getattr(args, "slice_mb", None),
                     copy_streams=getattr(args, "copy_streams", 1), pull_pacing=getattr(args, "pull_pacing", "off"),
-                    seed=args.seed,
+                    short_steps=getattr(args, "short_steps", "pull"),
+                    ship_max_tokens=getattr(args, "ship_max_tokens", 2048), seed=args.seed,
                     max_num_tokens=args.max_num_tokens, peer_timeout_s=getattr(args, "peer_timeout", 60.0))
 
 
@@ -270,7 +276,7 @@ def cmd_bench(args) -> int:
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
                      slice_mb=args.slice_mb, copy_streams=args.copy_streams, pull_pacing=args.pull_pacing,
-                     hold_ms=args.hold_ms,
+                     short_steps=args.short_steps, ship_max_tokens=args.ship_max_tokens, hold_ms=args.hold_ms,
                      expert_dtype=args.expert_dtype,
                      dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
                      seed=args.seed,
@@ -629,6 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
     bench.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
                        help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE")
+    bench.add_argument("--short-steps", default="pull", choices=["pull", "ship", "auto"],
+                       help="DWDP steps too short to hide their pulls: pull (default), ship = every step of at most "
+                        "--ship-max-tokens sends its tokens to the experts' owners instead, auto = those below the "
+                        "measured break-even size ship")
+    bench.add_argument("--ship-max-tokens", type=int, default=2048, help="largest step that may ship (default 2048)")
     bench.add_argument("--hold-ms", type=float, default=3.0,
                        help="DWDP with timed arrivals (--rate, traces): hold a step below the measured break-even "
                             "size up to this long for more requests (default 3; 0: never)")
