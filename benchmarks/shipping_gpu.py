@@ -32,8 +32,8 @@ from dwdp.parallel.launch import spawn_local
 from dwdp.parallel.rank import RankSpec, build_rank
 
 
-def _batch(T: int, vocab: int, g: torch.Generator) -> PackedBatch:
-    return PackedBatch.from_sequences([torch.randint(0, vocab, (T,), generator=g).tolist()])
+def _batch(T: int, vocab: int, g: torch.Generator, device) -> PackedBatch:
+    return PackedBatch.from_sequences([torch.randint(0, vocab, (T,), generator=g).tolist()], device)
 
 
 def _step(model, batch) -> float:
@@ -57,15 +57,15 @@ def rank_main(N: int, args: dict) -> dict:
         g = torch.Generator().manual_seed(100 + me)
         res: dict = {"break_even_tokens": None}
         # Same step both ways: the shipped step sums the MoE shares in another order.
-        b = _batch(300, vocab, g)
+        b = _batch(300, vocab, g, ctx.device)
         with torch.no_grad():
             rt.short_steps = "pull"
             want = model(b).logits.float()
             rt.short_steps = "ship"
             got = model(b).logits.float()
         res["ship_vs_pull_rel_err"] = float((got - want).norm() / want.norm())
-        batches = {T: _batch(T, vocab, g) for T in args["lengths"]}
-        long_batch = _batch(args["long"], vocab, g)
+        batches = {T: _batch(T, vocab, g, ctx.device) for T in args["lengths"]}
+        long_batch = _batch(args["long"], vocab, g, ctx.device)
         with torch.no_grad():
             for T, bt in batches.items():  # warm every shape both ways (Triton compiles, autotune)
                 for mode in ("pull", "ship"):

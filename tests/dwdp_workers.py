@@ -190,7 +190,7 @@ def gpu_ship_worker(group_size: int, model_spec: str, lengths: list[int], cap: i
     g = torch.Generator().manual_seed(ctx.group_rank)
     out = {"rel_err": [], "shipped": []}
     for T in lengths:
-        batch = PackedBatch.from_sequences([torch.randint(0, 500, (T,), generator=g).tolist()])
+        batch = PackedBatch.from_sequences([torch.randint(0, 500, (T,), generator=g).tolist()], ctx.device)
         rt.short_steps = "pull"
         want = model(batch).logits.float()
         rt.short_steps = "ship"
@@ -205,7 +205,7 @@ def gpu_ship_worker(group_size: int, model_spec: str, lengths: list[int], cap: i
     if ctx.group_rank == 0:
         t0 = time.monotonic()
         try:
-            model(PackedBatch.from_sequences([[1, 2, 3, 4]]))
+            model(PackedBatch.from_sequences([[1, 2, 3, 4]], ctx.device))
             out["timeout"] = ("no error", time.monotonic() - t0)
         except Exception as e:  # noqa: BLE001 - the test reads the message
             out["timeout"] = (f"{type(e).__name__}: {e}", time.monotonic() - t0)
