@@ -40,10 +40,7 @@ except ImportError:  # pragma: no cover - depends on the install
     signal_set = signal_wait = None
 
 SHORT_STEPS = ("pull", "ship", "auto")  # what a step below the break-even size does
-# Rows of the counters: tokens in (owner side), results out (requester side), and the token
-# count of the requester's current step (owner side, read on the device).
-IN, OUT, TOKENS = 0, 1, 2
-QUEUED_STEPS = 2  # CUDA: shipped steps an owner keeps queued ahead for each requester
+IN, OUT = 0, 1  # rows of the flag counters: tokens in (owner side), results out (requester side)
 
 
 @dataclass
@@ -77,9 +74,9 @@ class TokenShipper:
         pend = [PeerMemory.allocate((W, max_tokens, hidden), act_dtype, dev, g),       # inbox: tokens
                 PeerMemory.allocate((W, max_tokens, 2 * top_k), torch.float32, dev, g),  # inbox: ids | weights
                 PeerMemory.allocate((W, max_tokens, hidden), act_dtype, dev, g),       # outbox: results
-                PeerMemory.allocate((3, W), torch.int64, dev, g),                      # counters
+                PeerMemory.allocate((2, W), torch.int64, dev, g),                      # counters
                 PeerMemory.allocate((W, 3), torch.int64, torch.device("cpu"), g)]  # mailbox: tokens, step, closing
-        for p in pend:  # zeros: rows past a step's tokens are read (and discarded) on the device
+        for p in pend[3:]:
             p.local.zero_()
         self.inbox_x, self.inbox_route, self.outbox, self.flags, self.mailbox = [p.connect() for p in pend]
         # CUDA: nonzero once a device wait timed out (requester role: 1 + the late owner; owner
@@ -90,14 +87,10 @@ class TokenShipper:
         self.stats = ShipStats()
         self.error: BaseException | None = None
         self._stop = threading.Event()
-        if self.cuda:  # compile the kernels here, not in two threads at once
+        if self.cuda:  # compile the counter kernels here, not in two threads at once
             probe = torch.zeros(1, dtype=torch.int64, device=dev)
             signal_set(probe, 1, self.status)
             signal_wait(probe, 1, self.status, 1.0)
-            seg = segments[0] if segments else None
-            for rows in ((1, max_tokens) if seg is not None else ()):
-                ids = torch.randint(seg.start, seg.start + seg.count, (rows, top_k), device=dev)
-                subset_experts_forward(self.inbox_x.local[0, :rows], ids, torch.rand(rows, top_k, device=dev), seg)
             torch.cuda.synchronize(dev)
         self._thread = threading.Thread(target=self._serve_loop, name="dwdp-ship", daemon=True)
         self._thread.start()
@@ -150,8 +143,6 @@ class TokenShipper:
         T, v = x.shape[0], self._value(self.step, m)
         route = torch.cat([topk_ids.to(torch.float32), topk_weights.to(torch.float32)], dim=1)
         for p in self.owners:
-            if m == 0:
-                self.flags.peer(p)[TOKENS, self.me:self.me + 1].fill_(T)
             self.inbox_x.peer(p)[self.me, :T].copy_(x)
             self.inbox_route.peer(p)[self.me, :T].copy_(route)
             self._set(self.flags.peer(p)[IN, self.me:self.me + 1], v, self.status)
@@ -179,82 +170,62 @@ class TokenShipper:
 
     # ------------------------------------------------------------------ owner
     def _serve_loop(self) -> None:
+        """Serve every requester's layers as their tokens arrive, never blocking on one
+        requester while another waits (with three or more ranks that would deadlock)."""
+        seen = {r: 0 for r in self.clients}
+        active: dict[int, list[int]] = {}  # requester -> [step, tokens, next layer] (CPU)
         try:
+            if self.cuda:
+                torch.cuda.set_device(self.device)
+                # One stream per requester (a stream waiting on one must not hold up another),
+                # ahead of this rank's own kernels.
+                streams = {r: torch.cuda.Stream(self.device, priority=-1) for r in self.clients}
             with torch.no_grad():  # grad mode is per thread
-                if self.cuda:
-                    self._serve_loop_cuda()
-                else:
-                    self._serve_loop_cpu()
+                while not self._stop.is_set():
+                    served = False
+                    for r in self.clients:
+                        step = int(self.mailbox.local[r, 1])
+                        if r not in active and step != seen[r]:
+                            seen[r] = step
+                            active[r] = [step, int(self.mailbox.local[r, 0]), 0]
+                        if r not in active:
+                            continue
+                        step, T, m = active[r]
+                        if self.cuda:  # queue the whole step, each layer behind a device wait
+                            with torch.cuda.stream(streams[r]):
+                                for m in range(self.M):
+                                    v = self._value(step, m)
+                                    signal_wait(self.flags.local[IN, r:r + 1], v, self.serve_status[r:r + 1],
+                                                self.timeout_s * 10, 1)
+                                    self._serve_layer(r, T, m, v)
+                            m = self.M
+                        else:
+                            while m < self.M and int(self.flags.local[IN, r]) >= self._value(step, m):
+                                self._serve_layer(r, T, m, self._value(step, m))
+                                m, served = m + 1, True
+                        if m == self.M:
+                            del active[r]
+                        else:
+                            active[r][2] = m
+                    if not served:
+                        time.sleep(self.poll_s)
         except BaseException as e:  # noqa: BLE001 - surfaced on the main thread by check()
             if not self._stop.is_set():
                 self.error = e
 
-    def _serve_loop_cuda(self) -> None:
-        """Keep each requester's next steps queued on the device, so no host is on the
-        path of a shipped layer: every layer waits on the device for its tokens, computes
-        over the boxes' full size with the token count read on the device, and answers. A
-        requester's step announcement only tells this thread to top the queue up."""
-        torch.cuda.set_device(self.device)
-        # One stream per requester (a stream waiting on one must not hold up another),
-        # ahead of this rank's own kernels.
-        self._streams = {r: torch.cuda.Stream(self.device, priority=-1) for r in self.clients}
-        queued = {r: 0 for r in self.clients}
-        while not self._stop.is_set():
-            for r in self.clients:
-                announced = int(self.mailbox.local[r, 1])
-                while queued[r] < announced + QUEUED_STEPS and not self._stop.is_set():
-                    queued[r] += 1
-                    with torch.cuda.stream(self._streams[r]):
-                        for m in range(self.M):
-                            v = self._value(queued[r], m)
-                            # No timeout: a requester may not ship for hours; close() releases it.
-                            signal_wait(self.flags.local[IN, r:r + 1], v, self.serve_status[r:r + 1], 1e9, 1)
-                            self._serve_layer(r, None, m, v)
-            time.sleep(self.poll_s)
-
-    def _serve_loop_cpu(self) -> None:
-        """Serve every requester's layers as their tokens arrive, never blocking on one
-        requester while another waits (with three or more ranks that would deadlock)."""
-        seen = {r: 0 for r in self.clients}
-        active: dict[int, list[int]] = {}  # requester -> [step, tokens, next layer]
-        while not self._stop.is_set():
-            served = False
-            for r in self.clients:
-                step = int(self.mailbox.local[r, 1])
-                if r not in active and step != seen[r]:
-                    seen[r] = step
-                    active[r] = [step, int(self.mailbox.local[r, 0]), 0]
-                if r not in active:
-                    continue
-                step, T, m = active[r]
-                while m < self.M and int(self.flags.local[IN, r]) >= self._value(step, m):
-                    self._serve_layer(r, T, m, self._value(step, m))
-                    m, served = m + 1, True
-                if m == self.M:
-                    del active[r]
-                else:
-                    active[r][2] = m
-            if not served:
-                time.sleep(self.poll_s)
-
-    def _serve_layer(self, r: int, T: int | None, m: int, v: int) -> None:
-        """Requester r's tokens of layer m through this rank's experts; the share back to r.
-        ``T`` None: the count is on the device (CUDA), rows past it route to no expert."""
+    def _serve_layer(self, r: int, T: int, m: int, v: int) -> None:
+        """Requester r's tokens of layer m through this rank's experts; the share back to r."""
         K, seg = self.K, self.segments[m]
-        rows = self.cap if T is None else T
-        route = self.inbox_route.local[r, :rows]
-        x, ids, w = self.inbox_x.local[r, :rows], route[:, :K].to(torch.int64), route[:, K:]
-        if T is None:
-            live = torch.arange(rows, device=x.device) < self.flags.local[TOKENS, r]
-            ids = torch.where(live.unsqueeze(1), ids, -1)
+        route = self.inbox_route.local[r, :T]
+        x, ids, w = self.inbox_x.local[r, :T], route[:, :K].to(torch.int64), route[:, K:]
         y = None
         for start, off, n in self.serves[r]:
             part = ExpertSegment(start, *[t[off:off + n] if t is not None else None
                                           for t in (seg.w13, seg.w2, seg.w13_scale, seg.w2_scale)])
             share = subset_experts_forward(x, ids, w, part)
             y = share if y is None else y + share
-        self.outbox.peer(r)[self.me, :rows].copy_(y)
-        # CUDA: skipped once this rank closed (the requester then times out instead of reading garbage).
+        self.outbox.peer(r)[self.me, :T].copy_(y)
+        # CUDA: not after a timed-out wait (the requester then times out instead of reading garbage).
         self._set(self.flags.peer(r)[OUT, self.me:self.me + 1], v, self.serve_status[r:r + 1])
 
     # ------------------------------------------------------------------
@@ -272,9 +243,3 @@ class TokenShipper:
             time.sleep(1e-3)
         self._stop.set()
         self._thread.join(timeout=5)
-        if self.cuda and getattr(self, "_streams", None):
-            # Release the steps still queued for requesters (their answers are not sent:
-            # the status word stops the flag writes), then let them drain.
-            self.serve_status.fill_(1)
-            self.flags.local[IN].fill_(2**62)
-            torch.cuda.synchronize(self.device)
