@@ -184,7 +184,7 @@ def gpu_ship_worker(group_size: int, model_spec: str, lengths: list[int], cap: i
     stops serving and rank 0's shipped step must raise a timeout. Returns errors and flags."""
     ctx = init_dwdp_groups(group_size, "cuda", timeout_s=120)
     spec = RankSpec(model=model_spec, strategy="dwdp", device="cuda", group_size=group_size, short_steps="ship",
-                    ship_max_tokens=cap, peer_timeout_s=3.0)
+                    ship_max_tokens=cap, peer_timeout_s=60.0)
     rank = build_rank(spec, ctx)
     model, rt = rank.model, rank.runtime
     g = torch.Generator().manual_seed(ctx.group_rank)
@@ -198,11 +198,12 @@ def gpu_ship_worker(group_size: int, model_spec: str, lengths: list[int], cap: i
         out["rel_err"].append(float((got - want).norm() / want.norm()))
         out["shipped"].append(rt.step_stats[-1].shipped_bytes > 0)
     dist.barrier()
-    if ctx.group_rank == 1:
-        rt.shipper._stop.set()  # stops serving at once (close() would wait for rank 0)
-        rt.shipper._thread.join()
+    if ctx.group_rank == 1:  # stops serving (after half a second waiting for rank 0 to close too)
+        rt.shipper.timeout_s = 0.5
+        rt.shipper.close()
     dist.barrier()
     if ctx.group_rank == 0:
+        rt.shipper.timeout_s = 3.0
         t0 = time.monotonic()
         try:
             model(PackedBatch.from_sequences([[1, 2, 3, 4]], ctx.device))

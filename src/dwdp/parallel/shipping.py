@@ -87,10 +87,14 @@ class TokenShipper:
         self.stats = ShipStats()
         self.error: BaseException | None = None
         self._stop = threading.Event()
-        if self.cuda:  # compile the counter kernels here, not in two threads at once
+        if self.cuda:  # compile the kernels here, not in two threads at once
             probe = torch.zeros(1, dtype=torch.int64, device=dev)
             signal_set(probe, 1, self.status)
             signal_wait(probe, 1, self.status, 1.0)
+            seg = segments[0] if segments else None
+            for rows in ((1, max_tokens) if seg is not None else ()):
+                ids = torch.randint(seg.start, seg.start + seg.count, (rows, top_k), device=dev)
+                subset_experts_forward(self.inbox_x.local[0, :rows], ids, torch.rand(rows, top_k, device=dev), seg)
             torch.cuda.synchronize(dev)
         self._thread = threading.Thread(target=self._serve_loop, name="dwdp-ship", daemon=True)
         self._thread.start()
