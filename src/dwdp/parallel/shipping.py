@@ -75,7 +75,7 @@ class TokenShipper:
                 PeerMemory.allocate((W, max_tokens, 2 * top_k), torch.float32, dev, g),  # inbox: ids | weights
                 PeerMemory.allocate((W, max_tokens, hidden), act_dtype, dev, g),       # outbox: results
                 PeerMemory.allocate((2, W), torch.int64, dev, g),                      # counters
-                PeerMemory.allocate((W, 4), torch.int64, torch.device("cpu"), g)]  # mailbox: tokens, step, closing, ack
+                PeerMemory.allocate((W, 3), torch.int64, torch.device("cpu"), g)]  # mailbox: tokens, step, closing
         for p in pend[3:]:
             p.local.zero_()
         self.inbox_x, self.inbox_route, self.outbox, self.flags, self.mailbox = [p.connect() for p in pend]
@@ -141,17 +141,6 @@ class TokenShipper:
             box = self.mailbox.peer(p)[self.me]
             box[0] = tokens  # the count first: the owner reads it after it sees the step number
             box[1] = self.step
-        # Wait (host, GIL released) until every owner has queued the step: from then on the
-        # step depends on device work only, so this rank's host may block anywhere (a full
-        # launch queue, an allocator sync) without holding up an owner's serving thread.
-        deadline = time.monotonic() + self.timeout_s
-        for p in self.owners:
-            while int(self.mailbox.local[p, 3]) < self.step:
-                self.check()
-                if time.monotonic() > deadline:
-                    raise TransportTimeout(f"rank {p} did not accept a shipped step within {self.timeout_s:.0f} s "
-                                           "(is it alive?)")
-                time.sleep(self.poll_s)
 
     def layer(self, m: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """MoE layer m of a shipped step: resident share here, every other share at its owner."""
@@ -203,8 +192,6 @@ class TokenShipper:
                         if r not in active and step != seen[r]:
                             seen[r] = step
                             active[r] = [step, int(self.mailbox.local[r, 0]), 0]
-                            if not self.cuda:
-                                self.mailbox.peer(r)[self.me, 3] = step  # accepted: served as tokens arrive
                         if r not in active:
                             continue
                         step, T, m = active[r]
@@ -216,7 +203,6 @@ class TokenShipper:
                                                 self.timeout_s * 10, 1)
                                     self._serve_layer(r, T, m, v)
                             m = self.M
-                            self.mailbox.peer(r)[self.me, 3] = step  # queued: r's step needs no host here now
                         else:
                             while m < self.M and int(self.flags.local[IN, r]) >= self._value(step, m):
                                 self._serve_layer(r, T, m, self._value(step, m))
