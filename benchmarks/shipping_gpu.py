@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -45,6 +46,7 @@ def _step(model, batch) -> float:
 
 
 def rank_main(N: int, args: dict) -> dict:
+    os.environ["DWDP_EXPERIMENTAL_SHIPPING"] = "1"  # see apply_dwdp
     ctx = init_dwdp_groups(N, "cuda", timeout_s=900)
     grp, me = ctx.group.process_group, ctx.group_rank
     out = {}

@@ -182,6 +182,7 @@ def allreduce_worker(group_size: int) -> int:
 def gpu_ship_worker(group_size: int, model_spec: str, lengths: list[int], cap: int) -> dict:
     """GPU: the same step pulled and shipped (bf16), a step over the cap (pulls), then rank 1
     stops serving and rank 0's shipped step must raise a timeout. Returns errors and flags."""
+    os.environ["DWDP_EXPERIMENTAL_SHIPPING"] = "1"
     ctx = init_dwdp_groups(group_size, "cuda", timeout_s=120)
     spec = RankSpec(model=model_spec, strategy="dwdp", device="cuda", group_size=group_size, short_steps="ship",
                     ship_max_tokens=cap, peer_timeout_s=60.0)

@@ -57,7 +57,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--short-steps", default="pull", choices=["pull", "ship", "auto"],
                    help="DWDP steps too short to hide their pulls: pull (default), ship = every step of at most "
                         "--ship-max-tokens sends its tokens to the experts' owners instead, auto = those below the "
-                        "measured break-even size ship")
+                        "measured break-even size ship (on GPUs experimental: needs DWDP_EXPERIMENTAL_SHIPPING=1)")
     d.add_argument("--ship-max-tokens", type=int, default=2048, help="largest step that may ship (default 2048)")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
     d.add_argument("--local-experts", "-L", type=int, default=None,
@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--short-steps", default="pull", choices=["pull", "ship", "auto"],
                        help="DWDP steps too short to hide their pulls: pull (default), ship = every step of at most "
                         "--ship-max-tokens sends its tokens to the experts' owners instead, auto = those below the "
-                        "measured break-even size ship")
+                        "measured break-even size ship (on GPUs experimental: needs DWDP_EXPERIMENTAL_SHIPPING=1)")
     bench.add_argument("--ship-max-tokens", type=int, default=2048, help="largest step that may ship (default 2048)")
     bench.add_argument("--hold-ms", type=float, default=3.0,
                        help="DWDP with timed arrivals (--rate, traces): hold a step below the measured break-even "

@@ -22,6 +22,7 @@ end just before its layer needs it; the same rates give the break-even step size
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -304,6 +305,11 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     measured break-even size ship), see :mod:`dwdp.parallel.shipping`."""
     if short_steps not in SHORT_STEPS:
         raise ValueError(f"short_steps {short_steps!r}: choose from {', '.join(SHORT_STEPS)}")
+    if short_steps != "pull" and ctx.device.type == "cuda" and not os.environ.get("DWDP_EXPERIMENTAL_SHIPPING"):
+        raise ValueError(
+            "token shipping on GPUs is experimental: device-side waits between GPUs stalled some benchmark runs "
+            "until the peer timeout (see docs/BENCHMARKS.md, token shipping); use --short-steps pull, or set "
+            "DWDP_EXPERIMENTAL_SHIPPING=1 to run it anyway")
     cfg = model.config
     rank = ctx.group_rank
     blocks: list[MoEBlock] = model.moe_blocks()

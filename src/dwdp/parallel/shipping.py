@@ -18,6 +18,13 @@ requester writes layer m+1's inbox only after it has read layer m's result (stre
 order), which the owner wrote only after reading layer m's inbox, so one inbox and one
 outbox per pair suffice. CUDA orders through device flags (:mod:`dwdp.kernels.signals`);
 CPU through shared-memory counters polled by the threads.
+
+Status: correct on CPU and on 2 GPUs (tests), measured once on 2x H200 (BENCHMARKS.md):
+faster than pulling only while every rank is in a short bf16 step, slower with FP8 experts
+and beside an owner's long step. Later GPU runs stalled until the peer timeout; the suspect
+is the device-side spin waits: CUDA maps streams onto a few hardware queues, so a stream
+spinning on a peer can hold up this rank's serving stream behind it, and two ranks doing
+so wait on each other. Off by default; on GPUs only with DWDP_EXPERIMENTAL_SHIPPING=1.
 """
 
 from __future__ import annotations
