@@ -138,3 +138,32 @@ def test_bench_rejects_bad_input(capsys):
     assert "max_position_embeddings" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a multiple"):
         main(["bench", "--world-size", "3", "--group-size", "2"])
+
+
+def test_isl_sweep_bench_and_plot_with_the_planner_beside_it(tmp_path):
+    """--isl as a list runs one setting per ISL; report draws isl_sweep.png with dwdp plan's
+    prediction for each measured point when given a hardware profile."""
+    import json
+
+    from dwdp.bench.report import isl_sweep_series
+    from dwdp.bench.schema import load_runs
+    from dwdp.cli import main
+    from dwdp.planner.hardware import resolve_profile
+
+    out = tmp_path / "isl.json"
+    assert main(["bench", "--num-requests", "4", "--isl", "24,48", "--dist", "fixed", "--strategies", "dp,dwdp",
+                 "--max-num-tokens", "32,64", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["spec"]["max_num_tokens"], r["spec"]["workload"]["isl"]) for r in runs] == \
+        [(32, 24), (32, 48), (64, 24), (64, 48)]
+    assert main(["report", str(out), "-o", str(tmp_path / "png"), "--hardware", "h200"]) == 0
+    assert (tmp_path / "png" / "isl_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    series = isl_sweep_series(load_runs([str(out)]), resolve_profile("h200"))
+    assert sorted(series) == [("dp", 32), ("dp", 64), ("dwdp", 32), ("dwdp", 64)]
+    for (strat, mnt), d in series.items():
+        assert d["isl"] == [24, 48]
+        want = [r["results"][strat]["tps_per_gpu"] for r in runs if r["spec"]["max_num_tokens"] == mnt]
+        assert d["measured"] == want
+        assert all(v is not None and v > 0 for v in d["predicted"])
+    # Without a profile: the measured curves only.
+    assert all(v is None for d in isl_sweep_series(load_runs([str(out)])).values() for v in d["predicted"])

@@ -269,9 +269,11 @@ def cmd_bench(args) -> int:
     cfg, _ = resolve_model(args.model, args.num_layers)
     cvs = _floats(args.cv)
     mnts = [int(x) for x in _floats(args.max_num_tokens)]
-    workload = WorkloadSpec(num_requests=args.num_requests, isl=args.isl, dist=args.dist, ratio=args.ratio,
+    isls = [int(x) for x in _floats(args.isl)]
+    workload = WorkloadSpec(num_requests=args.num_requests, isl=isls[0], dist=args.dist, ratio=args.ratio,
                             cv=cvs[0], trace=args.trace, rate=args.rate, assign=args.assign, seed=args.seed)
-    workload.validate(cfg.max_position_embeddings)
+    for isl in isls:
+        dataclasses.replace(workload, isl=isl).validate(cfg.max_position_embeddings)
     spec = BenchSpec(model=args.model, num_layers=args.num_layers, dtype=args.dtype, device=device,
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
@@ -286,7 +288,8 @@ def cmd_bench(args) -> int:
         raise SystemExit(f"error: --world-size {args.world_size} is not a multiple of --group-size {spec.n}")
     try:
         runs = sweep(spec, cvs if len(cvs) > 1 else None, mnts if len(mnts) > 1 else None, args.timeout,
-                     log=lambda m: console.print(m, highlight=False, markup=False))
+                     log=lambda m: console.print(m, highlight=False, markup=False),
+                     isls=isls if len(isls) > 1 else None)
     except SpawnError as e:
         console.print(f"[red]error:[/red] a rank failed:\n{e}", highlight=False)
         return 1
@@ -321,7 +324,12 @@ def cmd_report(args) -> int:
 
         print(markdown(args.files))
         return 0
-    for p in render(args.files, args.out_dir):
+    hw = None
+    if args.hardware:
+        from .planner.hardware import resolve_profile
+
+        hw = resolve_profile(args.hardware)
+    for p in render(args.files, args.out_dir, hw):
         print(f"wrote {p}")
     return 0
 
@@ -614,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--strategies", default="dp,dep,dwdp", help="comma-separated subset of dp,dep,dwdp")
     w = bench.add_argument_group("workload (seeded: every strategy sees the same requests)")
     w.add_argument("--num-requests", type=int, default=8, help="requests in total (default 8)")
-    w.add_argument("--isl", type=int, default=96, help="mean input length (uniform: the maximum); default 96")
+    w.add_argument("--isl", default="96",
+                   help="mean input length (uniform: the maximum); comma list = sweep (plot: dwdp report); default 96")
     w.add_argument("--dist", default="uniform", choices=["fixed", "uniform", "normal", "lognormal", "trace"],
                    help="input length distribution (default uniform)")
     w.add_argument("--ratio", type=float, default=0.5, help="uniform: lengths over [ratio*ISL, ISL] (default 0.5)")
@@ -764,6 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--markdown", action="store_true", help="print markdown tables instead of plotting")
     rep.add_argument("--reps", action="store_true",
                      help="the files are repetitions: one markdown row per setting and strategy, min / median / max")
+    rep.add_argument("--hardware", default=None,
+                     help="with runs that sweep the ISL: draw dwdp plan's prediction (this profile: a built-in name "
+                          "or a dwdp calibrate JSON) beside each measured curve in isl_sweep.png")
     rep.set_defaults(func=cmd_report)
 
     return p

@@ -4,7 +4,10 @@
   input ratio for uniform lengths), one line per strategy and MNT;
 * breakdown.png: per-rank time of each strategy, split into compute, time at
   collectives (dep) or exposed prefetch wait (dwdp), and idle until the last rank ends;
-* ttft.png: TTFT percentiles per strategy.
+* ttft.png: TTFT percentiles per strategy;
+* isl_sweep.png (runs at several ISLs): tokens/s per GPU against the ISL per strategy and
+  MNT, with ``dwdp plan``'s prediction for each run drawn dashed beside it when a hardware
+  profile is given.
 """
 
 from __future__ import annotations
@@ -22,7 +25,66 @@ def _spread(run: BenchRun) -> tuple[str, float]:
     return "ISL coefficient of variation", w["cv"]
 
 
-def render(paths: list[str], out_dir: str) -> list[str]:
+def isl_sweep_series(runs: list[BenchRun], hw=None) -> dict[tuple[str, int], dict[str, list]]:
+    """Per (strategy, MNT): the ISLs, measured tok/s/GPU and (with a hardware profile) the
+    planner's prediction for the same run, sorted by ISL."""
+    preds: dict[tuple[int, str], float] = {}
+    if hw is not None:
+        from ..planner.plan import validate
+
+        for i, run in enumerate(runs):
+            for row in validate([run], hw):
+                preds[(i, row["strategy"])] = row["predicted_tps"]
+    series: dict[tuple[str, int], dict[str, list]] = {}
+    for i, r in enumerate(runs):
+        for strat, res in r.results.items():
+            if res.skipped or res.diagnostic:
+                continue
+            d = series.setdefault((strat, r.mnt), {"isl": [], "measured": [], "predicted": []})
+            d["isl"].append(r.workload["isl"])
+            d["measured"].append(res.tps_per_gpu)
+            d["predicted"].append(preds.get((i, strat)))
+    for d in series.values():
+        order = sorted(range(len(d["isl"])), key=d["isl"].__getitem__)
+        for k in d:
+            d[k] = [d[k][j] for j in order]
+    return series
+
+
+def _isl_sweep_plot(runs: list[BenchRun], out: Path, hw, colors) -> str:
+    import matplotlib.pyplot as plt
+
+    series = isl_sweep_series(runs, hw)
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    styles = ["o", "s", "^", "D"]
+    mnts = sorted({m for _, m in series})
+    for (strat, mnt), d in sorted(series.items()):
+        c, mk = colors.get(strat), styles[mnts.index(mnt) % len(styles)]
+        ax.plot(d["isl"], d["measured"], marker=mk, color=c, label=f"{strat} MNT {mnt}")
+        if any(v is not None for v in d["predicted"]):
+            ax.plot(d["isl"], [v if v is not None else float("nan") for v in d["predicted"]], linestyle="--",
+                    marker=mk, markerfacecolor="none", color=c, alpha=0.7, label=f"{strat} MNT {mnt}, predicted")
+    ax.set_xscale("log", base=2)
+    isls = sorted({i for d in series.values() for i in d["isl"]})
+    ax.set_xticks(isls, [f"{i // 1024}K" if i >= 1024 and i % 1024 == 0 else str(i) for i in isls])
+    ax.set_xlabel("input sequence length (mean)")
+    ax.set_ylabel("input tokens / s / GPU")
+    ax.set_ylim(bottom=0)
+    spec = runs[0].spec
+    title = f"{spec['model']} ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} ranks"
+    ax.set_title(title + (f"; dashed: dwdp plan ({hw.name})" if hw is not None else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    p = out / "isl_sweep.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return str(p)
+
+
+def render(paths: list[str], out_dir: str, hw=None) -> list[str]:
+    """The PNGs above; ``hw`` (a :class:`~dwdp.planner.hardware.HardwareProfile`) adds the
+    planner's predictions to the ISL sweep."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -33,6 +95,8 @@ def render(paths: list[str], out_dir: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     colors = {name: s.color for name, s in STRATEGIES.items()}
+    if len({r.workload["isl"] for r in runs}) > 1:
+        written.append(_isl_sweep_plot(runs, out, hw, colors))
 
     # Throughput vs spread.
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -110,14 +110,16 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
     return runs
 
 
-def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, timeout_s: float, log=print):
-    """One run per (MNT, CV) combination, each comparing every strategy."""
+def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, timeout_s: float, log=print,
+          isls: list[int] | None = None):
+    """One run per (MNT, ISL, CV) combination, each comparing every strategy."""
     configs = []
     for mnt in mnts or [spec.max_num_tokens]:
-        for cv in cvs if cvs is not None else [spec.workload.cv]:
-            wl = copy.deepcopy(spec.workload)
-            wl.cv = cv
-            configs.append((wl, mnt))
+        for isl in isls or [spec.workload.isl]:
+            for cv in cvs if cvs is not None else [spec.workload.cv]:
+                wl = copy.deepcopy(spec.workload)
+                wl.cv, wl.isl = cv, isl
+                configs.append((wl, mnt))
     return run_bench(spec, timeout_s, log, configs)
 
 
