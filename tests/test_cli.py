@@ -154,8 +154,8 @@ def test_isl_sweep_bench_and_plot_with_the_planner_beside_it(tmp_path):
     assert main(["bench", "--num-requests", "4", "--isl", "24,48", "--dist", "fixed", "--strategies", "dp,dwdp",
                  "--max-num-tokens", "32,64", "--out", str(out)]) == 0
     runs = json.loads(out.read_text())["runs"]
-    assert [(r["spec"]["max_num_tokens"], r["spec"]["workload"]["isl"]) for r in runs] == \
-        [(32, 24), (32, 48), (64, 24), (64, 48)]
+    assert [(r["spec"]["max_num_tokens"], r["spec"]["workload"]["isl"], r["spec"]["workload"]["num_requests"])
+            for r in runs] == [(32, 24, 8), (32, 48, 4), (64, 24, 8), (64, 48, 4)]  # same tokens per setting
     assert main(["report", str(out), "-o", str(tmp_path / "png"), "--hardware", "h200"]) == 0
     assert (tmp_path / "png" / "isl_sweep.png").read_bytes()[:4] == b"\x89PNG"
     series = isl_sweep_series(load_runs([str(out)]), resolve_profile("h200"))

@@ -623,7 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = bench.add_argument_group("workload (seeded: every strategy sees the same requests)")
     w.add_argument("--num-requests", type=int, default=8, help="requests in total (default 8)")
     w.add_argument("--isl", default="96",
-                   help="mean input length (uniform: the maximum); comma list = sweep (plot: dwdp report); default 96")
+                   help="mean input length (uniform: the maximum); comma list = sweep, shorter ISLs with proportionally "
+                        "more requests (plot: dwdp report); default 96")
     w.add_argument("--dist", default="uniform", choices=["fixed", "uniform", "normal", "lognormal", "trace"],
                    help="input length distribution (default uniform)")
     w.add_argument("--ratio", type=float, default=0.5, help="uniform: lengths over [ratio*ISL, ISL] (default 0.5)")

@@ -112,13 +112,17 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
 
 def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, timeout_s: float, log=print,
           isls: list[int] | None = None):
-    """One run per (MNT, ISL, CV) combination, each comparing every strategy."""
+    """One run per (MNT, ISL, CV) combination, each comparing every strategy. In an ISL
+    sweep a shorter ISL gets proportionally more requests (the same total tokens as the
+    longest), so every setting fills its steps alike."""
     configs = []
+    longest = max(isls) if isls else spec.workload.isl
     for mnt in mnts or [spec.max_num_tokens]:
         for isl in isls or [spec.workload.isl]:
             for cv in cvs if cvs is not None else [spec.workload.cv]:
                 wl = copy.deepcopy(spec.workload)
                 wl.cv, wl.isl = cv, isl
+                wl.num_requests = max(1, round(spec.workload.num_requests * longest / isl))
                 configs.append((wl, mnt))
     return run_bench(spec, timeout_s, log, configs)
 
