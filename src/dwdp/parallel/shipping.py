@@ -204,10 +204,15 @@ class TokenShipper:
                         step, T, m = active[r]
                         if self.cuda:  # queue the whole step, each layer behind a device wait
                             with torch.cuda.stream(streams[r]):
+                                # A failed earlier step of r (a wait that timed out) stops
+                                # vouching for data only until r's next step.
+                                self.serve_status[r:r + 1].zero_()
                                 for m in range(self.M):
                                     v = self._value(step, m)
+                                    # Bounded like the requester's: a requester that dies mid-step
+                                    # holds this stream (and device-wide syncs) up to the timeout.
                                     signal_wait(self.flags.local[IN, r:r + 1], v, self.serve_status[r:r + 1],
-                                                self.timeout_s * 10, 1)
+                                                self.timeout_s, 1)
                                     self._serve_layer(r, T, m, v)
                             m = self.M
                         else:
