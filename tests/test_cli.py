@@ -159,11 +159,16 @@ def test_isl_sweep_bench_and_plot_with_the_planner_beside_it(tmp_path):
     assert main(["report", str(out), "-o", str(tmp_path / "png"), "--hardware", "h200"]) == 0
     assert (tmp_path / "png" / "isl_sweep.png").read_bytes()[:4] == b"\x89PNG"
     series = isl_sweep_series(load_runs([str(out)]), resolve_profile("h200"))
-    assert sorted(series) == [("dp", 32), ("dp", 64), ("dwdp", 32), ("dwdp", 64)]
-    for (strat, mnt), d in series.items():
+    assert sorted(series) == [("dp", 32, 0.0), ("dp", 64, 0.0), ("dwdp", 32, 0.0), ("dwdp", 64, 0.0)]
+    for (strat, mnt, _), d in series.items():
         assert d["isl"] == [24, 48]
         want = [r["results"][strat]["tps_per_gpu"] for r in runs if r["spec"]["max_num_tokens"] == mnt]
         assert d["measured"] == want
         assert all(v is not None and v > 0 for v in d["predicted"])
-    # Without a profile: the measured curves only.
-    assert all(v is None for d in isl_sweep_series(load_runs([str(out)])).values() for v in d["predicted"])
+    # Without a profile: the measured curves only. The same file twice reads as repetitions:
+    # one point per ISL (the median), not a zig-zag.
+    twice = isl_sweep_series(load_runs([str(out), str(out)]))
+    assert all(v is None for d in twice.values() for v in d["predicted"])
+    assert all(d["isl"] == [24, 48] for d in twice.values())
+    with pytest.raises(SystemExit, match="whole token counts"):
+        main(["bench", "--isl", "24.5", "--out", str(tmp_path / "x.json")])

@@ -42,4 +42,4 @@ def test_shipped_steps_equal_pulled_steps_on_two_gpus(model):
         assert out["shipped"] == [True, True, True, False], out["shipped"]  # 300 > the 256-token boxes
     msg, seconds = res[0]["timeout"]
     assert "TransportTimeout" in msg and "rank 1" in msg, msg
-    assert 2.0 < seconds < 60
+    assert 2.0 < seconds < 8  # one timeout (3 s), not one per layer

@@ -269,7 +269,12 @@ def cmd_bench(args) -> int:
     cfg, _ = resolve_model(args.model, args.num_layers)
     cvs = _floats(args.cv)
     mnts = [int(x) for x in _floats(args.max_num_tokens)]
-    isls = [int(x) for x in _floats(args.isl)]
+    try:
+        isls = [int(x) for x in args.isl.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --isl takes whole token counts, e.g. 8192 or 1024,2048 (got {args.isl!r})") from None
+    if not isls:
+        raise SystemExit("error: --isl needs at least one length")
     workload = WorkloadSpec(num_requests=args.num_requests, isl=isls[0], dist=args.dist, ratio=args.ratio,
                             cv=cvs[0], trace=args.trace, rate=args.rate, assign=args.assign, seed=args.seed)
     for isl in isls:

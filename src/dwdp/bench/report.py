@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from ..parallel.strategies import BASELINE, STRATEGIES
@@ -25,9 +26,10 @@ def _spread(run: BenchRun) -> tuple[str, float]:
     return "ISL coefficient of variation", w["cv"]
 
 
-def isl_sweep_series(runs: list[BenchRun], hw=None) -> dict[tuple[str, int], dict[str, list]]:
-    """Per (strategy, MNT): the ISLs, measured tok/s/GPU and (with a hardware profile) the
-    planner's prediction for the same run, sorted by ISL."""
+def isl_sweep_series(runs: list[BenchRun], hw=None) -> dict[tuple[str, int, float], dict[str, list]]:
+    """Per (strategy, MNT, CV): the ISLs, measured tok/s/GPU and (with a hardware profile)
+    the planner's prediction for the same run, sorted by ISL; repetitions of a setting
+    (several files) give the median."""
     preds: dict[tuple[int, str], float] = {}
     if hw is not None:
         from ..planner.plan import validate
@@ -35,19 +37,19 @@ def isl_sweep_series(runs: list[BenchRun], hw=None) -> dict[tuple[str, int], dic
         for i, run in enumerate(runs):
             for row in validate([run], hw):
                 preds[(i, row["strategy"])] = row["predicted_tps"]
-    series: dict[tuple[str, int], dict[str, list]] = {}
+    points: dict[tuple[str, int, float], dict[int, list]] = {}
     for i, r in enumerate(runs):
         for strat, res in r.results.items():
             if res.skipped or res.diagnostic:
                 continue
-            d = series.setdefault((strat, r.mnt), {"isl": [], "measured": [], "predicted": []})
-            d["isl"].append(r.workload["isl"])
-            d["measured"].append(res.tps_per_gpu)
-            d["predicted"].append(preds.get((i, strat)))
-    for d in series.values():
-        order = sorted(range(len(d["isl"])), key=d["isl"].__getitem__)
-        for k in d:
-            d[k] = [d[k][j] for j in order]
+            key = (strat, r.mnt, r.workload["cv"])
+            points.setdefault(key, {}).setdefault(r.workload["isl"], []).append((res.tps_per_gpu, preds.get((i, strat))))
+    series = {}
+    for key, by_isl in points.items():
+        isls = sorted(by_isl)
+        pred = [[p for _, p in by_isl[i] if p is not None] for i in isls]
+        series[key] = {"isl": isls, "measured": [statistics.median(m for m, _ in by_isl[i]) for i in isls],
+                       "predicted": [statistics.median(p) if p else None for p in pred]}
     return series
 
 
@@ -57,13 +59,15 @@ def _isl_sweep_plot(runs: list[BenchRun], out: Path, hw, colors) -> str:
     series = isl_sweep_series(runs, hw)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     styles = ["o", "s", "^", "D"]
-    mnts = sorted({m for _, m in series})
-    for (strat, mnt), d in sorted(series.items()):
+    mnts = sorted({m for _, m, _ in series})
+    several_cvs = len({cv for _, _, cv in series}) > 1
+    for (strat, mnt, cv), d in sorted(series.items()):
         c, mk = colors.get(strat), styles[mnts.index(mnt) % len(styles)]
-        ax.plot(d["isl"], d["measured"], marker=mk, color=c, label=f"{strat} MNT {mnt}")
+        label = f"{strat} MNT {mnt}" + (f" CV {cv:g}" if several_cvs else "")
+        ax.plot(d["isl"], d["measured"], marker=mk, color=c, label=label)
         if any(v is not None for v in d["predicted"]):
             ax.plot(d["isl"], [v if v is not None else float("nan") for v in d["predicted"]], linestyle="--",
-                    marker=mk, markerfacecolor="none", color=c, alpha=0.7, label=f"{strat} MNT {mnt}, predicted")
+                    marker=mk, markerfacecolor="none", color=c, alpha=0.7, label=f"{label}, predicted")
     ax.set_xscale("log", base=2)
     isls = sorted({i for d in series.values() for i in d["isl"]})
     ax.set_xticks(isls, [f"{i // 1024}K" if i >= 1024 and i % 1024 == 0 else str(i) for i in isls])

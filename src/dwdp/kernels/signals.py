@@ -28,14 +28,17 @@ def _set_kernel(flag_ptr, value, status_ptr):
 
 @triton.jit(do_not_specialize=["value", "timeout_ns", "code"])
 def _wait_kernel(flag_ptr, value, status_ptr, timeout_ns, code):
+    # Once a wait before this one timed out (status set) the step is lost: pass at once, so
+    # a dead peer costs one timeout, not one per remaining layer.
     start = _now_ns()
     cur = tl.load(flag_ptr, volatile=True)
+    failed = tl.load(status_ptr, volatile=True)
     elapsed = start - start
-    while (cur < value) & (elapsed < timeout_ns):
+    while (cur < value) & (elapsed < timeout_ns) & (failed == 0):
         cur = tl.load(flag_ptr, volatile=True)
         elapsed = _now_ns() - start
-    if cur < value:
-        tl.atomic_max(status_ptr, code)
+    if (cur < value) & (failed == 0):
+        tl.atomic_cas(status_ptr, 0, code)  # the first timeout names the culprit
 
 
 def signal_set(flag: torch.Tensor, value: int, status: torch.Tensor) -> None:

@@ -256,11 +256,12 @@ class DWDPRuntime:
     def memory_bytes(self) -> dict[str, int]:
         local = self.peer_memory.local
         slot_bytes = sum(s.numel() * s.element_size() for s in self.prefetcher.slots)
-        slot_bytes += self.shipper.memory_bytes() if self.shipper is not None else 0
         expert_params = {id(p) for b in self.model.moe_blocks() for p in b.experts.parameters()}
         non_expert = sum(p.numel() * p.element_size() for p in self.model.parameters() if id(p) not in expert_params)
-        return {"non_expert": non_expert, "resident_experts": local.numel() * local.element_size(),
-                "slots": slot_bytes}
+        out = {"non_expert": non_expert, "resident_experts": local.numel() * local.element_size(), "slots": slot_bytes}
+        if self.shipper is not None:
+            out["ship_boxes"] = self.shipper.memory_bytes()
+        return out
 
     def close(self) -> None:
         for h in self._hooks:

@@ -29,6 +29,7 @@ so wait on each other. Off by default; on GPUs only with DWDP_EXPERIMENTAL_SHIPP
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -48,6 +49,25 @@ except ImportError:  # pragma: no cover - depends on the install
 
 SHORT_STEPS = ("pull", "ship", "auto")  # what a step below the break-even size does
 IN, OUT = 0, 1  # rows of the flag counters: tokens in (owner side), results out (requester side)
+
+
+def _check_sync_free(segments: list[ExpertSegment], act_dtype: torch.dtype) -> None:
+    """The serving thread queues whole steps before their tokens arrive: a host sync in the
+    expert computation would block it on one requester while others wait (with three or
+    more ranks, a deadlock). On CUDA only the bf16 grouped GEMM and the FP8 kernels keep
+    the per-expert counts on the device."""
+    from .. import kernels
+
+    seg = segments[0] if segments else None
+    if seg is None:
+        return
+    if seg.w13_scale is not None:
+        ok = kernels.HAVE_TRITON and seg.w13.shape[-1] % 128 == 0 and seg.w2.shape[-1] % 128 == 0
+    else:
+        ok = act_dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    if not ok or os.environ.get("DWDP_NO_TRITON"):
+        raise ValueError("token shipping on CUDA needs the sync-free expert kernels (bf16 activations with torch's "
+                         "grouped GEMM, or FP8 experts with dimensions multiple of 128, and Triton enabled)")
 
 
 @dataclass
@@ -77,6 +97,10 @@ class TokenShipper:
         self.M, self.H, self.K, self.cap = len(segments), hidden, top_k, max_tokens
         self.device, self.cuda = ctx.device, ctx.device.type == "cuda"
         self.timeout_s, self.poll_s = timeout_s, poll_s
+        if max_tokens < 1:
+            raise ValueError(f"ship_max_tokens must be at least 1, got {max_tokens}")
+        if self.cuda:
+            _check_sync_free(segments, act_dtype)
         g, dev, W = ctx.group, ctx.device, self.W
         pend = [PeerMemory.allocate((W, max_tokens, hidden), act_dtype, dev, g),       # inbox: tokens
                 PeerMemory.allocate((W, max_tokens, 2 * top_k), torch.float32, dev, g),  # inbox: ids | weights
@@ -90,14 +114,15 @@ class TokenShipper:
         # role, per requester: that requester's tokens never came).
         self.status = torch.zeros(1, dtype=torch.int32, device=dev)
         self.serve_status = torch.zeros(W, dtype=torch.int32, device=dev)
-        self.step = 0  # shipped steps issued by this rank (its counter values follow from it)
+        self.step = 0  # shipped steps announced by this rank (its counter values follow from it)
+        self.tokens, self._announced = 0, False
         self.stats = ShipStats()
         self.error: BaseException | None = None
         self._stop = threading.Event()
         if self.cuda:  # compile the kernels here, not in two threads at once
             probe = torch.zeros(1, dtype=torch.int64, device=dev)
             signal_set(probe, 1, self.status)
-            signal_wait(probe, 1, self.status, 1.0)
+            signal_wait(probe, 1, self.status, timeout_s)  # the variant the steps use (64-bit timeout)
             seg = segments[0] if segments else None
             for rows in ((1, max_tokens) if seg is not None else ()):
                 ids = torch.randint(seg.start, seg.start + seg.count, (rows, top_k), device=dev)
@@ -138,32 +163,40 @@ class TokenShipper:
         return 0 < tokens <= self.cap
 
     def begin_step(self, tokens: int) -> None:
-        """Announce a shipped step of ``tokens`` tokens to every owner."""
+        """A shipped step of ``tokens`` tokens starts (announced to the owners at its first
+        MoE layer: nothing is announced for a forward that fails before it)."""
         self.check()
         if not self.fits(tokens):
             raise ValueError(f"a shipped step holds at most {self.cap} tokens, got {tokens}")
+        if self.cuda:
+            self.status.zero_()  # a step that raised earlier may have left it set
+        self.tokens, self._announced = tokens, False
+
+    def _announce(self) -> None:
         self.step += 1
-        self.tokens = tokens
+        self._announced = True
         for p in self.owners:
             box = self.mailbox.peer(p)[self.me]
-            box[0] = tokens  # the count first: the owner reads it after it sees the step number
+            box[0] = self.tokens  # the count first: the owner reads it after it sees the step number
             box[1] = self.step
 
     def layer(self, m: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """MoE layer m of a shipped step: resident share here, every other share at its owner."""
+        if not self._announced:
+            self._announce()
         T, v = x.shape[0], self._value(self.step, m)
         route = torch.cat([topk_ids.to(torch.float32), topk_weights.to(torch.float32)], dim=1)
         for p in self.owners:
             self.inbox_x.peer(p)[self.me, :T].copy_(x)
             self.inbox_route.peer(p)[self.me, :T].copy_(route)
             self._set(self.flags.peer(p)[IN, self.me:self.me + 1], v, self.status)
-        y = subset_experts_forward(x, topk_ids, topk_weights, self.segments[m])
+        y = subset_experts_forward(x, topk_ids, topk_weights, self.segments[m]).float()  # shares summed in fp32
         for p in self.owners:
             self._wait(self.flags.local[OUT, p:p + 1], v, f"rank {p}'s expert outputs for shipped layer {m}", 1 + p)
-            y = y + self.outbox.local[p, :T]
+            y += self.outbox.local[p, :T]
         per_peer = T * (2 * x.shape[1] * x.element_size() + route.shape[1] * 4)
         self.stats.shipped_bytes += per_peer * len(self.owners)
-        return y
+        return y.to(x.dtype)
 
     def end_step(self) -> None:
         """After the step's last layer: raise if a device wait timed out (syncs on CUDA)."""
