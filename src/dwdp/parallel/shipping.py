@@ -24,7 +24,8 @@ faster than pulling only while every rank is in a short bf16 step, slower with F
 and beside an owner's long step. Later GPU runs stalled until the peer timeout; the suspect
 is the device-side spin waits: CUDA maps streams onto a few hardware queues, so a stream
 spinning on a peer can hold up this rank's serving stream behind it, and two ranks doing
-so wait on each other. Off by default; on GPUs only with DWDP_EXPERIMENTAL_SHIPPING=1.
+so wait on each other. The step loop's device-wide synchronize also makes an owner's own
+step wait for its serving streams. Off by default; on GPUs only with DWDP_EXPERIMENTAL_SHIPPING=1.
 """
 
 from __future__ import annotations
