@@ -158,7 +158,8 @@ class DistributedWeights(Strategy):
         return apply_dwdp(model, ctx, plan.placement, copy_timeout_s=spec.peer_timeout_s,
                           slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None,
                           copy_streams=spec.copy_streams, pacing=spec.pull_pacing, hooks=hooks, store=store,
-                          short_steps=spec.short_steps, ship_max_tokens=spec.ship_max_tokens)
+                          short_steps=spec.short_steps,
+                          ship_max_tokens=min(spec.ship_max_tokens, spec.max_num_tokens))  # no step is larger
 
     def step_report(self, runtime):
         st = runtime.step_stats
