@@ -201,6 +201,15 @@ def subset_experts_forward(
     return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
 
 
+def subset_forward_is_sync_free(x: torch.Tensor, segment: ExpertSegment) -> bool:
+    """Whether :func:`subset_experts_forward` on activations like ``x`` keeps the expert
+    counts on the device (FP8 kernels, or torch's bf16 grouped GEMM) rather than reading
+    group boundaries back to the host."""
+    if segment.w13_scale is not None:
+        return _fp8_kernel_applies(x, [segment])
+    return _fast_grouped_mm(x)
+
+
 def _fast_grouped_mm(x: torch.Tensor) -> bool:
     """torch's grouped GEMM (bf16 on CUDA) takes the group offsets on the device."""
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")

@@ -14,9 +14,10 @@ each MoE block's ``experts`` for a :class:`DWDPExperts` that
 
 A forward pre-hook primes the first MoE layer at every step start. No collective is
 issued during steps. A step too short to hide its pulls may instead ship its tokens to
-the experts' owners (``short_steps``, :mod:`dwdp.parallel.shipping`). The runtime times each MoE layer's compute window and its pulls
-(:class:`~dwdp.parallel.pacing.PullRates`): with ``pacing="jit"`` a pull is stretched to
-end just before its layer needs it; the same rates give the break-even step size.
+the experts' owners (``short_steps``, :mod:`dwdp.parallel.shipping`). The runtime times
+each MoE layer's compute window and its pulls (:class:`~dwdp.parallel.pacing.PullRates`):
+with ``pacing="jit"`` a pull is stretched to end just before its layer needs it; the same
+rates give the break-even step size.
 """
 
 from __future__ import annotations
@@ -214,7 +215,7 @@ class DWDPRuntime:
         self.hooks.step_end()
         if self.shipping:
             self.shipper.end_step()
-            self.step_stats.append(DWDPStepStats(0.0, 0, shipped_bytes=self.shipper.take_stats().shipped_bytes))
+            self.step_stats.append(DWDPStepStats(0.0, 0, shipped_bytes=self.shipper.take_shipped_bytes()))
             return
         st = self.prefetcher.take_stats()
         waits = [w for _, w in st.waits]

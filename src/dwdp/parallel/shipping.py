@@ -30,14 +30,11 @@ step wait for its serving streams. Off by default; on GPUs only with DWDP_EXPERI
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from dataclasses import dataclass
-
 import torch
 
-from ..models.moe import ExpertSegment, subset_experts_forward
+from ..models.moe import ExpertSegment, subset_experts_forward, subset_forward_is_sync_free
 from .copy_engine import TransportTimeout
 from .group import DWDPContext
 from .placement import Placement
@@ -52,28 +49,19 @@ SHORT_STEPS = ("pull", "ship", "auto")  # what a step below the break-even size 
 IN, OUT = 0, 1  # rows of the flag counters: tokens in (owner side), results out (requester side)
 
 
-def _check_sync_free(segments: list[ExpertSegment], act_dtype: torch.dtype) -> None:
+def _check_sync_free(segments: list[ExpertSegment], act_dtype: torch.dtype, device: torch.device) -> None:
     """The serving thread queues whole steps before their tokens arrive: a host sync in the
     expert computation would block it on one requester while others wait (with three or
     more ranks, a deadlock). On CUDA only the bf16 grouped GEMM and the FP8 kernels keep
-    the per-expert counts on the device."""
+    the per-expert counts on the device (the counter kernels need Triton too)."""
     from .. import kernels
 
-    seg = segments[0] if segments else None
-    if seg is None:
+    if not segments:
         return
-    if seg.w13_scale is not None:
-        ok = kernels.HAVE_TRITON and seg.w13.shape[-1] % 128 == 0 and seg.w2.shape[-1] % 128 == 0
-    else:
-        ok = act_dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-    if not ok or os.environ.get("DWDP_NO_TRITON"):
+    x = torch.empty(0, segments[0].w2.shape[1], dtype=act_dtype, device=device)
+    if not (subset_forward_is_sync_free(x, segments[0]) and kernels.enabled(x)):
         raise ValueError("token shipping on CUDA needs the sync-free expert kernels (bf16 activations with torch's "
                          "grouped GEMM, or FP8 experts with dimensions multiple of 128, and Triton enabled)")
-
-
-@dataclass
-class ShipStats:
-    shipped_bytes: int = 0  # tokens + routing sent, results received, over all peers
 
 
 class TokenShipper:
@@ -87,7 +75,7 @@ class TokenShipper:
     def __init__(self, ctx: DWDPContext, placement: Placement, segments: list[ExpertSegment], hidden: int,
                  top_k: int, act_dtype: torch.dtype, max_tokens: int, timeout_s: float = 60.0,
                  poll_s: float = 50e-6):
-        self.ctx, self.segments = ctx, segments
+        self.segments = segments
         self.me, self.W = ctx.group_rank, ctx.group_size
         self.peers = [(self.me + i) % self.W for i in range(1, self.W)]
         self.owners = sorted({pp.peer for pp in placement.pulls(self.me)})  # who computes for our steps
@@ -95,13 +83,13 @@ class TokenShipper:
         self.serves = {r: [(pp.start, pp.peer_offset, pp.count) for pp in placement.pulls(r) if pp.peer == self.me]
                        for r in self.peers}
         self.clients = [r for r in self.peers if self.serves[r]]
-        self.M, self.H, self.K, self.cap = len(segments), hidden, top_k, max_tokens
+        self.M, self.K, self.cap = len(segments), top_k, max_tokens
         self.device, self.cuda = ctx.device, ctx.device.type == "cuda"
         self.timeout_s, self.poll_s = timeout_s, poll_s
         if max_tokens < 1:
             raise ValueError(f"ship_max_tokens must be at least 1, got {max_tokens}")
         if self.cuda:
-            _check_sync_free(segments, act_dtype)
+            _check_sync_free(segments, act_dtype, ctx.device)
         g, dev, W = ctx.group, ctx.device, self.W
         pend = [PeerMemory.allocate((W, max_tokens, hidden), act_dtype, dev, g),       # inbox: tokens
                 PeerMemory.allocate((W, max_tokens, 2 * top_k), torch.float32, dev, g),  # inbox: ids | weights
@@ -116,8 +104,7 @@ class TokenShipper:
         self.status = torch.zeros(1, dtype=torch.int32, device=dev)
         self.serve_status = torch.zeros(W, dtype=torch.int32, device=dev)
         self.step = 0  # shipped steps announced by this rank (its counter values follow from it)
-        self.tokens, self._announced = 0, False
-        self.stats = ShipStats()
+        self.shipped_bytes = 0
         self.error: BaseException | None = None
         self._stop = threading.Event()
         if self.cuda:  # compile the kernels here, not in two threads at once
@@ -171,21 +158,20 @@ class TokenShipper:
             raise ValueError(f"a shipped step holds at most {self.cap} tokens, got {tokens}")
         if self.cuda:
             self.status.zero_()  # a step that raised earlier may have left it set
-        self.tokens, self._announced = tokens, False
 
-    def _announce(self) -> None:
+    def _announce(self, tokens: int) -> None:
         self.step += 1
-        self._announced = True
         for p in self.owners:
             box = self.mailbox.peer(p)[self.me]
-            box[0] = self.tokens  # the count first: the owner reads it after it sees the step number
+            box[0] = tokens  # the count first: the owner reads it after it sees the step number
             box[1] = self.step
 
     def layer(self, m: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """MoE layer m of a shipped step: resident share here, every other share at its owner."""
-        if not self._announced:
-            self._announce()
-        T, v = x.shape[0], self._value(self.step, m)
+        T = x.shape[0]
+        if m == 0:  # the step's first MoE layer: announced only once the forward got this far
+            self._announce(T)
+        v = self._value(self.step, m)
         route = torch.cat([topk_ids.to(torch.float32), topk_weights.to(torch.float32)], dim=1)
         for p in self.owners:
             self.inbox_x.peer(p)[self.me, :T].copy_(x)
@@ -196,7 +182,7 @@ class TokenShipper:
             self._wait(self.flags.local[OUT, p:p + 1], v, f"rank {p}'s expert outputs for shipped layer {m}", 1 + p)
             y += self.outbox.local[p, :T]
         per_peer = T * (2 * x.shape[1] * x.element_size() + route.shape[1] * 4)
-        self.stats.shipped_bytes += per_peer * len(self.owners)
+        self.shipped_bytes += per_peer * len(self.owners)
         return y.to(x.dtype)
 
     def end_step(self) -> None:
@@ -209,9 +195,10 @@ class TokenShipper:
                                        f"{self.timeout_s:.0f} s (is it alive?); this step's output is invalid")
         self.check()
 
-    def take_stats(self) -> ShipStats:
-        st, self.stats = self.stats, ShipStats()
-        return st
+    def take_shipped_bytes(self) -> int:
+        """Tokens and routing sent plus results received, over all owners, since the last call."""
+        n, self.shipped_bytes = self.shipped_bytes, 0
+        return n
 
     # ------------------------------------------------------------------ owner
     def _serve_loop(self) -> None:
