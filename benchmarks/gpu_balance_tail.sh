@@ -3,10 +3,7 @@
 # rank, without and with --balance-tail (issue 16). Usage: bash benchmarks/gpu_balance_tail.sh OUT COMMIT
 set -u
 OUT=${1:?out dir}; COMMIT=${2:?commit}
-export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export DWDP_COMMIT=$COMMIT
-G=$(python3 -c "import torch; print(torch.cuda.device_count())")
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt" 2>&1
+. "$(dirname "$0")/gpu_env.sh"
 [ -n "${SKIP_TESTS:-}" ] || timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py tests/test_gpu_kernels.py tests/test_dep_gpu.py \
   > "$OUT/tests.txt" 2>&1
 echo "tests rc=$?" >> "$OUT/log"

@@ -7,11 +7,8 @@
 set -u
 OUT=${1:?out dir}; COMMIT=${2:?commit}
 SKEWS=${SKEWS:-0}; REPS=${REPS:-3}; BUDGET=${BUDGET:-520}; PER=${PER:-160}; MIN_LEFT=${MIN_LEFT:-80}
-export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export DWDP_COMMIT=$COMMIT
-mkdir -p "$OUT"
+. "$(dirname "$0")/gpu_env.sh"
 start=$SECONDS
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt" 2>&1
 for skew in $SKEWS; do
   tag=""; [ "$skew" = 0 ] || tag="_skew$skew"
   for rep in $(seq 1 "$REPS"); do

@@ -11,12 +11,8 @@ set -u
 OUT=${1:?out dir}; COMMIT=${2:?commit}
 MNTS=${MNTS:-16384}; ISLS=${ISLS:-1024,2048,4096,8192,16384,32768}; REPS=${REPS:-3}; LAYERS=${LAYERS:-8}
 REQS=${REQS:-4}; PROFILE=${PROFILE:-h200}; BUDGET=${BUDGET:-540}; PER=${PER:-300}; MIN_LEFT=${MIN_LEFT:-60}
-export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export DWDP_COMMIT=$COMMIT
-mkdir -p "$OUT"
+. "$(dirname "$0")/gpu_env.sh"
 start=$SECONDS
-G=$(python3 -c "import torch; print(torch.cuda.device_count())")
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpus.txt" 2>&1
 for mnt in $MNTS; do
   for rep in $(seq 1 "$REPS"); do
     name=isl_sweep_mnt${mnt}_rep$rep

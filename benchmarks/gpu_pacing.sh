@@ -4,10 +4,7 @@
 # without the short-step hold. Usage: bash benchmarks/gpu_pacing.sh OUT COMMIT
 set -u
 OUT=${1:?out dir}; COMMIT=${2:?commit}
-export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export DWDP_COMMIT=$COMMIT
-G=$(python3 -c "import torch; print(torch.cuda.device_count())")
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt" 2>&1
+. "$(dirname "$0")/gpu_env.sh"
 COMMON="--device cuda -W $G --model qwen3-235b-a22b --num-layers 8 --dist normal --isl 8192 --cv 0.2"
 [ -n "${SKIP_TESTS:-}" ] || timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
   -k "paced or copy_engine" > "$OUT/tests.txt" 2>&1

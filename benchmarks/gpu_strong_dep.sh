@@ -3,10 +3,7 @@
 # headline bench setting three times. Usage: bash benchmarks/gpu_strong_dep.sh OUT COMMIT [LAYERS]
 set -u
 OUT=${1:?out dir}; COMMIT=${2:?commit}; LAYERS=${3:-8}
-export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export DWDP_COMMIT=$COMMIT
-G=$(python3 -c "import torch; print(torch.cuda.device_count())")
-nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.txt" 2>&1
+. "$(dirname "$0")/gpu_env.sh"
 timeout 120 python3 benchmarks/dep_gpu.py -N $G --transports nccl --overlap 0 --iters 5 --out "$OUT/dep_layer.json" \
   > "$OUT/dep_layer.txt" 2>&1
 echo "dep layer rc=$?" >> "$OUT/log"
