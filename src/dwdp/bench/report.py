@@ -26,6 +26,11 @@ def _spread(run: BenchRun) -> tuple[str, float]:
     return "ISL coefficient of variation", w["cv"]
 
 
+def _title(runs: list[BenchRun]) -> str:
+    spec = runs[0].spec
+    return f"{spec['model']} ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} ranks"
+
+
 def isl_sweep_series(runs: list[BenchRun], hw=None) -> dict[tuple[str, int, float], dict[str, list]]:
     """Per (strategy, MNT, CV): the ISLs, measured tok/s/GPU and (with a hardware profile)
     the planner's prediction for the same run, sorted by ISL; repetitions of a setting
@@ -74,9 +79,7 @@ def _isl_sweep_plot(runs: list[BenchRun], out: Path, hw, colors) -> str:
     ax.set_xlabel("input sequence length (mean)")
     ax.set_ylabel("input tokens / s / GPU")
     ax.set_ylim(bottom=0)
-    spec = runs[0].spec
-    title = f"{spec['model']} ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} ranks"
-    ax.set_title(title + (f"; dashed: dwdp plan ({hw.name})" if hw is not None else ""))
+    ax.set_title(_title(runs) + (f"; dashed: dwdp plan ({hw.name})" if hw is not None else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -120,8 +123,7 @@ def render(paths: list[str], out_dir: str, hw=None) -> list[str]:
     ax.set_xlabel(xlabel or "spread")
     ax.set_ylabel("input tokens / s / GPU")
     ax.set_ylim(bottom=0)
-    spec = runs[0].spec
-    ax.set_title(f"{spec['model']} ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} ranks")
+    ax.set_title(_title(runs))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
