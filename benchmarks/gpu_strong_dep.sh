@@ -1,16 +1,37 @@
 #!/usr/bin/env bash
-# The strong DEP against dp and DWDP on this machine: the DEP layer benchmark, then the
-# headline bench setting three times. Usage: bash benchmarks/gpu_strong_dep.sh OUT COMMIT [LAYERS]
+# Issue 15's acceptance on every GPU of the machine (4 for the acceptance): the DEP layer
+# benchmark (compute vs dp, dispatch + combine vs NCCL's all-to-all), then dp / dep / dwdp on the
+# strategy-table settings, each setting three times in the same processes (--repeat 3), in
+# priority order inside BUDGET seconds (what would not fit is skipped and logged):
+#   qwen3-235b-a22b (LAYERS layers) bf16, ISL 8K normal, CV 0 / 0.2 / 0.3, MNT 16K / 32K;
+#   the same with router skew 1.0 (CV 0 / 0.2, MNT 32K); FP8 experts (CV 0 / 0.2, MNT 16K / 32K);
+#   deepseek-v3 (DSV3_LAYERS layers) bf16 as the first. 16 requests per GPU, --balance-tail.
+# Then the min / median / max table (reps.md). Usage: [BUDGET=540] [ITEMS="layer qwen skew fp8 dsv3"]
+#   bash benchmarks/gpu_strong_dep.sh OUT COMMIT [LAYERS] [DSV3_LAYERS]
 set -u
-OUT=${1:?out dir}; COMMIT=${2:?commit}; LAYERS=${3:-8}
+OUT=${1:?out dir}; COMMIT=${2:?commit}; LAYERS=${3:-8}; DSV3_LAYERS=${4:-5}
+ITEMS=${ITEMS:-layer qwen skew fp8 dsv3}
 . "$(dirname "$0")/gpu_env.sh"
-timeout 120 python3 benchmarks/dep_gpu.py -N $G --transports nccl --overlap 0 --iters 5 --out "$OUT/dep_layer.json" \
-  > "$OUT/dep_layer.txt" 2>&1
-echo "dep layer rc=$?" >> "$OUT/log"
-for rep in 1 2 3; do
-  timeout 150 python3 -m dwdp.cli bench --device cuda -W $G --model qwen3-235b-a22b --num-layers $LAYERS --dist normal \
-    --isl 8192 --cv 0,0.2 --max-num-tokens 32768 --num-requests 32 --strategies dp,dep,dwdp --ceilings \
-    --out "$OUT/bench_rep$rep.json" > "$OUT/bench_rep$rep.txt" 2>&1
-  echo "bench rep$rep rc=$?" >> "$OUT/log"
+bench() {  # NAME PER ARGS...: one bench invocation, every strategy, three repetitions
+  local name=$1 per=$2; shift 2
+  run_in_budget "$name" "$per" python3 -m dwdp.cli bench --device cuda -W "$G" --dist normal --isl 8192 \
+    --num-requests $((16 * G)) --strategies dp,dep,dwdp --balance-tail --ceilings --repeat 3 --timeout "$per" \
+    --out "$OUT/$name.json" "$@"
+}
+for item in $ITEMS; do
+  case $item in
+    layer) run_in_budget dep_layer 90 python3 benchmarks/dep_gpu.py -N "$G" --transports nccl --overlap 0 --iters 5 \
+             --out "$OUT/dep_layer.json" ;;
+    qwen) bench qwen_bf16 240 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2,0.3 --max-num-tokens 16384,32768 ;;
+    skew) bench qwen_bf16_skew1 150 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2 --max-num-tokens 32768 --skew 1.0 ;;
+    fp8) bench qwen_fp8 200 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2 --max-num-tokens 16384,32768 \
+           --expert-dtype fp8 ;;
+    dsv3) bench dsv3_bf16 260 --model deepseek-v3 --num-layers "$DSV3_LAYERS" --cv 0,0.2,0.3 --max-num-tokens 16384,32768 ;;
+    dsv3fp8) bench dsv3_fp8 260 --model deepseek-v3 --num-layers "$DSV3_LAYERS" --cv 0,0.2 --max-num-tokens 16384,32768 \
+               --expert-dtype fp8 ;;
+    *) echo "unknown item $item" >> "$OUT/log" ;;
+  esac
 done
 cat "$OUT/log"
+ls "$OUT"/*.json > /dev/null 2>&1 && python3 -m dwdp.cli report --reps $(ls "$OUT"/*.json | grep -v dep_layer) | tee "$OUT/reps.md"
+grep -h "wall" "$OUT"/*.txt

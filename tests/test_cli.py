@@ -140,6 +140,30 @@ def test_bench_rejects_bad_input(capsys):
         main(["bench", "--world-size", "3", "--group-size", "2"])
 
 
+def test_bench_repeat_runs_each_setting_again_in_the_same_processes(tmp_path, capsys):
+    """--repeat K: K runs of every setting, rep-major, each naming its repetition; the same
+    requests each time; report --reps reads them as K repetitions of one setting."""
+    import json
+
+    from dwdp.cli import main
+
+    out = tmp_path / "r.json"
+    assert main(["bench", "--num-requests", "3", "--isl", "40", "--cv", "0,0.3", "--dist", "normal",
+                 "--strategies", "dp,dwdp", "--max-num-tokens", "32", "--repeat", "2", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["spec"]["repeat"], r["spec"]["workload"]["cv"]) for r in runs] == [(1, 0.0), (1, 0.3), (2, 0.0), (2, 0.3)]
+    for a, b in ((runs[0], runs[2]), (runs[1], runs[3])):
+        for strat in ("dp", "dwdp"):
+            ra, rb = a["results"][strat]["ranks"], b["results"][strat]["ranks"]
+            assert [x["step_tokens"] for x in ra] == [x["step_tokens"] for x in rb]  # same workload again
+    capsys.readouterr()
+    assert main(["report", "--reps", str(out)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-qwen3-moe")]
+    assert len(rows) == 4 and all(" | 2 | " in r for r in rows)  # (2 CVs x 2 strategies), 2 reps each
+    with pytest.raises(SystemExit, match="--repeat 0"):
+        main(["bench", "--repeat", "0"])
+
+
 def test_isl_sweep_bench_and_plot_with_the_planner_beside_it(tmp_path):
     """--isl as a list runs one setting per ISL; report draws isl_sweep.png with dwdp plan's
     prediction for each measured point when given a hardware profile."""

@@ -291,10 +291,12 @@ def cmd_bench(args) -> int:
                      ceilings=args.ceilings, diagnostic=args.diagnostic, progress=sys.stderr.isatty())
     if args.world_size % spec.n:
         raise SystemExit(f"error: --world-size {args.world_size} is not a multiple of --group-size {spec.n}")
+    if args.repeat < 1:
+        raise SystemExit(f"error: --repeat {args.repeat}: give at least 1 (the number of runs of each setting)")
     try:
         runs = sweep(spec, cvs if len(cvs) > 1 else None, mnts if len(mnts) > 1 else None, args.timeout,
                      log=lambda m: console.print(m, highlight=False, markup=False),
-                     isls=isls if len(isls) > 1 else None)
+                     isls=isls if len(isls) > 1 else None, repeat=args.repeat)
     except SpawnError as e:
         console.print(f"[red]error:[/red] a rank failed:\n{e}", highlight=False)
         return 1
@@ -672,6 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="trace: host timeline of DWDP slot acquires; skip-pulls: DWDP with no pulls at all "
                             "(wrong outputs: the communication-free limit of the schedule). Marked in the JSON")
     bench.add_argument("--timeout", type=float, default=1800.0, help="limit per strategy run, seconds")
+    bench.add_argument("--repeat", type=int, default=1,
+                       help="run every setting this many times in the same processes (warm; "
+                            "`dwdp report --reps` gives min / median / max)")
     bench.add_argument("--out", default="bench.json", help="JSON results file (default bench.json)")
     bench.set_defaults(func=cmd_bench)
 

@@ -111,10 +111,14 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
 
 
 def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, timeout_s: float, log=print,
-          isls: list[int] | None = None):
+          isls: list[int] | None = None, repeat: int = 1):
     """One run per (MNT, ISL, CV) combination, each comparing every strategy. In an ISL
     sweep a shorter ISL gets proportionally more requests (the same total tokens as the
-    longest), so every setting fills its steps alike."""
+    longest), so every setting fills its steps alike. ``repeat`` > 1 runs the whole list
+    that many times over in the same processes (the model built once, warm), each run's
+    spec naming its ``repeat`` (1-based), so repetitions cost no rebuild."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1 (got {repeat})")
     configs = []
     longest = max(isls) if isls else spec.workload.isl
     for mnt in mnts or [spec.max_num_tokens]:
@@ -124,7 +128,11 @@ def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, time
                 wl.cv, wl.isl = cv, isl
                 wl.num_requests = max(1, round(spec.workload.num_requests * longest / isl))
                 configs.append((wl, mnt))
-    return run_bench(spec, timeout_s, log, configs)
+    runs = run_bench(spec, timeout_s, log, configs * repeat)
+    if repeat > 1:
+        for i, run in enumerate(runs):
+            run.spec["repeat"] = i // len(configs) + 1
+    return runs
 
 
 def write_json(path: str, runs: list[BenchRun], machine: dict) -> None:
