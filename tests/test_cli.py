@@ -124,6 +124,16 @@ def test_bench_then_report(tmp_path, capsys):
     assert main(["report", "--reps", str(out), str(out)]) == 0
     reps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-qwen3-moe")]
     assert len(reps) == 4 and all(" | 2 | " in r for r in reps)
+    # dep's all-to-all rate beside the file's NCCL ceiling, measured once per process (here
+    # planted in the first run only): every dep row of that file shows it; dwdp has none.
+    planted = json.loads(out.read_text())
+    for rk in planted["runs"][0]["results"]["dep"]["ranks"]:
+        rk["a2a_ceiling_gbps"] = 300.0
+    (tmp_path / "ceil.json").write_text(json.dumps(planted))
+    assert main(["report", "--reps", str(tmp_path / "ceil.json")]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-qwen3-moe")]
+    assert [r[-1].strip(" |") for r in rows if r[6] == "dwdp"] == ["-", "-"]
+    assert all(r[-1].strip(" |").endswith("(300)") and float(r[-1].split()[0]) > 0 for r in rows if r[6] == "dep")
     (tmp_path / "bad.json").write_text('{"runs": [{"spec": {"model": "x"}, "results": {}}]}')
     assert main(["report", "--markdown", str(tmp_path / "bad.json")]) == 2
     assert "missing field 'world_size'" in capsys.readouterr().err

@@ -228,22 +228,30 @@ def _setting(run: BenchRun) -> tuple:
 
 def repetitions_markdown(paths: list[str]) -> str:
     """Runs of the same setting across files (repetitions) as one row per strategy:
-    tok/s/GPU and its ratio to dep as min / median / max, and the median per-rank split of
-    busy time into compute (outside collectives and waits), transfer and waiting for peers."""
+    tok/s/GPU and its ratio to dep as min / median / max, the median per-rank split of
+    busy time into compute (outside collectives and waits), transfer and waiting for peers,
+    and for dep its all-to-all rate (bytes sent over time in transfer, waiting excluded)
+    beside NCCL's all-to-all ceiling measured in the same file (--ceilings)."""
     import numpy as np
 
+    runs_all = load_runs(paths)
     groups: dict[tuple, list[BenchRun]] = {}
-    for r in load_runs(paths):
+    for r in runs_all:
         groups.setdefault(_setting(r), []).append(r)
+    ceilings: dict[int, list[float]] = {}  # per file (its machine record): measured once per process
+    for r in runs_all:
+        for s in r.results.values():
+            ceilings.setdefault(id(r.machine), []).extend(rk.a2a_ceiling_gbps for rk in s.ranks if rk.a2a_ceiling_gbps)
     m = next(iter(groups.values()))[0].machine
     lines = [f"{len(paths)} files, {(m.get('gpus') or ['cpu'])[0]} x{next(iter(groups))[2]}, torch {m.get('torch')}, "
              f"commit {m.get('commit')}", "",
-             "| model (layers) | experts | MNT | CV | skew | strategy | reps | tok/s/GPU min / med / max "
-             "| vs dep min / med / max | compute s | transfer s | peer wait s | busy s |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model (layers) | experts | MNT | ISL | CV | skew | strategy | reps | tok/s/GPU min / med / max "
+             "| vs dep min / med / max | compute s | transfer s | peer wait s | busy s | a2a GB/s (ceiling) |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt3 = lambda xs, f: " / ".join(f.format(x) for x in (min(xs), float(np.median(xs)), max(xs)))  # noqa: E731
-    for key, runs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
-        model, layers, _, _, edt, mnt, _, _, cv, _, skew, _ = key
+    for key, runs in sorted(groups.items(), key=lambda kv: tuple(f"{x:012.4f}" if isinstance(x, (int, float))
+                                                                 else str(x) for x in kv[0])):
+        model, layers, _, _, edt, mnt, _, isl, cv, _, skew, _ = key
         for strat in runs[0].results:
             res = [r.results[strat] for r in runs if strat in r.results and not r.results[strat].skipped]
             if not res:
@@ -253,8 +261,14 @@ def repetitions_markdown(paths: list[str]) -> str:
                      if BASELINE in r.results and not r.results[BASELINE].skipped and strat in r.results]
             ranks = [rk for x in res for rk in x.ranks]
             med = lambda f: float(np.median([f(rk) or 0.0 for rk in ranks]))  # noqa: E731
-            lines.append(f"| {model} ({layers or 'all'}) | {edt or 'same'} | {mnt} | {cv:g} | {skew:g} | {strat} | "
+            a2a = "-"
+            rates = [sum(rk.a2a_sent_bytes for rk in x.ranks) / sum(rk.transfer_s for rk in x.ranks) / 1e9 for x in res
+                     if all(rk.a2a_sent_bytes is not None and rk.transfer_s for rk in x.ranks)]
+            if rates:
+                ceil = [c for r in runs for c in ceilings.get(id(r.machine), [])]
+                a2a = f"{float(np.median(rates)):.3g}" + (f" ({sum(ceil) / len(ceil):.0f})" if ceil else "")
+            lines.append(f"| {model} ({layers or 'all'}) | {edt or 'same'} | {mnt} | {isl} | {cv:g} | {skew:g} | {strat} | "
                          f"{len(res)} | {fmt3(tps, '{:,.0f}')} | {fmt3(ratio, '{:.3f}') if ratio else '-'} | "
                          f"{med(lambda rk: rk.compute_s):.3f} | {med(lambda rk: rk.transfer_s):.3f} | "
-                         f"{med(lambda rk: rk.peer_wait_s):.4f} | {med(lambda rk: rk.busy_s):.3f} |")
+                         f"{med(lambda rk: rk.peer_wait_s):.4f} | {med(lambda rk: rk.busy_s):.3f} | {a2a} |")
     return "\n".join(lines)
