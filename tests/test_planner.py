@@ -126,7 +126,13 @@ def test_profiles_roundtrip_and_errors(tmp_path):
     prof = dataclasses.replace(PROFILES["h200"], fits={"m": {"gemm_eff": 0.5}})
     prof.to_json(str(path))
     back = resolve_profile(str(path))
-    assert back == prof and back.for_model("m").gemm_eff == 0.5 and back.for_model("x").gemm_eff == prof.gemm_eff
+    assert back == prof and back.for_model("m").gemm_eff == 0.5
+    # A model without its own fit takes the fitted models' mean, not the profile's defaults.
+    two = dataclasses.replace(prof, fits={"m": {"gemm_eff": 0.5, "attn_eff": 0.3}, "n": {"gemm_eff": 0.7}})
+    x = two.for_model("x")
+    assert x.gemm_eff == pytest.approx(0.6) and x.attn_eff == pytest.approx(0.3)
+    assert "no fit for x" in two.fit_for("x")[1] and "dwdp calibrate --model x" in two.fit_for("x")[1]
+    assert PROFILES["h200"].for_model("x") == PROFILES["h200"]  # no fits at all: its own fields
     with pytest.raises(ValueError, match="built-in profile"):
         resolve_profile("tpu-v5")
     path.write_text("{}")

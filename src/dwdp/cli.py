@@ -370,7 +370,8 @@ def cmd_plan(args) -> int:
         from .bench.schema import load_runs
         from .planner.hardware import resolve_profile
 
-        rows = validate(load_runs(args.validate), resolve_profile(args.hardware))
+        hw = resolve_profile(args.hardware)
+        rows = validate(load_runs(args.validate), hw)
         t = Table(title=f"predicted vs measured ({args.hardware})")
         for c in ("model", "MNT", "CV", "strategy", "measured step ms", "predicted", "error", "measured tok/s/GPU",
                   "predicted", "error", "TTFT p50 ms meas / pred", "p90 meas / pred"):
@@ -398,6 +399,12 @@ def cmd_plan(args) -> int:
         within = sum(e <= 0.15 for e in errs)
         console.print(f"step time within +-15%: {within} of {len(rows)} settings; mean |error| "
                       f"{100 * sum(errs) / len(errs):.1f}%")
+        for strat in dict.fromkeys(r["strategy"] for r in rows):
+            e = [abs(r["step_error"]) for r in rows if r["strategy"] == strat]
+            console.print(f"  {strat}: {sum(x <= 0.15 for x in e)} of {len(e)} within +-15%, mean |error| "
+                          f"{100 * sum(e) / len(e):.1f}%")
+        for model in dict.fromkeys(r["model"] for r in rows):
+            console.print(f"  {model}: {hw.fit_for(model)[1]}", highlight=False)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
