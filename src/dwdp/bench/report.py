@@ -243,8 +243,9 @@ def repetitions_markdown(paths: list[str]) -> str:
         for s in r.results.values():
             ceilings.setdefault(id(r.machine), []).extend(rk.a2a_ceiling_gbps for rk in s.ranks if rk.a2a_ceiling_gbps)
     m = next(iter(groups.values()))[0].machine
+    commits = ", ".join(dict.fromkeys(str(r.machine.get("commit")) for r in runs_all))
     lines = [f"{len(paths)} files, {(m.get('gpus') or ['cpu'])[0]} x{next(iter(groups))[2]}, torch {m.get('torch')}, "
-             f"commit {m.get('commit')}", "",
+             f"commit {commits}", "",
              "| model (layers) | experts | MNT | ISL | CV | skew | strategy | reps | tok/s/GPU min / med / max "
              "| vs dep min / med / max | compute s | transfer s | peer wait s | busy s | a2a GB/s (ceiling) |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
