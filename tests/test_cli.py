@@ -119,7 +119,8 @@ def test_bench_then_report(tmp_path, capsys):
     assert all(r.split(" | ")[4] == "1.00" for r in rows if r.split(" | ")[2] == "dep")
     assert main(["plan", "--validate", str(out), "--hardware", "h200"]) == 0
     table = capsys.readouterr().out
-    assert table.count("tiny-qwen3-moe") == 8 and "step time within" in table  # steps, then components
+    assert table.count("tiny-qwen3-moe") == 9 and "step time within" in table  # steps, components, fit used
+    assert "tiny-qwen3-moe: profile defaults" in table and "  dep: " in table and "  dwdp: " in table
     # The same file twice reads as two repetitions of each setting: one row per strategy.
     assert main(["report", "--reps", str(out), str(out)]) == 0
     reps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-qwen3-moe")]

@@ -266,7 +266,8 @@ def repetitions_markdown(paths: list[str]) -> str:
             rates = [sum(rk.a2a_sent_bytes for rk in x.ranks) / sum(rk.transfer_s for rk in x.ranks) / 1e9 for x in res
                      if all(rk.a2a_sent_bytes is not None and rk.transfer_s for rk in x.ranks)]
             if rates:
-                ceil = [c for r in runs for c in ceilings.get(id(r.machine), [])]
+                own = [rk.a2a_ceiling_gbps for x in res for rk in x.ranks if rk.a2a_ceiling_gbps]
+                ceil = own or [c for r in runs for c in ceilings.get(id(r.machine), [])]  # else the file's
                 a2a = f"{float(np.median(rates)):.3g}" + (f" ({sum(ceil) / len(ceil):.0f})" if ceil else "")
             lines.append(f"| {model} ({layers or 'all'}) | {edt or 'same'} | {mnt} | {isl} | {cv:g} | {skew:g} | {strat} | "
                          f"{len(res)} | {fmt3(tps, '{:,.0f}')} | {fmt3(ratio, '{:.3f}') if ratio else '-'} | "
