@@ -161,8 +161,11 @@ def worker(args) -> dict:
                         rt.close()
                         model.block.experts = shard
                         # NCCL's ceiling for the same bytes (what this rank's buffers hold, self included).
-                        total = sent * N // max(1, N - 1)
-                        t_c, gbps = _a2a_ceiling(total, pg, args.iters)
+                        # Every rank must pass the same size to the equal-split all-to-all (ranks
+                        # send different byte counts; mismatched sizes can hang NCCL): the largest.
+                        total = torch.tensor([sent * N // max(1, N - 1)], device=dev)
+                        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pg)
+                        t_c, gbps = _a2a_ceiling(int(total.item()), pg, args.iters)
                         row.update(nccl_a2a_s=t_c, nccl_a2a_gbps=gbps,
                                    bw_vs_nccl=row["send_gbps"] / gbps if gbps else 0.0)
                     except Exception as e:  # noqa: BLE001 - keep measuring the other variants
