@@ -4,8 +4,8 @@
 # strategy-table settings, each setting three times in the same processes (--repeat 3), in
 # priority order inside BUDGET seconds (what would not fit is skipped and logged):
 #   qwen3-235b-a22b (LAYERS layers) bf16, ISL 8K normal, CV 0 / 0.2 / 0.3, MNT 16K / 32K;
-#   the same with router skew 1.0 (CV 0 / 0.2, MNT 32K); FP8 experts (CV 0 / 0.2, MNT 16K / 32K);
-#   deepseek-v3 (DSV3_LAYERS layers) bf16 as the first. 16 requests per GPU, --balance-tail.
+#   the same with router skew 1.0 and with FP8 experts; deepseek-v3 (DSV3_LAYERS layers) bf16 as the
+#   first, FP8 (dsv3fp8), router skew 1.0 (dsv3skew). 16 requests per GPU, --balance-tail.
 # Then the min / median / max table (reps.md). Usage: [BUDGET=540] [ITEMS="layer qwen skew fp8 dsv3"]
 #   bash benchmarks/gpu_strong_dep.sh OUT COMMIT [LAYERS] [DSV3_LAYERS]
 set -u
@@ -23,12 +23,15 @@ for item in $ITEMS; do
     layer) run_in_budget dep_layer 90 python3 benchmarks/dep_gpu.py -N "$G" --transports nccl --overlap 0 --iters 5 \
              --out "$OUT/dep_layer.json" ;;
     qwen) bench qwen_bf16 240 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2,0.3 --max-num-tokens 16384,32768 ;;
-    skew) bench qwen_bf16_skew1 150 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2 --max-num-tokens 32768 --skew 1.0 ;;
-    fp8) bench qwen_fp8 200 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2 --max-num-tokens 16384,32768 \
+    skew) bench qwen_bf16_skew1 240 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2,0.3 \
+            --max-num-tokens 16384,32768 --skew 1.0 ;;
+    fp8) bench qwen_fp8 240 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2,0.3 --max-num-tokens 16384,32768 \
            --expert-dtype fp8 ;;
     dsv3) bench dsv3_bf16 260 --model deepseek-v3 --num-layers "$DSV3_LAYERS" --cv 0,0.2,0.3 --max-num-tokens 16384,32768 ;;
     dsv3fp8) bench dsv3_fp8 260 --model deepseek-v3 --num-layers "$DSV3_LAYERS" --cv 0,0.2 --max-num-tokens 16384,32768 \
                --expert-dtype fp8 ;;
+    dsv3skew) bench dsv3_bf16_skew1 260 --model deepseek-v3 --num-layers "$DSV3_LAYERS" --cv 0,0.2,0.3 \
+                --max-num-tokens 16384,32768 --skew 1.0 ;;
     *) echo "unknown item $item" >> "$OUT/log" ;;
   esac
 done
