@@ -345,3 +345,53 @@ def test_per_kind_interference_slows_each_kind_by_its_own_measure():
     lo = CostModel(cfg, replace(base, interference=0.0)).step_dwdp(lens, [0, 0], pl)[0]
     hi = CostModel(cfg, replace(base, interference=0.20)).step_dwdp(lens, [0, 0], pl)[0]
     assert lo < t < hi
+
+
+@pytest.mark.parametrize("model", ["qwen3-235b-a22b", "deepseek-v3"])
+def test_dep_destination_ranks_match_the_real_router(model):
+    """The planner's expected number of EP ranks a token is dispatched to, against the
+    engine's own router (random weights and tokens; DeepSeek-V3's group-limited top-k lands
+    a token's experts on fewer ranks than independent draws would)."""
+    import torch
+
+    from dwdp.models.moe import Router
+    from dwdp.parallel.ep import ep_ranges
+    from dwdp.planner.model import expected_dest_ranks
+
+    cfg, _ = resolve_model(model, 4)
+    g = torch.Generator().manual_seed(0)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=g) / cfg.hidden_size ** 0.5)
+        _, ids = router(torch.randn(3000, cfg.hidden_size, generator=g))
+    for n in (2, 4, 8):
+        owner = torch.empty(cfg.num_experts, dtype=torch.long)
+        for r, rng in enumerate(ep_ranges(cfg.num_experts, n)):
+            owner[rng.start:rng.stop] = r
+        ranks = owner[ids]  # [tokens, k] -> distinct ranks per token
+        distinct = (torch.nn.functional.one_hot(ranks, n).sum(1) > 0).sum(1).float().mean().item()
+        assert expected_dest_ranks(cfg, n) == pytest.approx(distinct, rel=0.03), (n, distinct)
+
+
+def test_dep_transfer_bytes_match_the_4gpu_measurement():
+    """Bytes each DEP rank sends per step (dispatch rows as the wire lays them out, FP8 with
+    FP8 experts, + the bf16 combine), predicted against what the 4x H200 runs recorded."""
+    from pathlib import Path
+
+    from dwdp.bench.schema import load_runs
+    from dwdp.planner.model import expected_dest_ranks
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks/results/2026-11-28_strong_dep_h200x4"
+    seen = set()
+    for name in ("qwen_bf16", "qwen_fp8", "dsv3_bf16", "dsv3_fp8"):
+        for run in load_runs([str(root / f"{name}.json")]):
+            cfg, _ = resolve_model(run.spec["model"], run.spec["num_layers"])
+            fmt = "fp8" if run.spec.get("expert_dtype") == "fp8" else "bf16"
+            cm = CostModel(cfg, PROFILES["h200"], fmt)
+            n = run.spec["world_size"]
+            for rk in run.results["dep"].ranks:
+                tokens = sum(t for t in rk.step_tokens)
+                predicted = tokens * expected_dest_ranks(cfg, n) * (n - 1) / n * cm.dep_row_bytes * len(cfg.moe_layers)
+                assert predicted == pytest.approx(rk.a2a_sent_bytes, rel=0.08), (name, rk.rank)
+            seen.add(name)
+    assert len(seen) == 4

@@ -179,6 +179,12 @@ class _Wire:
         return {name: buf[:, o:o + nb].view(dt) for name, (dt, o, nb) in self.fields.items()}
 
 
+def wire_row_bytes(hidden: int, top_k: int, fp8: bool, act_dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of one dispatched row on the wire (what the planner charges DEP per token and
+    destination rank; the combine sends ``hidden`` values of ``act_dtype`` back)."""
+    return _Wire(hidden, top_k, act_dtype, fp8).width
+
+
 class _MicroBatch:
     """One dispatch/compute/combine unit (the whole layer, or half of it with overlap)."""
 
