@@ -219,18 +219,21 @@ def predict_ttft(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, dict]:
 def layer_jitter_from_runs(runs: list, num_layers: int | None = None) -> float:
     """Per-layer relative compute jitter across ranks from ``dwdp bench`` runs: dp steps of
     identical work (CV-0 workloads, full MNT steps at the same index on every rank) differ
-    only by noise; for two ranks E|a - b| = 2 sigma / sqrt(pi) of the step, and a step's
-    sigma is a layer's / sqrt(layers) if the layers' noise is independent."""
-    diffs, layers = [], []
+    only by noise. Over n ranks the mean absolute deviation from the ranks' mean is
+    sigma * sqrt(2 (n - 1) / (pi n)) of the step (for two ranks: E|a - b| = 2 sigma / sqrt(pi)),
+    and a step's sigma is a layer's / sqrt(layers) if the layers' noise is independent."""
+    devs, layers = [], []
     for run in runs:
         res = run.results.get(DP)
-        if res is None or res.skipped or run.spec["workload"].get("cv", 0) != 0 or len(res.ranks) != 2:
+        if res is None or res.skipped or run.spec["workload"].get("cv", 0) != 0 or len(res.ranks) < 2:
             continue
-        a, b = res.ranks
-        for k in range(min(len(a.step_seconds), len(b.step_seconds))):
-            if a.step_tokens[k] == b.step_tokens[k] == run.mnt:
-                diffs.append(abs(a.step_seconds[k] - b.step_seconds[k]) / ((a.step_seconds[k] + b.step_seconds[k]) / 2))
+        n = len(res.ranks)
+        for k in range(min(len(r.step_seconds) for r in res.ranks)):
+            if all(r.step_tokens[k] == run.mnt for r in res.ranks):
+                x = np.array([r.step_seconds[k] for r in res.ranks])
+                mad = float(np.mean(np.abs(x - x.mean())) / x.mean())
+                devs.append(mad / np.sqrt(2 * (n - 1) / (np.pi * n)))
                 layers.append(num_layers or run.spec.get("num_layers") or 1)
-    if not diffs:
-        raise ValueError("no pair of identical dp steps on two ranks (CV-0 runs of W=2 needed)")
-    return float(np.mean(diffs) * np.sqrt(np.pi) / 2 * np.sqrt(np.mean(layers)))
+    if not devs:
+        raise ValueError("no step of identical dp work on every rank (CV-0 dp runs on 2+ ranks needed)")
+    return float(np.mean(devs) * np.sqrt(np.mean(layers)))
