@@ -54,3 +54,42 @@ def test_memory_budget_picks_largest_fitting_local_count():
     assert all(10 + L * 0.5 + 2 * (128 - L) * 0.01 > 60 for L in bigger)
     with pytest.raises(PlacementError, match="budget"):
         Placement.for_memory_budget(128, 4, 1 * gib, 10 * gib, 0.5 * gib, 0.01 * gib)
+
+
+def test_auto_local_experts_takes_the_largest_that_fits():
+    """-L auto: weights (resident + both slots + non-expert) plus one step's activations
+    within 92% of the GPU, for the largest valid L; the next valid L would not fit."""
+    import torch
+
+    from dwdp.info import auto_local_experts, dwdp_rank_memory
+    from dwdp.parallel.replica import activation_bytes
+    from dwdp.presets import resolve_model
+
+    cfg, _ = resolve_model("qwen3-235b-a22b", None)  # all 94 layers, FP8 experts, 4 ranks
+    gib = 2**30
+    need = lambda L, mnt: (dwdp_rank_memory(cfg, Placement(128, 4, L), dtype=torch.bfloat16,  # noqa: E731
+                                            expert_dtype="fp8").total + activation_bytes(cfg, mnt, 2))
+    valid = valid_local_counts(128, 4)
+    for total_gib, mnt in ((139.8, 16384), (139.8, 32768), (100.0, 16384)):
+        total = int(total_gib * gib)
+        L = auto_local_experts(cfg, 4, torch.bfloat16, "fp8", mnt, total)
+        assert need(L, mnt) <= 0.92 * total
+        bigger = [x for x in valid if x > L]
+        assert not bigger or need(bigger[0], mnt) > 0.92 * total
+    # An H200 at MNT 16K keeps 62 of 128 experts (pulls 66, not 96); too little memory: the smallest L.
+    assert auto_local_experts(cfg, 4, torch.bfloat16, "fp8", 16384, int(139.8 * gib)) == 62
+    assert auto_local_experts(cfg, 4, torch.bfloat16, "fp8", 16384, 40 * gib) == 32
+
+
+def test_auto_local_experts_on_cpu_runs_the_smallest_and_records_it(tmp_path):
+    import json
+
+    from dwdp.cli import main
+
+    out = tmp_path / "a.json"
+    assert main(["bench", "--num-requests", "2", "--isl", "24", "--strategies", "dwdp", "-L", "auto",
+                 "--max-num-tokens", "32", "--out", str(out)]) == 0
+    spec = json.loads(out.read_text())["runs"][0]["spec"]
+    assert spec["local_experts"] == valid_local_counts(12, 2)[0] and spec["local_experts_auto"] is True
+    with pytest.raises(SystemExit):
+        main(["bench", "-L", "most"])

@@ -60,8 +60,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                         "measured break-even size ship (on GPUs experimental: needs DWDP_EXPERIMENTAL_SHIPPING=1)")
     d.add_argument("--ship-max-tokens", type=int, default=2048, help="largest step that may ship (default 2048)")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
-    d.add_argument("--local-experts", "-L", type=int, default=None,
-                   help="experts each rank keeps per MoE layer (default: the smallest valid L)")
+    d.add_argument("--local-experts", "-L", type=_local_count, default=None,
+                   help="experts each rank keeps per MoE layer (default: the smallest valid L; auto: the "
+                        "largest that fits the GPU, so fewer are pulled)")
     d.add_argument("--peer-timeout", type=float, default=60.0,
                    help="seconds without a peer heartbeat before the group fails (default 60)")
     d.add_argument("--slice-mb", type=float, default=None,
@@ -244,6 +245,16 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"error: expected comma-separated numbers, got {text!r}")
+
+
+def _local_count(text: str) -> int | str:
+    """-L: a number of experts, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of experts or 'auto'") from None
 
 
 def cmd_bench(args) -> int:
@@ -653,7 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "last step whose pulls cannot hide); lockstep dep keeps the plain scheduler")
     w.add_argument("--seed", type=int, default=0, help="workload and random-weight seed")
     bench.add_argument("--max-num-tokens", default="256", help="MNT per step; comma list = sweep (default 256)")
-    bench.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP experts kept per rank")
+    bench.add_argument("--local-experts", "-L", type=_local_count, default=None,
+                       help="DWDP experts kept per rank (auto: the largest that fits the GPU)")
     bench.add_argument("--slice-mb", type=float, default=None, help="DWDP pull slices of this many MiB")
     bench.add_argument("--copy-streams", type=int, default=1,
                        help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
@@ -755,7 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local: prefill in the server process; else a prefill group of --prefill-ranks processes "
                           "(GPUs cuda:0..R-1) handing KV caches to decode here (--device, e.g. cuda:4)")
     srv.add_argument("--prefill-ranks", type=int, default=2)
-    srv.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP prefill: experts kept per rank")
+    srv.add_argument("--local-experts", "-L", type=_local_count, default=None,
+                     help="DWDP prefill: experts kept per rank (auto: the largest that fits the GPU)")
     srv.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
                      help="DWDP prefill pulls: off = as fast as possible; jit = each ends just before its MoE")
     srv.add_argument("--prefill-hold-ms", type=float, default=3.0,

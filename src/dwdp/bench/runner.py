@@ -103,6 +103,9 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
             per_rank = [rk[i] for rk in ranks]
             run.results[strategy] = summarize(per_rank, spec.world_size)
             run.raw[strategy] = per_rank
+            if strategy == "dwdp" and spec.local_experts == "auto" and "local_experts" in per_rank[0]:
+                # What "auto" chose on these GPUs, so the file can be re-predicted (dwdp plan --validate).
+                run.spec["local_experts"], run.spec["local_experts_auto"] = per_rank[0]["local_experts"], True
         s = runs[0].results[strategy]
         log(f"[{strategy}] " + (f"skipped: {s.skipped}" if s.skipped else
                                 "done: " + ", ".join(f"{r.results[strategy].tps_per_gpu:,.0f}" for r in runs)

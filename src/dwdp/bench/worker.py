@@ -29,7 +29,7 @@ class BenchSpec:
     max_num_tokens: int = 8192
     skew: float = 0.0  # Zipf exponent of the router bias (0: the model's own routing)
     balance_tail: bool = False  # equal last steps once every request has arrived (PrefillEngine)
-    local_experts: int | None = None  # DWDP L
+    local_experts: int | str | None = None  # DWDP L ("auto": the largest that fits the GPU)
     slice_mb: float | None = None  # DWDP sliced pulls
     copy_streams: int = 1  # DWDP copy streams per rank
     pull_pacing: str = "off"  # DWDP: "jit" stretches each pull to end just before its MoE
@@ -98,6 +98,7 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
         for workload, mnt in configs:
             out = _run_config(spec, rank, ctx, workload, mnt, warmed, hooks)
             out["plan"] = rank.plan.label
+            out["local_experts"] = rank.spec.local_experts  # resolved: "auto" became a number
             out["memory"] = rank.runtime.memory_bytes()
             outs.append(out)
             watchdog.check()

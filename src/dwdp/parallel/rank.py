@@ -9,7 +9,7 @@ strategy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from ..config import ModelConfig, resolve_dtype
@@ -30,7 +30,7 @@ class RankSpec:
     dtype: str | None = None  # a key of config.DTYPES; default bf16 on GPU, fp32 on CPU
     device: str = "cpu"  # "cpu" or "cuda" (each rank takes cuda:LOCAL_RANK)
     group_size: int = 1
-    local_experts: int | None = None  # DWDP L (default: the smallest valid)
+    local_experts: int | str | None = None  # DWDP L (default: the smallest valid; "auto": the largest that fits)
     expert_dtype: str = "auto"  # "auto": as the checkpoint ships them; "same": the model dtype; "fp8": e4m3
     slice_mb: float | None = None  # DWDP: pull slices of this many MiB, round-robin over peers
     copy_streams: int = 1  # DWDP copy streams per rank
@@ -69,8 +69,28 @@ def plan_group(spec: RankSpec):
     strategy = get_strategy(spec.strategy)
     cfg, ckpt = resolve_model(spec.model, spec.num_layers)
     dtype = resolve_dtype(spec.dtype, spec.device)
+    spec = resolve_local_experts(spec, cfg, dtype, None)  # "auto" is sized on the rank's device
     plans = [strategy.plan(cfg, spec, dtype, spec.group_size, r) for r in range(spec.group_size)]
     return strategy, cfg, ckpt, plans
+
+
+def resolve_local_experts(spec: RankSpec, cfg: ModelConfig, dtype, device) -> RankSpec:
+    """``local_experts="auto"`` made a number: the largest L that fits this CUDA device
+    (:func:`dwdp.info.auto_local_experts`); elsewhere (CPU, or before a device is known) the
+    smallest valid L."""
+    if spec.local_experts != "auto":
+        return spec
+    import torch
+
+    from ..info import auto_local_experts
+    from .placement import valid_local_counts
+
+    if device is not None and torch.device(device).type == "cuda" and spec.strategy == DWDP:
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        L = auto_local_experts(cfg, spec.group_size, dtype, spec.expert_dtype, spec.max_num_tokens, total)
+    else:
+        L = valid_local_counts(cfg.num_experts, max(spec.group_size, 1))[0]
+    return replace(spec, local_experts=L)
 
 
 def build_rank(spec: RankSpec, ctx, hooks: RuntimeHooks = NO_HOOKS, progress: bool = False) -> Rank:
@@ -90,6 +110,7 @@ def build_rank(spec: RankSpec, ctx, hooks: RuntimeHooks = NO_HOOKS, progress: bo
         raise ValueError(f"rank spec says group size {spec.group_size}, the process group has {ctx.group_size}")
     cfg, ckpt = resolve_model(spec.model, spec.num_layers)
     dtype = resolve_dtype(spec.dtype, ctx.device)
+    spec = resolve_local_experts(spec, cfg, dtype, ctx.device)
     group_size, group_rank = (ctx.group_size, ctx.group_rank) if strategy.grouped else (1, 0)
     plan = strategy.plan(cfg, spec, dtype, group_size, group_rank)
     check_fits(plan.label, plan.weight_bytes, cfg, spec.max_num_tokens, dtype, ctx.device)
