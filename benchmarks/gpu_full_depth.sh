@@ -5,7 +5,7 @@
 # SKEWS one bench invocation running its setting three times (--repeat 3, the model built once),
 # inside BUDGET seconds (what would not fit is skipped and logged), then a summary table.
 # TAG=x EXTRA="-L auto" adds bench flags (e.g. DWDP keeping as many experts as fit) and names the files.
-# Usage: [SKEWS="0 1.0"] [MNT=8192] [MODEL=qwen3-235b-a22b LAYERS=] [TAG= EXTRA=] [BUDGET=520]
+# Usage: [SKEWS="0 1.0"] [MNT=8192] [MODEL=qwen3-235b-a22b LAYERS=] [TAG= EXTRA=] [BUDGET=540]
 #        bash benchmarks/gpu_full_depth.sh OUT COMMIT
 set -u
 OUT=${1:?out dir}; COMMIT=${2:?commit}
@@ -21,8 +21,8 @@ for skew in $SKEWS; do
     --timeout "$PER" --strategies dwdp,dep --balance-tail ${EXTRA:-} --out "$OUT/$name.json"
 done
 cat "$OUT/log"
-ls "$OUT"/*_W"$G".json > /dev/null 2>&1 || exit 1
-python3 -m dwdp.cli report --reps "$OUT"/*_W"$G".json | tee "$OUT/full_depth_reps.md"
+ls "$OUT"/*_W"$G"*.json > /dev/null 2>&1 || exit 1
+python3 -m dwdp.cli report --reps "$OUT"/*_W"$G"*.json | tee "$OUT/full_depth_reps.md"
 python3 - "$OUT" <<'PY'
 import glob, json, os, sys
 for f in sorted(glob.glob(os.path.join(sys.argv[1], "*_W*.json"))):

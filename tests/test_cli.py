@@ -175,6 +175,28 @@ def test_bench_repeat_runs_each_setting_again_in_the_same_processes(tmp_path, ca
         main(["bench", "--repeat", "0"])
 
 
+def test_bench_keeps_the_strategies_that_finished_when_a_later_one_fails(tmp_path, monkeypatch, capsys):
+    import json
+
+    import dwdp.parallel.launch as launch
+    from dwdp.cli import main
+
+    real = launch.spawn_local
+
+    def failing_dwdp(fn, world, args, **kw):
+        if args[1] == "dwdp":
+            raise launch.SpawnError({0: "planted failure"})
+        return real(fn, world, args, **kw)
+
+    monkeypatch.setattr(launch, "spawn_local", failing_dwdp)
+    out = tmp_path / "p.json"
+    assert main(["bench", "--num-requests", "2", "--isl", "24", "--strategies", "dp,dwdp",
+                 "--max-num-tokens", "32", "--out", str(out)]) == 1
+    runs = json.loads(out.read_text())["runs"]
+    assert [sorted(r["results"]) for r in runs] == [["dp"]] and runs[0]["results"]["dp"]["tokens"] > 0
+    assert "holds the strategies that finished" in capsys.readouterr().out
+
+
 def test_isl_sweep_bench_and_plot_with_the_planner_beside_it(tmp_path):
     """--isl as a list runs one setting per ISL; report draws isl_sweep.png with dwdp plan's
     prediction for each measured point when given a hardware profile."""

@@ -133,6 +133,11 @@ def test_profiles_roundtrip_and_errors(tmp_path):
     assert x.gemm_eff == pytest.approx(0.6) and x.attn_eff == pytest.approx(0.3)
     assert "no fit for x" in two.fit_for("x")[1] and "dwdp calibrate --model x" in two.fit_for("x")[1]
     assert PROFILES["h200"].for_model("x") == PROFILES["h200"]  # no fits at all: its own fields
+    # Not averaged: an efficiency of 1.0 (the fit's placeholder for a dropped term) and the
+    # model-sized bytes per token.
+    odd = dataclasses.replace(prof, fits={"m": {"gemm_eff": 0.5, "bytes_per_token_layer": 9.0},
+                                          "n": {"gemm_eff": 1.0, "bytes_per_token_layer": 1.0}})
+    assert odd.for_model("x").gemm_eff == 0.5 and odd.for_model("x").bytes_per_token_layer == prof.bytes_per_token_layer
     with pytest.raises(ValueError, match="built-in profile"):
         resolve_profile("tpu-v5")
     path.write_text("{}")

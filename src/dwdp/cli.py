@@ -304,20 +304,27 @@ def cmd_bench(args) -> int:
         raise SystemExit(f"error: --world-size {args.world_size} is not a multiple of --group-size {spec.n}")
     if args.repeat < 1:
         raise SystemExit(f"error: --repeat {args.repeat}: give at least 1 (the number of runs of each setting)")
+    machine, saved = machine_info(), []
+
+    def save(runs):  # after every strategy: a run cut short keeps what it finished
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            write_json(args.out, [r for r in runs if r.results], machine)
+            saved.append(True)
+
     try:
         runs = sweep(spec, cvs if len(cvs) > 1 else None, mnts if len(mnts) > 1 else None, args.timeout,
                      log=lambda m: console.print(m, highlight=False, markup=False),
-                     isls=isls if len(isls) > 1 else None, repeat=args.repeat)
+                     isls=isls if len(isls) > 1 else None, repeat=args.repeat, on_strategy=save)
     except SpawnError as e:
         console.print(f"[red]error:[/red] a rank failed:\n{e}", highlight=False)
+        if saved:
+            console.print(f"{args.out} holds the strategies that finished before it")
         return 1
     for run in runs:
         console.print(comparison_table(run))
     if args.out:
-        import os
-
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        write_json(args.out, runs, machine_info())
+        save(runs)
         console.print(f"wrote {args.out}")
     return 0
 

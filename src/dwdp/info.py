@@ -145,21 +145,22 @@ def dwdp_rank_memory(cfg: ModelConfig, placement: Placement, bytes_per_param: fl
 
 
 def auto_local_experts(cfg: ModelConfig, group_size: int, dtype: torch.dtype, expert_dtype: str | torch.dtype,
-                       max_num_tokens: int, total_memory_bytes: int, headroom: float = 0.92) -> int:
+                       max_num_tokens: int, budget_bytes: float) -> int:
     """DWDP's ``-L auto``: the largest valid L whose weights (resident experts, both prefetch
-    slots, non-expert) plus one step's activations fit ``headroom`` of the GPU. Spare memory
-    then holds experts a rank would otherwise pull every layer: fewer bytes on NVLink and less
-    HBM taken from the compute the pulls overlap. When none fits, the smallest L (the fit
-    check then refuses it with the numbers)."""
+    slots, non-expert) plus one step's activations fit ``budget_bytes``. Spare memory then
+    holds experts a rank would otherwise pull every layer: fewer bytes on NVLink and less HBM
+    taken from the compute the pulls overlap. When none fits, the smallest L (the fit check
+    then refuses it with the numbers)."""
     from .parallel.placement import Placement, valid_local_counts
     from .parallel.replica import activation_bytes
 
     valid = valid_local_counts(cfg.num_experts, group_size)
+    if not valid:  # E < N: let the placement say why
+        return Placement.create(cfg.num_experts, group_size).local
     act = activation_bytes(cfg, max_num_tokens, torch.empty(0, dtype=dtype).element_size())
     best = valid[0]
     for L in valid:
         mem = dwdp_rank_memory(cfg, Placement(cfg.num_experts, group_size, L), dtype=dtype, expert_dtype=expert_dtype)
-        if mem.total + act <= headroom * total_memory_bytes:
+        if mem.total + act <= budget_bytes:
             best = L
     return best
-

@@ -223,7 +223,10 @@ def _setting(run: BenchRun) -> tuple:
     """What makes two runs repetitions of one measurement (machine and seed aside)."""
     w, sp = run.workload, run.spec
     return (sp["model"], sp.get("num_layers"), sp["world_size"], sp.get("group_size"), sp.get("expert_dtype"),
-            run.mnt, w["dist"], w["isl"], w["cv"], w["ratio"], sp.get("skew", 0.0), w["num_requests"])
+            run.mnt, w["dist"], w["isl"], w["cv"], w["ratio"], sp.get("skew", 0.0), w["num_requests"],
+            # the engine's own knobs: a run with other settings is another measurement
+            tuple(str(sp.get(k)) for k in ("local_experts", "slice_mb", "copy_streams", "pull_pacing", "short_steps",
+                                            "dep_transport", "dep_overlap", "dep_wire", "balance_tail")))
 
 
 def repetitions_markdown(paths: list[str]) -> str:
@@ -252,7 +255,7 @@ def repetitions_markdown(paths: list[str]) -> str:
     fmt3 = lambda xs, f: " / ".join(f.format(x) for x in (min(xs), float(np.median(xs)), max(xs)))  # noqa: E731
     for key, runs in sorted(groups.items(), key=lambda kv: tuple(f"{x:012.4f}" if isinstance(x, (int, float))
                                                                  else str(x) for x in kv[0])):
-        model, layers, _, _, edt, mnt, _, isl, cv, _, skew, _ = key
+        model, layers, _, _, edt, mnt, _, isl, cv, _, skew, _, _ = key
         for strat in runs[0].results:
             res = [r.results[strat] for r in runs if strat in r.results and not r.results[strat].skipped]
             if not res:

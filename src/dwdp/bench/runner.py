@@ -10,7 +10,7 @@ import copy
 import time
 import numpy as np
 
-from ..parallel.strategies import BASELINE
+from ..parallel.strategies import BASELINE, DWDP
 from ..workload import WorkloadSpec
 from .schema import TTFT, BenchRun, RankSummary, StrategyResult, write_runs
 from .worker import BenchSpec, bench_worker
@@ -80,11 +80,13 @@ def summarize(ranks: list[dict], world: int) -> StrategyResult:
 
 
 def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
-              configs: list[tuple[WorkloadSpec, int]] | None = None) -> list[BenchRun]:
+              configs: list[tuple[WorkloadSpec, int]] | None = None, on_strategy=None) -> list[BenchRun]:
     """Every strategy of ``spec`` on each (workload, MNT) of ``configs`` (default: the spec's).
 
     A strategy's processes build the model once and run every config; returns one run per
     config. Each run's ``raw`` attribute keeps the ranks' own reports (logits for tests).
+    ``on_strategy(runs)`` is called after each strategy (the CLI writes the file then, so a
+    run cut short keeps the strategies it finished).
     """
     from ..parallel.launch import spawn_local
 
@@ -103,9 +105,11 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
             per_rank = [rk[i] for rk in ranks]
             run.results[strategy] = summarize(per_rank, spec.world_size)
             run.raw[strategy] = per_rank
-            if strategy == "dwdp" and spec.local_experts == "auto" and "local_experts" in per_rank[0]:
+            if strategy == DWDP and spec.local_experts == "auto" and "local_experts" in per_rank[0]:
                 # What "auto" chose on these GPUs, so the file can be re-predicted (dwdp plan --validate).
                 run.spec["local_experts"], run.spec["local_experts_auto"] = per_rank[0]["local_experts"], True
+        if on_strategy is not None:
+            on_strategy(runs)
         s = runs[0].results[strategy]
         log(f"[{strategy}] " + (f"skipped: {s.skipped}" if s.skipped else
                                 "done: " + ", ".join(f"{r.results[strategy].tps_per_gpu:,.0f}" for r in runs)
@@ -114,7 +118,7 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
 
 
 def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, timeout_s: float, log=print,
-          isls: list[int] | None = None, repeat: int = 1):
+          isls: list[int] | None = None, repeat: int = 1, on_strategy=None):
     """One run per (MNT, ISL, CV) combination, each comparing every strategy. In an ISL
     sweep a shorter ISL gets proportionally more requests (the same total tokens as the
     longest), so every setting fills its steps alike. ``repeat`` > 1 runs the whole list
@@ -131,11 +135,14 @@ def sweep(spec: BenchSpec, cvs: list[float] | None, mnts: list[int] | None, time
                 wl.cv, wl.isl = cv, isl
                 wl.num_requests = max(1, round(spec.workload.num_requests * longest / isl))
                 configs.append((wl, mnt))
-    runs = run_bench(spec, timeout_s, log, configs * repeat)
-    if repeat > 1:
-        for i, run in enumerate(runs):
-            run.spec["repeat"] = i // len(configs) + 1
-    return runs
+    def label(runs):
+        if repeat > 1:
+            for i, run in enumerate(runs):
+                run.spec["repeat"] = i // len(configs) + 1
+        return runs
+
+    return label(run_bench(spec, timeout_s, log, configs * repeat,
+                           on_strategy=(lambda runs: on_strategy(label(runs))) if on_strategy else None))
 
 
 def write_json(path: str, runs: list[BenchRun], machine: dict) -> None:

@@ -146,10 +146,16 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
         if spec.ceilings and strategy.lockstep and ctx.device.type == "cuda":
             from ..ceilings import all_to_all_gbps
 
-            # At the size of one full step's bf16 dispatch (a fixed 256 MiB read 10-20% below
-            # what DEP's 0.5-3.5 GB steps reached on 4x H200), capped at 1 GiB per rank to
-            # bound the transient memory; measured once per MNT, carried by every run.
-            nbytes = min(mnt * max(cfg.top_k, 1) * cfg.hidden_size * 2, 1 << 30)
+            from ..parallel.ep import wire_row_bytes
+            from ..planner.model import expected_dest_ranks
+
+            # At the size of one full step's dispatch (a row per token and destination rank,
+            # as the wire lays it out; a fixed 256 MiB read 10-20% below what DEP's 0.5-3.5 GB
+            # steps reached on 4x H200), capped at 1 GiB per rank to bound the transient
+            # memory; measured once per size, carried by every run.
+            fp8_wire = spec.dep_wire == "fp8" or (spec.dep_wire == "auto" and spec.expert_dtype == "fp8")
+            row = wire_row_bytes(cfg.hidden_size, max(cfg.top_k, 1), fp8_wire)
+            nbytes = min(int(mnt * expected_dest_ranks(cfg, ctx.group_size) * row), 1 << 30)
             if ("a2a", nbytes) not in warmed:
                 warmed[("a2a", nbytes)] = all_to_all_gbps(ctx.group.process_group, nbytes_per_rank=nbytes)
             out["a2a_ceiling_gbps"] = warmed[("a2a", nbytes)]

@@ -74,6 +74,9 @@ def plan_group(spec: RankSpec):
     return strategy, cfg, ckpt, plans
 
 
+AUTO_L_MARGIN_BYTES = 4 << 30  # -L auto leaves this much of the free memory unplanned
+
+
 def resolve_local_experts(spec: RankSpec, cfg: ModelConfig, dtype, device) -> RankSpec:
     """``local_experts="auto"`` made a number: the largest L that fits this CUDA device
     (:func:`dwdp.info.auto_local_experts`); elsewhere (CPU, or before a device is known) the
@@ -86,10 +89,16 @@ def resolve_local_experts(spec: RankSpec, cfg: ModelConfig, dtype, device) -> Ra
     from .placement import valid_local_counts
 
     if device is not None and torch.device(device).type == "cuda" and spec.strategy == DWDP:
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        L = auto_local_experts(cfg, spec.group_size, dtype, spec.expert_dtype, spec.max_num_tokens, total)
+        # What the fit check allows (92% of the card), and no more than is free now less a
+        # margin for what no estimate counts (NCCL and CUDA context, the all-to-all ceiling's
+        # buffers, token-shipping boxes), so a GPU shared with decode ranks is not overfilled.
+        dev = torch.device(device)
+        free, total = torch.cuda.mem_get_info(dev)
+        budget = min(0.92 * total, free - AUTO_L_MARGIN_BYTES)
+        L = auto_local_experts(cfg, spec.group_size, dtype, spec.expert_dtype, spec.max_num_tokens, budget)
     else:
-        L = valid_local_counts(cfg.num_experts, max(spec.group_size, 1))[0]
+        valid = valid_local_counts(cfg.num_experts, max(spec.group_size, 1))
+        L = valid[0] if valid else None  # None: the placement reports an impossible E, N
     return replace(spec, local_experts=L)
 
 

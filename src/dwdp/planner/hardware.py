@@ -60,7 +60,9 @@ class HardwareProfile:
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{path}: not a hardware profile written by `dwdp calibrate` ({e})")
 
-    _FIT_KEYS = ("gemm_eff", "attn_eff", "fp8_gemm_eff", "layer_overhead_us", "bytes_per_token_layer")
+    # What carries over between models: achieved fractions of the peaks and the fixed cost per
+    # layer (bytes per token scale with the hidden size: not averaged).
+    _FIT_KEYS = ("gemm_eff", "attn_eff", "fp8_gemm_eff", "layer_overhead_us")
 
     def fit_for(self, model: str) -> tuple[dict, str]:
         """The per-model fit to apply and where it comes from. A model calibrated here uses
@@ -73,7 +75,9 @@ class HardwareProfile:
             return {}, "profile defaults"
         mean = {}
         for k in self._FIT_KEYS:
-            vals = [f[k] for f in self.fits.values() if f.get(k) is not None]
+            # An efficiency of 1.0 is the fit's placeholder for a term it dropped, not a measure.
+            vals = [f[k] for f in self.fits.values()
+                    if f.get(k) is not None and not (k.endswith("_eff") and f[k] >= 0.999)]
             if vals:
                 mean[k] = sum(vals) / len(vals)
         return mean, (f"no fit for {model or 'this model'}: the mean of {', '.join(sorted(self.fits))}'s "

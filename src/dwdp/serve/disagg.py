@@ -38,7 +38,7 @@ class PrefillPoolSpec:
     num_layers: int | None = None
     dtype: str | None = None
     device: str = "cpu"
-    local_experts: int | None = None
+    local_experts: int | str | None = None  # DWDP prefill L ("auto": the largest that fits)
     max_num_tokens: int = 8192
     seed: int = 0
     peer_timeout_s: float = 60.0
