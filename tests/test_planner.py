@@ -417,3 +417,30 @@ def test_layer_jitter_from_dp_runs_of_any_group_size(ranks):
     run = NS(results={"dp": NS(skipped=None, ranks=ranks_)}, mnt=1024,
              spec={"workload": {"cv": 0.0}, "num_layers": layers})
     assert layer_jitter_from_runs([run]) == pytest.approx(sigma, rel=0.05)
+
+
+def test_skewed_routing_shares_are_the_engines():
+    """--skew in the planner as the engine does it (top-k over random logits plus the seeded
+    Zipf bias, layer by layer), against the engine's own Router with that bias: the hot EP
+    rank's share per layer agrees; plain Zipf shares would overstate it."""
+    import torch
+
+    from dwdp.models.moe import Router
+    from dwdp.planner.model import router_logit_std, topk_popularity
+    from dwdp.workload import zipf_router_bias
+
+    cfg, _ = resolve_model("qwen3-235b-a22b", 4)
+    g = torch.Generator().manual_seed(0)
+    engine, planner = [], []
+    for layer in range(4):
+        router = Router(cfg)
+        with torch.no_grad():
+            router.weight.normal_(0.0, 0.02, generator=g)  # init_random's router
+            router.logit_bias = zipf_router_bias(cfg.num_experts, 1.0, 0, layer)
+            _, ids = router(torch.randn(4096, cfg.hidden_size, generator=g))  # unit-RMS normed input
+        counts = torch.bincount(ids.flatten(), minlength=cfg.num_experts).double()
+        engine.append((counts / counts.sum()).view(4, -1).sum(1).numpy())
+        pop = np.array(topk_popularity(cfg.num_experts, cfg.top_k, 1.0, router_logit_std(cfg), layer))
+        planner.append(pop.reshape(4, -1).sum(1))
+    assert np.abs(np.array(engine) - np.array(planner)).max() < 0.015
+    assert np.mean([p.max() for p in planner]) < ep_rank_shares(128, 4, 1.0).max() - 0.02

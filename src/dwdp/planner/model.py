@@ -300,16 +300,50 @@ def expected_dest_ranks(cfg: ModelConfig, n: int) -> float:
                        getattr(cfg, "topk_group", 1) or 1)
 
 
+def router_logit_std(cfg: ModelConfig) -> float:
+    """Spread of the bench's random router logits: weights of std 0.02 (``init_random``) on
+    the unit-RMS normed hidden state, 0.02 * sqrt(hidden)."""
+    return 0.02 * math.sqrt(cfg.hidden_size)
+
+
+@functools.lru_cache(maxsize=1024)
+def topk_popularity(num_experts: int, top_k: int, skew: float, logit_std: float, layer: int, seed: int = 0,
+                    tokens: int = 4096) -> tuple[float, ...]:
+    """Share of routed pairs each expert gets under ``dwdp bench --skew``, as the engine does
+    it: the top k of (router logits + the Zipf bias of :func:`dwdp.workload.zipf_router_bias`,
+    the same seeded ranking per layer), logits drawn N(0, ``logit_std``). Milder than Zipf
+    shares: a top-k choice caps how much the hottest experts can take (skew 1.0, qwen3-235b
+    shape, 4 ranks: the hot rank serves 34% of the pairs, not Zipf's 38.5%). Group-limited
+    routing (DeepSeek-V3) is approximated by plain top-k."""
+    from ..workload import zipf_router_bias
+
+    bias = zipf_router_bias(num_experts, skew, seed, layer).numpy().astype(np.float64)
+    rng = np.random.default_rng(10_007 + layer)
+    logits = rng.standard_normal((tokens, num_experts)) * logit_std + bias
+    top = np.argpartition(-logits, top_k - 1, axis=1)[:, :top_k]
+    counts = np.bincount(top.ravel(), minlength=num_experts).astype(np.float64)
+    return tuple(counts / counts.sum())
+
+
 class DEPRouting:
-    """Per-layer routing draws for one DEP prediction (a seeded stream)."""
+    """Per-layer routing draws for one DEP prediction (a seeded stream). With skew, each MoE
+    layer's expert shares are the engine's (:func:`topk_popularity`, that layer's ranking)."""
 
     def __init__(self, cfg: ModelConfig, n: int, skew: float, seed: int = 0):
-        self.n, self.per_expert = n, expert_popularity(cfg.num_experts, skew, seed)
+        self.n, self.skew, self.seed = n, skew, seed
+        self.top_k, self.logit_std = max(cfg.top_k, 1), router_logit_std(cfg)
+        self.per_expert = expert_popularity(cfg.num_experts, 0.0, seed)  # no skew: uniform
         self.rng = np.random.default_rng(seed + 1)
         self.imbalance: list[float] = []
 
-    def loads(self, pairs: int) -> np.ndarray:
-        loads = draw_ep_loads(self.rng, pairs, self.per_expert, self.n)
+    def shares(self, layer: int | None) -> np.ndarray:
+        if self.skew == 0 or layer is None:
+            return self.per_expert if self.skew == 0 else expert_popularity(len(self.per_expert), self.skew, self.seed)
+        return np.array(topk_popularity(len(self.per_expert), self.top_k, self.skew, self.logit_std, layer, self.seed))
+
+    def loads(self, pairs: int, layer: int | None = None) -> np.ndarray:
+        """One MoE layer's pairs per EP rank (``layer``: its index among the MoE layers)."""
+        loads = draw_ep_loads(self.rng, pairs, self.shares(layer), self.n)
         if pairs:
             self.imbalance.append(loads.max() / loads.mean())
         return loads
@@ -339,10 +373,11 @@ def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, rout
     moe = set(cfg.moe_layers)
     t, own, step_a2a = 0.0, [0.0] * n, 0.0
     by_kind = {m: [_layer_work(cfg, m, tuple(s), tuple(p)) for s, p in per] for m in (True, False)}
+    moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
     for layer in range(cfg.num_layers):  # routing drawn afresh for every MoE layer
         works = by_kind[layer in moe]
         pairs = sum(w.tokens for w in works) * cfg.top_k
-        loads = router.loads(pairs) if layer in moe else np.zeros(n)
+        loads = router.loads(pairs, moe_index[layer]) if layer in moe else np.zeros(n)
         lt, a2a = cm.dep_layer(works, loads, n)
         mine = [cm.dense_part(w) + (cm.experts_part(pairs / n, cfg.num_experts // n) if layer in moe else 0.0)
                 for w in works]  # each rank's own work, were the layer perfectly balanced
