@@ -381,6 +381,7 @@ def _plan_input(args):
 def cmd_plan(args) -> int:
     from rich.table import Table
 
+    from .parallel.replica import FIT_HEADROOM
     from .planner.plan import crossover, memory_per_gpu, predict_all, recommend, sweep, validate
 
     console = _console()
@@ -487,7 +488,7 @@ def cmd_plan(args) -> int:
     t = Table(title=f"predicted, group of N={p.group_size}")
     for c in ("strategy", "memory/GPU", "mean step ms", "tok/s/GPU", "vs dep", "where the time goes"):
         t.add_column(c, justify="left" if c in ("strategy", "where the time goes") else "right")
-    budget = hw.memory_gib * 0.92
+    budget = hw.memory_gib * FIT_HEADROOM
     for name, x in pr.items():
         mem = memory_per_gpu(p.cfg, name, p.group_size, p.local_experts, p.expert_dtype, p.mnt) / 2**30
         steps = [s for rank in x.step_s for s in rank]

@@ -86,19 +86,19 @@ def resolve_local_experts(spec: RankSpec, cfg: ModelConfig, dtype, device) -> Ra
     import torch
 
     from ..info import auto_local_experts
-    from .placement import valid_local_counts
+    from .placement import Placement
+    from .replica import FIT_HEADROOM
 
     if device is not None and torch.device(device).type == "cuda" and spec.strategy == DWDP:
-        # What the fit check allows (92% of the card), and no more than is free now less a
+        # What the fit check allows (FIT_HEADROOM of the card), and no more than is free now less a
         # margin for what no estimate counts (NCCL and CUDA context, the all-to-all ceiling's
         # buffers, token-shipping boxes), so a GPU shared with decode ranks is not overfilled.
         dev = torch.device(device)
         free, total = torch.cuda.mem_get_info(dev)
-        budget = min(0.92 * total, free - AUTO_L_MARGIN_BYTES)
+        budget = min(FIT_HEADROOM * total, free - AUTO_L_MARGIN_BYTES)
         L = auto_local_experts(cfg, spec.group_size, dtype, spec.expert_dtype, spec.max_num_tokens, budget)
-    else:
-        valid = valid_local_counts(cfg.num_experts, max(spec.group_size, 1))
-        L = valid[0] if valid else None  # None: the placement reports an impossible E, N
+    else:  # the default placement's L (raises, saying why, for an impossible E and N)
+        L = Placement.create(cfg.num_experts, max(spec.group_size, 1)).local
     return replace(spec, local_experts=L)
 
 

@@ -11,6 +11,9 @@ import torch
 from ..config import ModelConfig
 
 
+FIT_HEADROOM = 0.92  # usable share of a GPU's memory: what the fit check, -L auto and the planner allow
+
+
 class DoesNotFit(ValueError):
     """A strategy's per-GPU memory exceeds the device."""
 
@@ -30,7 +33,7 @@ def activation_bytes(cfg: ModelConfig, max_num_tokens: int, bytes_per_elem: int)
 
 
 def check_fits(what: str, weight_bytes: int, cfg: ModelConfig, max_num_tokens: int, dtype: torch.dtype,
-               device: torch.device, headroom: float = 0.92, total_memory: int | None = None) -> None:
+               device: torch.device, headroom: float = FIT_HEADROOM, total_memory: int | None = None) -> None:
     """Raise :class:`DoesNotFit` if weights + one step's activations exceed the GPU
     (``total_memory`` overrides the device's size; CPU runs are not checked)."""
     if total_memory is None:

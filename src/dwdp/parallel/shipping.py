@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 import time
+
 import torch
 
 from ..models.moe import ExpertSegment, subset_experts_forward, subset_forward_is_sync_free

@@ -336,12 +336,12 @@ class DEPRouting:
         self.rng = np.random.default_rng(seed + 1)
         self.imbalance: list[float] = []
 
-    def shares(self, layer: int | None) -> np.ndarray:
-        if self.skew == 0 or layer is None:
-            return self.per_expert if self.skew == 0 else expert_popularity(len(self.per_expert), self.skew, self.seed)
+    def shares(self, layer: int) -> np.ndarray:
+        if self.skew == 0:
+            return self.per_expert
         return np.array(topk_popularity(len(self.per_expert), self.top_k, self.skew, self.logit_std, layer, self.seed))
 
-    def loads(self, pairs: int, layer: int | None = None) -> np.ndarray:
+    def loads(self, pairs: int, layer: int) -> np.ndarray:
         """One MoE layer's pairs per EP rank (``layer``: its index among the MoE layers)."""
         loads = draw_ep_loads(self.rng, pairs, self.shares(layer), self.n)
         if pairs:

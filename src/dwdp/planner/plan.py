@@ -11,7 +11,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..info import dwdp_rank_memory, param_breakdown
 from ..parallel.placement import Placement, PlacementError, valid_local_counts
-from ..parallel.replica import activation_bytes
+from ..parallel.replica import FIT_HEADROOM, activation_bytes
 from ..parallel.strategies import DEP, DP, DWDP
 from ..workload import WorkloadSpec, assign, generate
 from .hardware import HardwareProfile
@@ -97,7 +97,7 @@ def crossover(p: PlanInput, isls=(1024, 2048, 4096, 8192, 16384, 32768, 65536), 
 
 def recommend(p: PlanInput, memory_gib: float | None = None, max_group: int | None = None):
     """Best predicted dwdp (N, L) that fits the memory budget; rows for every candidate."""
-    budget = (memory_gib or p.hw.memory_gib * 0.92) * GiB
+    budget = (memory_gib or p.hw.memory_gib * FIT_HEADROOM) * GiB
     E = p.cfg.num_experts
     rows = []
     sizes = [n for n in (2, 3, 4, 6, 8, 12, 16, 24, 32, 36, 48, 64, 72) if n <= min(max_group or p.hw.domain, E)]

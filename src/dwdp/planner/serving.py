@@ -25,6 +25,7 @@ import torch
 
 from ..info import param_breakdown
 from ..kv_cache import cache_bytes_per_token
+from ..parallel.replica import FIT_HEADROOM
 from .model import CostModel, expected_distinct
 
 DECODE_LAYER_FLOOR_US = 265.0  # H200, CUDA graph, batch 1: (3.30 ms - 1.18 ms bytes) / 8 layers
@@ -71,11 +72,11 @@ class FrontierPoint:
 
 def max_batch_in_memory(cm: CostModel, isl: int, osl: int, gen_gpus: int) -> int:
     """Sequences of ISL + OSL tokens one generation GPU can hold next to its weights
-    (non-expert weights + E/G experts per MoE layer), within 92% of its memory."""
+    (non-expert weights + E/G experts per MoE layer), within FIT_HEADROOM (92%) of its memory."""
     cfg = cm.cfg
     pb = param_breakdown(cfg)
     weights = pb.non_expert * 2 + -(-cfg.num_experts // gen_gpus) * len(cfg.moe_layers) * cm.expert_bytes
-    free = 0.92 * cm.hw.memory_gib * 2**30 - weights
+    free = FIT_HEADROOM * cm.hw.memory_gib * 2**30 - weights
     return max(0, int(free // ((isl + osl) * cache_bytes_per_token(cfg, torch.bfloat16))))
 
 
