@@ -173,6 +173,10 @@ def worker(args) -> dict:
                         row["traceback"] = traceback.format_exc()
                         model.block.experts = shard
                     rows.append(row)
+                    if rank == 0:  # progress, so a run cut short shows where it was
+                        print(f"[dep_gpu] {dtype_name} {T} {transport} overlap={int(overlap)}: "
+                              f"layer {row.get('step_s', float('nan')) * 1e3:.2f} ms, dp {dp_s * 1e3:.2f} ms "
+                              f"({time.time() - args.t0:.0f} s)", flush=True)
                     torch.cuda.synchronize()
                     dist.barrier()
             del x, ids, w, ref
@@ -203,7 +207,7 @@ def _table(results: list[dict]) -> str:
     for res in results:
         for r in res["rows"]:
             by.setdefault((r["experts"], r["tokens"], r["transport"], r["overlap"]), []).append(r)
-    lines = [f"{'experts':7} {'tokens':>6} {'transport':9} {'ovl':3} {'dp ms':>7} {'dep cmp ms':>10} {'x dp':>5} "
+    lines = [f"{'experts':7} {'tokens':>6} {'transport':9} {'ovl':3} {'dp ms':>7} {'layer ms':>8} {'dep cmp ms':>10} {'x dp':>5} "
              f"{'xfer ms':>8} {'wait ms':>8} {'GB/s':>6} {'nccl GB/s':>9} {'x nccl':>6} {'err':>7}"]
     for key, rs in sorted(by.items()):
         if any("error" in r for r in rs):
@@ -212,6 +216,7 @@ def _table(results: list[dict]) -> str:
         worst = max(rs, key=lambda r: r["compute_vs_dp"])  # the acceptance is per rank: show the worst
         slow = min(rs, key=lambda r: r["bw_vs_nccl"])
         lines.append(f"{key[0]:7} {key[1]:6} {key[2]:9} {int(key[3]):3} {worst['dp_s'] * 1e3:7.2f} "
+                     f"{max(r['step_s'] for r in rs) * 1e3:8.2f} "
                      f"{worst['compute_s'] * 1e3:10.2f} {worst['compute_vs_dp']:5.2f} "
                      f"{slow['transfer_s'] * 1e3:8.2f} {max(r['wait_s'] for r in rs) * 1e3:8.2f} "
                      f"{slow['send_gbps']:6.0f} {slow['nccl_a2a_gbps']:9.0f} {slow['bw_vs_nccl']:6.2f} "
@@ -250,7 +255,7 @@ def main(argv=None):
     args.dtypes = args.dtypes.split(",")
     args.transports = args.transports.split(",")
     args.overlap = [bool(int(o)) for o in args.overlap.split(",")]
-    t0 = time.time()
+    t0 = args.t0 = time.time()
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:  # torchrun
         results = _run(args)
         if int(os.environ["RANK"]) != 0:
