@@ -89,12 +89,14 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
     hooks = DIAGNOSTICS[spec.diagnostic]() if spec.diagnostic else NO_HOOKS
     ctx = init_dwdp_groups(spec.n, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
     outs: list[dict[str, Any]] = []
+    warmed: dict = {}  # MNTs warmed up, and the all-to-all ceiling per MNT
+    if spec.ceilings and STRATEGIES[strategy].lockstep and ctx.device.type == "cuda":
+        _a2a_ceilings(spec, ctx, sorted({m for _, m in configs}), warmed)
     with group_session(ctx, spec.peer_timeout_s) as watchdog:
         try:
             rank = build_rank(rank_spec, ctx, hooks)
         except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then leave together
             return [{"rank": ctx.rank, "strategy": strategy, "skipped": str(e)} for _ in configs]
-        warmed: dict = {}  # MNTs warmed up, and the all-to-all ceiling once measured
         for workload, mnt in configs:
             out = _run_config(spec, rank, ctx, workload, mnt, warmed, hooks)
             out["plan"] = rank.plan.label
@@ -104,6 +106,30 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
             watchdog.check()
         rank.close()
     return outs
+
+
+def _a2a_ceilings(spec: BenchSpec, ctx, mnts: list[int], warmed: dict) -> None:
+    """NCCL's equal-split all-to-all per rank, at the size of one full step's dispatch for
+    each MNT (a row per token and destination rank, as DEP's wire lays it out), capped at
+    1 GiB per rank. Measured in these processes before the model is built: on 4x H200 the
+    same call made after the model and its warm-up read 160-165 GB/s at 0.5-1 GiB, half of
+    what it reads on a clean GPU (300-328, `benchmarks/a2a_sizes.py`) and of what DEP's own
+    all-to-alls reached in the same processes (246-311), so it was no ceiling."""
+    from ..ceilings import all_to_all_gbps
+    from ..parallel.ep import wire_row_bytes
+    from ..planner.model import expected_dest_ranks
+    from ..presets import resolve_model
+
+    cfg, _ = resolve_model(spec.model, spec.num_layers)
+    fp8_wire = spec.dep_wire == "fp8" or (spec.dep_wire == "auto" and spec.expert_dtype == "fp8")
+    row = wire_row_bytes(cfg.hidden_size, max(cfg.top_k, 1), fp8_wire)
+    by_size: dict[int, float] = {}
+    for mnt in mnts:
+        nbytes = min(int(mnt * expected_dest_ranks(cfg, ctx.group_size) * row), 1 << 30)
+        if nbytes not in by_size:
+            by_size[nbytes] = all_to_all_gbps(ctx.group.process_group, nbytes_per_rank=nbytes)
+        warmed[("a2a", mnt)] = by_size[nbytes]
+    torch.cuda.empty_cache()
 
 
 def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, warmed: dict, hooks
@@ -143,22 +169,8 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
             for short in (61, 200):
                 drive(PrefillEngine(model, mnt, keep_kv=False), [Request(f"warmup-short{short}", [1] * short)])
             warmed[mnt] = True
-        if spec.ceilings and strategy.lockstep and ctx.device.type == "cuda":
-            from ..ceilings import all_to_all_gbps
-
-            from ..parallel.ep import wire_row_bytes
-            from ..planner.model import expected_dest_ranks
-
-            # At the size of one full step's dispatch (a row per token and destination rank,
-            # as the wire lays it out; a fixed 256 MiB read 10-20% below what DEP's 0.5-3.5 GB
-            # steps reached on 4x H200), capped at 1 GiB per rank to bound the transient
-            # memory; measured once per size, carried by every run.
-            fp8_wire = spec.dep_wire == "fp8" or (spec.dep_wire == "auto" and spec.expert_dtype == "fp8")
-            row = wire_row_bytes(cfg.hidden_size, max(cfg.top_k, 1), fp8_wire)
-            nbytes = min(int(mnt * expected_dest_ranks(cfg, ctx.group_size) * row), 1 << 30)
-            if ("a2a", nbytes) not in warmed:
-                warmed[("a2a", nbytes)] = all_to_all_gbps(ctx.group.process_group, nbytes_per_rank=nbytes)
-            out["a2a_ceiling_gbps"] = warmed[("a2a", nbytes)]
+        if ("a2a", mnt) in warmed:
+            out["a2a_ceiling_gbps"] = warmed[("a2a", mnt)]
         rank.runtime.step_stats.clear()
         if isinstance(hooks, TraceHooks):
             hooks.take()
