@@ -30,29 +30,38 @@ from dwdp.parallel.launch import spawn_local  # noqa: E402
 MB = 1 << 20
 
 
-def worker(sizes_mb: list[int], iters: int) -> list[dict]:
+def worker(sizes_mb: list[int], iters: int, variants: str) -> list[dict]:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
     n, rank = dist.get_world_size(), dist.get_rank()
+    # What the bench's ceiling does differently: a subgroup from new_group (as init_dwdp_groups
+    # makes), random rather than constant payload.
+    groups = {"world": dist.group.WORLD}
+    if variants == "group-data":
+        groups["new_group"] = dist.new_group(list(range(n)))
+    combos = ([(g, d, torch.bfloat16, False) for g in groups for d in ("ones", "randn")] if variants == "group-data"
+              else [("world", "ones", dt, ex) for dt in (torch.bfloat16, torch.uint8) for ex in (False, True)])
     rows = []
     try:
         for mb in sizes_mb:
-            for dtype in (torch.bfloat16, torch.uint8):
-                for explicit in (False, True):
-                    esz = torch.empty(0, dtype=dtype).element_size()
-                    numel = (mb * MB // esz // n) * n
-                    src = torch.ones(numel, device="cuda", dtype=dtype)
-                    dst = torch.empty_like(src)
-                    splits = [numel // n] * n if explicit else None
-                    dist.barrier()
-                    t = time_cuda(lambda: dist.all_to_all_single(dst, src, splits, splits), warmup=3, iters=iters)
-                    gbps = numel * esz * (n - 1) / n / t / 1e9  # bytes to other ranks per second
-                    rows.append({"rank": rank, "mib_per_rank": mb, "dtype": str(dtype).split(".")[-1],
-                                 "explicit_splits": explicit, "seconds": t, "gbps_to_others": gbps})
-                    if rank == 0:
-                        print(f"[a2a] {mb:5d} MiB {rows[-1]['dtype']:8s} explicit={int(explicit)}: {gbps:6.0f} GB/s",
-                              flush=True)
-                    del src, dst
+            for gname, data, dtype, explicit in combos:
+                pg = groups[gname]
+                esz = torch.empty(0, dtype=dtype).element_size()
+                numel = (mb * MB // esz // n) * n
+                src = (torch.randn(numel, device="cuda").to(dtype) if data == "randn"
+                       else torch.ones(numel, device="cuda", dtype=dtype))
+                dst = torch.empty_like(src)
+                splits = [numel // n] * n if explicit else None
+                dist.barrier()
+                t = time_cuda(lambda: dist.all_to_all_single(dst, src, splits, splits, group=pg), warmup=3,
+                              iters=iters)
+                gbps = numel * esz * (n - 1) / n / t / 1e9  # bytes to other ranks per second
+                rows.append({"rank": rank, "mib_per_rank": mb, "dtype": str(dtype).split(".")[-1], "group": gname,
+                             "data": data, "explicit_splits": explicit, "seconds": t, "gbps_to_others": gbps})
+                if rank == 0:
+                    print(f"[a2a] {mb:5d} MiB {rows[-1]['dtype']:8s} {gname} {data} explicit={int(explicit)}: "
+                          f"{gbps:6.0f} GB/s", flush=True)
+                del src, dst
             torch.cuda.empty_cache()
         return rows
     finally:
@@ -64,17 +73,19 @@ def main(argv=None):
     ap.add_argument("-N", type=int, default=4)
     ap.add_argument("--sizes-mb", default="64,128,256,384,512,768,1024")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--variants", choices=("dtype-splits", "group-data"), default="dtype-splits")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     t0 = time.time()
-    ranks = spawn_local(worker, a.N, ([int(s) for s in a.sizes_mb.split(",")], a.iters), timeout_s=600)
+    ranks = spawn_local(worker, a.N, ([int(s) for s in a.sizes_mb.split(",")], a.iters, a.variants), timeout_s=600)
     doc = {"machine": machine_info(), "args": vars(a), "wall_s": time.time() - t0, "ranks": ranks}
     with open(a.out, "w") as f:
         json.dump(doc, f, indent=1)
-    print(f"{'MiB/rank':>8} {'dtype':8} {'splits':8} {'min GB/s over ranks':>20}")
+    print(f"{'MiB/rank':>8} {'dtype':8} {'group':9} {'data':5} {'splits':8} {'min GB/s over ranks':>20}")
     for i, r in enumerate(ranks[0]):
         worst = min(rk[i]["gbps_to_others"] for rk in ranks)
-        print(f"{r['mib_per_rank']:8d} {r['dtype']:8} {'explicit' if r['explicit_splits'] else 'equal':8} {worst:20.0f}")
+        print(f"{r['mib_per_rank']:8d} {r['dtype']:8} {r['group']:9} {r['data']:5} "
+              f"{'explicit' if r['explicit_splits'] else 'equal':8} {worst:20.0f}")
 
 
 if __name__ == "__main__":
