@@ -42,6 +42,20 @@ def worker(sizes_mb: list[int], iters: int, variants: str) -> list[dict]:
     combos = ([(g, d, torch.bfloat16, False) for g in groups for d in ("ones", "randn")] if variants == "group-data"
               else [("world", "ones", dt, ex) for dt in (torch.bfloat16, torch.uint8) for ex in (False, True)])
     rows = []
+    if variants == "ceiling-fn":  # exactly what `bench --ceilings` calls: a fresh subgroup, no barrier
+        from dwdp.ceilings import all_to_all_gbps
+
+        pg = dist.new_group(list(range(n)))
+        try:
+            for mb in sizes_mb:
+                gbps = all_to_all_gbps(pg, nbytes_per_rank=mb * MB)
+                rows.append({"rank": rank, "mib_per_rank": mb, "dtype": "bfloat16", "group": "new_group",
+                             "data": "randn", "explicit_splits": False, "gbps_to_others": gbps})
+                if rank == 0:
+                    print(f"[a2a] all_to_all_gbps {mb} MiB: {gbps:6.0f} GB/s", flush=True)
+            return rows
+        finally:
+            dist.destroy_process_group()
     try:
         for mb in sizes_mb:
             for gname, data, dtype, explicit in combos:
@@ -73,7 +87,7 @@ def main(argv=None):
     ap.add_argument("-N", type=int, default=4)
     ap.add_argument("--sizes-mb", default="64,128,256,384,512,768,1024")
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--variants", choices=("dtype-splits", "group-data"), default="dtype-splits")
+    ap.add_argument("--variants", choices=("dtype-splits", "group-data", "ceiling-fn"), default="dtype-splits")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     t0 = time.time()
