@@ -67,7 +67,11 @@ def all_to_all_gbps(process_group=None, nbytes_per_rank: int = 256 << 20, iters:
     import torch.distributed as dist
 
     n = dist.get_world_size(process_group)
-    numel = (nbytes_per_rank // 2 // n) * n
+    # Each peer's chunk a whole number of 4 KiB: at an arbitrary size (one step's dispatch
+    # bytes) the chunks start at 2-byte offsets, which the bench's ceiling suspects of
+    # halving NCCL's rate (158-169 GB/s where MiB-multiples read 289-324 on 4x H200).
+    chunk = max(2048, (nbytes_per_rank // 2 // n) // 2048 * 2048)
+    numel = chunk * n
     src = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     t = time_cuda(lambda: dist.all_to_all_single(dst, src, group=process_group), warmup=3, iters=iters)

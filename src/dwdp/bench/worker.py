@@ -111,10 +111,15 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
 def _a2a_ceilings(spec: BenchSpec, ctx, mnts: list[int], warmed: dict) -> None:
     """NCCL's equal-split all-to-all per rank, at the size of one full step's dispatch for
     each MNT (a row per token and destination rank, as DEP's wire lays it out), capped at
-    1 GiB per rank. Measured in these processes before the model is built: on 4x H200 the
-    same call made after the model and its warm-up read 160-165 GB/s at 0.5-1 GiB, half of
-    what it reads on a clean GPU (300-328, `benchmarks/a2a_sizes.py`) and of what DEP's own
-    all-to-alls reached in the same processes (246-311), so it was no ceiling."""
+    1 GiB per rank, measured in these processes before the model is built.
+
+    Inside the bench this read 158-169 GB/s at 0.5-1 GiB on 4x H200 (torch 2.11), before the
+    model as after it, while the same function in a fresh ``benchmarks/a2a_sizes.py`` process
+    read 289-324 GB/s at whole-MiB sizes and DEP's own all-to-alls reached 246-311. The one
+    difference left is the size: one step's bytes put each peer's chunk at a 2-byte offset
+    (MiB multiples and DEP's 8 KiB rows do not), so ``all_to_all_gbps`` now rounds chunks to
+    4 KiB. Not yet re-measured: until it is, docs/BENCHMARKS.md compares DEP's rate with
+    ``a2a_sizes.py``'s curve from the same machine."""
     from ..ceilings import all_to_all_gbps
     from ..parallel.ep import wire_row_bytes
     from ..planner.model import expected_dest_ranks
