@@ -131,3 +131,17 @@ def test_dep_decode_in_lockstep_equals_single_process():
     (_, _, d0, s0, n0), (_, _, d1, s1, n1) = out
     assert d0 == 0 and d1 > 0 and s0 == s1 + d1  # same number of forwards on both ranks
     assert n0 == s0 and n1 == s1 + d1  # the DEP runtime accounts each decode forward, dummies included
+
+
+def test_a2a_ceiling_buffer_chunks_are_4k_aligned():
+    """The all-to-all ceiling's buffer: every peer's chunk a whole number of 4 KiB and the
+    buffer no larger than asked, at the odd sizes one step's dispatch gives."""
+    from dwdp.ceilings import a2a_numel
+
+    for nbytes in (490_733_568, 981_467_136, 254_803_968 + 6, 1 << 30, 3_000):
+        for ranks in (2, 4, 8):
+            numel = a2a_numel(nbytes, ranks)
+            chunk_bytes = numel // ranks * 2
+            assert numel % ranks == 0 and chunk_bytes % 4096 == 0
+            assert numel * 2 <= max(nbytes, 4096 * ranks)
+            assert nbytes - numel * 2 < 4096 * ranks  # rounds down by less than a chunk per peer

@@ -61,17 +61,22 @@ def machine_info() -> dict:
     return info
 
 
+def a2a_numel(nbytes_per_rank: int, ranks: int) -> int:
+    """bf16 elements of an equal-split all-to-all buffer of at most ``nbytes_per_rank``
+    (at least one 4 KiB chunk per peer), each peer's chunk a whole number of 4 KiB: at an
+    arbitrary size (one step's dispatch bytes) the chunks start at 2-byte offsets, the
+    suspected cause of the bench's ceiling reading half of NCCL's rate (158-169 GB/s where
+    whole-MiB sizes read 289-324 on 4x H200)."""
+    return max(2048, (nbytes_per_rank // 2 // ranks) // 2048 * 2048) * ranks
+
+
 def all_to_all_gbps(process_group=None, nbytes_per_rank: int = 256 << 20, iters: int = 10) -> float:
     """Per-rank all-to-all bandwidth: bytes each rank sends to *other* ranks per second,
     with equal splits (NCCL's best case; what DEP's dispatch and combine can approach)."""
     import torch.distributed as dist
 
     n = dist.get_world_size(process_group)
-    # Each peer's chunk a whole number of 4 KiB: at an arbitrary size (one step's dispatch
-    # bytes) the chunks start at 2-byte offsets, which the bench's ceiling suspects of
-    # halving NCCL's rate (158-169 GB/s where MiB-multiples read 289-324 on 4x H200).
-    chunk = max(2048, (nbytes_per_rank // 2 // n) // 2048 * 2048)
-    numel = chunk * n
+    numel = a2a_numel(nbytes_per_rank, n)
     src = torch.randn(numel, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     t = time_cuda(lambda: dist.all_to_all_single(dst, src, group=process_group), warmup=3, iters=iters)
