@@ -26,7 +26,9 @@ contiguous E/N share of each MoE layer's routed experts. In each MoE layer
    sums the at most min(top_k, N) partial rows of the ranks it visited with a gather-based
    one-pass reduction (``slot`` again), not ``index_add_``.
 
-``overlap=True`` (two-batch overlap, opt-in until measured): the layer's tokens are split
+``overlap=True`` (two-batch overlap; opt-in: measured 2-3% slower per step on 4x H200, the
+experts slowed by NCCL's kernels beside them more than the transfer it hides, and slower on
+2x H200 too; docs/BENCHMARKS.md): the layer's tokens are split
 into two micro-batches; one's dispatch/combine runs on a communication stream while the
 other's experts compute (dispatch B || experts A, combine A || experts B). Only the MoE
 layer is split (attention is outside this module's reach). On CPU the same sequence runs
