@@ -121,13 +121,13 @@ def _a2a_ceilings(spec: BenchSpec, ctx, mnts: list[int], warmed: dict) -> None:
     4 KiB. Not yet re-measured: until it is, docs/BENCHMARKS.md compares DEP's rate with
     ``a2a_sizes.py``'s curve from the same machine."""
     from ..ceilings import all_to_all_gbps
-    from ..parallel.ep import wire_row_bytes
+    from ..parallel.ep import fp8_wire, wire_row_bytes
     from ..planner.model import expected_dest_ranks
     from ..presets import resolve_model
 
     cfg, _ = resolve_model(spec.model, spec.num_layers)
-    fp8_wire = spec.dep_wire == "fp8" or (spec.dep_wire == "auto" and spec.expert_dtype == "fp8")
-    row = wire_row_bytes(cfg.hidden_size, max(cfg.top_k, 1), fp8_wire)
+    fp8 = fp8_wire(spec.dep_wire, spec.expert_dtype == "fp8", cfg.hidden_size, cfg.moe_intermediate_size)
+    row = wire_row_bytes(cfg.hidden_size, max(cfg.top_k, 1), fp8)
     by_size: dict[int, float] = {}
     for mnt in mnts:
         nbytes = min(int(mnt * expected_dest_ranks(cfg, ctx.group_size) * row), 1 << 30)

@@ -181,6 +181,12 @@ class _Wire:
         return {name: buf[:, o:o + nb].view(dt) for name, (dt, o, nb) in self.fields.items()}
 
 
+def fp8_wire(wire: str, fp8_experts: bool, *dims: int) -> bool:
+    """Whether DEP's dispatch rows travel as FP8 (1x128 scales): asked for (``wire="fp8"``), or
+    ``"auto"`` with FP8 experts on the FP8 kernels and every dimension a multiple of 128."""
+    return wire == "fp8" or (wire == "auto" and fp8_experts and all(d % 128 == 0 for d in dims))
+
+
 def wire_row_bytes(hidden: int, top_k: int, fp8: bool, act_dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of one dispatched row on the wire (what the planner charges DEP per token and
     destination rank; the combine sends ``hidden`` values of ``act_dtype`` back)."""
@@ -211,9 +217,8 @@ class DEPExperts(nn.Module):
 
     def _wire(self, x: torch.Tensor) -> _Wire:
         rt = self.runtime
-        fp8 = rt.wire == "fp8" or (rt.wire == "auto" and self.w13_scale is not None and kernels.enabled(x)
-                                   and x.shape[1] % 128 == 0 and self.w13.shape[-1] % 128 == 0
-                                   and self.w2.shape[-1] % 128 == 0)
+        fp8 = fp8_wire(rt.wire, self.w13_scale is not None and kernels.enabled(x),
+                       x.shape[1], self.w13.shape[-1], self.w2.shape[-1])
         key = (x.shape[1], rt.top_k, x.dtype, fp8)
         if key not in rt.wires:
             rt.wires[key] = _Wire(*key)

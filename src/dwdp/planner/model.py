@@ -104,11 +104,11 @@ class CostModel:
         self.expert_dtype = expert_dtype
         self.expert_bytes = cfg.expert_numel() * EXPERT_BYTES[expert_dtype]
         self.act_bytes = act_bytes
-        from ..parallel.ep import wire_row_bytes
+        from ..parallel.ep import fp8_wire, wire_row_bytes
 
         # DEP's dispatch row (FP8 on the wire with FP8/FP4 experts: `--dep-wire auto`) + its combine row.
-        self.dep_row_bytes = (wire_row_bytes(cfg.hidden_size, max(cfg.top_k, 1), expert_dtype != "bf16")
-                              + cfg.hidden_size * act_bytes)
+        fp8 = fp8_wire("auto", expert_dtype != "bf16", cfg.hidden_size, cfg.moe_intermediate_size)
+        self.dep_row_bytes = wire_row_bytes(cfg.hidden_size, max(cfg.top_k, 1), fp8) + cfg.hidden_size * act_bytes
         # FP4 experts run at the FP4 peak where the GPU has FP4 tensor cores (Blackwell);
         # elsewhere they are widened and run at the FP8 rate.
         expert_peak = {"bf16": hw.bf16_tflops, "fp8": hw.fp8_tflops,
