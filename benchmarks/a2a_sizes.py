@@ -30,10 +30,21 @@ from dwdp.parallel.launch import spawn_local  # noqa: E402
 MB = 1 << 20
 
 
-def worker(sizes_mb: list[int], iters: int, variants: str) -> list[dict]:
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
-    n, rank = dist.get_world_size(), dist.get_rank()
+def _ceiling_fn(sizes_mb: list[int], rank: int, n: int) -> list[dict]:
+    """Exactly what `bench --ceilings` calls: ``all_to_all_gbps`` on a fresh subgroup, no barrier."""
+    from dwdp.ceilings import all_to_all_gbps
+
+    pg, rows = dist.new_group(list(range(n))), []
+    for mb in sizes_mb:
+        gbps = all_to_all_gbps(pg, nbytes_per_rank=mb * MB)
+        rows.append({"rank": rank, "mib_per_rank": mb, "dtype": "bfloat16", "group": "new_group",
+                     "data": "randn", "explicit_splits": False, "gbps_to_others": gbps})
+        if rank == 0:
+            print(f"[a2a] all_to_all_gbps {mb} MiB: {gbps:6.0f} GB/s", flush=True)
+    return rows
+
+
+def _probe(sizes_mb: list[int], iters: int, variants: str, rank: int, n: int) -> list[dict]:
     # What the bench's ceiling does differently: a subgroup from new_group (as init_dwdp_groups
     # makes), random rather than constant payload.
     groups = {"world": dist.group.WORLD}
@@ -42,42 +53,37 @@ def worker(sizes_mb: list[int], iters: int, variants: str) -> list[dict]:
     combos = ([(g, d, torch.bfloat16, False) for g in groups for d in ("ones", "randn")] if variants == "group-data"
               else [("world", "ones", dt, ex) for dt in (torch.bfloat16, torch.uint8) for ex in (False, True)])
     rows = []
-    if variants == "ceiling-fn":  # exactly what `bench --ceilings` calls: a fresh subgroup, no barrier
-        from dwdp.ceilings import all_to_all_gbps
+    for mb in sizes_mb:
+        for gname, data, dtype, explicit in combos:
+            pg = groups[gname]
+            esz = torch.empty(0, dtype=dtype).element_size()
+            numel = (mb * MB // esz // n) * n
+            src = (torch.randn(numel, device="cuda").to(dtype) if data == "randn"
+                   else torch.ones(numel, device="cuda", dtype=dtype))
+            dst = torch.empty_like(src)
+            splits = [numel // n] * n if explicit else None
+            dist.barrier()
+            t = time_cuda(lambda: dist.all_to_all_single(dst, src, splits, splits, group=pg), warmup=3,
+                          iters=iters)
+            gbps = numel * esz * (n - 1) / n / t / 1e9  # bytes to other ranks per second
+            rows.append({"rank": rank, "mib_per_rank": mb, "dtype": str(dtype).split(".")[-1], "group": gname,
+                         "data": data, "explicit_splits": explicit, "seconds": t, "gbps_to_others": gbps})
+            if rank == 0:
+                print(f"[a2a] {mb:5d} MiB {rows[-1]['dtype']:8s} {gname} {data} explicit={int(explicit)}: "
+                      f"{gbps:6.0f} GB/s", flush=True)
+            del src, dst
+        torch.cuda.empty_cache()
+    return rows
 
-        pg = dist.new_group(list(range(n)))
-        try:
-            for mb in sizes_mb:
-                gbps = all_to_all_gbps(pg, nbytes_per_rank=mb * MB)
-                rows.append({"rank": rank, "mib_per_rank": mb, "dtype": "bfloat16", "group": "new_group",
-                             "data": "randn", "explicit_splits": False, "gbps_to_others": gbps})
-                if rank == 0:
-                    print(f"[a2a] all_to_all_gbps {mb} MiB: {gbps:6.0f} GB/s", flush=True)
-            return rows
-        finally:
-            dist.destroy_process_group()
+
+def worker(sizes_mb: list[int], iters: int, variants: str) -> list[dict]:
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl", device_id=torch.device("cuda", torch.cuda.current_device()))
+    n, rank = dist.get_world_size(), dist.get_rank()
     try:
-        for mb in sizes_mb:
-            for gname, data, dtype, explicit in combos:
-                pg = groups[gname]
-                esz = torch.empty(0, dtype=dtype).element_size()
-                numel = (mb * MB // esz // n) * n
-                src = (torch.randn(numel, device="cuda").to(dtype) if data == "randn"
-                       else torch.ones(numel, device="cuda", dtype=dtype))
-                dst = torch.empty_like(src)
-                splits = [numel // n] * n if explicit else None
-                dist.barrier()
-                t = time_cuda(lambda: dist.all_to_all_single(dst, src, splits, splits, group=pg), warmup=3,
-                              iters=iters)
-                gbps = numel * esz * (n - 1) / n / t / 1e9  # bytes to other ranks per second
-                rows.append({"rank": rank, "mib_per_rank": mb, "dtype": str(dtype).split(".")[-1], "group": gname,
-                             "data": data, "explicit_splits": explicit, "seconds": t, "gbps_to_others": gbps})
-                if rank == 0:
-                    print(f"[a2a] {mb:5d} MiB {rows[-1]['dtype']:8s} {gname} {data} explicit={int(explicit)}: "
-                          f"{gbps:6.0f} GB/s", flush=True)
-                del src, dst
-            torch.cuda.empty_cache()
-        return rows
+        if variants == "ceiling-fn":
+            return _ceiling_fn(sizes_mb, rank, n)
+        return _probe(sizes_mb, iters, variants, rank, n)
     finally:
         dist.destroy_process_group()
 
