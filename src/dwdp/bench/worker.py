@@ -90,9 +90,10 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
     ctx = init_dwdp_groups(spec.n, spec.device, timeout_s=max(spec.peer_timeout_s, 30.0))
     outs: list[dict[str, Any]] = []
     warmed: dict = {}  # MNTs warmed up, and the all-to-all ceiling per MNT
-    if spec.ceilings and STRATEGIES[strategy].lockstep and ctx.device.type == "cuda":
-        _a2a_ceilings(spec, ctx, sorted({m for _, m in configs}), warmed)
     with group_session(ctx, spec.peer_timeout_s) as watchdog:
+        if spec.ceilings and STRATEGIES[strategy].lockstep and ctx.device.type == "cuda":
+            # under the watchdog: a peer that dies here fails the run instead of stalling it
+            _a2a_ceilings(spec, ctx, sorted({m for _, m in configs}), warmed)
         try:
             rank = build_rank(rank_spec, ctx, hooks)
         except DoesNotFit as e:  # every rank reaches the same verdict: all skip, then leave together
@@ -111,15 +112,11 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
 def _a2a_ceilings(spec: BenchSpec, ctx, mnts: list[int], warmed: dict) -> None:
     """NCCL's equal-split all-to-all per rank, at the size of one full step's dispatch for
     each MNT (a row per token and destination rank, as DEP's wire lays it out), capped at
-    1 GiB per rank, measured in these processes before the model is built.
-
-    Inside the bench this read 158-169 GB/s at 0.5-1 GiB on 4x H200 (torch 2.11), before the
-    model as after it, while the same function in a fresh ``benchmarks/a2a_sizes.py`` process
-    read 289-324 GB/s at whole-MiB sizes and DEP's own all-to-alls reached 246-311. The one
-    difference left is the size: one step's bytes put each peer's chunk at a 2-byte offset
-    (MiB multiples and DEP's 8 KiB rows do not), so ``all_to_all_gbps`` now rounds chunks to
-    4 KiB. Not yet re-measured: until it is, docs/BENCHMARKS.md compares DEP's rate with
-    ``a2a_sizes.py``'s curve from the same machine."""
+    1 GiB per rank, measured in these processes before the model is built. On 4x H200 this
+    read 158-169 GB/s at such sizes, where a fresh process reads 289-324 and DEP's own
+    all-to-alls reached 246-311: :func:`dwdp.ceilings.a2a_numel` has the suspected cause and its
+    fix, not yet re-measured; until it is, docs/BENCHMARKS.md reads DEP's rate against
+    ``benchmarks/a2a_sizes.py``'s curve from the same machine."""
     from ..ceilings import all_to_all_gbps
     from ..parallel.ep import fp8_wire, wire_row_bytes
     from ..planner.model import expected_dest_ranks
