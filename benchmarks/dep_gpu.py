@@ -42,7 +42,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dwdp.models.moe import RoutedExperts  # noqa: E402
-from dwdp.ceilings import time_cuda  # noqa: E402
+from dwdp.ceilings import all_to_all_gbps, time_cuda  # noqa: E402
 from dwdp.parallel.ep import apply_dep, ep_ranges  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 1536, 128, 8
@@ -96,18 +96,6 @@ def _routing(T: int, rank: int, device):
     logits = torch.randn(T, EXPERTS, generator=g, device=device)
     w, ids = logits.softmax(-1).topk(TOP_K, dim=-1)
     return ids, w / w.sum(-1, keepdim=True)
-
-
-def _a2a_ceiling(nbytes_per_rank: int, pg, iters: int) -> tuple[float, float]:
-    """NCCL all_to_all_single moving ``nbytes_per_rank`` (equal splits): seconds and GB/s to others."""
-    n = dist.get_world_size(pg)
-    numel = max(n, (nbytes_per_rank // 2 // n) * n)
-    src = torch.empty(numel, device="cuda", dtype=torch.bfloat16).normal_()
-    dst = torch.empty_like(src)
-    for _ in range(2):
-        dist.all_to_all_single(dst, src, group=pg)
-    t = _cuda_time(lambda: dist.all_to_all_single(dst, src, group=pg), iters)
-    return t, numel * 2 * (n - 1) / n / t / 1e9
 
 
 def worker(args) -> dict:
@@ -165,8 +153,8 @@ def worker(args) -> dict:
                         # send different byte counts; mismatched sizes can hang NCCL): the largest.
                         total = torch.tensor([sent * N // max(1, N - 1)], device=dev)
                         dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pg)
-                        t_c, gbps = _a2a_ceiling(int(total.item()), pg, args.iters)
-                        row.update(nccl_a2a_s=t_c, nccl_a2a_gbps=gbps,
+                        gbps = all_to_all_gbps(pg, nbytes_per_rank=int(total.item()), iters=args.iters)
+                        row.update(nccl_a2a_gbps=gbps,
                                    bw_vs_nccl=row["send_gbps"] / gbps if gbps else 0.0)
                     except Exception as e:  # noqa: BLE001 - keep measuring the other variants
                         row["error"] = f"{type(e).__name__}: {e}"
