@@ -123,7 +123,7 @@ def routed_experts_forward(
     # decode step with it can be captured in a CUDA graph).
     whole = len(segments) == 1 and segments[0].start == 0 and segments[0].count == num_experts
     device_grouped = whole and (fp8 or (_fast_grouped_mm(x) and segments[0].w13_scale is None))
-    ends = None if device_grouped else counts.cumsum(0).tolist()
+    boundaries = None if device_grouped else _read_back(counts.cumsum(0))
     if fp8:  # quantise each token once, then permute the (half-size) FP8 rows
         from ..kernels.fp8_grouped import quantize_rows
 
@@ -131,6 +131,10 @@ def routed_experts_forward(
         xq, xsc = xq[src], xsc[src]
     else:
         x_sorted = x[src]
+    # Only now wait for the boundaries: the permute above is queued behind their copy, so the
+    # GPU keeps working while the host waits and launches the segments (reading them before
+    # it left the GPU idle for that host time at every MoE layer of a DWDP step).
+    ends = None if boundaries is None else boundaries()
     y_sorted = torch.empty(T * K, hidden, dtype=x.dtype, device=x.device)
     for seg in segments:  # caller's order: DWDP puts resident experts first
         e0, e1 = seg.start, seg.start + seg.count
@@ -156,6 +160,25 @@ def routed_experts_forward(
     inverse[order] = torch.arange(order.numel(), device=order.device)
     y = y_sorted[inverse].view(T, K, hidden)
     return torch.bmm(topk_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
+
+
+def _read_back(t: torch.Tensor):
+    """Start copying ``t`` to the host; returns a function that waits for it and gives it
+    as a list. On CUDA the copy goes to pinned memory behind the work already queued, so
+    the caller can queue more GPU work before it waits."""
+    if not t.is_cuda:
+        values = t.tolist()
+        return lambda: values
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    landed = torch.cuda.Event()
+    landed.record()
+
+    def wait() -> list:
+        landed.synchronize()
+        return host.tolist()
+
+    return wait
 
 
 def subset_experts_forward(

@@ -60,13 +60,17 @@ def _comm_worker(n: int, nbytes: int) -> dict:
     dst = torch.empty((n, nbytes), dtype=torch.uint8, device=ctx.device)
     stream = torch.cuda.Stream(ctx.device)
 
-    def issue(qs):
+    def issue(qs, timed=False):
+        """Queue one pull from each of ``qs``; returns its done event ((start, done) if timed)."""
         with torch.cuda.stream(stream):
+            start = torch.cuda.Event(enable_timing=True) if timed else None
+            if start is not None:
+                start.record(stream)
             for q in qs:
                 dst[q].copy_(peers[q], non_blocking=True)
-            done = torch.cuda.Event()
+            done = torch.cuda.Event(enable_timing=timed)
             done.record(stream)
-        return done
+        return (start, done) if timed else done
 
     def pull(qs):
         issue(qs)
@@ -84,6 +88,7 @@ def _comm_worker(n: int, nbytes: int) -> dict:
     t = time_cuda(lambda: pull(order), warmup=1, iters=5)
     out["pull_all_gbps"] = (n - 1) * nbytes / t / 1e9
     out.update(_interference(lambda: issue(order), t, pg))
+    out.update(_pulls_under_compute(lambda: issue(order, timed=True), (n - 1) * nbytes, t, pg))
     out["jitter_times"] = _jitter_times(pg)
     out["a2a_gbps"] = all_to_all_gbps(pg, 512 * MB)
     small = torch.zeros(n * 256, device=ctx.device, dtype=torch.bfloat16)
@@ -141,6 +146,37 @@ def _interference(issue, round_s: float, pg) -> dict:
         slowdown = a.elapsed_time(b) / 1e3 / 10 / alone - 1.0
         out[f"interference_{kind}"] = max(0.0, slowdown)
         out[f"interference_{kind}_pulls_outlasted"] = outlasted  # False: a lower bound
+        dist.barrier(group=pg)
+    return out
+
+
+def _pulls_under_compute(issue_timed, nbytes: int, round_s: float, pg) -> dict:
+    """The other side of the interference: how fast an all-peer pull round moves while every
+    rank computes (each kind of kernel in turn), against ``round_s`` with nothing else
+    running. Pulls read peer HBM that the peer's own kernels are using, so they slow too
+    (4x H200, ISL 2K steps: 231-239 GB/s in the runs against 362 measured alone).
+    ``issue_timed()`` queues one round and returns its (start, done) timing events."""
+    import torch.distributed as dist
+
+    from ..ceilings import time_cuda
+
+    out = {}
+    for kind, fn in _kernels().items():
+        alone = time_cuda(fn, warmup=3, iters=5)
+        iters = max(4, int(3 * round_s / alone) + 1)  # the kernels outlast the pull round
+        dist.barrier(group=pg)
+        torch.cuda.synchronize()
+        for _ in range(2):  # the round starts once the compute stream is busy
+            fn()
+        start, done = issue_timed()
+        for _ in range(iters):
+            fn()
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        torch.cuda.synchronize()
+        out[f"pull_under_{kind}_gbps"] = nbytes / (start.elapsed_time(done) / 1e3) / 1e9
+        # False: the kernels ended before the round, so part of it ran alone (an upper bound).
+        out[f"pull_under_{kind}_covered"] = done.elapsed_time(end) >= 0
         dist.barrier(group=pg)
     return out
 
@@ -280,12 +316,17 @@ def calibrate(models: list[str] = (), num_layers: int | None = None, log=print) 
                 "layer_jitter": layer_jitter_from_times([r["jitter_times"] for r in ranks])}
         for kind in ("gemm", "experts", "hbm", "attention"):
             comm[f"interference_{kind}"] = float(np.mean([r[f"interference_{kind}"] for r in ranks]))
+        comm["pull_under_gbps"] = {kind: float(np.mean([r[f"pull_under_{kind}_gbps"] for r in ranks]))
+                                   for kind in ("gemm", "experts", "hbm", "attention")}
+        comm["pull_under_covered"] = all(r[f"pull_under_{k}_covered"] for r in ranks for k in comm["pull_under_gbps"])
         log("  pulls: single peer {pull_single_gbps:.0f} GB/s, all peers {pull_all_gbps:.0f} GB/s/rank; "
             "all-to-all {a2a_gbps:.0f} GB/s/rank, latency {a2a_latency_us:.0f} us".format(**comm))
         log("  under all-peer pulls: GEMM {:.1%}, expert GEMMs {:.1%}, HBM-bound {:.1%}, attention {:.1%} slower; "
             "layer jitter across ranks {:.2%}".format(comm["interference_gemm"], comm["interference_experts"],
                                                       comm["interference_hbm"], comm["interference_attention"],
                                                       comm["layer_jitter"]))
+        log("  all-peer pulls beside each kind: " + ", ".join(f"{k} {v:.0f}" for k, v in comm["pull_under_gbps"].items())
+            + " GB/s/rank" + ("" if comm["pull_under_covered"] else " (some kernels ended first: upper bounds)"))
     total = torch.cuda.get_device_properties(0).total_memory / 2**30
     prof = HardwareProfile(
         name=f"{n}x {name}", source=f"measured on {platform.node()}, {datetime.date.today()}, torch {torch.__version__}",
@@ -305,6 +346,7 @@ def calibrate(models: list[str] = (), num_layers: int | None = None, log=print) 
         prof.interference_experts = comm["interference_experts"]
         prof.interference_hbm = comm["interference_hbm"]
         prof.interference_attn = comm["interference_attention"]
+        prof.pull_under_gbps = comm["pull_under_gbps"]
     for model in models:
         t0 = time.perf_counter()
         fit = fit_model(model, num_layers, bf16, hbm, fp8 if _fp8_experts_run() else None)

@@ -44,6 +44,10 @@ class HardwareProfile:
     interference_experts: float | None = None  # grouped expert GEMMs (many weight bytes per FLOP)
     interference_hbm: float | None = None
     interference_attn: float | None = None
+    # Per-rank ingress of all-peer pulls while every rank computes, by kind of kernel
+    # ({"gemm", "experts", "hbm", "attention"} -> GB/s; ``dwdp calibrate``): a pull reads peer
+    # HBM the peer's kernels are using. Empty: pulls move at the rates above whatever runs.
+    pull_under_gbps: dict = field(default_factory=dict)
     layer_overhead_us: float = 300.0  # launches, host syncs, elementwise glue per layer
     bytes_per_token_layer: float = 0.0  # activation traffic per token per layer (fit), bytes
     # Per-model fits of step time from `dwdp calibrate --model`: {model: {"gemm_eff", "attn_eff", ...}}

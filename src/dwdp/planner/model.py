@@ -170,8 +170,32 @@ class CostModel:
             return min(hw.pull_all_gbps, hw.pull_single_gbps)
         return hw.pull_single_gbps / expected_contention(n)
 
-    def pull_seconds(self, placement: Placement, sliced: bool = False) -> float:
-        return placement.remote * self.expert_bytes / (self.pull_gbps(placement.group_size, sliced) * 1e9)
+    def pull_seconds(self, placement: Placement, sliced: bool = False, beside: dict[str, float] | None = None) -> float:
+        """One layer's pull; ``beside``: seconds by kind of the compute it runs next to (the
+        rate ``dwdp calibrate`` measured under each kind, time-weighted), None: alone."""
+        rate = self.pull_gbps(placement.group_size, sliced)
+        under = self.hw.pull_under_gbps
+        if beside and under and placement.group_size > 1:
+            names = {"gemm": "gemm", "experts": "experts", "hbm": "hbm", "attn": "attention"}
+            timed = {k: t for k, t in beside.items() if k in names and t > 0}
+            total = sum(timed.values())
+            if total > 0:  # seconds per byte, averaged over the time each kind runs
+                rate = total / sum(t / under.get(names[k], rate) for k, t in timed.items())
+        return placement.remote * self.expert_bytes / (rate * 1e9)
+
+    def step_pull_seconds(self, seq_lens, prefix_lens, placement: Placement, sliced: bool = False
+                          ) -> tuple[float, float]:
+        """(beside compute, alone): one layer's pull during a step of these sequences. A pull
+        runs beside a MoE layer's compute (its experts, the next attention) and alone while
+        the compute stream waits for it: two rates where calibrate measured both."""
+        cfg = self.cfg
+        if not placement.remote or not cfg.moe_layers:
+            return 0.0, 0.0
+        w = layer_work(cfg, cfg.moe_layers[0], seq_lens, prefix_lens)
+        beside = dict(self.dense_kinds(w))
+        for k, v in self.experts_kinds(w.tokens * cfg.top_k, cfg.num_experts).items():
+            beside[k] = beside.get(k, 0.0) + v
+        return self.pull_seconds(placement, sliced, beside), self.pull_seconds(placement, sliced)
 
     # -- one step per strategy -------------------------------------------------------------
     def step_dp(self, seq_lens, prefix_lens) -> float:
@@ -188,8 +212,8 @@ class CostModel:
     def step_dwdp(self, seq_lens, prefix_lens, placement: Placement, sliced: bool = False) -> tuple[float, float]:
         """(step seconds, exposed pull wait) for one rank's step."""
         cfg = self.cfg
-        pull = self.pull_seconds(placement, sliced) if placement.remote else 0.0
         local_share = placement.local / cfg.num_experts
+        pull, alone = self.step_pull_seconds(seq_lens, prefix_lens, placement, sliced)
         moe_layers = cfg.moe_layers
         t, copy_free, waited = 0.0, 0.0, 0.0
         pull_end: dict[int, float] = {}
@@ -218,6 +242,13 @@ class CostModel:
             if pull:
                 ready = pull_end[m]
                 if ready > t:
+                    # The rest of the pull runs alone (faster where calibrate measured both),
+                    # and the next pull, queued behind it, starts that much sooner.
+                    early = (ready - t) * (1.0 - alone / pull)
+                    pull_end[m] = ready = ready - early
+                    if m + 1 in pull_end:
+                        pull_end[m + 1] -= early
+                        copy_free = pull_end[m + 1]
                     waited += ready - t
                     t = ready
             # The next layer's pull may still be running: remote experts are slowed too.
@@ -441,14 +472,17 @@ def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy
         return Prediction(DP, max(busy), busy, steps, tokens, world)
     if strategy == DWDP:
         pl = Placement.create(cfg.num_experts, n, local)
-        steps, waits = [], []
+        steps, waits, pulls = [], [], []
         for plan in plans:
             res = [cm.step_dwdp(s, p, pl, sliced) for s, p in plan]
             steps.append([r[0] for r in res])
             waits.append(sum(r[1] for r in res))
+            # Copy-engine seconds, every pull counted beside compute (as the engine times them).
+            pulls.append(sum(cm.step_pull_seconds(s, p, pl, sliced)[0] for s, p in plan) * len(cfg.moe_layers))
         busy = [sum(x) for x in steps]
         return Prediction(DWDP, max(busy), busy, steps, tokens, world,
-                          {"exposed_wait_s": waits, "pull_s_per_layer": cm.pull_seconds(pl, sliced)})
+                          {"exposed_wait_s": waits, "pull_s_per_layer": cm.pull_seconds(pl, sliced),
+                           "pull_s": pulls})
     if strategy == DEP:
         router = DEPRouting(cfg, n, skew, seed)
         steps_by_rank: list[list[float]] = [[] for _ in range(world)]

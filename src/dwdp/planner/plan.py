@@ -175,7 +175,7 @@ def validate(runs: list, hw: HardwareProfile) -> list[dict]:
                 ttft = {"measured_ttft_p50_s": res.ttft_s.p50, "predicted_ttft_p50_s": tt["ttft_p50_s"],
                         "measured_ttft_p90_s": res.ttft_s.p90, "predicted_ttft_p90_s": tt["ttft_p90_s"]}
             out.append({"model": spec["model"], "mnt": run.mnt, "cv": wl.cv, "dist": wl.dist, **ttft,
-                        **_components(pr, res, strat, n, len(cfg.moe_layers)),
+                        **_components(pr, res, strat, n),
                         "strategy": strat,
                         "measured_step_s": float(np.mean(meas_steps)), "predicted_step_s": float(np.mean(pred_real)),
                         "measured_tps": res.tps_per_gpu, "predicted_tps": pr.tps_per_gpu,
@@ -184,7 +184,7 @@ def validate(runs: list, hw: HardwareProfile) -> list[dict]:
     return out
 
 
-def _components(pr: Prediction, res, strat: str, n: int, moe_layers: int) -> dict:
+def _components(pr: Prediction, res, strat: str, n: int) -> dict:
     """Per-rank means of the step-time components, predicted and measured (the bench JSON's
     compute_s / transfer_s / peer_wait_s): compute outside communication and waits, time
     moving bytes between GPUs (dep: all-to-all; dwdp: pulls, overlapped), time waiting for
@@ -196,7 +196,7 @@ def _components(pr: Prediction, res, strat: str, n: int, moe_layers: int) -> dic
         wait = pr.extra["sync_share"] * sum(pr.busy_s) / world
     elif strat == DWDP:
         wait = float(np.mean(pr.extra["exposed_wait_s"]))
-        transfer = pr.extra["pull_s_per_layer"] * moe_layers * float(np.mean([len(s) for s in pr.step_s]))
+        transfer = float(np.mean(pr.extra["pull_s"]))
     else:
         transfer = wait = 0.0
     pred = {"compute_s": busy - wait - (transfer if strat == DEP else 0.0), "transfer_s": transfer, "wait_s": wait}
