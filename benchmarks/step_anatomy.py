@@ -16,14 +16,17 @@ host gaps, waits on pulls. Writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 
 from dwdp.batch import PackedBatch
+from dwdp.models import moe
 from dwdp.ceilings import machine_info
 from dwdp.parallel.group import init_dwdp_groups
 from dwdp.parallel.hooks import SkipPullsHooks
@@ -94,7 +97,36 @@ def _anatomy(model, batch, group) -> dict:
         end = max(end, t)
     sleeps = sum(e["dur"] for e in kernels if "spin" in e["name"].lower() or "sleep" in e["name"].lower()) / 1e6
     return {"span_s": span, "busy_s": busy, "idle_s": span - busy, "by_kind_s": by_kind, "kernels": counts,
-            "copy_s": sum(e["dur"] for e in copies) / 1e6, "copies": len(copies), "sleep_kernels_s": sleeps}
+            "copy_s": sum(e["dur"] for e in copies) / 1e6, "copies": len(copies), "sleep_kernels_s": sleeps,
+            **_gaps(ks, events)}
+
+
+def _gaps(ks: list[dict], events: list[dict], top: int = 8) -> dict:
+    """Where the compute stream idles: idle time summed by the kernel that ends each gap
+    (what the GPU waited for the host to launch), and the host's blocking syncs (runtime
+    calls named *Synchronize*: each drains the launch queue, so the next kernels start
+    only as fast as the host launches them)."""
+    by_next: dict[str, float] = {}
+    end = ks[0]["ts"] + ks[0]["dur"]
+    for prev, e in zip(ks, ks[1:]):
+        gap = e["ts"] - end
+        if gap > 2.0:  # us: launch-to-launch jitter below this is not a host gap
+            name = e["name"][:70]
+            by_next[name] = by_next.get(name, 0.0) + gap / 1e6
+        end = max(end, e["ts"] + e["dur"])
+    syncs: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "cuda_runtime" and "ynchronize" in e.get("name", ""):
+            c = syncs.setdefault(e["name"], [0, 0.0])
+            c[0] += 1
+            c[1] += e.get("dur", 0) / 1e6
+    worst = sorted(by_next.items(), key=lambda kv: -kv[1])[:top]
+    return {"idle_by_next_kernel_s": dict(worst), "host_syncs": {k: {"calls": c, "host_s": t} for k, (c, t) in syncs.items()}}
+
+
+def _read_back_blocking(t: torch.Tensor):
+    values = t.tolist()  # a host sync before anything after it is queued
+    return lambda: values
 
 
 def worker(a) -> dict:
@@ -113,14 +145,19 @@ def worker(a) -> dict:
     variants = [("dp", RankSpec(strategy="dp", **base), None),
                 ("dwdp", RankSpec(strategy="dwdp", **base), None),
                 ("dwdp_jit", RankSpec(strategy="dwdp", pull_pacing="jit", **base), None),
-                ("dwdp_no_pulls", RankSpec(strategy="dwdp", **base), SkipPullsHooks())]
+                ("dwdp_no_pulls", RankSpec(strategy="dwdp", **base), SkipPullsHooks()),
+                # The split MoE as it was: the host blocks on the segment boundaries before
+                # queuing the permute (the A/B of reading them back behind it).
+                ("dwdp_sync_bounds", RankSpec(strategy="dwdp", **base), None)]
     with torch.no_grad():
         for name, spec, hooks in variants:
             rank = build_rank(spec, ctx, hooks) if hooks else build_rank(spec, ctx)
-            for _ in range(3):  # kernels, allocator; the pacer learns its rates here
-                rank.model(batch)
-            row = {"step_s": _median_step(rank.model, batch, a.iters, group)}
-            row.update(_anatomy(rank.model, batch, group))
+            with (mock.patch.object(moe, "_read_back", _read_back_blocking) if name == "dwdp_sync_bounds"
+                  else contextlib.nullcontext()):
+                for _ in range(3):  # kernels, allocator; the pacer learns its rates here
+                    rank.model(batch)
+                row = {"step_s": _median_step(rank.model, batch, a.iters, group)}
+                row.update(_anatomy(rank.model, batch, group))
             st = getattr(rank.runtime, "step_stats", None)
             if st and hasattr(st[-1], "exposed_wait_s"):
                 row["exposed_wait_s"] = st[-1].exposed_wait_s
@@ -159,6 +196,12 @@ def main():
             print(f"rank {r['rank']} {name:14s} step {1e3 * v['step_s']:7.1f} ms ({v['step_s'] / dp['step_s']:.3f}x dp)"
                   f"  busy {1e3 * v['busy_s']:.1f} idle {1e3 * v['idle_s']:.1f}  {kinds}"
                   f"  wait {1e3 * v.get('exposed_wait_s', 0):.1f}")
+        if r["rank"] == 0:  # where the idle time sits (rank 1 looks the same)
+            for name, v in r["variants"].items():
+                syncs = ", ".join(f"{k} x{c['calls']} {1e3 * c['host_s']:.1f} ms" for k, c in v["host_syncs"].items())
+                print(f"  {name}: host syncs: {syncs or 'none'}")
+                for k, t in list(v["idle_by_next_kernel_s"].items())[:5]:
+                    print(f"    idle {1e3 * t:5.2f} ms before {k}")
 
 
 if __name__ == "__main__":

@@ -339,3 +339,20 @@ def test_default_rope_matches_transformers(theta, dim):
     inv, mag = rope_inv_freq(cfg.rope, cfg.rope_dim)
     torch.testing.assert_close(inv.double(), hf_rot.inv_freq.double(), rtol=1e-6, atol=0)
     assert mag == 1.0 == hf_rot.attention_scaling
+
+
+def test_expert_dtype_names():
+    """Experts are stored in the model dtype or as FP8: "same", "fp8", "auto", or the model
+    dtype's own name (what `dwdp plan --expert-dtype` calls it); another dtype is refused
+    with the fix."""
+    from dwdp.models.build import resolve_expert_dtype
+    from dwdp.quant import FP8
+
+    cfg, _ = resolve_model("tiny-qwen3-moe", 1)
+    assert resolve_expert_dtype(cfg, "bf16", torch.bfloat16) == torch.bfloat16
+    assert resolve_expert_dtype(cfg, "same", torch.bfloat16) == torch.bfloat16
+    assert resolve_expert_dtype(cfg, "fp8", torch.bfloat16) == FP8
+    with pytest.raises(ValueError, match="--dtype fp16"):
+        resolve_expert_dtype(cfg, "fp16", torch.bfloat16)
+    with pytest.raises(ValueError, match="choose from auto, same, fp8"):
+        resolve_expert_dtype(cfg, "int4", torch.bfloat16)

@@ -40,8 +40,16 @@ def resolve_expert_dtype(cfg: ModelConfig, expert_dtype: str | torch.dtype, dtyp
         if expert_dtype not in (FP8, dtype):
             raise ValueError(f"expert dtype {expert_dtype}: choose the model dtype {dtype} or {FP8}")
         return expert_dtype
+    from ..config import DTYPES
+
+    if expert_dtype in DTYPES:  # a dtype name: the model's own dtype is "same" (`dwdp plan` says bf16)
+        if DTYPES[expert_dtype] != dtype:
+            raise ValueError(f"expert dtype {expert_dtype!r}: experts are stored in the model dtype ({dtype}) "
+                             f"or as fp8; choose from {', '.join(EXPERT_DTYPES)} or pass --dtype {expert_dtype}")
+        return dtype
     if expert_dtype not in EXPERT_DTYPES:
-        raise ValueError(f"expert dtype {expert_dtype!r}: choose from {', '.join(EXPERT_DTYPES)}")
+        raise ValueError(f"expert dtype {expert_dtype!r}: choose from {', '.join(EXPERT_DTYPES)} "
+                         f"(or the model dtype's name)")
     if expert_dtype == "auto":
         # Stored FP8 experts can be kept only when gate's and up's 128-row scale blocks
         # stack into whole w13 blocks (moe_intermediate_size % 128 == 0, true of every release).
