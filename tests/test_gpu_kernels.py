@@ -132,6 +132,35 @@ def test_moe_layer_fp8_on_split_segments_matches_float64():
     assert _rel(y, ref) < 0.05
 
 
+def test_quantize_rows_in_a_device_row_range_leaves_other_rows_alone():
+    from dwdp.kernels.fp8_grouped import quantize_rows
+
+    torch.manual_seed(3)
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    full_q, full_s = quantize_rows(x, swiglu=True)
+    for r0, r1 in ((37, 181), (0, 300), (120, 120)):
+        q, s = quantize_rows(x, swiglu=True, row_range=torch.tensor([r0, r1], device="cuda"))
+        assert torch.equal(q[r0:r1].float(), full_q[r0:r1].float()) and torch.equal(s[r0:r1], full_s[r0:r1])
+
+
+def test_moe_layer_fp8_split_with_an_unrouted_segment():
+    """A segment no token is routed to (its rows are empty on the device) adds nothing and
+    leaves the other segments' rows intact: equal to the same experts in one segment."""
+    from dwdp.models.moe import ExpertSegment, routed_experts_forward
+
+    torch.manual_seed(4)
+    E, H, I, K, T = 16, 256, 128, 2, 300
+    q13, s13 = quantize_fp8_blockwise(torch.randn(E, 2 * I, H, device="cuda") * 0.05)
+    q2, s2 = quantize_fp8_blockwise(torch.randn(E, H, I, device="cuda") * 0.05)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(8, device="cuda")[:K] for _ in range(T)])  # experts 8..15 unused
+    wts = torch.rand(T, K, device="cuda")
+    whole = routed_experts_forward(x, ids, wts, [ExpertSegment(0, q13, q2, s13, s2)], E)
+    split = routed_experts_forward(x, ids, wts, [ExpertSegment(8, q13[8:], q2[8:], s13[8:], s2[8:]),
+                                                 ExpertSegment(0, q13[:8], q2[:8], s13[:8], s2[:8])], E)
+    assert torch.equal(split, whole)
+
+
 @pytest.mark.parametrize("streams", [1, 3])
 def test_copy_engine_streams_wait_for_compute_and_join(streams):
     """Every copy stream waits for the submission's signal, ``done`` covers them all, and

@@ -24,12 +24,20 @@ BLOCK = 128  # the scale block along K and N
 
 
 @triton.jit(do_not_specialize=["M"])  # rows vary per step: one compiled variant
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, s_xm, s_qm, s_sm, half,
-                      SWIGLU: tl.constexpr, BLOCK_R: tl.constexpr, FMAX: tl.constexpr):
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, range_ptr, M, s_xm, s_qm, s_sm, half,
+                      SWIGLU: tl.constexpr, BLOCK_R: tl.constexpr, FMAX: tl.constexpr, RANGED: tl.constexpr):
     # One program quantises BLOCK_R rows x 128 columns (optionally of silu(gate) * up first).
+    # RANGED: only rows [range[0], range[1]) (read on the device), the others are left alone.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * 128 + tl.arange(0, 128)
-    rmask = rows[:, None] < M
+    lo, hi = 0, M
+    if RANGED:
+        lo = tl.load(range_ptr)
+        hi = tl.minimum(tl.load(range_ptr + 1), M)
+        if tl.program_id(0) * BLOCK_R >= hi or tl.program_id(0) * BLOCK_R + BLOCK_R <= lo:
+            return
+    rows_ok = (rows >= lo) & (rows < hi)
+    rmask = rows_ok[:, None]
     base = x_ptr + rows[:, None].to(tl.int64) * s_xm + cols[None, :]
     if SWIGLU:
         gate = tl.load(base, mask=rmask, other=0.0).to(tl.float32)
@@ -41,11 +49,14 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, s_xm, s_qm, s_sm, half,
     scale = amax / FMAX
     q = (v / scale[:, None]).to(q_ptr.dtype.element_ty)
     tl.store(q_ptr + rows[:, None].to(tl.int64) * s_qm + cols[None, :], q, mask=rmask)
-    tl.store(s_ptr + rows.to(tl.int64) * s_sm + tl.program_id(1), scale, mask=rows < M)
+    tl.store(s_ptr + rows.to(tl.int64) * s_sm + tl.program_id(1), scale, mask=rows_ok)
 
 
-def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, C] (or [M, 2C] = gate | up with ``swiglu``) -> (e4m3 [M, C], fp32 scales [M, C/128])."""
+def quantize_rows(x: torch.Tensor, swiglu: bool = False, row_range: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, C] (or [M, 2C] = gate | up with ``swiglu``) -> (e4m3 [M, C], fp32 scales [M, C/128]).
+    ``row_range``: a device tensor [r0, r1]; only those rows are quantised (the rest of the
+    outputs is left unwritten), without reading the range back to the host."""
     M = x.shape[0]
     C = x.shape[1] // 2 if swiglu else x.shape[1]
     if C % BLOCK or x.stride(-1) != 1:
@@ -54,8 +65,9 @@ def quantize_rows(x: torch.Tensor, swiglu: bool = False) -> tuple[torch.Tensor, 
     s = torch.empty((M, C // BLOCK), dtype=torch.float32, device=x.device)
     if M:
         grid = (triton.cdiv(M, 16), C // BLOCK)
-        _act_quant_kernel[grid](x, q, s, M, x.stride(0), q.stride(0), s.stride(0), C,
-                                SWIGLU=swiglu, BLOCK_R=16, FMAX=FP8_MAX)
+        rng = row_range if row_range is not None else s  # unread when not RANGED
+        _act_quant_kernel[grid](x, q, s, rng, M, x.stride(0), q.stride(0), s.stride(0), C,
+                                SWIGLU=swiglu, BLOCK_R=16, FMAX=FP8_MAX, RANGED=row_range is not None)
     return q, s
 
 
@@ -117,13 +129,16 @@ def _config(rows_per_group: float, n: int) -> tuple[int, int, int, int, int]:
     return bm, (bn if n % bn == 0 else BLOCK), warps, stages, group_m
 
 
-def _tile_map(counts: torch.Tensor, block_m: int, max_tiles: int):
-    """Per M tile: its group (-1 past the end), first row and row end, on the device."""
+def _tile_map(counts: torch.Tensor, block_m: int, max_tiles: int, row_base: torch.Tensor | None = None):
+    """Per M tile: its group (-1 past the end), first row and row end, on the device.
+    ``row_base`` (a one-element device tensor): the groups' rows start there, not at 0."""
     dev = counts.device
     counts = counts.to(torch.int64)
     tiles = (counts + block_m - 1) // block_m
     tile_end = tiles.cumsum(0)
     row_end = counts.cumsum(0)
+    if row_base is not None:
+        row_end = row_end + row_base.to(torch.int64)
     t = torch.arange(max_tiles, device=dev)
     g = torch.searchsorted(tile_end, t, right=True).clamp_(max=counts.numel() - 1)
     r0 = row_end[g] - counts[g] + (t - (tile_end[g] - tiles[g])) * block_m
@@ -133,11 +148,13 @@ def _tile_map(counts: torch.Tensor, block_m: int, max_tiles: int):
 
 def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                      counts: torch.Tensor, out_dtype=torch.bfloat16, tile_map=None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """out[rows of group g] = (a * a_scale)[rows] @ (w[g] * w_scale[g]).T, for consecutive row groups."""
+                     out: torch.Tensor | None = None, rows_per_group: float | None = None) -> torch.Tensor:
+    """out[rows of group g] = (a * a_scale)[rows] @ (w[g] * w_scale[g]).T, for consecutive row groups.
+    ``rows_per_group``: the tile-shape hint (default M / G); a ``tile_map`` must be built
+    with the same hint's tile height."""
     M, K = a.shape
     G, N, Kw = w.shape
-    bm, bn, warps, stages, group_m = _config(M / max(1, G), N)
+    bm, bn, warps, stages, group_m = _config(rows_per_group if rows_per_group is not None else M / max(1, G), N)
     if Kw != K or K % BLOCK or N % BLOCK or N % bn:
         raise ValueError(f"FP8 grouped GEMM needs K and N multiples of {BLOCK} (a {tuple(a.shape)}, w {tuple(w.shape)})")
     if a.stride(1) != 1 or w.stride(2) != 1 or a_scale.stride(1) != 1 or w_scale.stride(2) != 1:
@@ -158,14 +175,24 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
 
 
 def grouped_swiglu_fp8(xq: torch.Tensor, xs: torch.Tensor, w13, w13_scale, w2, w2_scale,
-                       counts: torch.Tensor, out_dtype=torch.bfloat16, out=None) -> torch.Tensor:
-    """The routed-expert MLP in FP8: gate/up GEMM, fused SwiGLU + re-quantisation, down GEMM."""
+                       counts: torch.Tensor, out_dtype=torch.bfloat16, out=None,
+                       row_range: torch.Tensor | None = None, rows_per_group: float | None = None) -> torch.Tensor:
+    """The routed-expert MLP in FP8: gate/up GEMM, fused SwiGLU + re-quantisation, down GEMM.
+
+    ``row_range`` (device tensor [r0, r1]): the groups' rows are r0..r1 of ``xq`` / ``xs`` /
+    ``out`` (one segment of a buffer sorted by expert), found on the device: no host sync,
+    so a split MoE launches its segments while earlier work still runs (the host would
+    otherwise wait for the boundaries and the GPU idle while it launches). Other rows of
+    ``out`` are left alone. ``rows_per_group``: the tile-shape hint when ``xq`` holds more
+    rows than these groups'."""
     M, G = xq.shape[0], counts.numel()
-    bm = _config(M / max(1, G), w13.shape[1])[0]
-    tmap = _tile_map(counts, bm, triton.cdiv(M, bm) + G) if M else None
-    h = grouped_gemm_fp8(xq, xs, w13, w13_scale, counts, out_dtype, tmap)
-    hq, hs = quantize_rows(h, swiglu=True)
-    return grouped_gemm_fp8(hq, hs, w2, w2_scale, counts, out_dtype, tmap, out)
+    rpg = rows_per_group if rows_per_group is not None else M / max(1, G)
+    bm = _config(rpg, w13.shape[1])[0]  # the tile height depends on rows per group only: one map for both GEMMs
+    base = None if row_range is None else row_range[:1]
+    tmap = _tile_map(counts, bm, triton.cdiv(M, bm) + G, base) if M else None
+    h = grouped_gemm_fp8(xq, xs, w13, w13_scale, counts, out_dtype, tmap, rows_per_group=rpg)
+    hq, hs = quantize_rows(h, swiglu=True, row_range=row_range)
+    return grouped_gemm_fp8(hq, hs, w2, w2_scale, counts, out_dtype, tmap, out, rows_per_group=rpg)
 
 
 # bf16 experts at decode sizes (a few rows per expert): torch's grouped GEMM reads the

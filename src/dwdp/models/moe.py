@@ -118,12 +118,14 @@ def routed_experts_forward(
     counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     src = order // K
     fp8 = _fp8_kernel_applies(x, segments)
-    # Segment boundaries need one host sync per layer, except when one segment holds every
-    # expert and a grouped kernel takes the counts on the device (a replica's GPU path: a
-    # decode step with it can be captured in a CUDA graph).
+    # Segment boundaries are read back to the host (one sync per layer), except when one
+    # segment holds every expert and a grouped kernel takes the counts on the device (a
+    # replica's GPU path: a decode step with it can be captured in a CUDA graph), and on
+    # the FP8 kernels, which find each segment's rows on the device.
     whole = len(segments) == 1 and segments[0].start == 0 and segments[0].count == num_experts
     device_grouped = whole and (fp8 or (_fast_grouped_mm(x) and segments[0].w13_scale is None))
-    boundaries = None if device_grouped else _read_back(counts.cumsum(0))
+    boundaries = None if device_grouped or fp8 else _read_back(counts.cumsum(0))
+    bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]) if fp8 and not whole else None
     if fp8:  # quantise each token once, then permute the (half-size) FP8 rows
         from ..kernels.fp8_grouped import quantize_rows
 
@@ -146,8 +148,10 @@ def routed_experts_forward(
         if fp8:
             from ..kernels.fp8_grouped import grouped_swiglu_fp8
 
-            grouped_swiglu_fp8(xq[r0:r1], xsc[r0:r1], seg.w13, seg.w13_scale, seg.w2, seg.w2_scale,
-                               counts[e0:e1], x.dtype, out=y_sorted[r0:r1])
+            # bounds[e0], bounds[e1]: the segment's rows, as a device tensor (a view).
+            rows = None if bounds is None else bounds[e0:e1 + 1:e1 - e0].contiguous()
+            grouped_swiglu_fp8(xq, xsc, seg.w13, seg.w13_scale, seg.w2, seg.w2_scale, counts[e0:e1], x.dtype,
+                               out=y_sorted, row_range=rows, rows_per_group=T * K / num_experts)
         else:
             y_sorted[r0:r1] = _grouped_swiglu(x_sorted[r0:r1], seg, counts[e0:e1], ends, e0)
     if kernels.enabled(x):
