@@ -235,6 +235,10 @@ class DWDPRuntime:
                 self.engine.compute_wait(p.signal)
                 secs.append(self.engine.copy_seconds(p.signal))
         if len(waits) == len(st.waits) and len(self._marks) > 1:
+            # The marks are compute-stream events: without pulls to wait for, nothing above
+            # synced with the stream, and no MoE layer syncs with the host (FP8 kernels).
+            if isinstance(self.engine, CudaCopyEngine):
+                self._marks[-1].synchronize()
             per_layer = [0.0] * len(self._marks)
             for (layer, _), w in zip(st.waits, waits):
                 if layer < len(per_layer):
