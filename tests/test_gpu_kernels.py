@@ -67,6 +67,8 @@ def test_grouped_gemm_fp8_equals_float64_of_dequantized_operands(counts):
     ref = _group_ref(a64, w64, cnt)
     assert out.dtype == torch.bfloat16 and out.shape == (M, N)
     assert _rel(out, ref) < 4e-3  # fp32 accumulation + the bf16 output rounding only
+    # Persistent: a few programs loop over the same tiles, each computed the same way.
+    assert torch.equal(grouped_gemm_fp8(aq, a_s, w, w_scale, cnt, persistent=True), out)
 
 
 def test_grouped_swiglu_fp8_close_to_bf16_experts():

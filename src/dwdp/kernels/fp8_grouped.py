@@ -14,6 +14,8 @@ rows, so there is no host sync. The weights may be any strided view of a larger 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -71,51 +73,69 @@ def quantize_rows(x: torch.Tensor, swiglu: bool = False, row_range: torch.Tensor
     return q, s
 
 
+@triton.jit
+def _gemm_tile(t, num_tiles_m, a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
+               N, K, s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr, SCALED: tl.constexpr):
+    # Tile t walks GROUP_M row tiles across all column tiles before moving on, so a group's
+    # activation tiles and its expert's weights are re-read from L2, not HBM.
+    num_n = N // BLOCK_N
+    per_group = GROUP_M * num_n
+    first_m = (t // per_group) * GROUP_M
+    group_m = tl.minimum(num_tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (t % per_group) % group_m
+    pid_n = (t % per_group) // group_m
+    e = tl.load(tile_e_ptr + pid_m)
+    if e >= 0:  # else past the last tile of the last expert
+        r0 = tl.load(tile_r0_ptr + pid_m)
+        r1 = tl.load(tile_r1_ptr + pid_m)
+        offs_m = r0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < r1
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        e64 = e.to(tl.int64)
+        a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * s_am + offs_k[None, :]
+        b_ptrs = b_ptr + e64 * s_be + offs_n[None, :].to(tl.int64) * s_bn + offs_k[:, None]
+        as_ptrs = as_ptr + offs_m.to(tl.int64) * s_asm
+        bs_ptrs = bs_ptr + e64 * s_bse + (offs_n // 128) * s_bsn  # one weight scale per 128 columns
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(0, K // BLOCK_K):
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+            if SCALED:
+                sa = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+                sb = tl.load(bs_ptrs + kb)
+                acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
+            else:
+                acc += tl.dot(a, b)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * s_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
 # The tile count varies with every step's rows: not a specialisation key (a short step
 # would otherwise compile a new variant inside a timed step).
 @triton.jit(do_not_specialize=["num_tiles_m"])
-def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
+def _grouped_fp8_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr, valid_m_ptr,
                         num_tiles_m, N, K, s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        GROUP_M: tl.constexpr, SCALED: tl.constexpr = True):
+                        GROUP_M: tl.constexpr, SCALED: tl.constexpr = True, PERSISTENT: tl.constexpr = False):
     # SCALED=False: plain bf16 operands (no scales; as_ptr/bs_ptr unused), the decode path.
-    # Programs walk GROUP_M row tiles across all column tiles before moving on, so a
-    # group's activation tiles and its expert's weights are re-read from L2, not HBM.
-    pid = tl.program_id(0)
-    num_n = N // BLOCK_N
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
-    e = tl.load(tile_e_ptr + pid_m)
-    if e < 0:  # past the last tile of the last expert
-        return
-    r0 = tl.load(tile_r0_ptr + pid_m)
-    r1 = tl.load(tile_r1_ptr + pid_m)
-    offs_m = r0 + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < r1
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    e64 = e.to(tl.int64)
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * s_am + offs_k[None, :]
-    b_ptrs = b_ptr + e64 * s_be + offs_n[None, :].to(tl.int64) * s_bn + offs_k[:, None]
-    as_ptrs = as_ptr + offs_m.to(tl.int64) * s_asm
-    bs_ptrs = bs_ptr + e64 * s_bse + (offs_n // 128) * s_bsn  # one weight scale per 128 columns
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, K // BLOCK_K):
-        a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
-        b = tl.load(b_ptrs)
-        if SCALED:
-            sa = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
-            sb = tl.load(bs_ptrs + kb)
-            acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
-        else:
-            acc += tl.dot(a, b)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    c_ptrs = c_ptr + offs_m[:, None].to(tl.int64) * s_cm + offs_n[None, :]
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None])
+    # PERSISTENT: a grid of about one program per SM loops over the valid tiles, counted on
+    # the device (``valid_m_ptr``), instead of one program per tile of an upper bound: for a
+    # segment of a larger buffer the bound is mostly empty tiles, and launching each costs
+    # about a microsecond per SM wave (the kernel's shared memory allows one program per SM).
+    if PERSISTENT:
+        num_valid_m = tl.load(valid_m_ptr).to(tl.int32)
+        for t in range(tl.program_id(0), num_valid_m * (N // BLOCK_N), tl.num_programs(0)):
+            _gemm_tile(t, num_valid_m, a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0_ptr, tile_r1_ptr,
+                       N, K, s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, SCALED)
+    else:
+        _gemm_tile(tl.program_id(0), num_tiles_m, a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, tile_e_ptr, tile_r0_ptr,
+                   tile_r1_ptr, N, K, s_am, s_asm, s_be, s_bn, s_bse, s_bsn, s_cm, BLOCK_M, BLOCK_N, BLOCK_K,
+                   GROUP_M, SCALED)
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, GROUP_M) by rows per expert; benchmarks/tune_fp8.py,
@@ -143,15 +163,19 @@ def _tile_map(counts: torch.Tensor, block_m: int, max_tiles: int, row_base: torc
     g = torch.searchsorted(tile_end, t, right=True).clamp_(max=counts.numel() - 1)
     r0 = row_end[g] - counts[g] + (t - (tile_end[g] - tiles[g])) * block_m
     valid = t < tile_end[-1]
-    return (torch.where(valid, g, -1).to(torch.int32), r0.to(torch.int32), row_end[g].to(torch.int32))
+    # The last item, the count of valid tiles, is what a persistent launch loops to.
+    return (torch.where(valid, g, -1).to(torch.int32), r0.to(torch.int32), row_end[g].to(torch.int32),
+            tile_end[-1:])
 
 
 def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                      counts: torch.Tensor, out_dtype=torch.bfloat16, tile_map=None,
-                     out: torch.Tensor | None = None, rows_per_group: float | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, rows_per_group: float | None = None,
+                     persistent: bool = False) -> torch.Tensor:
     """out[rows of group g] = (a * a_scale)[rows] @ (w[g] * w_scale[g]).T, for consecutive row groups.
     ``rows_per_group``: the tile-shape hint (default M / G); a ``tile_map`` must be built
-    with the same hint's tile height."""
+    with the same hint's tile height. ``persistent``: one program per SM looping over the
+    valid tiles (for groups that fill a small part of ``a``)."""
     M, K = a.shape
     G, N, Kw = w.shape
     bm, bn, warps, stages, group_m = _config(rows_per_group if rows_per_group is not None else M / max(1, G), N)
@@ -166,12 +190,21 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
     if M == 0:
         return out
     max_tiles = triton.cdiv(M, bm) + G
-    te, tr0, tr1 = tile_map if tile_map is not None else _tile_map(counts, bm, max_tiles)
-    _grouped_fp8_kernel[(max_tiles * (N // bn),)](
-        a, a_scale, w, w_scale, out, te, tr0, tr1, max_tiles, N, K,
+    te, tr0, tr1, valid_m = tile_map if tile_map is not None else _tile_map(counts, bm, max_tiles)
+    programs = max_tiles * (N // bn)
+    if persistent:
+        programs = min(programs, _num_sms(a.device))
+    _grouped_fp8_kernel[(programs,)](
+        a, a_scale, w, w_scale, out, te, tr0, tr1, valid_m, max_tiles, N, K,
         a.stride(0), a_scale.stride(0), w.stride(0), w.stride(1), w_scale.stride(0), w_scale.stride(1), out.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=group_m, num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=group_m, PERSISTENT=persistent,
+        num_warps=warps, num_stages=stages)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def grouped_swiglu_fp8(xq: torch.Tensor, xs: torch.Tensor, w13, w13_scale, w2, w2_scale,
@@ -190,9 +223,11 @@ def grouped_swiglu_fp8(xq: torch.Tensor, xs: torch.Tensor, w13, w13_scale, w2, w
     bm = _config(rpg, w13.shape[1])[0]  # the tile height depends on rows per group only: one map for both GEMMs
     base = None if row_range is None else row_range[:1]
     tmap = _tile_map(counts, bm, triton.cdiv(M, bm) + G, base) if M else None
-    h = grouped_gemm_fp8(xq, xs, w13, w13_scale, counts, out_dtype, tmap, rows_per_group=rpg)
+    ranged = row_range is not None
+    h = grouped_gemm_fp8(xq, xs, w13, w13_scale, counts, out_dtype, tmap, rows_per_group=rpg, persistent=ranged)
     hq, hs = quantize_rows(h, swiglu=True, row_range=row_range)
-    return grouped_gemm_fp8(hq, hs, w2, w2_scale, counts, out_dtype, tmap, out, rows_per_group=rpg)
+    return grouped_gemm_fp8(hq, hs, w2, w2_scale, counts, out_dtype, tmap, out, rows_per_group=rpg,
+                            persistent=ranged)
 
 
 # bf16 experts at decode sizes (a few rows per expert): torch's grouped GEMM reads the
@@ -212,9 +247,9 @@ def grouped_gemm_bf16(a: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, ti
     if M == 0:
         return out
     max_tiles = triton.cdiv(M, c["bm"]) + G
-    te, tr0, tr1 = tile_map if tile_map is not None else _tile_map(counts, c["bm"], max_tiles)
+    te, tr0, tr1, valid_m = tile_map if tile_map is not None else _tile_map(counts, c["bm"], max_tiles)
     _grouped_fp8_kernel[(max_tiles * (N // c["bn"]),)](
-        a, a, w, w, out, te, tr0, tr1, max_tiles, N, K, a.stride(0), 0, w.stride(0), w.stride(1), 0, 0,
+        a, a, w, w, out, te, tr0, tr1, valid_m, max_tiles, N, K, a.stride(0), 0, w.stride(0), w.stride(1), 0, 0,
         out.stride(0), BLOCK_M=c["bm"], BLOCK_N=c["bn"], BLOCK_K=c["bk"], GROUP_M=c["group_m"], SCALED=False,
         num_warps=c["warps"], num_stages=c["stages"])
     return out
