@@ -200,3 +200,10 @@ def test_a_group_that_cannot_start_says_why():
                  lambda: DecodePool(DecodePoolSpec("no-such-model", 2), ready_timeout_s=60)):
         with pytest.raises(RuntimeError, match=r"(prefill|decode) rank \d failed to start: .*no-such-model"):
             make()
+
+
+def test_kv_transport_is_checked_before_anything_starts():
+    with pytest.raises(ValueError, match="choose from host, cuda_ipc"):
+        PrefillPoolSpec("tiny-qwen3-moe", kv_transport="nvlink")
+    with pytest.raises(ValueError, match="must run on CUDA.*kv_transport 'host'"):
+        PrefillPoolSpec("tiny-qwen3-moe", device="cpu", kv_transport="cuda_ipc")

@@ -586,10 +586,17 @@ def cmd_serve(args) -> int:
     else:
         from .serve.disagg import DisaggServingWorker, PrefillPool, PrefillPoolSpec
 
+        on_gpu = args.device.startswith("cuda")
+        # A decode group in its own processes receives the KV through this one: host memory.
+        kv_transport = args.kv_transport if args.kv_transport != "auto" else (
+            "cuda_ipc" if on_gpu and not args.decode_ranks else "host")
+        if kv_transport == "cuda_ipc" and args.decode_ranks:
+            raise SystemExit("dwdp serve: --kv-transport cuda_ipc needs decode in the server process "
+                             "(drop --decode-ranks, or use --kv-transport host)")
         spec = PrefillPoolSpec(args.model, args.prefill, args.prefill_ranks, args.num_layers, args.dtype,
-                               "cuda" if args.device.startswith("cuda") else "cpu", args.local_experts,
+                               "cuda" if on_gpu else "cpu", args.local_experts,
                                args.max_num_tokens, args.seed, expert_dtype=args.expert_dtype,
-                               pull_pacing=args.pull_pacing, hold_ms=args.prefill_hold_ms)
+                               pull_pacing=args.pull_pacing, hold_ms=args.prefill_hold_ms, kv_transport=kv_transport)
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
         worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue,
                                      intra_op_threads=args.threads, max_context=args.max_context, decode=decode)
@@ -782,6 +789,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefill-hold-ms", type=float, default=3.0,
                      help="DWDP prefill: hold a step smaller than the measured break-even size (the tokens whose "
                           "compute hides one layer's pull) up to this long for more requests (default 3; 0: never)")
+    srv.add_argument("--kv-transport", default="auto", choices=["auto", "host", "cuda_ipc"],
+                     help="how a prefill rank's KV cache reaches decode: cuda_ipc = GPU to GPU (NVLink), "
+                          "host = through shared host memory; auto = cuda_ipc when prefill and decode (in this "
+                          "process) are on GPUs")
     srv.add_argument("--drain-timeout", type=float, default=30.0,
                      help="on SIGTERM/SIGINT, seconds running requests may take to finish (default 30)")
     srv.set_defaults(func=cmd_serve)

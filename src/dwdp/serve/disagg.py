@@ -8,6 +8,10 @@ queue (CPU tensors; on GPU: device -> host -> decode device); :class:`KVHandoff`
 seam where a network transfer would go. DEP ranks step in lockstep (dummy steps when
 idle), DWDP and DP ranks step on their own.
 
+With ``kv_transport="cuda_ipc"`` the rank puts its GPU tensors on the queue instead: torch
+shares them as CUDA IPC handles and the server copies them to the decode GPU peer to peer
+(NVLink on one node), skipping the two host copies and the shared-memory pickle.
+
 A prefill rank that dies (or reports an error) fails the requests the group was
 prefilling, with an error naming the rank; the whole group is then killed (a DWDP or DEP
 group cannot serve without every rank, and survivors would block on the dead peer) and
@@ -30,6 +34,9 @@ from .rank_group import GroupRestarter, RankProcesses, leave_group, rank_process
 from .worker import ServeRequest, ServingWorker
 
 
+KV_TRANSPORTS = ("host", "cuda_ipc")
+
+
 @dataclass
 class PrefillPoolSpec:
     model: str
@@ -45,6 +52,17 @@ class PrefillPoolSpec:
     expert_dtype: str = "auto"
     pull_pacing: str = "off"  # DWDP: "jit" stretches each pull to end just before its MoE
     hold_ms: float = 3.0  # DWDP: hold a step below the measured break-even size this long to fill it
+    # How each finished prompt's KV cache reaches the server: "host" (device -> shared host
+    # memory -> decode device) or "cuda_ipc" (the rank shares its GPU tensors, the server
+    # copies them GPU to GPU over NVLink; both sides on CUDA GPUs of one host).
+    kv_transport: str = "host"
+
+    def __post_init__(self):
+        if self.kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport {self.kv_transport!r}: choose from {', '.join(KV_TRANSPORTS)}")
+        if self.kv_transport == "cuda_ipc" and not self.device.startswith("cuda"):
+            raise ValueError("kv_transport 'cuda_ipc' shares GPU memory: the prefill group must run on CUDA "
+                             f"(device {self.device!r}); use kv_transport 'host'")
 
     def rank_spec(self, group_size: int) -> RankSpec:
         return RankSpec(model=self.model, strategy=self.strategy, num_layers=self.num_layers, dtype=self.dtype,
@@ -101,6 +119,7 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
         engine = PrefillEngine(prefill_rank.model, spec.max_num_tokens, keep_kv=True)
         driver = StepDriver(engine, _Inbox(inq), lockstep_sync(ctx) if strategy.lockstep else None,
                             idle_poll_s=0.002, hold=ShortStepHold.for_runtime(runtime, spec.hold_ms))
+        ipc = spec.kv_transport == "cuda_ipc"
         outq.put(("ready", rank, None))
         while (results := driver.step_once()) is not None:
             engine.steps.clear()  # a server runs for days: keep no per-step history here
@@ -110,8 +129,10 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
                 if wait is not None:  # DWDP: pull wait the steps since the last report could not hide
                     outq.put(("stats", rank, sum(wait)))
             for r in results:
-                outq.put(("done", rank, (r.id, r.logits.float().cpu(), [(a.cpu(), b.cpu()) for a, b in r.kv],
-                                         r.prompt_len)))
+                # cuda_ipc: the queue pickles GPU tensors as IPC handles (torch.multiprocessing);
+                # their memory stays this rank's until the server has copied and dropped them.
+                kv = r.kv if ipc else [(a.cpu(), b.cpu()) for a, b in r.kv]
+                outq.put(("done", rank, (r.id, r.logits.float().cpu(), kv, r.prompt_len)))
             if watchdog is not None:
                 watchdog.check()
         leave_group(watchdog, prefill_rank)
@@ -171,6 +192,10 @@ class DisaggServingWorker(ServingWorker):
     def __init__(self, decode_model, pool: PrefillPool, max_batch: int = 64, max_queue: int = 256,
                  max_pool_restarts: int = 3, pool_factory=None, **kw):
         super().__init__(decode_model, pool.spec.max_num_tokens, max_batch, max_queue, **kw)
+        if pool.spec.kv_transport == "cuda_ipc" and self.decode.device.type != "cuda":
+            pool.close()
+            raise ValueError("kv_transport 'cuda_ipc' copies the KV cache GPU to GPU: decode must run on a CUDA "
+                             f"device (it is on {self.decode.device}); use kv_transport 'host'")
         self.pool: PrefillPool | None = pool
         self.spec = pool.spec
         self.max_pool_restarts = max_pool_restarts
