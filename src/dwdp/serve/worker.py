@@ -219,6 +219,11 @@ class ServingWorker(threading.Thread):
     def run(self) -> None:
         try:
             self._set_threads()
+            dev = getattr(self.decode, "device", None)
+            if isinstance(dev, torch.device) and dev.type == "cuda":
+                # The current GPU is per thread and starts at cuda:0: Triton launches and graph
+                # captures go to the current one, so decode on cuda:1+ would launch on the wrong GPU.
+                torch.cuda.set_device(dev)
             while not self._halt.is_set():
                 self._supervise()
                 self._apply_cancels()
