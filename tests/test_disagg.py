@@ -207,3 +207,20 @@ def test_kv_transport_is_checked_before_anything_starts():
         PrefillPoolSpec("tiny-qwen3-moe", kv_transport="nvlink")
     with pytest.raises(ValueError, match="must run on CUDA.*kv_transport 'host'"):
         PrefillPoolSpec("tiny-qwen3-moe", device="cpu", kv_transport="cuda_ipc")
+
+
+def test_kv_pack_round_trip_is_exact():
+    """cuda_ipc sends a request's KV as one flat tensor (one IPC handle): the views the
+    server unpacks are the rank's tensors, bit for bit, whatever their shapes."""
+    from dwdp.serve.disagg import pack_kv, unpack_kv
+
+    g = torch.Generator().manual_seed(0)
+    kv = [(torch.randn(7, 2, 4, generator=g), torch.randn(7, 2, 4, generator=g)),
+          (torch.randn(7, 16, generator=g), torch.randn(7, 3, generator=g)),  # MLA-like: latent, rope key
+          (torch.randn(0, 2, 4, generator=g), torch.randn(0, 2, 4, generator=g))]
+    flat, shapes = pack_kv(kv)
+    assert flat.dim() == 1 and flat.numel() == sum(t.numel() for p in kv for t in p)
+    back = unpack_kv(flat, shapes)
+    assert len(back) == len(kv)
+    for (a, b), (c, d) in zip(kv, back):
+        assert torch.equal(a, c) and torch.equal(b, d)

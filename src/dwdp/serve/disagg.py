@@ -23,9 +23,12 @@ model is the whole model): the server keeps answering and ``/health`` reports
 
 from __future__ import annotations
 
+import math
 import queue
 import time
 from dataclasses import dataclass
+
+import torch
 
 from ..engine import PrefillEngine, Request
 from ..parallel.rank import RankSpec
@@ -35,6 +38,24 @@ from .worker import ServeRequest, ServingWorker
 
 
 KV_TRANSPORTS = ("host", "cuda_ipc")
+
+
+def pack_kv(kv: list) -> tuple[torch.Tensor, list]:
+    """A request's per-layer (K, V) as one flat tensor and their shapes: over CUDA IPC each
+    tensor's memory is one handle to open on the receiving side (~0.08 ms each: 188 handles,
+    16-23 ms, for a full-depth qwen3-235b request), one flat tensor is one."""
+    flat = torch.cat([t.reshape(-1) for pair in kv for t in pair])
+    return flat, [(tuple(a.shape), tuple(b.shape)) for a, b in kv]
+
+
+def unpack_kv(flat: torch.Tensor, shapes: list) -> list:
+    """Views of :func:`pack_kv`'s flat tensor, per layer (K, V)."""
+    out, o = [], 0
+    for sa, sb in shapes:
+        na, nb = math.prod(sa), math.prod(sb)
+        out.append((flat[o:o + na].view(sa), flat[o + na:o + na + nb].view(sb)))
+        o += na + nb
+    return out
 
 
 @dataclass
@@ -131,7 +152,10 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
             for r in results:
                 # cuda_ipc: the queue pickles GPU tensors as IPC handles (torch.multiprocessing);
                 # their memory stays this rank's until the server has copied and dropped them.
-                kv = r.kv if ipc else [(a.cpu(), b.cpu()) for a, b in r.kv]
+                if ipc and len({t.dtype for pair in r.kv for t in pair}) == 1:
+                    kv = ("packed", *pack_kv(r.kv))
+                else:
+                    kv = r.kv if ipc else [(a.cpu(), b.cpu()) for a, b in r.kv]
                 outq.put(("done", rank, (r.id, r.logits.float().cpu(), kv, r.prompt_len)))
             if watchdog is not None:
                 watchdog.check()
@@ -171,7 +195,10 @@ class PrefillPool(RankProcesses):
             if kind == "done":
                 r, n = self.where.pop(val[0], (rank, 0))
                 self.load[r] -= n
-                out.append(val)
+                rid, logits, kv, plen = val
+                if isinstance(kv, tuple) and kv[0] == "packed":
+                    kv = unpack_kv(kv[1], kv[2])
+                out.append((rid, logits, kv, plen))
         failed = failed or self.dead()  # a group with a dead rank cannot serve (its peers' pulls would fail)
         if failed and not out:
             raise RuntimeError(failed)
