@@ -121,6 +121,7 @@ def test_bench_then_report(tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.count("tiny-qwen3-moe") == 9 and "step time within" in table  # steps, components, fit used
     assert "tiny-qwen3-moe: profile defaults" in table and "  dep: " in table and "  dwdp: " in table
+    assert "dep expert load, busiest rank / mean per layer (measured / predicted): " in table
     # The same file twice reads as two repetitions of each setting: one row per strategy.
     assert main(["report", "--reps", str(out), str(out)]) == 0
     reps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny-qwen3-moe")]

@@ -50,6 +50,14 @@ def test_all_strategies_match_transformers_two_ranks(ref_cases, family):
     steps = [r.steps + r.dummy_steps for r in dep.ranks]
     assert len(set(steps)) == 1, f"DEP ranks must step together: {steps}"
     assert all(r.collective_s > 0 and r.a2a_sent_bytes > 0 for r in dep.ranks)
+    # Every routed (token, expert) pair is computed by exactly one rank: per lockstep step and
+    # MoE layer the ranks' counts add up to top_k x the step's tokens (dummy steps: 1 token).
+    k, n_moe = ref.cfg.top_k, len(ref.cfg.moe_layers)
+    for step in range(steps[0]):
+        tokens = sum(r.step_tokens[step] or 1 for r in dep.ranks)
+        per_layer = [sum(r.expert_pairs[step][j] for r in dep.ranks) for j in range(n_moe)]
+        assert per_layer == [k * tokens] * n_moe, f"step {step}"
+    assert dep.expert_load_max_over_mean >= 1.0
     dwdp = out.results["dwdp"]
     assert all(r.pulled_bytes > 0 and r.dummy_steps == 0 for r in dwdp.ranks)
 
@@ -61,6 +69,18 @@ def test_dep_and_dwdp_match_transformers_uneven_expert_split(ref_cases, world, f
     w = WorkloadSpec(**{**WORKLOAD, "num_requests": 7, "assign": "least_loaded" if world == 3 else "round_robin"})
     spec = BenchSpec(model=str(ref.path), world_size=world, workload=w, max_num_tokens=48)
     _check(ref, spec, ["dep", "dwdp"])
+
+
+def test_expert_load_imbalance_of_lockstep_layers():
+    from dwdp.bench.runner import expert_load_imbalance
+
+    # Two ranks, two steps of two MoE layers: ratios 1.5, 1.0, 2.0 (a layer no rank computed
+    # anything in is left out).
+    pairs = [[[30, 10], [40, 0]], [[10, 10], [0, 0]]]
+    assert expert_load_imbalance(pairs, 2) == pytest.approx((1.5 + 1.0 + 2.0) / 3)
+    # Two groups of one rank: never imbalanced; missing counts: unknown.
+    assert expert_load_imbalance(pairs, 1) == 1.0
+    assert expert_load_imbalance([None, pairs[1]], 2) is None
 
 
 def test_expert_pairs_forward_equals_topk_form():

@@ -424,6 +424,11 @@ def cmd_plan(args) -> int:
                           f"{100 * sum(e) / len(e):.1f}%")
         for model in dict.fromkeys(r["model"] for r in rows):
             console.print(f"  {model}: {hw.fit_for(model)[1]}", highlight=False)
+        loads = [(r["measured_expert_load_max_over_mean"], r["predicted_expert_load_max_over_mean"]) for r in rows
+                 if r.get("measured_expert_load_max_over_mean") is not None]
+        if loads:
+            console.print("  dep expert load, busiest rank / mean per layer (measured / predicted): " + ", ".join(
+                f"{m:.3f} / {p:.3f}" for m, p in loads), highlight=False)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)

@@ -20,7 +20,24 @@ def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
-def summarize(ranks: list[dict], world: int) -> StrategyResult:
+def expert_load_imbalance(pairs_by_rank: list[list[list[int]] | None], group_size: int) -> float | None:
+    """Mean over the lockstep MoE layers of each DEP group of max / mean of the (token,
+    expert) pairs its ranks computed (``pairs_by_rank[r][step][layer]``; groups are
+    consecutive ranks). None without per-layer counts."""
+    if not pairs_by_rank or any(p is None for p in pairs_by_rank) or group_size < 1:
+        return None
+    ratios = []
+    for g in range(0, len(pairs_by_rank), group_size):
+        group = pairs_by_rank[g:g + group_size]
+        for steps in zip(*group):  # lockstep: step k on every rank of the group
+            for layer in zip(*steps):
+                mean = sum(layer) / len(layer)
+                if mean > 0:
+                    ratios.append(max(layer) / mean)
+    return float(np.mean(ratios)) if ratios else None
+
+
+def summarize(ranks: list[dict], world: int, group_size: int | None = None) -> StrategyResult:
     """Per-strategy metrics from the ranks' reports.
 
     tps_per_gpu: input tokens / makespan (until the last rank finishes) / GPUs: offline
@@ -49,6 +66,7 @@ def summarize(ranks: list[dict], world: int) -> StrategyResult:
         if "collective_s" in rt:
             row.collective_s, row.step_collective_s = sum(rt["collective_s"]), rt["collective_s"]
             row.a2a_sent_bytes = rt["a2a_sent_bytes"]
+            row.expert_pairs = rt.get("expert_pairs")
         if "exposed_wait_s" in rt:
             row.exposed_wait_s, row.step_exposed_wait_s = sum(rt["exposed_wait_s"]), rt["exposed_wait_s"]
             row.pulled_bytes = rt["pulled_bytes"]
@@ -73,6 +91,7 @@ def summarize(ranks: list[dict], world: int) -> StrategyResult:
         diagnostic=ranks[0].get("diagnostic"))
     if any(r.collective_s is not None for r in per_rank):
         out.collective_share = sum(r.collective_s or 0.0 for r in per_rank) / sum(busy)
+    out.expert_load_max_over_mean = expert_load_imbalance([r.expert_pairs for r in per_rank], group_size or world)
     if any(r.exposed_wait_s is not None for r in per_rank):
         out.exposed_wait_share = sum(r.exposed_wait_s or 0.0 for r in per_rank) / sum(busy)
         out.pull_gbps = float(np.nanmean([r.pull_gbps for r in per_rank]))
@@ -103,7 +122,7 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
         ranks = spawn_local(bench_worker, spec.world_size, (spec, strategy, configs), timeout_s=timeout_s)
         for i, run in enumerate(runs):
             per_rank = [rk[i] for rk in ranks]
-            run.results[strategy] = summarize(per_rank, spec.world_size)
+            run.results[strategy] = summarize(per_rank, spec.world_size, spec.n)
             run.raw[strategy] = per_rank
             if strategy == DWDP and spec.local_experts == "auto" and "local_experts" in per_rank[0]:
                 # What "auto" chose on these GPUs, so the file can be re-predicted (dwdp plan --validate).

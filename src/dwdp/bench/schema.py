@@ -70,6 +70,7 @@ class RankSummary:
     step_collective_s: list[float] | None = None
     a2a_sent_bytes: int | None = None
     a2a_ceiling_gbps: float | None = None  # NCCL all-to-all measured in the same run (--ceilings)
+    expert_pairs: list[list[int]] | None = None  # per step, per MoE layer: (token, expert) pairs computed here
     # dwdp
     exposed_wait_s: float | None = None  # prefetch wait the compute could not hide
     step_exposed_wait_s: list[float] | None = None
@@ -102,6 +103,9 @@ class StrategyResult:
     collective_share: float | None = None
     exposed_wait_share: float | None = None
     pull_gbps: float | None = None
+    # dep: mean over lockstep layers of (most pairs on one rank) / (mean pairs per rank): how
+    # much longer the busiest rank's experts take than a balanced share.
+    expert_load_max_over_mean: float | None = None
     diagnostic: str | None = None  # a diagnostic run (e.g. skip-pulls): not a real result
 
     @classmethod

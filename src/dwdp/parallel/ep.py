@@ -92,6 +92,10 @@ class DEPStepStats:
     transfer_s: float = 0.0  # dispatch + combine after the fence: moving bytes
     wait_s: float = 0.0  # fences / counts exchange: waiting for the slowest peer
     host_syncs: int = 0  # host synchronisations DEP issued in the step
+    # (token, expert) pairs this rank computed, per MoE layer: set beside the other ranks'
+    # lists (lockstep: the same layers in the same order) they give the expert-load imbalance
+    # the layer waited for.
+    expert_pairs: list[int] = field(default_factory=list)
 
     @property
     def send_gbps(self) -> float:
@@ -356,6 +360,7 @@ class DEPExperts(nn.Module):
         local = views["ids"].long() - self.start
         ok = (local >= 0) & (local < E)
         P = sum(mb.counts_host)
+        rt.add_pairs(P)
         order = torch.argsort(torch.where(ok, local, E).reshape(-1), stable=True)[:P]  # pairs held here, by expert
         pos = torch.full((R * K,), -1, dtype=torch.long, device=x.device)
         pos[order] = torch.arange(P, device=x.device)
@@ -471,6 +476,7 @@ class DEPRuntime:
         self.symm: _SymmBuffers | None = None
         self.sent_bytes = self.received_bytes = self.host_syncs = 0
         self.layer = -1
+        self._pairs: list[int] = []  # (token, expert) pairs computed per MoE layer of the step
         self._spans: list[tuple] = []  # (kind, exposed, layer, start, end)
         self._step0 = None
         self.step_stats: list[DEPStepStats] = []
@@ -546,13 +552,19 @@ class DEPRuntime:
         with self.timed("wait"):
             dist.all_reduce(self._flag, group=self.process_group)
 
+    def add_pairs(self, pairs: int) -> None:
+        """Pairs computed in the current MoE layer (micro-batches add up)."""
+        while len(self._pairs) <= self.layer:
+            self._pairs.append(0)
+        self._pairs[self.layer] += pairs
+
     def count_bytes(self, sent_splits: list[int], recv_splits: list[int], row_bytes: int) -> None:
         self.sent_bytes += (sum(sent_splits) - sent_splits[self.rank]) * row_bytes
         self.received_bytes += (sum(recv_splits) - recv_splits[self.rank]) * row_bytes
 
     def _begin_step(self, module, args):
         self.sent_bytes = self.received_bytes = self.host_syncs = 0
-        self._spans, self.layer = [], -1
+        self._spans, self.layer, self._pairs = [], -1, []
         if self.cuda:
             self._step0 = torch.cuda.Event(enable_timing=True)
             self._step0.record()
@@ -581,7 +593,8 @@ class DEPRuntime:
             elif kind == "wait":
                 wait += d
         self.step_stats.append(DEPStepStats(exposed, self.sent_bytes, self.received_bytes, layers, step,
-                                            max(0.0, step - exposed), transfer, wait, self.host_syncs))
+                                            max(0.0, step - exposed), transfer, wait, self.host_syncs,
+                                            self._pairs + [0] * (self.layer + 1 - len(self._pairs))))
 
     def memory_bytes(self) -> dict[str, int]:
         expert_params = {id(p) for b in self.model.moe_blocks() for p in b.experts.parameters()}

@@ -130,7 +130,8 @@ class ExpertParallel(Strategy):
         st = runtime.step_stats
         return {"collective_s": [s.collective_s for s in st], "a2a_sent_bytes": sum(s.sent_bytes for s in st),
                 "compute_s": [s.compute_s for s in st], "transfer_s": [s.transfer_s for s in st],
-                "peer_wait_s": [s.wait_s for s in st], "host_syncs": sum(s.host_syncs for s in st)}
+                "peer_wait_s": [s.wait_s for s in st], "host_syncs": sum(s.host_syncs for s in st),
+                "expert_pairs": [s.expert_pairs for s in st]}
 
 
 class DistributedWeights(Strategy):

@@ -201,6 +201,10 @@ def _components(pr: Prediction, res, strat: str, n: int) -> dict:
         transfer = wait = 0.0
     pred = {"compute_s": busy - wait - (transfer if strat == DEP else 0.0), "transfer_s": transfer, "wait_s": wait}
     out = {f"predicted_{k}": v for k, v in pred.items()}
+    if strat == DEP:  # the busiest EP rank's expert pairs over the mean, per lockstep layer
+        out["predicted_expert_load_max_over_mean"] = pr.extra["expert_load_max_over_mean"]
+        if res.expert_load_max_over_mean is not None:
+            out["measured_expert_load_max_over_mean"] = res.expert_load_max_over_mean
     for k, attr in (("compute_s", "compute_s"), ("transfer_s", "transfer_s"), ("wait_s", "peer_wait_s")):
         vals = [getattr(r, attr) for r in res.ranks]
         if all(v is not None for v in vals) and vals:
