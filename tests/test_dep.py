@@ -145,3 +145,33 @@ def test_a2a_ceiling_buffer_chunks_are_4k_aligned():
             assert numel % ranks == 0 and chunk_bytes % 4096 == 0
             assert numel * 2 <= max(nbytes, 4096 * ranks)
             assert nbytes - numel * 2 < 4096 * ranks  # rounds down by less than a chunk per peer
+
+
+def test_dep_plan_counts_its_all_to_all_buffers():
+    """The fit check prices what DEP allocates beyond a dense step's activations: per MoE
+    layer the dispatch rows (min(N, k) destinations per token), the rows received and the
+    partial / combined rows, all growing with the step budget; a group of one sends nothing."""
+    from dwdp.info import rank_memory
+    from dwdp.parallel.ep import dep_buffer_bytes, wire_row_bytes
+    from dwdp.parallel.rank import RankSpec
+    from dwdp.parallel.strategies import get_strategy
+    from dwdp.planner.model import expected_dest_ranks
+    from dwdp.presets import resolve_model
+
+    cfg, _ = resolve_model("qwen3-235b-a22b", 2)
+    dep = get_strategy("dep")
+    sizes = {}
+    for mnt in (8192, 16384):
+        plan = dep.plan(cfg, RankSpec(model="qwen3-235b-a22b", strategy="dep", max_num_tokens=mnt, device="cuda",
+                                      expert_dtype="fp8"), torch.bfloat16, 4, 0)
+        sizes[mnt] = plan.weight_bytes - rank_memory(cfg, torch.bfloat16, "fp8", cfg.num_experts // 4).total
+    # FP8 experts on a GPU: FP8 rows on the wire (4096 + 128 scale bytes + ids and weights per row).
+    width = wire_row_bytes(cfg.hidden_size, cfg.top_k, True)
+    assert width < 2 * cfg.hidden_size
+    dest = expected_dest_ranks(cfg, 4)
+    want = 16384 * (4 * width + dest * width + 2 * dest * cfg.hidden_size * 2)
+    assert sizes[16384] == pytest.approx(want, rel=1e-6) and sizes[16384] == pytest.approx(2 * sizes[8192], rel=1e-6)
+    assert 1.3 * 2**30 < sizes[16384] < 1.5 * 2**30  # the 1.4 GiB missing from the 4x H200 estimate
+    one = dep.plan(cfg, RankSpec(model="qwen3-235b-a22b", strategy="dep", max_num_tokens=16384), torch.bfloat16, 1, 0)
+    assert one.weight_bytes == rank_memory(cfg, torch.bfloat16, "same", cfg.num_experts).total
+    assert dep_buffer_bytes(cfg, 1, 16384, False) == 0

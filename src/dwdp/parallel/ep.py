@@ -197,6 +197,22 @@ def wire_row_bytes(hidden: int, top_k: int, fp8: bool, act_dtype: torch.dtype = 
     return _Wire(hidden, top_k, act_dtype, fp8).width
 
 
+def dep_buffer_bytes(cfg, n: int, max_tokens: int, fp8: bool, act_bytes: int = 2) -> int:
+    """DEP's all-to-all buffers in one MoE layer of a ``max_tokens``-token step (NCCL
+    transport): the dispatch rows (allocated for min(n, k) destinations per token), the rows
+    received (the expected destinations per token, every rank sending alike), the partial
+    results sent back and the combined rows returned. Beyond a dense step's activations: the
+    fit check counts them (4x H200, full-depth qwen3-235b at 16K tokens: 1.4 GiB)."""
+    if n <= 1:
+        return 0
+    from ..planner.model import expected_dest_ranks
+
+    T, H, K = max_tokens, cfg.hidden_size, max(cfg.top_k, 1)
+    width = wire_row_bytes(H, K, fp8)
+    rows_in = T * expected_dest_ranks(cfg, n)
+    return int(T * min(n, K) * width + rows_in * width + 2 * rows_in * H * act_bytes)
+
+
 class _MicroBatch:
     """One dispatch/compute/combine unit (the whole layer, or half of it with overlap)."""
 

@@ -50,7 +50,7 @@ class RankPlan:
 
     label: str  # e.g. "dwdp (E=128 N=4 L=32 P=32)", used in errors and tables
     expert_shard: tuple[int, int] | None  # (first expert, count) per MoE layer; None: all
-    weight_bytes: int  # parameters + DWDP slots, for the memory fit check
+    weight_bytes: int  # parameters + DWDP slots + DEP all-to-all buffers: the fit check adds activations
     placement: Placement | None = None
 
 
@@ -115,9 +115,16 @@ class ExpertParallel(Strategy):
         from ..info import rank_memory
         from .ep import ep_ranges
 
+        from ..models.build import resolve_expert_dtype
+        from ..quant import FP8
+        from .ep import dep_buffer_bytes, fp8_wire
+
         mine = ep_ranges(cfg.num_experts, group_size)[group_rank]
+        fp8_experts = resolve_expert_dtype(cfg, spec.expert_dtype, dtype) == FP8 and spec.device.startswith("cuda")
+        wire = fp8_wire(spec.dep_wire, fp8_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        buffers = dep_buffer_bytes(cfg, group_size, spec.max_num_tokens, wire, torch.empty(0, dtype=dtype).element_size())
         return RankPlan(f"dep (EP{group_size})", (mine.start, len(mine)),
-                        rank_memory(cfg, dtype, spec.expert_dtype, len(mine)).total)
+                        rank_memory(cfg, dtype, spec.expert_dtype, len(mine)).total + buffers)
 
     def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         from .ep import apply_dep

@@ -59,8 +59,12 @@ def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, e
     if strategy == DP:
         return pb.non_expert * 2 + pb.routed_experts * eb + act
     if strategy == DEP:
+        from ..parallel.ep import dep_buffer_bytes, fp8_wire
+
         share = -(-cfg.num_experts // n)
-        return pb.non_expert * 2 + share * pb.num_moe_layers * pb.expert_numel * eb + act
+        wire = fp8_wire("auto", expert_dtype != "bf16", cfg.hidden_size, cfg.moe_intermediate_size)
+        return (pb.non_expert * 2 + share * pb.num_moe_layers * pb.expert_numel * eb + act
+                + dep_buffer_bytes(cfg, n, mnt, wire))
     pl = Placement.create(cfg.num_experts, n, local)
     return dwdp_rank_memory(cfg, pl, 2, eb).total + act
 
