@@ -119,7 +119,7 @@ def _a2a_ceilings(spec: BenchSpec, ctx, mnts: list[int], warmed: dict) -> None:
     ``benchmarks/a2a_sizes.py``'s curve from the same machine."""
     from ..ceilings import all_to_all_gbps
     from ..parallel.ep import fp8_wire, wire_row_bytes
-    from ..planner.model import expected_dest_ranks
+    from ..parallel.ep import expected_dest_ranks
     from ..presets import resolve_model
 
     cfg, _ = resolve_model(spec.model, spec.num_layers)

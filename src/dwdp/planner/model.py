@@ -32,6 +32,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..engine import take_chunks
 from ..flops import attention_proj_params
+from ..parallel.ep import expected_dest_ranks
 from ..parallel.placement import Placement
 from ..parallel.strategies import DEP, DP, DWDP
 from ..quant import bytes_per_expert_weight
@@ -302,33 +303,6 @@ def draw_ep_loads(rng: np.random.Generator, pairs: int, per_expert: np.ndarray, 
     counts = rng.multinomial(pairs, per_expert)
     bounds = [r * len(per_expert) // n for r in range(n + 1)]
     return np.array([counts[bounds[r]:bounds[r + 1]].sum() for r in range(n)], dtype=float)
-
-
-@functools.lru_cache(maxsize=64)
-def _dest_ranks(num_experts: int, top_k: int, n: int, n_group: int, topk_group: int) -> float:
-    """Expected number of EP ranks (contiguous expert ranges) a token's top-k experts land on.
-
-    Plain top-k: k distinct experts drawn uniformly. Group-limited top-k (DeepSeek-V3: the
-    ``topk_group`` of ``n_group`` groups with the best top-2 scores first, then the top k
-    inside them): the k experts spread over every chosen group (each was chosen for its best
-    experts), so a rank is hit when it holds a chosen group — fewer ranks than independent
-    draws (3.12 of 4 measured with the engine's router against 3.63; tests/test_planner.py)."""
-    k = top_k
-    if n <= 1:
-        return 1.0
-    if 1 < n_group and topk_group < n_group and k >= topk_group:
-        if n <= n_group and n_group % n == 0:
-            per = n_group // n  # groups per rank
-            return n * (1 - math.comb(n_group - per, topk_group) / math.comb(n_group, topk_group))
-        if n % n_group == 0:  # each chosen group split over s ranks, ~k / topk_group experts in it
-            s_ = n // n_group
-            return topk_group * s_ * (1 - (1 - 1 / s_) ** (k / topk_group))
-    return n * (1 - math.comb(num_experts - num_experts // n, k) / math.comb(num_experts, k))
-
-
-def expected_dest_ranks(cfg: ModelConfig, n: int) -> float:
-    return _dest_ranks(cfg.num_experts, max(cfg.top_k, 1), n, getattr(cfg, "n_group", 1) or 1,
-                       getattr(cfg, "topk_group", 1) or 1)
 
 
 def router_logit_std(cfg: ModelConfig) -> float:
