@@ -220,7 +220,7 @@ class ServingWorker(threading.Thread):
         try:
             self._set_threads()
             dev = getattr(self.decode, "device", None)
-            if isinstance(dev, torch.device) and dev.type == "cuda":
+            if isinstance(dev, torch.device) and dev.type == "cuda" and dev.index is not None:
                 # The current GPU is per thread and starts at cuda:0: Triton launches and graph
                 # captures go to the current one, so decode on cuda:1+ would launch on the wrong GPU.
                 torch.cuda.set_device(dev)
