@@ -146,8 +146,8 @@ def worker(a) -> dict:
                 ("dwdp", RankSpec(strategy="dwdp", **base), None),
                 ("dwdp_jit", RankSpec(strategy="dwdp", pull_pacing="jit", **base), None),
                 ("dwdp_no_pulls", RankSpec(strategy="dwdp", **base), SkipPullsHooks()),
-                # The split MoE as it was: the host blocks on the segment boundaries before
-                # queuing the permute (the A/B of reading them back behind it).
+                # bf16 only: the split MoE as it was, the host blocking on the segment boundaries
+                # before queuing the permute (the FP8 path no longer reads them: same as dwdp).
                 ("dwdp_sync_bounds", RankSpec(strategy="dwdp", **base), None)]
     with torch.no_grad():
         for name, spec, hooks in variants:

@@ -14,7 +14,7 @@ from dwdp.engine import PrefillEngine, Request
 from dwdp.models import build_model, init_random
 from dwdp.parallel.placement import Placement
 from dwdp.planner.hardware import PROFILES, HardwareProfile, resolve_profile
-from dwdp.planner.model import CostModel, ep_rank_shares, expected_contention, pack_steps, predict
+from dwdp.planner.model import CostModel, ep_rank_shares, expected_contention, layer_work, pack_steps, predict
 from dwdp.planner.plan import PlanInput, crossover, recommend
 from dwdp.presets import resolve_model
 from dwdp.workload import WorkloadSpec
@@ -98,7 +98,15 @@ def test_pulls_beside_compute_move_at_the_calibrated_rate():
     # A per-kind rate is averaged over the time each kind runs (seconds per byte).
     mixed = _cm(interference=0.0, source="measured", pull_all_gbps=300.0,
                 pull_under_gbps={"gemm": 100.0, "experts": 300.0, "hbm": 300.0, "attention": 300.0})
-    assert alone < mixed.step_pull_seconds(seqs, pre, pl)[0] < 3 * alone
+    # Bytes move at each kind's rate while it runs: the effective rate is the time-weighted mean.
+    w = layer_work(mixed.cfg, mixed.cfg.moe_layers[0], seqs, pre)
+    kinds = dict(mixed.dense_kinds(w))
+    for k, v in mixed.experts_kinds(w.tokens * mixed.cfg.top_k, mixed.cfg.num_experts).items():
+        kinds[k] = kinds.get(k, 0.0) + v
+    timed = {k: t for k, t in kinds.items() if k in ("gemm", "experts", "hbm", "attn")}
+    rate = sum(t * (100.0 if k == "gemm" else 300.0) for k, t in timed.items()) / sum(timed.values())
+    assert mixed.step_pull_seconds(seqs, pre, pl)[0] == pytest.approx(alone * 300.0 / rate)
+    assert timed["gemm"] > 0 and rate < 300.0
     # Compute-bound (long step): the step time barely moves, the predicted pull time doubles.
     long = [[8192] * 8]
     p0, p1 = predict(plain, long, 32768, "dwdp", 4), predict(beside, long, 32768, "dwdp", 4)

@@ -65,6 +65,11 @@ def quantize_rows(x: torch.Tensor, swiglu: bool = False, row_range: torch.Tensor
         raise ValueError(f"FP8 activations need contiguous rows with a multiple of {BLOCK} columns (got {C})")
     q = torch.empty((M, C), dtype=FP8, device=x.device)
     s = torch.empty((M, C // BLOCK), dtype=torch.float32, device=x.device)
+    if row_range is not None:
+        if row_range.numel() != 2 or row_range.device != x.device or row_range.is_floating_point():
+            raise ValueError(f"row_range must be two integer row indices on {x.device}, got {tuple(row_range.shape)} "
+                             f"{row_range.dtype} on {row_range.device}")
+        row_range = row_range.contiguous()  # the kernel reads [0] and [1]
     if M:
         grid = (triton.cdiv(M, 16), C // BLOCK)
         rng = row_range if row_range is not None else s  # unread when not RANGED

@@ -143,12 +143,12 @@ def routed_experts_forward(
         r0, r1 = (0, T * K) if ends is None else ((ends[e0 - 1] if e0 else 0), ends[e1 - 1])
         if on_segment_start is not None:
             on_segment_start(seg)
-        if r1 == r0:
+        if r1 == r0 or seg.count == 0:
             continue
         if fp8:
             from ..kernels.fp8_grouped import grouped_swiglu_fp8
 
-            # bounds[e0], bounds[e1]: the segment's rows, as a device tensor (a view).
+            # bounds[e0], bounds[e1]: the segment's rows, as a contiguous device tensor.
             rows = None if bounds is None else bounds[e0:e1 + 1:e1 - e0].contiguous()
             grouped_swiglu_fp8(xq, xsc, seg.w13, seg.w13_scale, seg.w2, seg.w2_scale, counts[e0:e1], x.dtype,
                                out=y_sorted, row_range=rows, rows_per_group=T * K / num_experts)
@@ -176,7 +176,7 @@ def _read_back(t: torch.Tensor):
     host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     host.copy_(t, non_blocking=True)
     landed = torch.cuda.Event()
-    landed.record()
+    landed.record(torch.cuda.current_stream(t.device))  # the copy's stream, whatever the current device
 
     def wait() -> list:
         landed.synchronize()

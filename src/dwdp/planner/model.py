@@ -180,8 +180,8 @@ class CostModel:
             names = {"gemm": "gemm", "experts": "experts", "hbm": "hbm", "attn": "attention"}
             timed = {k: t for k, t in beside.items() if k in names and t > 0}
             total = sum(timed.values())
-            if total > 0:  # seconds per byte, averaged over the time each kind runs
-                rate = total / sum(t / under.get(names[k], rate) for k, t in timed.items())
+            if total > 0:  # bytes moved beside each kind over the time it runs: the time-weighted mean rate
+                rate = sum(t * under.get(names[k], rate) for k, t in timed.items()) / total
         return placement.remote * self.expert_bytes / (rate * 1e9)
 
     def step_pull_seconds(self, seq_lens, prefix_lens, placement: Placement, sliced: bool = False
@@ -245,11 +245,13 @@ class CostModel:
                 if ready > t:
                     # The rest of the pull runs alone (faster where calibrate measured both),
                     # and the next pull, queued behind it, starts that much sooner.
-                    early = (ready - t) * (1.0 - alone / pull)
+                    early = max(0.0, (ready - t) * (1.0 - alone / pull))
                     pull_end[m] = ready = ready - early
                     if m + 1 in pull_end:
                         pull_end[m + 1] -= early
                         copy_free = pull_end[m + 1]
+                    else:
+                        copy_free = ready
                     waited += ready - t
                     t = ready
             # The next layer's pull may still be running: remote experts are slowed too.

@@ -186,6 +186,9 @@ class PrefillPool(RankProcesses):
                 kind, rank, val = self.outq.get_nowait()
             except queue.Empty:
                 break
+            except Exception as e:  # noqa: BLE001 - e.g. a CUDA IPC handle of a rank that died
+                failed = f"a prefill result could not be received ({type(e).__name__}: {e})"
+                break
             if kind == "error":
                 failed = f"prefill rank {rank} failed: {val}"
                 break
