@@ -148,8 +148,8 @@ def routed_experts_forward(
         if fp8:
             from ..kernels.fp8_grouped import grouped_swiglu_fp8
 
-            # bounds[e0], bounds[e1]: the segment's rows, as a contiguous device tensor.
-            rows = None if bounds is None else bounds[e0:e1 + 1:e1 - e0].contiguous()
+            # bounds[e0], bounds[e1] as a view (a list index would copy it from the host: a sync).
+            rows = None if bounds is None else bounds[e0:e1 + 1:e1 - e0]
             grouped_swiglu_fp8(xq, xsc, seg.w13, seg.w13_scale, seg.w2, seg.w2_scale, counts[e0:e1], x.dtype,
                                out=y_sorted, row_range=rows, rows_per_group=T * K / num_experts)
         else:

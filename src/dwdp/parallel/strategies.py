@@ -113,11 +113,9 @@ class ExpertParallel(Strategy):
 
     def plan(self, cfg, spec, dtype, group_size, group_rank):
         from ..info import rank_memory
-        from .ep import ep_ranges
-
         from ..models.build import resolve_expert_dtype
         from ..quant import FP8
-        from .ep import dep_buffer_bytes, fp8_wire
+        from .ep import dep_buffer_bytes, ep_ranges, fp8_wire
 
         mine = ep_ranges(cfg.num_experts, group_size)[group_rank]
         fp8_experts = resolve_expert_dtype(cfg, spec.expert_dtype, dtype) == FP8 and spec.device.startswith("cuda")
