@@ -163,6 +163,47 @@ def test_moe_layer_fp8_split_with_an_unrouted_segment():
     assert torch.equal(split, whole)
 
 
+def test_grouped_swiglu_fp8_on_a_device_row_range_equals_the_sliced_call():
+    """Segment rows that start at a non-zero device offset (``row_range``, the tile map's
+    ``row_base``) give bit-for-bit what the same call on the sliced rows gives, and the
+    rows outside the range stay as they were."""
+    from dwdp.kernels.fp8_grouped import grouped_swiglu_fp8, quantize_rows
+
+    torch.manual_seed(5)
+    G, H, I = 4, 256, 128
+    counts = torch.tensor([40, 0, 200, 7], device="cuda")
+    r0, n = 113, int(counts.sum())
+    x = torch.randn(600, H, device="cuda", dtype=torch.bfloat16)
+    q13, s13 = quantize_fp8_blockwise(torch.randn(G, 2 * I, H, device="cuda") * 0.05)
+    q2, s2 = quantize_fp8_blockwise(torch.randn(G, H, I, device="cuda") * 0.05)
+    xq, xs = quantize_rows(x)
+    hint = n / G  # one tile shape for both calls
+    ref = grouped_swiglu_fp8(xq[r0:r0 + n], xs[r0:r0 + n], q13, s13, q2, s2, counts, rows_per_group=hint)
+    out = torch.full((600, H), 7.0, device="cuda", dtype=torch.bfloat16)
+    grouped_swiglu_fp8(xq, xs, q13, s13, q2, s2, counts, out=out,
+                       row_range=torch.tensor([r0, r0 + n], device="cuda"), rows_per_group=hint)
+    assert torch.equal(out[r0:r0 + n], ref)
+    assert (out[:r0] == 7).all() and (out[r0 + n:] == 7).all()
+
+
+@pytest.mark.parametrize("bounds", [(4, 8, 0, 4, 8, 16), (0, 4, 8, 16, 4, 8)])
+def test_moe_layer_fp8_three_segments_equal_one(bounds):
+    """Three segments in any order, every one routed to (so two of them start at a
+    non-zero row of the sorted buffer): bit-for-bit the same as one segment."""
+    from dwdp.models.moe import ExpertSegment, routed_experts_forward
+
+    torch.manual_seed(6)
+    E, H, I, K, T = 16, 256, 128, 4, 500
+    q13, s13 = quantize_fp8_blockwise(torch.randn(E, 2 * I, H, device="cuda") * 0.05)
+    q2, s2 = quantize_fp8_blockwise(torch.randn(E, H, I, device="cuda") * 0.05)
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)])
+    wts = torch.rand(T, K, device="cuda")
+    whole = routed_experts_forward(x, ids, wts, [ExpertSegment(0, q13, q2, s13, s2)], E)
+    segs = [ExpertSegment(a, q13[a:b], q2[a:b], s13[a:b], s2[a:b]) for a, b in zip(bounds[::2], bounds[1::2])]
+    assert torch.equal(routed_experts_forward(x, ids, wts, segs, E), whole)
+
+
 @pytest.mark.parametrize("streams", [1, 3])
 def test_copy_engine_streams_wait_for_compute_and_join(streams):
     """Every copy stream waits for the submission's signal, ``done`` covers them all, and
