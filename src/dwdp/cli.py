@@ -360,7 +360,7 @@ def cmd_report(args) -> int:
 
 
 def _plan_input(args):
-    from .planner.hardware import resolve_profile
+    from .planner.hardware import resolve_profile, with_kernels
     from .planner.plan import PlanInput
     from .presets import resolve_model
     from .workload import WorkloadSpec
@@ -368,14 +368,14 @@ def _plan_input(args):
     cfg, _ = resolve_model(args.model, args.num_layers)
     if not cfg.name:  # a bare config.json: name it after its path (ModelConfig is frozen)
         cfg = dataclasses.replace(cfg, name=args.model)
-    hw = resolve_profile(args.hardware)
+    hw = with_kernels(resolve_profile(args.hardware), args.kernels)
     if args.interference is not None:
         hw = dataclasses.replace(hw, interference=args.interference)
     wl = WorkloadSpec(num_requests=args.requests_per_rank, isl=args.isl, dist=args.dist, ratio=args.ratio,
                       cv=args.cv, assign=args.assign, seed=args.seed, rate=args.rate)
     wl.validate(cfg.max_position_embeddings)
     return PlanInput(cfg, hw, args.expert_dtype, args.group_size, args.local_experts, wl, args.max_num_tokens,
-                     args.skew, args.sliced, args.balance_tail)
+                     args.skew, args.sliced, args.balance_tail, args.dense_dtype)
 
 
 def cmd_plan(args) -> int:
@@ -516,10 +516,9 @@ def cmd_plan(args) -> int:
     console.print("batch 1 (one prompt per step, MNT = ISL): " + ", ".join(
         f"{isl // 1024}K {r:.2f}" for isl, _, _, r in rows1) + (f" -> dwdp wins from ISL {first1}" if first1 else ""))
     if args.frontier:
-        from .planner.model import CostModel
         from .planner.serving import frontier
 
-        cm = CostModel(p.cfg, hw.for_model(p.cfg.name or ""), p.expert_dtype)
+        cm = p.cost_model()
         targets = [float(u) for u in args.frontier.split(",")]
         t = Table(title=f"disaggregated serving, ISL {p.workload.isl} / OSL {args.osl}, generation: {args.gen_gpus} "
                         f"GPU(s) per decode group (attention DP + EP), context: dwdp vs dep")
@@ -724,6 +723,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--hardware", default="h200",
                       help="h100-sxm, h200, b200, gb200-nvl72 (datasheet) or a `dwdp calibrate` JSON (default h200)")
     plan.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8", "fp4"])
+    plan.add_argument("--kernels", default="dwdp", choices=["dwdp", "vendor"],
+                      help="with a datasheet profile: this engine's kernel rates (default) or vendor libraries' "
+                           "(cuBLAS, CUTLASS, cuDNN attention; both measured on H200)")
+    plan.add_argument("--dense-dtype", default="bf16", choices=["bf16", "fp8"],
+                      help="dense projections' precision (fp8: a vendor engine on an FP8 checkpoint)")
     plan.add_argument("--group-size", "-N", type=int, default=4, help="DWDP / EP group size (default 4)")
     plan.add_argument("--local-experts", "-L", type=int, default=None)
     plan.add_argument("--isl", type=int, default=8192)

@@ -1,8 +1,12 @@
 """Causal attention over a packed batch of variable-length sequences.
 
 Each sequence attends to its own cached prefix (chunked prefill) plus its new tokens,
-causally aligned bottom-right. On CUDA we use PyTorch's variable-length FlashAttention
-kernel (``torch.nn.attention.varlen``) when it accepts the shapes; everywhere else a
+causally aligned bottom-right. On CUDA a sequence without a cached prefix and at least
+``CUDNN_MIN_TOKENS`` long goes to cuDNN's fused attention (through SDPA): 0.56-0.60 of the
+H200 bf16 peak where the variable-length FlashAttention-2 kernel reaches 0.22-0.35
+(benchmarks/vendor_kernels.py). The other sequences (short ones, chunks with a prefix:
+causal bottom-right, which SDPA's cuDNN path does not take) run in PyTorch's varlen kernel
+(``torch.nn.attention.varlen``), one call per run of consecutive ones; everywhere else a
 per-sequence SDPA call, which is also the reference path.
 """
 
@@ -34,10 +38,15 @@ def _causal_kwargs() -> dict:
 
 _BACKEND = {"cuda": "auto"}
 _NATIVE_GQA = {"ok": True}
+# Below this many tokens a sequence's attention is short next to a launch and the varlen
+# kernel's one call for a run of sequences is cheaper than one cuDNN call each.
+CUDNN_MIN_TOKENS = 1024
+_CUDNN = {"ok": True, "gqa": True}
 
 
 def set_cuda_attention_backend(name: str) -> None:
-    """'auto' (varlen kernel where it applies) or 'sdpa' (per-sequence SDPA)."""
+    """'auto' (cuDNN for long sequences without a prefix, the varlen kernel for the rest),
+    'varlen' (the varlen kernel for every sequence) or 'sdpa' (per-sequence SDPA)."""
     if name not in ("auto", "sdpa", "varlen"):
         raise ValueError(f"attention backend {name!r}: choose auto, sdpa or varlen")
     _BACKEND["cuda"] = name
@@ -58,11 +67,80 @@ def packed_causal_attention(
     Sequence i's queries are rows cu_q[i]:cu_q[i+1] and its keys cu_k[i]:cu_k[i+1];
     a sequence's keys are its prefix followed by its new tokens (so Tk_i >= Tq_i).
     """
+    if q.is_cuda and _BACKEND["cuda"] == "auto" and _CUDNN["ok"] and q.dtype in (torch.float16, torch.bfloat16):
+        out = _cudnn_and_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev)
+        if out is not None:
+            return out
     if q.is_cuda and _BACKEND["cuda"] != "sdpa" and _varlen_attn() is not None:
         out = _try_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev)
         if out is not None:
             return out
     return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale)
+
+
+def _cudnn_causal(q, k, v, scale):
+    """One sequence without a prefix, q [S, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] ->
+    [S, Hq, Dv] through cuDNN; None where cuDNN refuses it (then not tried again)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hq, hkv = q.shape[1], k.shape[1]
+    qi, ki, vi = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    gqa = {}
+    if hkv != hq:
+        if _CUDNN["gqa"]:
+            gqa = {"enable_gqa": True}
+        else:
+            ki, vi = ki.repeat_interleave(hq // hkv, dim=1), vi.repeat_interleave(hq // hkv, dim=1)
+    try:
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            try:  # the packed layout as a strided view; a copy if cuDNN wants its own layout
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, **gqa)
+            except RuntimeError:
+                qi, ki, vi = qi.contiguous(), ki.contiguous(), vi.contiguous()
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, **gqa)
+    except (RuntimeError, TypeError) as e:
+        if gqa:  # cuDNN without native GQA here: repeat K/V from now on
+            _CUDNN["gqa"] = False
+            return _cudnn_causal(q, k, v, scale)
+        _CUDNN["ok"] = False
+        _warn_once(f"cuDNN attention unavailable, using the varlen kernel: {e}")
+        return None
+    _CUDNN["calls"] = _CUDNN.get("calls", 0) + 1  # read by the GPU tests: the path was taken
+    return o[0].transpose(0, 1)
+
+
+def _cudnn_and_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
+    """Long sequences without a prefix through cuDNN, each run of the other sequences through
+    one varlen call (its cumulative lengths sliced from the batch's device copy: no host
+    transfer). None when no sequence qualifies (the caller runs the whole batch as one)."""
+    n = len(cu_q) - 1
+    fresh = [cu_q[i + 1] - cu_q[i] == cu_k[i + 1] - cu_k[i] >= CUDNN_MIN_TOKENS for i in range(n)]
+    if not any(fresh):
+        return None
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    i = 0
+    while i < n:
+        if fresh[i]:
+            q0, q1, k0, k1 = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+            o = _cudnn_causal(q[q0:q1], k[k0:k1], v[k0:k1], scale)
+            if o is None:
+                return None
+            out[q0:q1] = o
+            i += 1
+            continue
+        j = i
+        while j < n and not fresh[j]:
+            j += 1
+        q0, q1, k0, k1 = cu_q[i], cu_q[j], cu_k[i], cu_k[j]
+        sub_q = [c - q0 for c in cu_q[i:j + 1]]
+        sub_k = [c - k0 for c in cu_k[i:j + 1]]
+        dq = None if cu_q_dev is None else cu_q_dev[i:j + 1] - cu_q_dev[i]
+        dk = None if cu_k_dev is None else cu_k_dev[i:j + 1] - cu_k_dev[i]
+        o = _try_varlen(q[q0:q1], k[k0:k1], v[k0:k1], sub_q, sub_k, scale, dq, dk) \
+            if _BACKEND["cuda"] != "sdpa" and _varlen_attn() is not None else None
+        out[q0:q1] = o if o is not None else _sdpa_per_sequence(q[q0:q1], k[k0:k1], v[k0:k1], sub_q, sub_k, scale)
+        i = j
+    return out
 
 
 def _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale):
@@ -129,7 +207,8 @@ def _try_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
 def _warn_once(msg: str) -> None:
     import warnings
 
-    warnings.warn(f"varlen attention unavailable, using per-sequence SDPA: {msg[:200]}", stacklevel=3)
+    warnings.warn(msg[:300] if msg.startswith("cuDNN") else f"varlen attention unavailable, using per-sequence SDPA: "
+                  f"{msg[:200]}", stacklevel=3)
 
 
 def decode_kernel_applies(t: torch.Tensor, dk: int, dv: int, v_is_k: bool) -> bool:

@@ -8,6 +8,7 @@ a real machine measures every field it can instead.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ class HardwareProfile:
     attn_eff: float = 0.45
     hbm_eff: float = 1.0  # achievable fraction of hbm_gbps (1.0 when hbm_gbps is a measured copy rate)
     fp8_gemm_eff: float | None = None  # FP8 expert GEMMs' fraction of fp8_tflops (None: gemm_eff)
+    fp8_dense_eff: float | None = None  # FP8 dense projections' fraction of fp8_tflops (None: fp8_gemm_eff)
     # Relative standard deviation of one layer's compute time across ranks doing identical
     # work (clock, launch and memory-system noise): what lockstep ranks wait for at every
     # layer even when their work is equal. See MEASURED_FRACTIONS["jitter"].
@@ -132,6 +134,39 @@ PROFILES: dict[str, HardwareProfile] = {
                               "2.5 PF bf16 dense, 10 PF FP4 dense, 8 TB/s, 186 GB, NVLink5 1.8 TB/s bidirectional, "
                               "72-GPU domain", fp4=10000),
 }
+
+# The field's kernels on the same H200, against the same datasheet peaks
+# (benchmarks/vendor_kernels.py, benchmarks/results/2026-11-29_vendor_kernels_h200/): what an
+# engine built on vendor libraries reaches (TensorRT-LLM, SGLang, vLLM), where ours runs our
+# Triton FP8 kernel and FlashAttention-2 varlen:
+#   dense projections, cuBLAS bf16 at the real attention / shared-expert shapes, 16K tokens:
+#   652-696 TFLOP/s (0.66-0.70); the same in FP8 (`torch._scaled_mm`, row-wise scales):
+#   1,172-1,256 (0.59-0.63 of 1,979); grouped expert GEMMs at 512-1,024 rows per expert,
+#   `torch._grouped_mm` bf16 661-684 (0.67-0.69), `torch._scaled_grouped_mm` FP8 1,000-1,004
+#   on the deepseek-v3 shape (0.51; 580-625 on qwen3-235b's narrower one); causal attention,
+#   cuDNN through SDPA, GQA d 128 and MLA 192/128, 4K-16K: 550-595 (0.56-0.60; our varlen
+#   FlashAttention-2 path 221-344, 0.22-0.35).
+VENDOR_FRACTIONS = dict(gemm=0.68, fp8_gemm=0.51, fp8_dense=0.61, attn=0.58)
+KERNEL_SETS = {"dwdp": "this engine's kernels (fractions measured in its steps on H200)",
+               "vendor": "vendor-library kernels (cuBLAS, CUTLASS grouped GEMMs, cuDNN attention), measured on H200"}
+
+
+def with_kernels(hw: HardwareProfile, kernels: str) -> HardwareProfile:
+    """A datasheet profile derated for ``kernels``: "dwdp" (ours, as built in) or "vendor"
+    (what an engine on vendor libraries reaches, :data:`VENDOR_FRACTIONS`). A calibrated
+    profile measured its own engine's kernels and is returned as it is for "dwdp"."""
+    if kernels not in KERNEL_SETS:
+        raise ValueError(f"--kernels {kernels!r}: choose from {', '.join(KERNEL_SETS)}")
+    if kernels == "dwdp":
+        return hw
+    if not hw.source.startswith("datasheet"):
+        raise ValueError(f"--kernels {kernels} derates datasheet peaks; {hw.name} is measured ({hw.source}), "
+                         "so its fractions are already those of the engine it measured: leave --kernels at dwdp")
+    f = VENDOR_FRACTIONS
+    return dataclasses.replace(hw, gemm_eff=f["gemm"], fp8_gemm_eff=f["fp8_gemm"], fp8_dense_eff=f["fp8_dense"],
+                               attn_eff=f["attn"], source=hw.source.replace("derated by fractions measured on H200",
+                                                                            "derated by " + KERNEL_SETS["vendor"]))
+
 
 def resolve_profile(spec: str) -> HardwareProfile:
     if spec in PROFILES:

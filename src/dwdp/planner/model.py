@@ -98,9 +98,12 @@ def zipf_shares(num_experts: int, s: float) -> np.ndarray:
 
 
 class CostModel:
-    def __init__(self, cfg: ModelConfig, hw: HardwareProfile, expert_dtype: str = "bf16", act_bytes: int = 2):
+    def __init__(self, cfg: ModelConfig, hw: HardwareProfile, expert_dtype: str = "bf16", act_bytes: int = 2,
+                 dense_dtype: str = "bf16"):
         if expert_dtype not in EXPERT_BYTES:
             raise ValueError(f"unknown expert dtype {expert_dtype!r}; choose from {', '.join(EXPERT_BYTES)}")
+        if dense_dtype not in ("bf16", "fp8"):
+            raise ValueError(f"unknown dense dtype {dense_dtype!r}; choose bf16 or fp8")
         self.cfg, self.hw = cfg, hw
         self.expert_dtype = expert_dtype
         self.expert_bytes = cfg.expert_numel() * EXPERT_BYTES[expert_dtype]
@@ -114,7 +117,10 @@ class CostModel:
         # elsewhere they are widened and run at the FP8 rate.
         expert_peak = {"bf16": hw.bf16_tflops, "fp8": hw.fp8_tflops,
                        "fp4": hw.fp4_tflops or hw.fp8_tflops}[expert_dtype]
-        self.gemm_rate = hw.gemm_eff * hw.bf16_tflops * 1e12
+        # Dense projections in FP8 (DeepSeek's checkpoints store them so and vendor engines run
+        # them so; this engine computes them in bf16).
+        fp8_dense = hw.fp8_dense_eff if hw.fp8_dense_eff is not None else (hw.fp8_gemm_eff or hw.gemm_eff)
+        self.gemm_rate = (fp8_dense * hw.fp8_tflops if dense_dtype == "fp8" else hw.gemm_eff * hw.bf16_tflops) * 1e12
         low_precision = expert_dtype != "bf16" and hw.fp8_gemm_eff is not None
         self.expert_rate = (hw.fp8_gemm_eff if low_precision else hw.gemm_eff) * expert_peak * 1e12
         self.attn_rate = hw.attn_eff * hw.bf16_tflops * 1e12

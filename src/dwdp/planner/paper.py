@@ -3,8 +3,17 @@ DeepSeek-V3's, GB200 NVL72, FP4 experts, DWDP4 vs DEP4): ``dwdp plan --paper`` p
 setting, published value, prediction and error, regenerating docs/PLANNER.md's table.
 
 The published values are the authors' figures as our notes transcribe them
-(``../shared/dwdp-notes.md``); none of them is an input of the model: the profile is the
-datasheet GB200 derated by fractions measured on H200.
+(``../shared/dwdp-notes.md``); none of them is an input of the model. The model is set up
+as the paper's engine runs, each from a fact that is not one of its measurements:
+
+* TensorRT-LLM computes with vendor kernels: the datasheet GB200 derated by what cuBLAS,
+  CUTLASS grouped GEMMs and cuDNN attention reach on our H200 (``--kernels vendor``), not
+  by our engine's Triton / FlashAttention-2 rates;
+* DeepSeek-R1's checkpoint keeps its dense projections in FP8 and TensorRT-LLM runs them
+  so (``--dense-dtype fp8``); the experts are NVFP4;
+* throughput is a loaded context server's: 64 requests per rank, so the ragged end of a
+  finite run (ranks finishing at different times) is a small part of it, as in steady
+  state.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from dataclasses import dataclass
 from ..parallel.strategies import DEP, DWDP
 from ..presets import resolve_model
 from ..workload import WorkloadSpec
-from .hardware import PROFILES
+from .hardware import PROFILES, with_kernels
 from .plan import PlanInput, crossover, predict_all
 
 
@@ -31,11 +40,15 @@ class PaperPoint:
         return self.predicted / self.paper - 1
 
 
+STEADY_REQUESTS = 64  # per rank
+
+
 def _base(isl: int = 8192, mnt: int = 32768, dist: str = "uniform", ratio: float = 0.8, cv: float = 0.0,
-          requests: int = 8) -> PlanInput:
+          requests: int = STEADY_REQUESTS) -> PlanInput:
     cfg, _ = resolve_model("deepseek-v3")
-    return PlanInput(cfg, PROFILES["gb200-nvl72"], "fp4", 4, None,
-                     WorkloadSpec(num_requests=requests, isl=isl, dist=dist, ratio=ratio, cv=cv), mnt)
+    return PlanInput(cfg, with_kernels(PROFILES["gb200-nvl72"], "vendor"), "fp4", 4, None,
+                     WorkloadSpec(num_requests=requests, isl=isl, dist=dist, ratio=ratio, cv=cv), mnt,
+                     dense_dtype="fp8")
 
 
 def _dep_shares(p: PlanInput) -> tuple[float, float, float]:

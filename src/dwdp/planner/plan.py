@@ -33,6 +33,11 @@ class PlanInput:
     skew: float = 0.0
     sliced: bool = False
     balance_tail: bool = False
+    dense_dtype: str = "bf16"  # "fp8": dense projections in FP8 (a vendor engine on an FP8 checkpoint)
+
+    def cost_model(self) -> CostModel:
+        return CostModel(self.cfg, self.hw.for_model(self.cfg.name or ""), self.expert_dtype,
+                         dense_dtype=self.dense_dtype)
 
     def requests(self, world: int | None = None) -> list[list[tuple[float, int]]]:
         """Per rank, (arrival seconds, prompt length) of its requests, with the workload's
@@ -70,7 +75,7 @@ def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, e
 
 
 def predict_all(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, Prediction]:
-    cm = CostModel(p.cfg, p.hw.for_model(p.cfg.name or ""), p.expert_dtype)
+    cm = p.cost_model()
     lengths = p.lengths()
     return {s: predict(cm, lengths, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced,
                        balance_tail=p.balance_tail) for s in strategies}
@@ -218,7 +223,7 @@ def _components(pr: Prediction, res, strat: str, n: int) -> dict:
 
 def predict_ttft(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, dict]:
     """TTFT percentiles per strategy for the workload's arrivals (see :mod:`.ttft`)."""
-    cm = CostModel(p.cfg, p.hw.for_model(p.cfg.name or ""), p.expert_dtype)
+    cm = p.cost_model()
     reqs = p.requests()
     return {s: simulate_ttft(cm, reqs, p.mnt, s, p.group_size, p.local_experts, p.skew, p.sliced,
                              balance_tail=p.balance_tail) for s in strategies}
