@@ -1,6 +1,7 @@
-"""One prefill step of real architectures' layers on one GPU with each CUDA attention
-backend ("varlen": FlashAttention-2 varlen for every sequence; "auto": cuDNN for long
-sequences without a prefix): step time, tokens/s, MFU against the same run's matmul.
+"""Each CUDA attention backend ("varlen": FlashAttention-2 varlen for every sequence;
+"auto": cuDNN for long sequences, a chunk with a cached prefix as two merged calls) on one
+GPU: one prefill step of real architectures' layers (step time, tokens/s, MFU against the
+same run's matmul), and the attention alone on chunked-prefill batches (chunks with prefixes).
 
     PYTHONPATH=src python benchmarks/attention_backends.py --out attn.json
 """
@@ -23,6 +24,28 @@ from dwdp.presets import resolve_model
 def _time_step(net, batch) -> float:
     with torch.no_grad():
         return time_cuda(lambda: net(batch), 2, 5)
+
+
+def chunked(kind: str, seqs: list[tuple[int, int]]) -> dict:
+    """(new tokens, cached prefix) per sequence, packed as the engine packs them."""
+    hq, hkv, d, dv = (64, 4, 128, 128) if kind == "gqa" else (128, 128, 192, 128)
+    cu_q, cu_k = [0], [0]
+    for n, p in seqs:
+        cu_q.append(cu_q[-1] + n)
+        cu_k.append(cu_k[-1] + n + p)
+    q = torch.randn(cu_q[-1], hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(cu_k[-1], hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(cu_k[-1], hkv, dv, device="cuda", dtype=torch.bfloat16)
+    dq = torch.tensor(cu_q, dtype=torch.int32, device="cuda")
+    dk = torch.tensor(cu_k, dtype=torch.int32, device="cuda")
+    flops = sum(2.0 * (n * p + n * (n + 1) / 2) * hq * (d + dv) for n, p in seqs)
+    row = {"kind": kind, "seqs": seqs}
+    for backend in ("varlen", "auto"):
+        A.set_cuda_attention_backend(backend)
+        s = time_cuda(lambda: A.packed_causal_attention(q, k, v, cu_q, cu_k, d**-0.5, dq, dk))
+        row[backend] = {"seconds": s, "tflops": flops / s / 1e12}
+    A.set_cuda_attention_backend("auto")
+    return row
 
 
 def main():
@@ -52,6 +75,14 @@ def main():
                   f"{fl.attention / fl.total:.0%}", flush=True)
         del net
         torch.cuda.empty_cache()
+    res["chunked"] = []
+    for kind in ("gqa", "mla"):
+        for seqs in ([(8192, 8192)], [(4096, 12288), (4096, 0)], [(5000, 3192), (8192, 0), (3192, 0)],
+                     [(2048, 6144)] * 4):
+            r = chunked(kind, seqs)
+            res["chunked"].append(r)
+            print(f"attention {kind} (new, prefix) {seqs}: varlen {r['varlen']['tflops']:.0f}, auto "
+                  f"{r['auto']['tflops']:.0f} TFLOP/s", flush=True)
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
 

@@ -30,9 +30,9 @@ def test_packed_attention_cudnn_and_varlen_match_float64(heads, dims):
     torch.manual_seed(0)
     hq, hkv = heads
     d, dv = dims
-    # (new tokens, cached prefix): two long fresh sequences (cuDNN), a short one and a
-    # chunk with a prefix between them (one varlen run), a short one at the end (another).
-    seqs = [(2048, 0), (100, 0), (1200, 500), (1536, 0), (300, 0)]
+    # (new tokens, cached prefix): long ones through cuDNN (a chunk with a prefix among them:
+    # two calls merged), short ones through the varlen kernel (a chunk with a prefix last).
+    seqs = [(2048, 0), (100, 0), (1200, 500), (1536, 0), (300, 200)]
     cu_q, cu_k = [0], [0]
     for n, p in seqs:
         cu_q.append(cu_q[-1] + n)
@@ -47,7 +47,7 @@ def test_packed_attention_cudnn_and_varlen_match_float64(heads, dims):
     before = A._CUDNN.get("calls", 0)
     out = A.packed_causal_attention(q, k, v, cu_q, cu_k, scale, dq, dk)
     assert A._CUDNN["ok"], "cuDNN attention was refused on this GPU"
-    assert A._CUDNN.get("calls", 0) - before == 2  # the two long sequences without a prefix
+    assert A._CUDNN.get("calls", 0) - before == 3  # the three long sequences
     rel = ((out.double() - ref).norm() / ref.norm()).item()
     assert out.shape == (cu_q[-1], hq, dv) and rel < 1e-2, rel
     A.set_cuda_attention_backend("varlen")

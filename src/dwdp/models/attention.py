@@ -1,13 +1,14 @@
 """Causal attention over a packed batch of variable-length sequences.
 
 Each sequence attends to its own cached prefix (chunked prefill) plus its new tokens,
-causally aligned bottom-right. On CUDA a sequence without a cached prefix and at least
-``CUDNN_MIN_TOKENS`` long goes to cuDNN's fused attention (through SDPA): 0.56-0.60 of the
-H200 bf16 peak where the variable-length FlashAttention-2 kernel reaches 0.22-0.35
-(benchmarks/vendor_kernels.py). The other sequences (short ones, chunks with a prefix:
-causal bottom-right, which SDPA's cuDNN path does not take) run in PyTorch's varlen kernel
-(``torch.nn.attention.varlen``), one call per run of consecutive ones; everywhere else a
-per-sequence SDPA call, which is also the reference path.
+causally aligned bottom-right. On CUDA a sequence of at least ``CUDNN_MIN_TOKENS`` new
+tokens goes to cuDNN's fused attention: 0.56-0.65 of the H200 bf16 peak where the
+variable-length FlashAttention-2 kernel reaches 0.22-0.35 (benchmarks/vendor_kernels.py).
+A chunk with a cached prefix is two cuDNN calls, its queries over the prefix (no mask) and
+over its own keys (causal), merged by their log-sum-exps (cuDNN has no bottom-right causal
+mask). Shorter sequences run in PyTorch's varlen kernel (``torch.nn.attention.varlen``),
+one call per run of consecutive ones; everywhere else a per-sequence SDPA call, which is
+also the reference path.
 """
 
 from __future__ import annotations
@@ -79,27 +80,24 @@ def packed_causal_attention(
 
 
 def _cudnn_causal(q, k, v, scale):
-    """One sequence without a prefix, q [S, Hq, D], k [S, Hkv, D], v [S, Hkv, Dv] ->
-    [S, Hq, Dv] through cuDNN; None where cuDNN refuses it (then not tried again)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    """One sequence's new tokens, q [N, Hq, D], over its keys k [P + N, Hkv, D], v [P + N,
+    Hkv, Dv] (a cached prefix of P first) -> [N, Hq, Dv] through cuDNN; None where cuDNN
+    refuses it (then not tried again)."""
     hq, hkv = q.shape[1], k.shape[1]
     qi, ki, vi = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    gqa = {}
-    if hkv != hq:
-        if _CUDNN["gqa"]:
-            gqa = {"enable_gqa": True}
-        else:
-            ki, vi = ki.repeat_interleave(hq // hkv, dim=1), vi.repeat_interleave(hq // hkv, dim=1)
+    if hkv != hq and not _CUDNN["gqa"]:
+        ki, vi = ki.repeat_interleave(hq // hkv, dim=1), vi.repeat_interleave(hq // hkv, dim=1)
     try:
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            try:  # the packed layout as a strided view; a copy if cuDNN wants its own layout
-                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, **gqa)
-            except RuntimeError:
-                qi, ki, vi = qi.contiguous(), ki.contiguous(), vi.contiguous()
-                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, **gqa)
+        P = k.shape[0] - q.shape[0]
+        if P == 0:
+            o = _cudnn_sdpa(qi, ki, vi, True, scale)[0]
+        else:  # softmax over [prefix | own keys] = the two partial softmaxes weighted by their mass
+            oa, la = _cudnn_sdpa(qi, ki[:, :, :P], vi[:, :, :P], False, scale)
+            ob, lb = _cudnn_sdpa(qi, ki[:, :, P:], vi[:, :, P:], True, scale)
+            lse = torch.logaddexp(la, lb)
+            o = (oa * torch.exp(la - lse) + ob * torch.exp(lb - lse)).to(q.dtype)
     except (RuntimeError, TypeError) as e:
-        if gqa:  # cuDNN without native GQA here: repeat K/V from now on
+        if hkv != hq and _CUDNN["gqa"]:  # cuDNN without native GQA here: repeat K/V from now on
             _CUDNN["gqa"] = False
             return _cudnn_causal(q, k, v, scale)
         _CUDNN["ok"] = False
@@ -109,18 +107,29 @@ def _cudnn_causal(q, k, v, scale):
     return o[0].transpose(0, 1)
 
 
+def _cudnn_sdpa(q, k, v, causal: bool, scale: float):
+    """cuDNN attention of [1, H, S, D] views: (output, log-sum-exp [1, H, S, 1] float32)."""
+    op = torch.ops.aten._scaled_dot_product_cudnn_attention
+    try:  # the packed layout as strided views; a copy where cuDNN wants its own layout
+        out = op(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    except RuntimeError:
+        out = op(q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, causal, False, scale=scale)
+    return out[0], out[1]
+
+
 def _cudnn_and_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
-    """Long sequences without a prefix through cuDNN, each run of the other sequences through
-    one varlen call (its cumulative lengths sliced from the batch's device copy: no host
-    transfer). None when no sequence qualifies (the caller runs the whole batch as one)."""
+    """Sequences of at least ``CUDNN_MIN_TOKENS`` new tokens through cuDNN, each run of the
+    other sequences through one varlen call (its cumulative lengths sliced from the batch's
+    device copy: no host transfer). None when no sequence qualifies (the caller runs the
+    whole batch as one varlen call)."""
     n = len(cu_q) - 1
-    fresh = [cu_q[i + 1] - cu_q[i] == cu_k[i + 1] - cu_k[i] >= CUDNN_MIN_TOKENS for i in range(n)]
-    if not any(fresh):
+    long_ = [cu_q[i + 1] - cu_q[i] >= CUDNN_MIN_TOKENS for i in range(n)]
+    if not any(long_):
         return None
     out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
     i = 0
     while i < n:
-        if fresh[i]:
+        if long_[i]:
             q0, q1, k0, k1 = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
             o = _cudnn_causal(q[q0:q1], k[k0:k1], v[k0:k1], scale)
             if o is None:
@@ -129,7 +138,7 @@ def _cudnn_and_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
             i += 1
             continue
         j = i
-        while j < n and not fresh[j]:
+        while j < n and not long_[j]:
             j += 1
         q0, q1, k0, k1 = cu_q[i], cu_q[j], cu_k[i], cu_k[j]
         sub_q = [c - q0 for c in cu_q[i:j + 1]]
@@ -137,7 +146,7 @@ def _cudnn_and_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
         dq = None if cu_q_dev is None else cu_q_dev[i:j + 1] - cu_q_dev[i]
         dk = None if cu_k_dev is None else cu_k_dev[i:j + 1] - cu_k_dev[i]
         o = _try_varlen(q[q0:q1], k[k0:k1], v[k0:k1], sub_q, sub_k, scale, dq, dk) \
-            if _BACKEND["cuda"] != "sdpa" and _varlen_attn() is not None else None
+            if _varlen_attn() is not None else None
         out[q0:q1] = o if o is not None else _sdpa_per_sequence(q[q0:q1], k[k0:k1], v[k0:k1], sub_q, sub_k, scale)
         i = j
     return out
