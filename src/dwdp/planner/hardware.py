@@ -31,6 +31,9 @@ class HardwareProfile:
     # Achieved fractions of the peak for the engine's kernels (1.0 when the rate is measured).
     gemm_eff: float = 0.6
     attn_eff: float = 0.45
+    # Decode attention (our Triton split-K kernel; absorbed MLA is compute-bound at batch);
+    # None: attn_eff. Prefill attention moved to cuDNN, decode did not.
+    decode_attn_eff: float | None = None
     hbm_eff: float = 1.0  # achievable fraction of hbm_gbps (1.0 when hbm_gbps is a measured copy rate)
     fp8_gemm_eff: float | None = None  # FP8 expert GEMMs' fraction of fp8_tflops (None: gemm_eff)
     fp8_dense_eff: float | None = None  # FP8 dense projections' fraction of fp8_tflops (None: fp8_gemm_eff)
@@ -105,14 +108,17 @@ class HardwareProfile:
 #   295 GB/s of 450); a device copy 0.87 of HBM (4,196 of 4,800 GB/s, read + write);
 #   grouped expert GEMMs 0.56 of the bf16 peak (552 TFLOP/s at 1,024 rows per expert; the
 #   large matmul reaches 0.81) and 0.34 of the FP8 peak (our block-scaled Triton kernel,
-#   680 TFLOP/s), causal attention 0.35 (varlen FlashAttention, GQA 16K:
-#   345 TFLOP/s; MLA reaches 0.27); ~0.3 ms of launches and host work per layer;
+#   680 TFLOP/s), causal attention 0.55 (cuDNN since commit c36bb69, as the engine calls it:
+#   GQA and MLA 16K 556-570 TFLOP/s, chunked batches 457-549; the varlen FlashAttention-2
+#   kernel before it, 0.35, is what Validations 0-5 ran against); ~0.3 ms of launches and
+#   host work per layer; decode attention (our Triton split-K kernel) 0.35, which the 15 decode
+#   steps of docs/PLANNER.md are checked against;
 #   per-layer compute jitter across ranks 2.8%: identical 16K/32K dp steps on two ranks
 #   differ by 1.1% on average (48 pairs, CV-0 runs of 2026-11-28_strong_dep_h200x2), a step
 #   standard deviation of 0.98%, i.e. 2.8% per layer for 8 independent layers
 #   (planner.plan.layer_jitter_from_runs re-derives it).
-MEASURED_FRACTIONS = dict(pull_single=0.87, pull_all=0.82, a2a=0.66, hbm=0.87, gemm=0.56, fp8_gemm=0.34, attn=0.35,
-                          jitter=0.028)
+MEASURED_FRACTIONS = dict(pull_single=0.87, pull_all=0.82, a2a=0.66, hbm=0.87, gemm=0.56, fp8_gemm=0.34, attn=0.55,
+                          decode_attn=0.35, jitter=0.028)
 
 
 def _datasheet(name, bf16, fp8, hbm, link, mem, domain, note, fp4=0.0) -> HardwareProfile:
@@ -120,7 +126,7 @@ def _datasheet(name, bf16, fp8, hbm, link, mem, domain, note, fp4=0.0) -> Hardwa
     return HardwareProfile(name, f"datasheet ({note}); derated by fractions measured on H200", bf16, fp8, hbm, link,
                            f["pull_single"] * link, f["pull_all"] * link, f["a2a"] * link, 25.0, mem, domain,
                            gemm_eff=f["gemm"], attn_eff=f["attn"], hbm_eff=f["hbm"], fp4_tflops=fp4,
-                           fp8_gemm_eff=f["fp8_gemm"], layer_jitter=f["jitter"])
+                           fp8_gemm_eff=f["fp8_gemm"], layer_jitter=f["jitter"], decode_attn_eff=f["decode_attn"])
 
 
 PROFILES: dict[str, HardwareProfile] = {

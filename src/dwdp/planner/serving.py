@@ -52,7 +52,8 @@ def decode_step_s(cm: CostModel, batch: int, context: int, gen_gpus: int = 1,
     # (latent + rope + latent) x 128 heads of FLOPs per cached token: compute-bound at batch.
     dk = (cfg.kv_lora_rank + cfg.qk_rope_head_dim + cfg.kv_lora_rank) if cfg.is_mla else 2 * cfg.head_dim
     attn_flops = 2.0 * batch * context * cfg.num_heads * dk * cfg.num_layers
-    attn = max(kv / rate, attn_flops / (hw.attn_eff * hw.bf16_tflops * 1e12))
+    eff = hw.decode_attn_eff if hw.decode_attn_eff is not None else hw.attn_eff
+    attn = max(kv / rate, attn_flops / (eff * hw.bf16_tflops * 1e12))
     a2a = 2 * len(cfg.moe_layers) * hw.a2a_latency_us * 1e-6 if gen_gpus > 1 else 0.0
     floor = cfg.num_layers * layer_floor_us * 1e-6
     t = (nonexp + experts) / rate + attn + floor + a2a
