@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..info import param_breakdown
@@ -104,3 +105,59 @@ def frontier(cm: CostModel, ctx_tps_per_gpu: float, isl: int, osl: int, targets:
         ratio = gen * isl / osl / ctx_tps_per_gpu
         out.append(FrontierPoint(1 / step, lo, step, gen, ratio, gen / (1 + ratio)))
     return out
+
+
+def simulate_colocated(cm: CostModel, isl: int, osl: int, num_requests: int, concurrency: int,
+                       max_batch: int = 64, mnt: int = 16384) -> dict:
+    """`dwdp serve` on one GPU, prefill in the decode process, under `dwdp loadtest
+    --max-concurrency C` (closed loop: all requests queued at 0, at most C in flight, the next
+    sent when one finishes). The serving loop's own rule: one prefill step (FIFO, MNT tokens,
+    chunked) when prompts wait, then one decode step over every running sequence (at most
+    ``max_batch``); a prompt's first token comes with the end of its last prefill chunk.
+    Step times are the planner's (``step_dp``, :func:`decode_step_s`); the server's Python work
+    per token (sampling, streaming) is not modelled. Returns the loadtest's metrics."""
+    from ..engine import take_chunks
+
+    t = 0.0
+    sent = min(concurrency, num_requests)
+    arrivals = [0.0] * sent  # arrival time per request sent so far
+    prefill: list[list[int]] = [[r, 0] for r in range(sent)]  # [request, prompt tokens done]
+    waiting: list[int] = []  # prefilled, not yet in the decode batch
+    running: dict[int, int] = {}  # request -> tokens emitted
+    first, last, ttft = {}, {}, []
+    done = 0
+    while done < num_requests:
+        if prefill:
+            takes = take_chunks([isl - d for _, d in prefill], mnt)
+            t += cm.step_dp(takes, [d for _, d in prefill[:len(takes)]])
+            for item, take in zip(prefill, takes):
+                item[1] += take
+            for r, d in [it for it in prefill if it[1] >= isl]:
+                first[r] = last[r] = t
+                ttft.append(t - arrivals[r])
+                waiting.append(r)
+            prefill = [it for it in prefill if it[1] < isl]
+        while waiting and len(running) < max_batch:
+            running[waiting.pop(0)] = 1
+        finished = [r for r, n in running.items() if n >= osl]
+        if running and len(finished) < len(running):
+            ctx = isl + sum(running.values()) / len(running)
+            t += decode_step_s(cm, len(running), ctx)["step_s"]
+            for r in running:
+                if running[r] < osl:
+                    running[r] += 1
+                    last[r] = t
+            finished = [r for r, n in running.items() if n >= osl]
+        for r in finished:  # the client sends its next request
+            del running[r]
+            done += 1
+            if sent < num_requests:
+                arrivals.append(t)
+                prefill.append([sent, 0])
+                sent += 1
+        if not prefill and not running and waiting == [] and done < num_requests and sent == done:
+            break  # nothing left in flight (cannot happen with requests outstanding)
+    tpot = [(last[r] - first[r]) / (osl - 1) for r in first if osl > 1 and last[r] > first[r]]
+    return {"tps_per_gpu": num_requests * osl / t, "tps_per_user": float(sum(1 / x for x in tpot) / len(tpot))
+            if tpot else None, "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90)),
+            "wall_s": t}
