@@ -299,7 +299,12 @@ def test_routes_health_metrics(served):
     before = _metric(url, "dwdp_generation_tokens_total")
     reqs = _metric(url, "dwdp_requests_total")
     ttft = _metric(url, "dwdp_time_to_first_token_seconds_count")
+    prefills = _metric(url, "dwdp_prefill_step_seconds_count")
+    decodes = _metric(url, "dwdp_decode_step_seconds_count")
     _post(url, {"prompt": [4, 5], "max_tokens": 3})
+    assert _metric(url, "dwdp_prefill_step_seconds_count") == prefills + 1  # a 2-token prompt: one step
+    assert _metric(url, "dwdp_decode_step_seconds_count") >= decodes + 2  # tokens 2 and 3
+    assert _metric(url, "dwdp_decode_step_seconds_sum") > 0
     assert _metric(url, "dwdp_requests_total") == reqs + 1
     assert _metric(url, "dwdp_generation_tokens_total") == before + 3
     assert _metric(url, "dwdp_time_to_first_token_seconds_count") == ttft + 1

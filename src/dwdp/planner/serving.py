@@ -108,14 +108,16 @@ def frontier(cm: CostModel, ctx_tps_per_gpu: float, isl: int, osl: int, targets:
 
 
 def simulate_colocated(cm: CostModel, isl: int, osl: int, num_requests: int, concurrency: int,
-                       max_batch: int = 64, mnt: int = 16384) -> dict:
+                       max_batch: int = 64, mnt: int = 16384, overhead: tuple[float, float] = (0.0, 0.0)) -> dict:
     """`dwdp serve` on one GPU, prefill in the decode process, under `dwdp loadtest
     --max-concurrency C` (closed loop: all requests queued at 0, at most C in flight, the next
     sent when one finishes). The serving loop's own rule: one prefill step (FIFO, MNT tokens,
     chunked) when prompts wait, then one decode step over every running sequence (at most
     ``max_batch``); a prompt's first token comes with the end of its last prefill chunk.
-    Step times are the planner's (``step_dp``, :func:`decode_step_s`); the server's Python work
-    per token (sampling, streaming) is not modelled. Returns the loadtest's metrics."""
+    Step times are the planner's (``step_dp``, :func:`decode_step_s`) plus the server's own
+    work per decode step, ``overhead`` = (seconds per step, seconds per running sequence):
+    sampling, token events, the HTTP threads' streaming competing for the interpreter
+    (:func:`fit_server_overhead` measures it from a loadtest). Returns the loadtest's metrics."""
     from ..engine import take_chunks
 
     t = 0.0
@@ -142,7 +144,7 @@ def simulate_colocated(cm: CostModel, isl: int, osl: int, num_requests: int, con
         finished = [r for r, n in running.items() if n >= osl]
         if running and len(finished) < len(running):
             ctx = isl + sum(running.values()) / len(running)
-            t += decode_step_s(cm, len(running), ctx)["step_s"]
+            t += decode_step_s(cm, len(running), ctx)["step_s"] + overhead[0] + overhead[1] * len(running)
             for r in running:
                 if running[r] < osl:
                     running[r] += 1
@@ -161,3 +163,18 @@ def simulate_colocated(cm: CostModel, isl: int, osl: int, num_requests: int, con
     return {"tps_per_gpu": num_requests * osl / t, "tps_per_user": float(sum(1 / x for x in tpot) / len(tpot))
             if tpot else None, "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90)),
             "wall_s": t}
+
+
+def fit_server_overhead(cm: CostModel, isl: int, osl: int, points: list[dict]) -> tuple[float, float]:
+    """The server's work per decode step, (per step, per running sequence) seconds, from a
+    measured loadtest frontier: its inter-token latency (median) minus the predicted decode
+    step at the two lowest concurrencies, where every running sequence decodes each step and
+    prefill steps are rare (the median ITL is a decode step)."""
+    lo = sorted(points, key=lambda p: p["max_concurrency"])[:2]
+    if len(lo) < 2 or lo[0]["max_concurrency"] == lo[1]["max_concurrency"]:
+        raise ValueError("fitting the server's overhead needs loadtest points at two concurrencies")
+    (b1, e1), (b2, e2) = [(p["max_concurrency"], p["itl_s"]["p50"] - decode_step_s(cm, p["max_concurrency"],
+                                                                                   isl + osl / 2)["step_s"])
+                          for p in lo]
+    per_seq = max(0.0, (e2 - e1) / (b2 - b1))
+    return max(0.0, e1 - per_seq * b1), per_seq

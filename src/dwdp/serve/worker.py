@@ -323,10 +323,12 @@ class ServingWorker(threading.Thread):
         return len(self.prefill.queue)
 
     def _prefill_step(self) -> None:
+        t0 = time.perf_counter()
         results = self.prefill_driver.step_once() or []
         self.prefill.steps.clear()  # per-step records: a server would grow them forever
         for res in results:
             self._prefilled(res.id, res.logits, res.kv, res.prompt_len)
+        self.metrics.observe("prefill_step", time.perf_counter() - t0)
 
     def _prefilled(self, rid, logits, kv, prompt_len) -> None:
         """A prompt is prefilled: sample its first token, hand its KV cache to decode."""
@@ -365,6 +367,7 @@ class ServingWorker(threading.Thread):
                 self._emit_new(req, a.tokens[sent:], sent)
         if dt > 0:
             self.metrics.set("dwdp_tokens_per_second", new_tokens / dt)
+        self.metrics.observe("decode_step", time.perf_counter() - t0)
         for r in finished:
             if r.finish_reason == "error":
                 self._fail_request(r.id, r.error or "failed")
