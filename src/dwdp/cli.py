@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -534,6 +535,8 @@ def cmd_plan(args) -> int:
         console.print(t)
         if len(fr[DWDP]) < len(targets):
             console.print(f"{len(targets) - len(fr[DWDP])} target(s) out of reach even at batch 1")
+    if args.colocated:
+        _print_colocated(console, p, args)
     if args.rate:
         from .planner.plan import predict_ttft
 
@@ -555,6 +558,39 @@ def cmd_plan(args) -> int:
             json.dump({name: {"tps_per_gpu": x.tps_per_gpu, "busy_s": x.busy_s, "makespan_s": x.makespan_s}
                        for name, x in pr.items()} | {"crossover": rows, "candidates": cands}, f, indent=1, default=float)
     return 0
+
+
+def _print_colocated(console, p, args) -> None:
+    """`dwdp plan --colocated C1,C2,..`: a one-GPU server (prefill in the decode loop) under a
+    closed-loop loadtest at each concurrency, with the server's overhead fitted from a
+    `benchmarks/serve_anatomy.py` file when given, its measured points beside."""
+    from rich.table import Table
+
+    from .planner.serving import fit_server_overhead, simulate_colocated
+
+    cm = p.cost_model()
+    isl, osl = p.workload.isl, args.osl
+    overhead, measured = (0.0, 0.0, 0.0), {}
+    if args.server_anatomy:
+        rows = json.loads(Path(args.server_anatomy).read_text())["rows"]
+        overhead = fit_server_overhead(cm, isl, osl, rows)
+        measured = {r["max_concurrency"]: r["loadtest"] for r in rows}
+    t = Table(title=f"one-GPU server, prefill in the decode loop, ISL {isl} / OSL {osl}, max batch {args.max_batch}, "
+                    f"MNT {p.mnt}; server overhead {overhead[0] * 1e3:.2f} ms + {overhead[1] * 1e3:.3f} ms/seq per decode "
+                    f"step, {overhead[2] * 1e3:.1f} ms per prefill step")
+    for c in ("concurrency", "tok/s/GPU", "tok/s/user", "TTFT p50 ms", "TTFT p90 ms"):
+        t.add_column(c, justify="right")
+    for c in (int(x) for x in args.colocated.split(",")):
+        r = simulate_colocated(cm, isl, osl, args.colocated_requests, c, args.max_batch, p.mnt, overhead)
+        m = measured.get(c)
+        pair = (lambda pred, meas, f: f"{f(pred)}" if meas is None else f"{f(pred)} / {f(meas)}")
+        t.add_row(str(c), pair(r["tps_per_gpu"], m and m["tps_per_gpu"], lambda v: f"{v:,.0f}"),
+                  pair(r["tps_per_user"], m and m["tps_per_user"], lambda v: f"{v:.0f}"),
+                  pair(r["ttft_p50_s"], m and m["ttft_s"]["p50"], lambda v: f"{v * 1e3:.0f}"),
+                  pair(r["ttft_p90_s"], m and m["ttft_s"]["p90"], lambda v: f"{v * 1e3:.0f}"))
+    console.print(t)
+    if measured:
+        console.print("(predicted / measured)")
 
 
 def cmd_calibrate(args) -> int:
@@ -723,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--hardware", default="h200",
                       help="h100-sxm, h200, b200, gb200-nvl72 (datasheet) or a `dwdp calibrate` JSON (default h200)")
     plan.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8", "fp4"])
-    plan.add_argument("--kernels", default="dwdp", choices=["dwdp", "vendor"],
+    plan.add_argument("--kernels", default="ours", choices=["ours", "vendor"],
                       help="with a datasheet profile: this engine's kernel rates (default) or vendor libraries' "
                            "(cuBLAS, CUTLASS, cuDNN attention; both measured on H200)")
     plan.add_argument("--dense-dtype", default="bf16", choices=["bf16", "fp8"],
@@ -745,6 +781,13 @@ def build_parser() -> argparse.ArgumentParser:
                       help="target tokens/s per user: the disaggregated-serving frontier (context dwdp vs dep)")
     plan.add_argument("--osl", type=int, default=1024, help="with --frontier: output tokens per request")
     plan.add_argument("--gen-gpus", type=int, default=1, help="with --frontier: GPUs per decode (DEP) group")
+    plan.add_argument("--colocated", default=None, metavar="C1,C2,...",
+                      help="loadtest concurrencies: predict a one-GPU `dwdp serve` (prefill in the decode loop)")
+    plan.add_argument("--colocated-requests", type=int, default=64, help="with --colocated: requests per point")
+    plan.add_argument("--max-batch", type=int, default=64, help="with --colocated: the server's decode batch limit")
+    plan.add_argument("--server-anatomy", default=None, metavar="FILE",
+                      help="with --colocated: a benchmarks/serve_anatomy.py JSON: the server's overhead is fitted "
+                           "from it and its measured points are printed beside")
     plan.add_argument("--rate", type=float, default=None,
                       help="requests/s in total (Poisson): also predict TTFT percentiles per strategy")
     plan.add_argument("--sliced", action="store_true", help="model the sliced round-robin pull plan")

@@ -153,21 +153,21 @@ PROFILES: dict[str, HardwareProfile] = {
 #   cuDNN through SDPA, GQA d 128 and MLA 192/128, 4K-16K: 550-595 (0.56-0.60; our varlen
 #   FlashAttention-2 path 221-344, 0.22-0.35).
 VENDOR_FRACTIONS = dict(gemm=0.68, fp8_gemm=0.51, fp8_dense=0.61, attn=0.58)
-KERNEL_SETS = {"dwdp": "this engine's kernels (fractions measured in its steps on H200)",
+KERNEL_SETS = {"ours": "this engine's kernels (fractions measured in its steps on H200)",
                "vendor": "vendor-library kernels (cuBLAS, CUTLASS grouped GEMMs, cuDNN attention), measured on H200"}
 
 
 def with_kernels(hw: HardwareProfile, kernels: str) -> HardwareProfile:
-    """A datasheet profile derated for ``kernels``: "dwdp" (ours, as built in) or "vendor"
+    """A datasheet profile derated for ``kernels``: "ours" (this engine, as built in) or "vendor"
     (what an engine on vendor libraries reaches, :data:`VENDOR_FRACTIONS`). A calibrated
-    profile measured its own engine's kernels and is returned as it is for "dwdp"."""
+    profile measured its own engine's kernels and is returned as it is for "ours"."""
     if kernels not in KERNEL_SETS:
         raise ValueError(f"--kernels {kernels!r}: choose from {', '.join(KERNEL_SETS)}")
-    if kernels == "dwdp":
+    if kernels == "ours":
         return hw
     if not hw.source.startswith("datasheet"):
         raise ValueError(f"--kernels {kernels} derates datasheet peaks; {hw.name} is measured ({hw.source}), "
-                         "so its fractions are already those of the engine it measured: leave --kernels at dwdp")
+                         "so its fractions are already those of the engine it measured: leave --kernels at ours")
     f = VENDOR_FRACTIONS
     return dataclasses.replace(hw, gemm_eff=f["gemm"], fp8_gemm_eff=f["fp8_gemm"], fp8_dense_eff=f["fp8_dense"],
                                attn_eff=f["attn"], source=hw.source.replace("derated by fractions measured on H200",

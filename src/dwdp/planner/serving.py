@@ -29,6 +29,10 @@ from ..kv_cache import cache_bytes_per_token
 from ..parallel.replica import FIT_HEADROOM
 from .model import CostModel, expected_distinct
 
+# A loadtest client's request reaches the server, and its first token the client, ~1.5 ms
+# after it happens: the client TTFT exceeds the server's by 3 ms at concurrency 2
+# (benchmarks/results/2026-11-29_serve_anatomy_h200).
+CLIENT_DELAY_S = 0.0015
 DECODE_LAYER_FLOOR_US = 265.0  # H200, CUDA graph, batch 1: (3.30 ms - 1.18 ms bytes) / 8 layers
 
 
@@ -108,73 +112,85 @@ def frontier(cm: CostModel, ctx_tps_per_gpu: float, isl: int, osl: int, targets:
 
 
 def simulate_colocated(cm: CostModel, isl: int, osl: int, num_requests: int, concurrency: int,
-                       max_batch: int = 64, mnt: int = 16384, overhead: tuple[float, float] = (0.0, 0.0)) -> dict:
+                       max_batch: int = 64, mnt: int = 16384,
+                       overhead: tuple[float, float, float] = (0.0, 0.0, 0.0),
+                       client_delay_s: float = CLIENT_DELAY_S) -> dict:
     """`dwdp serve` on one GPU, prefill in the decode process, under `dwdp loadtest
-    --max-concurrency C` (closed loop: all requests queued at 0, at most C in flight, the next
-    sent when one finishes). The serving loop's own rule: one prefill step (FIFO, MNT tokens,
-    chunked) when prompts wait, then one decode step over every running sequence (at most
-    ``max_batch``); a prompt's first token comes with the end of its last prefill chunk.
+    --max-concurrency C` (closed loop: at most C in flight, the next sent when one finishes;
+    the client starts its first C one after another and each reaches the server
+    ``client_delay_s`` after it is sent). The serving loop's own rule: at each iteration it
+    admits what has arrived, runs one prefill step (FIFO, MNT tokens, chunked) when prompts
+    wait, then one decode step over every running sequence (at most ``max_batch``); a
+    prompt's first token comes with the end of its last prefill chunk, and an idle loop
+    waits for the next arrival.
+
     Step times are the planner's (``step_dp``, :func:`decode_step_s`) plus the server's own
-    work per decode step, ``overhead`` = (seconds per step, seconds per running sequence):
-    sampling, token events, the HTTP threads' streaming competing for the interpreter
-    (:func:`fit_server_overhead` measures it from a loadtest). Returns the loadtest's metrics."""
+    work, ``overhead`` = (seconds per decode step, per running sequence in it, per prefill
+    step): sampling, token events, the HTTP threads' streaming competing for the
+    interpreter, the prefill scheduler and hand-off (:func:`fit_server_overhead` measures
+    them). TTFT is measured as the client sees it. Returns the loadtest's metrics."""
     from ..engine import take_chunks
 
-    t = 0.0
     sent = min(concurrency, num_requests)
-    arrivals = [0.0] * sent  # arrival time per request sent so far
-    prefill: list[list[int]] = [[r, 0] for r in range(sent)]  # [request, prompt tokens done]
+    arrivals = [client_delay_s * (i + 1) for i in range(sent)]  # when each request reaches the server
+    inbox = list(range(sent))  # sent, not yet admitted (in arrival order)
+    prefill: list[list[int]] = []  # [request, prompt tokens done]
     waiting: list[int] = []  # prefilled, not yet in the decode batch
     running: dict[int, int] = {}  # request -> tokens emitted
     first, last, ttft = {}, {}, []
-    done = 0
+    t, done = 0.0, 0
     while done < num_requests:
+        while inbox and arrivals[inbox[0]] <= t:
+            prefill.append([inbox.pop(0), 0])
+        if not prefill and not running and not waiting:
+            t = arrivals[inbox[0]]  # idle until the next request arrives
+            continue
         if prefill:
             takes = take_chunks([isl - d for _, d in prefill], mnt)
-            t += cm.step_dp(takes, [d for _, d in prefill[:len(takes)]])
+            t += cm.step_dp(takes, [d for _, d in prefill[:len(takes)]]) + overhead[2]
             for item, take in zip(prefill, takes):
                 item[1] += take
-            for r, d in [it for it in prefill if it[1] >= isl]:
+            for r, _ in [it for it in prefill if it[1] >= isl]:
                 first[r] = last[r] = t
-                ttft.append(t - arrivals[r])
+                ttft.append(t - arrivals[r] + 2 * client_delay_s)
                 waiting.append(r)
             prefill = [it for it in prefill if it[1] < isl]
         while waiting and len(running) < max_batch:
             running[waiting.pop(0)] = 1
-        finished = [r for r, n in running.items() if n >= osl]
-        if running and len(finished) < len(running):
+        if running and any(n < osl for n in running.values()):
             ctx = isl + sum(running.values()) / len(running)
             t += decode_step_s(cm, len(running), ctx)["step_s"] + overhead[0] + overhead[1] * len(running)
             for r in running:
                 if running[r] < osl:
                     running[r] += 1
                     last[r] = t
-            finished = [r for r, n in running.items() if n >= osl]
-        for r in finished:  # the client sends its next request
+        for r in [r for r, n in running.items() if n >= osl]:  # the client sends its next request
             del running[r]
             done += 1
             if sent < num_requests:
-                arrivals.append(t)
-                prefill.append([sent, 0])
+                arrivals.append(t + client_delay_s)
+                inbox.append(sent)
                 sent += 1
-        if not prefill and not running and waiting == [] and done < num_requests and sent == done:
-            break  # nothing left in flight (cannot happen with requests outstanding)
     tpot = [(last[r] - first[r]) / (osl - 1) for r in first if osl > 1 and last[r] > first[r]]
     return {"tps_per_gpu": num_requests * osl / t, "tps_per_user": float(sum(1 / x for x in tpot) / len(tpot))
             if tpot else None, "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p90_s": float(np.percentile(ttft, 90)),
             "wall_s": t}
 
 
-def fit_server_overhead(cm: CostModel, isl: int, osl: int, points: list[dict]) -> tuple[float, float]:
-    """The server's work per decode step, (per step, per running sequence) seconds, from a
-    measured loadtest frontier: its inter-token latency (median) minus the predicted decode
-    step at the two lowest concurrencies, where every running sequence decodes each step and
-    prefill steps are rare (the median ITL is a decode step)."""
-    lo = sorted(points, key=lambda p: p["max_concurrency"])[:2]
-    if len(lo) < 2 or lo[0]["max_concurrency"] == lo[1]["max_concurrency"]:
-        raise ValueError("fitting the server's overhead needs loadtest points at two concurrencies")
-    (b1, e1), (b2, e2) = [(p["max_concurrency"], p["itl_s"]["p50"] - decode_step_s(cm, p["max_concurrency"],
-                                                                                   isl + osl / 2)["step_s"])
-                          for p in lo]
+def fit_server_overhead(cm: CostModel, isl: int, osl: int, rows: list[dict]) -> tuple[float, float, float]:
+    """The server's own work from a `benchmarks/serve_anatomy.py` run's two lowest
+    concurrencies (its /metrics step histograms beside the loadtest), where every running
+    sequence decodes each step and a prompt is prefilled alone: (per decode step, per running
+    sequence, per prefill step) seconds. The measured mean decode step minus the predicted
+    one at two batches gives a line; the mean prefill step minus the predicted step of one
+    prompt, the third. Nothing is fitted to TTFT or throughput."""
+    lo = sorted(rows, key=lambda r: r["max_concurrency"])[:2]
+    if len(lo) < 2 or lo[0]["max_concurrency"] == lo[1]["max_concurrency"] or \
+            any(r.get("decode_step_mean_s") is None or r.get("prefill_step_mean_s") is None for r in lo):
+        raise ValueError("fitting the server's overhead needs serve_anatomy rows (server step times) at two "
+                         "concurrencies")
+    ctx = isl + osl / 2
+    (b1, e1), (b2, e2) = [(r["max_concurrency"], r["decode_step_mean_s"]
+                           - decode_step_s(cm, r["max_concurrency"], ctx)["step_s"]) for r in lo]
     per_seq = max(0.0, (e2 - e1) / (b2 - b1))
-    return max(0.0, e1 - per_seq * b1), per_seq
+    return max(0.0, e1 - per_seq * b1), per_seq, max(0.0, lo[0]["prefill_step_mean_s"] - cm.step_dp([isl], [0]))
