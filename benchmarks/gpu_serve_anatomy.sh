@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # One GPU: `dwdp serve` (local prefill + decode) as in gpu_serve_frontier.sh, then
 # benchmarks/serve_anatomy.py (loadtests with the server's step histograms beside them).
-# Usage: bash benchmarks/gpu_serve_anatomy.sh OUT COMMIT [LAYERS] [ISL] [OSL]
+# Usage: bash benchmarks/gpu_serve_anatomy.sh OUT COMMIT [LAYERS] [ISL] [OSL]   (SERVE_ARGS: more serve flags)
 set -u
 OUT=${1:?out dir}; COMMIT=${2:?commit}; LAYERS=${3:-8}; ISL=${4:-4096}; OSL=${5:-256}
 export PYTHONPATH=src:.gpudeps PYTHONUNBUFFERED=1 DWDP_COMMIT=$COMMIT
 PORT=8013
 mkdir -p "$OUT"
 python3 -m dwdp.cli serve --model qwen3-235b-a22b --num-layers $LAYERS --expert-dtype fp8 --device cuda \
-  --max-batch 64 --max-context $((ISL + OSL + 64)) --max-num-tokens 16384 --port $PORT > "$OUT/serve.txt" 2>&1 &
+  --max-batch 64 --max-context $((ISL + OSL + 64)) --max-num-tokens 16384 --port $PORT ${SERVE_ARGS:-} > "$OUT/serve.txt" 2>&1 &
 SRV=$!
 python3 - <<PY
 import json, time, urllib.request
