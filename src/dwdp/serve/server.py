@@ -258,39 +258,6 @@ class TextStream:
 
 # -- the app -------------------------------------------------------------------------------
 
-class _Wakeups:
-    """Wakes the HTTP loop's waiting requests from the serving thread with one cross-thread
-    call per burst, not one per token: a decode step emits a token for every running
-    request, and each `call_soon_threadsafe` is a write to the loop's self-pipe and a wake-up
-    of the loop, done while the serving thread holds the interpreter."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pending: dict = {}  # loop -> set of events to set
-        self._scheduled: set = set()
-
-    def __call__(self, loop, event) -> None:
-        with self._lock:
-            self._pending.setdefault(loop, set()).add(event)
-            if loop in self._scheduled:
-                return
-            self._scheduled.add(loop)
-        try:
-            loop.call_soon_threadsafe(self._flush, loop)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            with self._lock:
-                self._pending.pop(loop, None)
-                self._scheduled.discard(loop)
-            raise
-
-    def _flush(self, loop) -> None:
-        with self._lock:
-            events = self._pending.pop(loop, set())
-            self._scheduled.discard(loop)
-        for e in events:
-            e.set()
-
-
 def build_app(worker: ServingWorker, model_name: str, tokenizer=None, api_key: str | None = None,
               request_timeout_s: float = 600.0, body_timeout_s: float = 30.0) -> FastAPI:
     cfg = worker.model.config
@@ -299,7 +266,6 @@ def build_app(worker: ServingWorker, model_name: str, tokenizer=None, api_key: s
     detok = Detokenizer(tokenizer)
     eos_default = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     app = FastAPI(title=SERVED_BY, docs_url=None, redoc_url=None, openapi_url=None)
-    wakeups = _Wakeups()
 
     @app.exception_handler(ApiError)
     async def _api_error(request, e: ApiError):
@@ -451,7 +417,7 @@ def build_app(worker: ServingWorker, model_name: str, tokenizer=None, api_key: s
         wake = asyncio.Event()
 
         def notify():  # from the serving thread
-            wakeups(loop, wake)
+            loop.call_soon_threadsafe(wake.set)
 
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         try:
