@@ -43,6 +43,7 @@ _NATIVE_GQA = {"ok": True}
 # kernel's one call for a run of sequences is cheaper than one cuDNN call each.
 CUDNN_MIN_TOKENS = 1024
 _CUDNN = {"ok": True, "gqa": True}
+MERGE_HEADS = 16  # heads merged per float32 pass (a 16K-token MLA chunk: 134 MB, not 1 GB, per temporary)
 
 
 def set_cuda_attention_backend(name: str) -> None:
@@ -94,8 +95,11 @@ def _cudnn_causal(q, k, v, scale):
         else:  # softmax over [prefix | own keys] = the two partial softmaxes weighted by their mass
             oa, la = _cudnn_sdpa(qi, ki[:, :, :P], vi[:, :, :P], False, scale)
             ob, lb = _cudnn_sdpa(qi, ki[:, :, P:], vi[:, :, P:], True, scale)
-            lse = torch.logaddexp(la, lb)
-            o = (oa * torch.exp(la - lse) + ob * torch.exp(lb - lse)).to(q.dtype)
+            wa = torch.sigmoid(la - lb)  # the prefix's share of the softmax mass, per query
+            o = torch.empty_like(oa)
+            for h in range(0, hq, MERGE_HEADS):  # float32 a few heads at a time: bounded temporaries
+                hs = slice(h, h + MERGE_HEADS)
+                o[:, hs] = torch.lerp(ob[:, hs].float(), oa[:, hs].float(), wa[:, hs]).to(o.dtype)
     except (RuntimeError, TypeError) as e:
         if hkv != hq and _CUDNN["gqa"]:  # cuDNN without native GQA here: repeat K/V from now on
             _CUDNN["gqa"] = False
