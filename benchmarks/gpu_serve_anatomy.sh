@@ -17,7 +17,8 @@ for _ in range(240):
         if json.load(urllib.request.urlopen("http://127.0.0.1:$PORT/health", timeout=2)).get("status") == "ok":
             break
     except Exception:
-        time.sleep(1)
+        pass
+    time.sleep(1)
 PY
 # A warm-up pass (graph captures, allocator growth), then the measured one.
 timeout 200 python3 benchmarks/serve_anatomy.py --url http://127.0.0.1:$PORT --isl $ISL --osl $OSL \

@@ -1,5 +1,6 @@
-"""Prefill attention on CUDA (cuDNN for long sequences without a prefix, the varlen kernel
-for the rest) against a float64 reference. GPU only: skipped without CUDA."""
+"""Prefill attention on CUDA (cuDNN for long sequences, a chunk with a prefix as two merged
+cuDNN calls; the varlen kernel for short ones) against a float64 reference. GPU only:
+skipped without CUDA."""
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def test_packed_attention_cudnn_and_varlen_match_float64(heads, dims):
     d, dv = dims
     # (new tokens, cached prefix): long ones through cuDNN (a chunk with a prefix among them:
     # two calls merged), short ones through the varlen kernel (a chunk with a prefix last).
-    seqs = [(2048, 0), (100, 0), (1200, 500), (1536, 0), (300, 200)]
+    seqs = [(2048, 0), (100, 0), (1200, 500), (1536, 0), (300, 200), (64, 0)]  # the last two: one varlen run
     cu_q, cu_k = [0], [0]
     for n, p in seqs:
         cu_q.append(cu_q[-1] + n)

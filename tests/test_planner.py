@@ -362,8 +362,15 @@ def test_colocated_server_simulation_follows_the_serving_loop():
     prefill = cm.step_dp([2048], [0])
     assert one["ttft_p50_s"] == pytest.approx(prefill + 2 * CLIENT_DELAY_S)
     assert one["tps_per_user"] == pytest.approx(1 / decode_step_s(cm, 1, 2049)["step_s"])
-    # Three requests of 2 tokens, one at a time: 3 x (arrival, prefill, one decode step).
-    assert one["wall_s"] == pytest.approx(3 * (CLIENT_DELAY_S + prefill + decode_step_s(cm, 1, 2049)["step_s"]))
+    # Three requests of 2 tokens, one at a time: each a prefill and one decode step; the first
+    # reaches the server one crossing after the start, each next two after the last token
+    # (back to the client, then its next request to the server).
+    step = prefill + decode_step_s(cm, 1, 2049)["step_s"]
+    assert one["wall_s"] == pytest.approx(3 * step + 5 * CLIENT_DELAY_S)
+    for bad in ({"concurrency": 0}, {"num_requests": 0}, {"max_batch": 0}, {"osl": 0}):
+        kw = dict(isl=2048, osl=2, num_requests=3, concurrency=1, max_batch=4) | bad
+        with pytest.raises(ValueError, match=">= 1"):
+            simulate_colocated(cm, **kw)
     two = simulate_colocated(cm, 2048, 64, 2, 2)
     assert two["ttft_p90_s"] > one["ttft_p50_s"] + 0.5 * prefill  # the second waited for the first's step
     assert simulate_colocated(cm, 2048, 64, 16, 8)["tps_per_gpu"] > simulate_colocated(cm, 2048, 64, 16, 2)["tps_per_gpu"]
@@ -394,6 +401,11 @@ def test_colocated_server_against_the_measured_h200_server():
         assert abs(pred["ttft_p50_s"] / m["ttft_s"]["p50"] - 1) < tol
     with pytest.raises(ValueError, match="two concurrencies"):
         fit_server_overhead(cm, 4096, 256, rows[:1])
+    # A prompt longer than the step budget is prefilled in chunks: the measured mean step is
+    # set against the predicted mean chunk step, not the whole prompt's.
+    chunks = [cm.step_dp([16384], [0]), cm.step_dp([16384], [16384])]
+    fake = [dict(r, prefill_step_mean_s=sum(chunks) / 2 + 0.01) for r in rows]
+    assert fit_server_overhead(cm, 32768, 256, fake, mnt=16384)[2] == pytest.approx(0.01)
     assert main(["plan", "--model", "qwen3-235b-a22b", "--num-layers", "8", "--expert-dtype", "fp8", "-N", "1",
                  "--isl", "4096", "--dist", "fixed", "--colocated", "2,64", "--osl", "256",
                  "--server-anatomy", str(path), "--requests-per-rank", "2"]) == 0

@@ -572,8 +572,16 @@ def _print_colocated(console, p, args) -> None:
     isl, osl = p.workload.isl, args.osl
     overhead, measured = (0.0, 0.0, 0.0), {}
     if args.server_anatomy:
-        rows = json.loads(Path(args.server_anatomy).read_text())["rows"]
-        overhead = fit_server_overhead(cm, isl, osl, rows)
+        try:
+            data = json.loads(Path(args.server_anatomy).read_text())
+            rows = data["rows"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SystemExit(f"--server-anatomy {args.server_anatomy}: not a benchmarks/serve_anatomy.py JSON ({e})")
+        if (data.get("isl"), data.get("osl")) != (isl, osl):  # compare like with like: the file's workload
+            console.print(f"--server-anatomy: using the file's ISL {data.get('isl')} / OSL {data.get('osl')} "
+                          f"(not {isl} / {osl})")
+            isl, osl = data.get("isl") or isl, data.get("osl") or osl
+        overhead = fit_server_overhead(cm, isl, osl, rows, p.mnt)
         measured = {r["max_concurrency"]: r["loadtest"] for r in rows}
     t = Table(title=f"one-GPU server, prefill in the decode loop, ISL {isl} / OSL {osl}, max batch {args.max_batch}, "
                     f"MNT {p.mnt}; server overhead {overhead[0] * 1e3:.2f} ms + {overhead[1] * 1e3:.3f} ms/seq per decode "
@@ -583,7 +591,10 @@ def _print_colocated(console, p, args) -> None:
     for c in (int(x) for x in args.colocated.split(",")):
         r = simulate_colocated(cm, isl, osl, args.colocated_requests, c, args.max_batch, p.mnt, overhead)
         m = measured.get(c)
-        pair = (lambda pred, meas, f: f"{f(pred)}" if meas is None else f"{f(pred)} / {f(meas)}")
+        def pair(pred, meas, f):
+            show = (lambda v: "-" if v is None else f(v))
+            return show(pred) if meas is None else f"{show(pred)} / {show(meas)}"
+
         t.add_row(str(c), pair(r["tps_per_gpu"], m and m["tps_per_gpu"], lambda v: f"{v:,.0f}"),
                   pair(r["tps_per_user"], m and m["tps_per_user"], lambda v: f"{v:.0f}"),
                   pair(r["ttft_p50_s"], m and m["ttft_s"]["p50"], lambda v: f"{v * 1e3:.0f}"),
@@ -591,6 +602,16 @@ def _print_colocated(console, p, args) -> None:
     console.print(t)
     if measured:
         console.print("(predicted / measured)")
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of milliseconds (e.g. 0.5)")
+    return v
 
 
 def cmd_calibrate(args) -> int:
@@ -640,7 +661,7 @@ def cmd_serve(args) -> int:
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
         worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue,
                                      intra_op_threads=args.threads, max_context=args.max_context, decode=decode)
-    if args.switch_interval_ms:
+    if args.switch_interval_ms is not None:
         # The serving loop shares the interpreter with the HTTP threads; it waits up to one
         # switch interval for the lock whenever they hold it (Python's default is 5 ms).
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
@@ -783,7 +804,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the model against every published DWDP number it can express (a markdown table)")
     plan.add_argument("--frontier", default=None, metavar="U1,U2,...",
                       help="target tokens/s per user: the disaggregated-serving frontier (context dwdp vs dep)")
-    plan.add_argument("--osl", type=int, default=1024, help="with --frontier: output tokens per request")
+    plan.add_argument("--osl", type=int, default=1024, help="with --frontier / --colocated: output tokens per request")
     plan.add_argument("--gen-gpus", type=int, default=1, help="with --frontier: GPUs per decode (DEP) group")
     plan.add_argument("--colocated", default=None, metavar="C1,C2,...",
                       help="loadtest concurrencies: predict a one-GPU `dwdp serve` (prefill in the decode loop)")
@@ -849,7 +870,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how a prefill rank's KV cache reaches decode: cuda_ipc = GPU to GPU (NVLink), "
                           "host = through shared host memory; auto = cuda_ipc when prefill and decode (in this "
                           "process) are on GPUs")
-    srv.add_argument("--switch-interval-ms", type=float, default=0.5,
+    srv.add_argument("--switch-interval-ms", type=_positive_ms, default=0.5,
                      help="the interpreter's thread switch interval (default 0.5; Python's own is 5): with 64 "
                           "streams on one H200 the serving loop's decode step fell from 14.7 to 11.8 ms")
     srv.add_argument("--drain-timeout", type=float, default=30.0,

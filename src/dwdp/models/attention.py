@@ -47,11 +47,13 @@ MERGE_HEADS = 16  # heads merged per float32 pass (a 16K-token MLA chunk: 134 MB
 
 
 def set_cuda_attention_backend(name: str) -> None:
-    """'auto' (cuDNN for long sequences without a prefix, the varlen kernel for the rest),
-    'varlen' (the varlen kernel for every sequence) or 'sdpa' (per-sequence SDPA)."""
+    """'auto' (cuDNN for sequences of at least CUDNN_MIN_TOKENS new tokens, the varlen kernel
+    for the rest), 'varlen' (the varlen kernel for every sequence) or 'sdpa' (per-sequence
+    SDPA). Setting it also forgets a cuDNN refusal seen before."""
     if name not in ("auto", "sdpa", "varlen"):
         raise ValueError(f"attention backend {name!r}: choose auto, sdpa or varlen")
     _BACKEND["cuda"] = name
+    _CUDNN.update(ok=True, gqa=True)
 
 
 def packed_causal_attention(
@@ -80,13 +82,15 @@ def packed_causal_attention(
     return _sdpa_per_sequence(q, k, v, cu_q, cu_k, scale)
 
 
-def _cudnn_causal(q, k, v, scale):
+def _cudnn_causal(q, k, v, scale, native_gqa: bool | None = None):
     """One sequence's new tokens, q [N, Hq, D], over its keys k [P + N, Hkv, D], v [P + N,
     Hkv, Dv] (a cached prefix of P first) -> [N, Hq, Dv] through cuDNN; None where cuDNN
-    refuses it (then not tried again)."""
+    refuses it (then not tried again until the backend is set anew). Running out of memory
+    is raised as it is: it says nothing about cuDNN."""
     hq, hkv = q.shape[1], k.shape[1]
+    native = _CUDNN["gqa"] if native_gqa is None else native_gqa
     qi, ki, vi = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    if hkv != hq and not _CUDNN["gqa"]:
+    if hkv != hq and not native:
         ki, vi = ki.repeat_interleave(hq // hkv, dim=1), vi.repeat_interleave(hq // hkv, dim=1)
     try:
         P = k.shape[0] - q.shape[0]
@@ -100,10 +104,14 @@ def _cudnn_causal(q, k, v, scale):
             for h in range(0, hq, MERGE_HEADS):  # float32 a few heads at a time: bounded temporaries
                 hs = slice(h, h + MERGE_HEADS)
                 o[:, hs] = torch.lerp(ob[:, hs].float(), oa[:, hs].float(), wa[:, hs]).to(o.dtype)
+    except torch.OutOfMemoryError:
+        raise
     except (RuntimeError, TypeError) as e:
-        if hkv != hq and _CUDNN["gqa"]:  # cuDNN without native GQA here: repeat K/V from now on
-            _CUDNN["gqa"] = False
-            return _cudnn_causal(q, k, v, scale)
+        if hkv != hq and native:  # perhaps no native GQA here: try repeated K/V once
+            out = _cudnn_causal(q, k, v, scale, native_gqa=False)
+            if out is not None:
+                _CUDNN["gqa"] = False  # it was the GQA: repeat K/V from now on
+            return out
         _CUDNN["ok"] = False
         _warn_once(f"cuDNN attention unavailable, using the varlen kernel: {e}")
         return None
@@ -116,6 +124,8 @@ def _cudnn_sdpa(q, k, v, causal: bool, scale: float):
     op = torch.ops.aten._scaled_dot_product_cudnn_attention
     try:  # the packed layout as strided views; a copy where cuDNN wants its own layout
         out = op(q, k, v, None, True, 0.0, causal, False, scale=scale)
+    except torch.OutOfMemoryError:
+        raise
     except RuntimeError:
         out = op(q.contiguous(), k.contiguous(), v.contiguous(), None, True, 0.0, causal, False, scale=scale)
     return out[0], out[1]

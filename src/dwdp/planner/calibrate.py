@@ -335,10 +335,12 @@ def calibrate(models: list[str] = (), num_layers: int | None = None, log=print) 
         pull_all_gbps=comm.get("pull_all_gbps", 0.0), a2a_gbps=comm.get("a2a_gbps", 0.0),
         a2a_latency_us=comm.get("a2a_latency_us", 0.0), memory_gib=total, domain=n,
         # Until a model is fitted: the engine's measured fractions relative to the large
-        # matmuls measured above (grouped expert GEMMs 0.56 and attention 0.35 of the bf16 peak,
-        # where the large bf16 matmul reaches 0.81; FP8 expert GEMMs 0.34 of the FP8 peak, where
-        # the large FP8 matmul reaches 0.72), not the matmuls' own rates.
+        # matmuls measured above (grouped expert GEMMs 0.56, prefill attention 0.55 and decode
+        # attention 0.35 of the bf16 peak, where the large bf16 matmul reaches 0.81; FP8 expert
+        # GEMMs 0.34 of the FP8 peak, where the large FP8 matmul reaches 0.72), not the
+        # matmuls' own rates. A model fit replaces the prefill ones, never the decode one.
         gemm_eff=MEASURED_FRACTIONS["gemm"] / 0.81, attn_eff=MEASURED_FRACTIONS["attn"] / 0.81,
+        decode_attn_eff=MEASURED_FRACTIONS["decode_attn"] / 0.81,
         fp8_gemm_eff=MEASURED_FRACTIONS["fp8_gemm"] / 0.72)
     if n > 1:  # measured here; one GPU keeps the defaults (nothing to pull, no peer to drift from)
         prof.layer_jitter = comm["layer_jitter"]

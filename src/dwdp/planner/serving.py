@@ -118,7 +118,9 @@ def simulate_colocated(cm: CostModel, isl: int, osl: int, num_requests: int, con
     """`dwdp serve` on one GPU, prefill in the decode process, under `dwdp loadtest
     --max-concurrency C` (closed loop: at most C in flight, the next sent when one finishes;
     the client starts its first C one after another and each reaches the server
-    ``client_delay_s`` after it is sent). The serving loop's own rule: at each iteration it
+    ``client_delay_s`` after it is sent, as a token reaches the client that long after it is
+    made: a finished request's successor arrives two crossings after its last token). The
+    serving loop's own rule: at each iteration it
     admits what has arrived, runs one prefill step (FIFO, MNT tokens, chunked) when prompts
     wait, then one decode step over every running sequence (at most ``max_batch``); a
     prompt's first token comes with the end of its last prefill chunk, and an idle loop
@@ -131,6 +133,10 @@ def simulate_colocated(cm: CostModel, isl: int, osl: int, num_requests: int, con
     them). TTFT is measured as the client sees it. Returns the loadtest's metrics."""
     from ..engine import take_chunks
 
+    for name, v in (("concurrency", concurrency), ("requests", num_requests), ("max batch", max_batch),
+                    ("output tokens", osl), ("prompt tokens", isl), ("max num tokens", mnt)):
+        if v < 1:
+            raise ValueError(f"a served workload needs {name} >= 1, got {v}")
     sent = min(concurrency, num_requests)
     arrivals = [client_delay_s * (i + 1) for i in range(sent)]  # when each request reaches the server
     inbox = list(range(sent))  # sent, not yet admitted (in arrival order)
@@ -168,7 +174,7 @@ def simulate_colocated(cm: CostModel, isl: int, osl: int, num_requests: int, con
             del running[r]
             done += 1
             if sent < num_requests:
-                arrivals.append(t + client_delay_s)
+                arrivals.append(t + 2 * client_delay_s)
                 inbox.append(sent)
                 sent += 1
     tpot = [(last[r] - first[r]) / (osl - 1) for r in first if osl > 1 and last[r] > first[r]]
@@ -177,13 +183,16 @@ def simulate_colocated(cm: CostModel, isl: int, osl: int, num_requests: int, con
             "wall_s": t}
 
 
-def fit_server_overhead(cm: CostModel, isl: int, osl: int, rows: list[dict]) -> tuple[float, float, float]:
+def fit_server_overhead(cm: CostModel, isl: int, osl: int, rows: list[dict], mnt: int = 16384
+                        ) -> tuple[float, float, float]:
     """The server's own work from a `benchmarks/serve_anatomy.py` run's two lowest
     concurrencies (its /metrics step histograms beside the loadtest), where every running
     sequence decodes each step and a prompt is prefilled alone: (per decode step, per running
     sequence, per prefill step) seconds. The measured mean decode step minus the predicted
-    one at two batches gives a line; the mean prefill step minus the predicted step of one
-    prompt, the third. Nothing is fitted to TTFT or throughput."""
+    one at two batches gives a line; the mean prefill step minus the predicted mean step of
+    one prompt (its MNT chunks), the third. Nothing is fitted to TTFT or throughput."""
+    from ..engine import take_chunks
+
     lo = sorted(rows, key=lambda r: r["max_concurrency"])[:2]
     if len(lo) < 2 or lo[0]["max_concurrency"] == lo[1]["max_concurrency"] or \
             any(r.get("decode_step_mean_s") is None or r.get("prefill_step_mean_s") is None for r in lo):
@@ -193,4 +202,10 @@ def fit_server_overhead(cm: CostModel, isl: int, osl: int, rows: list[dict]) -> 
     (b1, e1), (b2, e2) = [(r["max_concurrency"], r["decode_step_mean_s"]
                            - decode_step_s(cm, r["max_concurrency"], ctx)["step_s"]) for r in lo]
     per_seq = max(0.0, (e2 - e1) / (b2 - b1))
-    return max(0.0, e1 - per_seq * b1), per_seq, max(0.0, lo[0]["prefill_step_mean_s"] - cm.step_dp([isl], [0]))
+    chunks, done = [], 0
+    while done < isl:  # one prompt alone: its chunk steps
+        take = take_chunks([isl - done], mnt)[0]
+        chunks.append(cm.step_dp([take], [done]))
+        done += take
+    prefill = lo[0]["prefill_step_mean_s"] - sum(chunks) / len(chunks)
+    return max(0.0, e1 - per_seq * b1), per_seq, max(0.0, prefill)

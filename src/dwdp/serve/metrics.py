@@ -32,7 +32,8 @@ HISTOGRAMS = {
     "ttft": ("dwdp_time_to_first_token_seconds", "Arrival to first token."),
     "itl": ("dwdp_inter_token_latency_seconds", "Time between consecutive tokens of a request."),
     "prefill_step": ("dwdp_prefill_step_seconds",
-                     "One prefill step of the serving loop: the engine step, first tokens, KV hand-off."),
+                     "One local prefill step of the serving loop: the engine step, first tokens, KV hand-off "
+                     "(a prefill group's steps run in its own ranks)."),
     "decode_step": ("dwdp_decode_step_seconds", "One decode step of the serving loop, its token events included."),
 }
 
