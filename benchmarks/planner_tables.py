@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from dwdp.bench.schema import load_runs
-from dwdp.parallel.strategies import DEP, DP, DWDP
 from dwdp.planner.hardware import PROFILES, HardwareProfile
 from dwdp.planner.model import CostModel
-from dwdp.planner.paper import _base, markdown, paper_points
-from dwdp.planner.plan import predict_all, validate
+from dwdp.planner.paper import _base, breakdown, markdown, paper_points
+from dwdp.planner.plan import validate
 from dwdp.planner.serving import decode_step_s, fit_server_overhead, simulate_colocated
 from dwdp.presets import resolve_model
 
@@ -41,23 +40,16 @@ def paper_section() -> list[str]:
     out = ["## The paper (`dwdp plan --paper`)", "", markdown(pts), "",
            f"{n5} of {len(pts)} within 5%, {sum(abs(p.error) <= 0.15 for p in pts)} within 15%.", ""]
     # The paper's iteration breakdown (DWDP4 vs DEP4, ISL 8K ratio 0.8, MNT 32K), per component.
-    p = _base()
-    pr = predict_all(p, (DP, DEP, DWDP))
-    dep, dw, dp = pr[DEP], pr[DWDP], pr[DP]
-    busy = sum(dep.busy_s)
-    a2a = dep.extra["a2a_s"] * p.group_size / busy
-    sync = dep.extra["sync_share"]
-    wait = float(np.sum(dw.extra["exposed_wait_s"])) / sum(dw.busy_s)
-    slow = (sum(dw.busy_s) - float(np.sum(dw.extra["exposed_wait_s"]))) / sum(dp.busy_s) - 1
-    step = {k: sum(map(sum, v.step_s)) / sum(map(len, v.step_s)) for k, v in pr.items()}
+    b = breakdown(_base())
     out += ["Iteration breakdown, ISL 8K ratio 0.8, MNT 32K (the paper's; DWDP compute = its step "
             "less its exposed wait, against dp's compute of the same steps):", "",
             "| component | paper | predicted |", "|---|---:|---:|",
-            f"| DEP all-to-all share of the iteration | 9.6% | {100 * a2a:.1f}% |",
-            f"| DEP waiting for the slowest rank | 12.3% | {100 * sync:.1f}% |",
-            f"| DWDP exposed prefetch wait | hidden | {100 * wait:.1f}% |",
-            f"| DWDP compute slowdown under pulls | +9.7% (as issue 19 reads the paper) | {pct(slow)} |",
-            f"| DWDP iteration / DEP iteration | 0.857 | {step[DWDP] / step[DEP]:.3f} |", ""]
+            f"| DEP all-to-all share of the iteration | 9.6% | {100 * b['a2a_share']:.1f}% |",
+            f"| DEP waiting for the slowest rank | 12.3% | {100 * b['sync_share']:.1f}% |",
+            f"| DWDP exposed prefetch wait | hidden | {100 * b['dwdp_exposed_share']:.1f}% |",
+            f"| DWDP compute slowdown under pulls | +9.7% (as issue 19 reads the paper) | "
+            f"{pct(b['dwdp_compute_slowdown'])} |",
+            f"| DWDP iteration / DEP iteration | 0.857 | {b['dwdp_over_dep_step']:.3f} |", ""]
     return out
 
 

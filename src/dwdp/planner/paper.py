@@ -21,7 +21,9 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from ..parallel.strategies import DEP, DWDP
+import numpy as np
+
+from ..parallel.strategies import DEP, DP, DWDP
 from ..presets import resolve_model
 from ..workload import WorkloadSpec
 from .hardware import PROFILES, with_kernels
@@ -51,11 +53,19 @@ def _base(isl: int = 8192, mnt: int = 32768, dist: str = "uniform", ratio: float
                      dense_dtype="fp8")
 
 
-def _dep_shares(p: PlanInput) -> tuple[float, float, float]:
-    pr = predict_all(p, (DEP, DWDP))
-    dep = pr[DEP]
-    busy = sum(dep.busy_s)
-    return dep.extra["a2a_s"] * p.group_size / busy, dep.extra["sync_share"], pr[DWDP].tps_per_gpu / dep.tps_per_gpu
+def breakdown(p: PlanInput) -> dict:
+    """The paper's iteration breakdown for one setting, from one prediction of dp, dep and
+    dwdp: DEP's all-to-all and waiting shares of its busy time, DWDP's exposed prefetch wait
+    share, DWDP's compute (its busy time less that wait) over dp's, and DWDP's mean step over
+    DEP's."""
+    pr = predict_all(p, (DP, DEP, DWDP))
+    dep, dw, dp = pr[DEP], pr[DWDP], pr[DP]
+    exposed = float(np.sum(dw.extra["exposed_wait_s"]))
+    step = {k: sum(map(sum, v.step_s)) / sum(map(len, v.step_s)) for k, v in pr.items()}
+    return {"a2a_share": dep.extra["a2a_s"] * p.group_size / sum(dep.busy_s), "sync_share": dep.extra["sync_share"],
+            "dwdp_exposed_share": exposed / sum(dw.busy_s),
+            "dwdp_compute_slowdown": (sum(dw.busy_s) - exposed) / sum(dp.busy_s) - 1,
+            "dwdp_over_dep_step": step[DWDP] / step[DEP]}
 
 
 def paper_points() -> list[PaperPoint]:
@@ -70,20 +80,18 @@ def paper_points() -> list[PaperPoint]:
     for mnt, paper in ((16384, 1.01), (32768, 1.10)):
         rows, _ = crossover(_base(mnt=mnt), isls=(8192,))
         pts.append(PaperPoint(f"TPS/GPU DWDP / DEP, ISL 8K, MNT {mnt // 1024}K", paper, rows[0][3]))
-    a2a, sync, _ = _dep_shares(_base())
-    pts.append(PaperPoint("DEP all-to-all share of the iteration, ISL 8K ratio 0.8, MNT 32K", 0.096, a2a, "share"))
-    pts.append(PaperPoint("DEP synchronization share, same setting", 0.123, sync, "share"))
-    _, sync_cv, _ = _dep_shares(_base(dist="normal", cv=0.2))
-    pts.append(PaperPoint("DEP synchronization share at CV 0.2 (normal lengths), no expert skew", 0.12, sync_cv,
-                          "share"))
+    main = breakdown(_base())
+    pts.append(PaperPoint("DEP all-to-all share of the iteration, ISL 8K ratio 0.8, MNT 32K", 0.096,
+                          main["a2a_share"], "share"))
+    pts.append(PaperPoint("DEP synchronization share, same setting", 0.123, main["sync_share"], "share"))
+    pts.append(PaperPoint("DEP synchronization share at CV 0.2 (normal lengths), no expert skew", 0.12,
+                          breakdown(_base(dist="normal", cv=0.2))["sync_share"], "share"))
     for std, paper in ((0, 1.09), (1024, 1.08), (2048, 1.11), (4096, 1.15)):
         q = _base(isl=16384, dist="normal" if std else "fixed", cv=std / 16384)
         rows, _ = crossover(q, isls=(16384,))
         pts.append(PaperPoint(f"imbalance sweep, ISL 16K, length std {std // 1024}K: DWDP / DEP", paper, rows[0][3]))
-    pr = predict_all(_base(), (DEP, DWDP))
-    step = {k: sum(map(sum, v.step_s)) / sum(map(len, v.step_s)) for k, v in pr.items()}
     pts.append(PaperPoint("iteration latency DWDP vs DEP, ISL 8K ratio 0.8, MNT 32K (paper: -14.3%)", 1 - 0.143,
-                          step[DWDP] / step[DEP]))
+                          main["dwdp_over_dep_step"]))
     plain = _base(mnt=16384)
     sliced = copy.deepcopy(plain)
     sliced.sliced = True
