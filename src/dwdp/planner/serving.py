@@ -27,7 +27,7 @@ import torch
 from ..info import param_breakdown
 from ..kv_cache import cache_bytes_per_token
 from ..parallel.replica import FIT_HEADROOM
-from .model import CostModel, expected_distinct
+from .model import CostModel, expected_distinct, pack_steps
 
 # A loadtest client's request reaches the server, and its first token the client, ~1.5 ms
 # after it happens: the client TTFT exceeds the server's by 3 ms at concurrency 2
@@ -191,8 +191,6 @@ def fit_server_overhead(cm: CostModel, isl: int, osl: int, rows: list[dict], mnt
     sequence, per prefill step) seconds. The measured mean decode step minus the predicted
     one at two batches gives a line; the mean prefill step minus the predicted mean step of
     one prompt (its MNT chunks), the third. Nothing is fitted to TTFT or throughput."""
-    from ..engine import take_chunks
-
     lo = sorted(rows, key=lambda r: r["max_concurrency"])[:2]
     if len(lo) < 2 or lo[0]["max_concurrency"] == lo[1]["max_concurrency"] or \
             any(r.get("decode_step_mean_s") is None or r.get("prefill_step_mean_s") is None for r in lo):
@@ -202,10 +200,6 @@ def fit_server_overhead(cm: CostModel, isl: int, osl: int, rows: list[dict], mnt
     (b1, e1), (b2, e2) = [(r["max_concurrency"], r["decode_step_mean_s"]
                            - decode_step_s(cm, r["max_concurrency"], ctx)["step_s"]) for r in lo]
     per_seq = max(0.0, (e2 - e1) / (b2 - b1))
-    chunks, done = [], 0
-    while done < isl:  # one prompt alone: its chunk steps
-        take = take_chunks([isl - done], mnt)[0]
-        chunks.append(cm.step_dp([take], [done]))
-        done += take
+    chunks = [cm.step_dp(seqs, prefix) for seqs, prefix in pack_steps([isl], mnt)]  # one prompt alone
     prefill = lo[0]["prefill_step_mean_s"] - sum(chunks) / len(chunks)
     return max(0.0, e1 - per_seq * b1), per_seq, max(0.0, prefill)
