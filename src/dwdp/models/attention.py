@@ -75,6 +75,11 @@ def packed_causal_attention(
         out = _cudnn_and_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev)
         if out is not None:
             return out
+    return _varlen_or_sdpa(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev)
+
+
+def _varlen_or_sdpa(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
+    """The varlen kernel where it applies, else per-sequence SDPA (the reference)."""
     if q.is_cuda and _BACKEND["cuda"] != "sdpa" and _varlen_attn() is not None:
         out = _try_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev)
         if out is not None:
@@ -159,9 +164,7 @@ def _cudnn_and_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
         sub_k = [c - k0 for c in cu_k[i:j + 1]]
         dq = None if cu_q_dev is None else cu_q_dev[i:j + 1] - cu_q_dev[i]
         dk = None if cu_k_dev is None else cu_k_dev[i:j + 1] - cu_k_dev[i]
-        o = _try_varlen(q[q0:q1], k[k0:k1], v[k0:k1], sub_q, sub_k, scale, dq, dk) \
-            if _varlen_attn() is not None else None
-        out[q0:q1] = o if o is not None else _sdpa_per_sequence(q[q0:q1], k[k0:k1], v[k0:k1], sub_q, sub_k, scale)
+        out[q0:q1] = _varlen_or_sdpa(q[q0:q1], k[k0:k1], v[k0:k1], sub_q, sub_k, scale, dq, dk)
         i = j
     return out
 
@@ -219,7 +222,7 @@ def _try_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
             return _try_varlen(q, k, v_in, cu_q, cu_k, scale, cu_q_dev, cu_k_dev)
         if _BACKEND["cuda"] == "varlen":
             raise
-        _warn_once(str(e))
+        _warn_once(f"varlen attention unavailable, using per-sequence SDPA: {str(e)[:200]}")
         return None
     if isinstance(out, tuple):
         out = out[0]
@@ -230,8 +233,7 @@ def _try_varlen(q, k, v, cu_q, cu_k, scale, cu_q_dev, cu_k_dev):
 def _warn_once(msg: str) -> None:
     import warnings
 
-    warnings.warn(msg[:300] if msg.startswith("cuDNN") else f"varlen attention unavailable, using per-sequence SDPA: "
-                  f"{msg[:200]}", stacklevel=3)
+    warnings.warn(msg[:300], stacklevel=3)
 
 
 def decode_kernel_applies(t: torch.Tensor, dk: int, dv: int, v_is_k: bool) -> bool:
