@@ -121,9 +121,12 @@ MEASURED_FRACTIONS = dict(pull_single=0.87, pull_all=0.82, a2a=0.66, hbm=0.87, g
                           decode_attn=0.35, jitter=0.028)
 
 
+_OUR_DERATING = "derated by fractions measured on H200"
+
+
 def _datasheet(name, bf16, fp8, hbm, link, mem, domain, note, fp4=0.0) -> HardwareProfile:
     f = MEASURED_FRACTIONS
-    return HardwareProfile(name, f"datasheet ({note}); derated by fractions measured on H200", bf16, fp8, hbm, link,
+    return HardwareProfile(name, f"datasheet ({note}); {_OUR_DERATING}", bf16, fp8, hbm, link,
                            f["pull_single"] * link, f["pull_all"] * link, f["a2a"] * link, 25.0, mem, domain,
                            gemm_eff=f["gemm"], attn_eff=f["attn"], hbm_eff=f["hbm"], fp4_tflops=fp4,
                            fp8_gemm_eff=f["fp8_gemm"], layer_jitter=f["jitter"], decode_attn_eff=f["decode_attn"])
@@ -170,7 +173,7 @@ def with_kernels(hw: HardwareProfile, kernels: str) -> HardwareProfile:
                          "so its fractions are already those of the engine it measured: leave --kernels at ours")
     f = VENDOR_FRACTIONS
     return dataclasses.replace(hw, gemm_eff=f["gemm"], fp8_gemm_eff=f["fp8_gemm"], fp8_dense_eff=f["fp8_dense"],
-                               attn_eff=f["attn"], source=hw.source.replace("derated by fractions measured on H200",
+                               attn_eff=f["attn"], source=hw.source.replace(_OUR_DERATING,
                                                                             "derated by " + KERNEL_SETS["vendor"]))
 
 
