@@ -20,15 +20,17 @@ SHAPES = {  # (experts, N, K) of the gate/up and down GEMMs
     "qwen3-235b w13": (128, 3072, 4096), "qwen3-235b w2": (128, 4096, 1536),
     "deepseek-v3 w13": (256, 4096, 7168), "deepseek-v3 w2": (256, 7168, 2048),
 }
-CANDIDATES = [(64, 128, 4, 4, 8), (64, 256, 8, 3, 8), (128, 128, 4, 4, 8), (128, 128, 8, 3, 8),
-              (128, 128, 8, 4, 8), (128, 256, 8, 3, 8), (128, 256, 8, 4, 8), (256, 128, 8, 3, 8),
-              (128, 128, 8, 4, 1)]
+CANDIDATES = [(64, 128, 4, 4, 8), (64, 128, 4, 5, 8), (64, 128, 8, 4, 8), (64, 256, 4, 3, 8), (64, 256, 8, 3, 8),
+              (128, 128, 4, 4, 8), (128, 128, 8, 3, 8), (128, 128, 8, 4, 8), (128, 256, 8, 3, 8), (128, 256, 8, 4, 8),
+              (256, 128, 8, 3, 8), (128, 128, 8, 4, 1), (64, 128, 4, 4, 1)]
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--rows", default="128,512,1024")
+    ap.add_argument("--multinomial", action="store_true",
+                    help="rows per expert drawn as a uniform router would (multinomial), not all equal")
     a = ap.parse_args()
     ceiling = _fp8_tflops()
     res = {"machine": machine_info(), "device": torch.cuda.get_device_name(0), "fp8_matmul_tflops": ceiling,
@@ -44,6 +46,8 @@ def main():
             M = rows * G
             xq, xs = k.quantize_rows(torch.randn(M, K, device="cuda", dtype=torch.bfloat16))
             counts = torch.full((G,), rows, device="cuda")
+            if a.multinomial:  # partial tiles, as real routing leaves them
+                counts = torch.multinomial(torch.ones(G), M, replacement=True).bincount(minlength=G).cuda()
             best = None
             for cfg in CANDIDATES:
                 k.CONFIGS["small"] = k.CONFIGS["large"] = cfg
@@ -53,7 +57,8 @@ def main():
                     print(f"  {cfg}: {type(e).__name__}")
                     continue
                 tf = 2.0 * M * N * K / t / 1e12
-                res["runs"].append({"shape": name, "rows_per_expert": rows, "config": cfg, "tflops": tf})
+                res["runs"].append({"shape": name, "rows_per_expert": rows, "config": cfg, "tflops": tf,
+                                    "multinomial": a.multinomial})
                 if best is None or tf > best[1]:
                     best = (cfg, tf)
             print(f"{name:16s} rows/expert {rows:5d}: best {best[0]} {best[1]:.0f} TFLOP/s "
