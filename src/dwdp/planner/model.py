@@ -10,10 +10,11 @@ Per layer and per rank step (sequences with their cached prefixes):
   first at step start); a MoE layer's remote experts wait for their pull, so the step is
   the critical path of that two-stream pipeline; compute is slowed by ``interference``
   while pulls are in flight.
-* dep: ranks step in lockstep and every MoE layer is a barrier: its time is the slowest
-  rank's attention (from the actual lengths in each rank's step) + the most loaded EP
-  rank's experts, with each layer's routing drawn from the router distribution
-  (multinomial over experts, Zipf skew as a parameter) + dispatch and combine all-to-alls.
+* dep: ranks step in lockstep and every MoE layer has two barriers (dispatch, combine): its
+  time is the slowest rank's attention (from the actual lengths in each rank's step) + the
+  most loaded EP rank's experts, with each layer's routing drawn from the router
+  distribution (multinomial over experts, Zipf skew as a parameter) + dispatch and combine
+  all-to-alls + at each barrier the slowest of the ranks' compute-noise draws.
 * dp: compute only.
 
 Pull bandwidth: a measured all-peer ingress when the profile has one; the DWDP authors'
@@ -265,13 +266,11 @@ class CostModel:
             m += 1
         return t, waited
 
-    def dep_layer(self, works: list[LayerWork], loads: np.ndarray, n: int) -> tuple[float, float]:
-        """(layer seconds, of which all-to-all) for one lockstep layer over ``n`` ranks;
-        ``loads[r]``: (token, expert) pairs EP rank r computes in this layer."""
+    def dep_experts(self, works: list[LayerWork], loads: np.ndarray, n: int) -> tuple[float, float]:
+        """(the most loaded EP rank's expert seconds, dispatch + combine all-to-all seconds) of
+        one lockstep MoE layer over ``n`` ranks; ``loads[r]``: (token, expert) pairs EP rank r
+        computes in this layer."""
         cfg = self.cfg
-        dense = max(self.dense_part(w) for w in works)
-        if not works[0].is_moe:
-            return dense, 0.0
         held = math.ceil(cfg.num_experts / n)
         expert = max(self.experts_part(float(load), held) for load in loads)
         # Each token goes once to every rank holding one of its k experts (its row as the
@@ -279,7 +278,7 @@ class CostModel:
         max_tokens = max(w.tokens for w in works)
         per_rank = max_tokens * expected_dest_ranks(cfg, n) * (n - 1) / n * self.dep_row_bytes
         a2a = per_rank / (self.hw.a2a_gbps * 1e9) + 4 * self.hw.a2a_latency_us * 1e-6 if n > 1 else 0.0
-        return dense + expert + a2a, a2a
+        return expert, a2a
 
 
 def expected_contention(n: int) -> float:
@@ -381,26 +380,49 @@ def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, rout
              ) -> tuple[float, float, float]:
     """One lockstep DEP step of ``n`` ranks, rank i running (seq_lens, prefix_lens) ``per[i]``
     (a dummy step is ([1], [0])): (step seconds, of which all-to-all, summed over ranks the
-    time spent waiting for the slowest)."""
+    time spent waiting for the slowest).
+
+    A MoE layer has two barriers: the dispatch waits for every rank's attention (and the
+    dense layers since the last barrier), the combine for the most loaded EP rank's experts.
+    Between barriers ranks drift apart by the actual work (lengths, routing drawn per layer)
+    and by noise: the profile's ``layer_jitter`` is the relative standard deviation of a
+    whole layer, independent from layer to layer; a segment of a layer gets the share of
+    that variance its time is of the layer's (noise adds up over time), and a barrier waits
+    for the slowest of ``n`` draws of what accumulated since the last one."""
     cfg = cm.cfg
     moe = set(cfg.moe_layers)
+    sigma, c = cm.hw.layer_jitter, expected_max_normal(n)
     t, own, step_a2a = 0.0, [0.0] * n, 0.0
+    since, var = [0.0] * n, 0.0  # per rank since the last barrier; jitter variance accumulated
     by_kind = {m: [_layer_work(cfg, m, tuple(s), tuple(p)) for s, p in per] for m in (True, False)}
     moe_index = {layer: i for i, layer in enumerate(cfg.moe_layers)}
+
+    def barrier() -> float:
+        nonlocal since, var
+        wait = max(since) + c * math.sqrt(var)
+        since, var = [0.0] * n, 0.0
+        return wait
+
     for layer in range(cfg.num_layers):  # routing drawn afresh for every MoE layer
         works = by_kind[layer in moe]
+        dense = [cm.dense_part(w) for w in works]
+        since = [a + d for a, d in zip(since, dense)]
+        if layer not in moe:
+            var += (sigma * float(np.mean(dense))) ** 2
+            own = [o + d for o, d in zip(own, dense)]
+            continue
         pairs = sum(w.tokens for w in works) * cfg.top_k
-        loads = router.loads(pairs, moe_index[layer]) if layer in moe else np.zeros(n)
-        lt, a2a = cm.dep_layer(works, loads, n)
-        mine = [cm.dense_part(w) + (cm.experts_part(pairs / n, cfg.num_experts // n) if layer in moe else 0.0)
-                for w in works]  # each rank's own work, were the layer perfectly balanced
-        # Equal work still finishes at different times: the layer waits for the slowest
-        # draw of the ranks' compute jitter.
-        lt += cm.hw.layer_jitter * float(np.mean(mine)) * expected_max_normal(n)
-        t += lt
+        balanced = cm.experts_part(pairs / n, cfg.num_experts // n)  # each rank's experts, were the load even
+        layer_s = float(np.mean(dense)) + balanced
+        var += sigma ** 2 * layer_s * float(np.mean(dense))
+        t += barrier()  # dispatch
+        expert, a2a = cm.dep_experts(works, router.loads(pairs, moe_index[layer]), n)
+        since = [expert] * n
+        var += sigma ** 2 * layer_s * balanced
+        t += barrier() + a2a  # combine
         step_a2a += a2a
-        for i, o in enumerate(mine):
-            own[i] += o
+        own = [o + d + balanced for o, d in zip(own, dense)]
+    t += barrier()  # the step ends when the last rank does
     return t, step_a2a, sum(t - step_a2a - o for o in own)
 
 
