@@ -44,7 +44,7 @@ def _bytes_read(model, cfg, experts_touched: list[int], batch: int, context: int
 
 
 def run_case(model_name: str, layers: int, expert_dtype: str, context: int, batches: list[int], copy_bw: float,
-             steps: int, profile: bool = False) -> dict:
+             steps: int, profile: bool = False, overlap: bool = True) -> dict:
     cfg, _ = resolve_model(model_name, layers)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -55,12 +55,12 @@ def run_case(model_name: str, layers: int, expert_dtype: str, context: int, batc
     init_peak = torch.cuda.max_memory_allocated() - base
     predicted = build_bytes(cfg, torch.bfloat16, expert_dtype).total(cfg.num_experts)
     out = {"model": model_name, "layers": cfg.num_layers, "moe_layers": len(cfg.moe_layers),
-           "expert_dtype": expert_dtype, "context": context,
+           "expert_dtype": expert_dtype, "context": context, "overlap": overlap,
            "memory": {"predicted_bytes": predicted, "built_bytes": built, "init_peak_bytes": init_peak,
                       "built_over_predicted": built / predicted, "init_peak_over_predicted": init_peak / predicted}}
     B = max(batches)
     new_tokens = (len(batches) + 1) * (steps + 4) + 16  # more than the run takes
-    eng = DecodeEngine(model, max_batch=B, max_context=context + new_tokens)
+    eng = DecodeEngine(model, max_batch=B, max_context=context + new_tokens, overlap=overlap)
     out["cache_bytes"] = eng.cache.nbytes
     # One random prompt cache, copied into every slot (values do not change speed).
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -98,7 +98,7 @@ def run_case(model_name: str, layers: int, expert_dtype: str, context: int, batc
         t = []
         for _ in range(steps):
             s = time.perf_counter()
-            eng.step()  # includes sampling and the host read-back
+            eng.step()  # includes sampling and the host read-back (of the step before, when overlapped)
             t.append(time.perf_counter() - s)
         t.sort()
         step_s = t[len(t) // 2]
@@ -115,7 +115,7 @@ def run_case(model_name: str, layers: int, expert_dtype: str, context: int, batc
         rows.append({"batch": b, "context": ctx_now, "step_s_median": step_s, "step_s_min": t[0], "step_s_max": t[-1],
                      "graph_replay_s": graph_s, "eager_forward_s": eager_s, "bytes": by, "memory_bound_s": limit,
                      "step_over_limit": step_s / limit, "tokens_per_s": b / step_s, "tokens_per_s_per_user": 1 / step_s})
-        print(f"{model_name} L{cfg.num_layers} {expert_dtype} batch {b} ctx {ctx_now}: step {step_s * 1e3:.2f} ms "
+        print(f"{model_name} L{cfg.num_layers} {expert_dtype} overlap {int(overlap)} batch {b} ctx {ctx_now}: step {step_s * 1e3:.2f} ms "
               f"(graph {graph_s * 1e3:.2f}, eager {eager_s * 1e3:.2f}); limit {limit * 1e3:.2f} ms -> "
               f"{step_s / limit:.2f}x", flush=True)
     out["rows"] = rows
@@ -149,14 +149,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--out", required=True)
     ap.add_argument("--profile", action="store_true", help="print the top kernels of 3 eager steps at the smallest batch")
+    ap.add_argument("--overlap", default="on", choices=["on", "off", "both"],
+                    help="decode steps overlapped with the host's work (the engine's default), one at a time, or both")
     a = ap.parse_args()
     bw = copy_gbps()
     res = {"machine": machine_info(), "copy_gbps": bw, "cases": []}
     print(f"device copy: {bw:.0f} GB/s (read + write)", flush=True)
     for c in a.case:
         name, layers, edt = c.split(":")
-        res["cases"].append(run_case(name, int(layers), edt, a.context, [int(x) for x in a.batches.split(",")], bw,
-                                     a.steps, a.profile))
+        for overlap in {"on": [True], "off": [False], "both": [False, True]}[a.overlap]:
+            res["cases"].append(run_case(name, int(layers), edt, a.context, [int(x) for x in a.batches.split(",")],
+                                         bw, a.steps, a.profile, overlap))
         torch.cuda.empty_cache()
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -134,19 +134,23 @@ def test_requests_joining_mid_flight_equal_transformers_generate(ref_cases, fami
     assert sorted(dec._free) == [0, 1]  # every slot came back
 
 
-def test_cache_slot_holds_the_whole_sequence(ref_cases):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_cache_slot_holds_the_whole_sequence(ref_cases, overlap):
     """After some steps a slot holds exactly the KV that prefilling prompt + generated
-    tokens produces (the prefill's own cache is checked against transformers elsewhere)."""
+    tokens produces (the prefill's own cache is checked against transformers elsewhere).
+    Overlapped, a step is in flight: it has written the newest token's KV, and its own
+    token is not read yet."""
     for family in ("qwen3_moe", "deepseek_v3"):
         ref = ref_cases[family]
         prompt = [4, 8, 15, 16, 23, 42, 7]
         (req,) = _decode_reqs(ref, [prompt], SamplingParams(max_tokens=20))
-        dec = DecodeEngine(ref.ours(), max_batch=3, max_context=40)
+        dec = DecodeEngine(ref.ours(), max_batch=3, max_context=40, overlap=overlap)
         dec.add(req)
         for _ in range(5):
             dec.step()
         a = dec.active[0]
-        seq = prompt + a.tokens[:-1]  # the newest token has no cache entry yet
+        assert a.pending == int(overlap) and len(a.tokens) == 5 + int(not overlap)
+        seq = prompt + (a.tokens if overlap else a.tokens[:-1])  # without a step in flight the newest has no KV yet
         assert a.length == len(seq)
         full = PrefillEngine(ref.ours(), max_num_tokens=64, keep_kv=True).run([Request(0, seq)])[0]
         for (k, v), (k2, v2) in zip(dec.cache.read_prompt(a.slot, a.length), full.kv):
@@ -215,3 +219,53 @@ def test_cancel_frees_the_slot(ref_cases):
     out = {r.id: r for r in dec.run([])}
     assert len(out) == 2 and all(r.finish_reason == "length" for r in out.values())
     assert sorted(dec._free) == [0, 1]
+
+
+def test_overlapped_steps_decode_what_sequential_steps_do(ref_cases):
+    """Launching each step before reading the last one (the default) changes no output:
+    EOS mid-run (the stopped row rides one more step and drops its token), token limits,
+    seeded sampling with top-p, logprobs, requests joining mid-flight and a cancel all end
+    as with one step at a time, and every slot comes back."""
+    ref = ref_cases["qwen3_moe"]
+    prompts = PROMPTS + [[3, 3, 8, 1], [2, 2]]
+    greedy = {r.id: r for r in DecodeEngine(ref.ours(), 8).run(_decode_reqs(ref, prompts[:1], SamplingParams(max_tokens=8)))}
+    eos = greedy[0].tokens[3]
+    params = [SamplingParams(max_tokens=8, eos_token_id=eos), SamplingParams(max_tokens=9, temperature=0.8, seed=7, logprobs=2),
+              SamplingParams(max_tokens=5), SamplingParams(max_tokens=7, temperature=1.0, top_p=0.9, seed=3),
+              SamplingParams(max_tokens=8)]
+
+    def drive(overlap: bool):
+        reqs = _decode_reqs(ref, prompts, SamplingParams())
+        for r, p in zip(reqs, params):
+            r.params = p
+        dec = DecodeEngine(ref.ours(), 2, max_context=64, overlap=overlap)
+        out, lps = {}, {}
+
+        def add(r):
+            dec.add(r)
+            lps[r.id] = dec.waiting[-1].logprobs  # the request's per-token logprobs, filled as it decodes
+
+        for r in reqs[:3]:
+            add(r)
+        for _ in range(2):
+            out.update({r.id: r for r in dec.step()})
+        add(reqs[3])
+        add(reqs[4])
+        out.update({r.id: r for r in dec.step()})
+        out.update({r.id: r for r in dec.cancel([4])})
+        while dec.has_work:
+            out.update({r.id: r for r in dec.step()})
+        assert sorted(dec._free) == [0, 1] and not dec._draining
+        return out, lps
+
+    seq, seq_lp = drive(False)
+    ovl, ovl_lp = drive(True)
+    assert sorted(seq) == sorted(ovl) == [0, 1, 2, 3, 4]
+    assert seq[0].finish_reason == ovl[0].finish_reason == "stop" and ovl[0].tokens[-1] == eos
+    assert seq[4].finish_reason == ovl[4].finish_reason == "cancelled"
+    for i in range(4):
+        assert (ovl[i].tokens, ovl[i].finish_reason) == (seq[i].tokens, seq[i].finish_reason), f"request {i}"
+    assert [len(ovl[i].tokens) for i in (1, 2, 3)] == [9, 5, 7]
+    assert len(ovl_lp[1]) == len(seq_lp[1]) == 8  # decoded tokens (the first came from prefill without logprobs)
+    for (lp_o, top_o), (lp_s, top_s) in zip(ovl_lp[1], seq_lp[1]):
+        assert lp_o == pytest.approx(lp_s, abs=1e-5) and [t for t, _ in top_o] == [t for t, _ in top_s]

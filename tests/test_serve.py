@@ -95,13 +95,13 @@ def _raw(port, data: bytes, timeout=10.0, wait_close=True) -> tuple[bytes, float
 
 def _gate(worker):
     """Make decode steps wait for a gate (tests control exactly when tokens come)."""
-    gate, fwd = threading.Event(), worker.decode._forward
+    gate, fwd = threading.Event(), worker.decode._launch
 
     def gated(batch):
         assert gate.wait(30), "gate never opened"
         return fwd(batch)
 
-    worker.decode._forward = gated
+    worker.decode._launch = gated
     return gate
 
 
@@ -445,7 +445,7 @@ def test_many_concurrent_clients(served):
 
 def test_one_engine_fault_fails_its_requests_only(ref_cases):
     srv, url = _server(ref_cases["qwen3_moe"].ours())
-    fwd, calls = srv.worker.decode._forward, []
+    fwd, calls = srv.worker.decode._launch, []
 
     def flaky(batch):
         calls.append(1)
@@ -453,7 +453,7 @@ def test_one_engine_fault_fails_its_requests_only(ref_cases):
             raise RuntimeError("simulated transient fault")
         return fwd(batch)
 
-    srv.worker.decode._forward = flaky
+    srv.worker.decode._launch = flaky
     try:
         code, body = _post(url, {"prompt": [1, 2, 3], "max_tokens": 4})
         err = json.loads(body)["error"]
@@ -468,7 +468,7 @@ def test_one_engine_fault_fails_its_requests_only(ref_cases):
 
 def test_error_inside_a_stream_has_a_code(ref_cases):
     srv, url = _server(ref_cases["qwen3_moe"].ours())
-    srv.worker.decode._forward = lambda batch: (_ for _ in ()).throw(RuntimeError("boom in stream"))
+    srv.worker.decode._launch = lambda batch: (_ for _ in ()).throw(RuntimeError("boom in stream"))
     try:
         chunks = _sse(url, {"prompt": [1, 2], "max_tokens": 4})
         err = chunks[-1]["error"]
@@ -484,7 +484,7 @@ def test_crashed_worker_fails_requests_loudly(ref_cases):
     def boom(batch):
         raise RuntimeError("simulated device fault")
 
-    srv.worker.decode._forward = boom
+    srv.worker.decode._launch = boom
     try:
         for _ in range(2):
             code, body = _post(url, {"prompt": [1, 2, 3], "max_tokens": 4})
@@ -514,13 +514,13 @@ def test_graceful_shutdown_finishes_in_flight(ref_cases):
 
 def test_drain_timeout_ends_long_streams_with_a_reason(ref_cases):
     srv, url = _server(ref_cases["qwen3_moe"].ours(), server_kw={"drain_timeout_s": 0.3})
-    fwd = srv.worker.decode._forward
+    fwd = srv.worker.decode._launch
 
     def slow(batch):  # 300 tokens take >= 6 s: far past the drain timeout
         time.sleep(0.02)
         return fwd(batch)
 
-    srv.worker.decode._forward = slow
+    srv.worker.decode._launch = slow
     got = {}
     th = threading.Thread(target=lambda: got.update(chunks=_sse(url, {"prompt": [1, 2], "max_tokens": 300})))
     th.start()

@@ -9,6 +9,13 @@ step, until EOS or the request's token limit. Requests join and leave between st
   new keys and values in place (no per-step concatenation).
 - Sampling is batched on the device (:mod:`dwdp.sampling`); the step reads the new tokens
   back with one host sync.
+- Steps overlap with the host's bookkeeping (as SGLang's overlap scheduler and vLLM's async
+  scheduling do): each step's input tokens are read on the device from the previous step's
+  samples (one last token per cache slot), so step k+1 is launched before step k's tokens
+  reach the host, and the host appends them, checks stops and streams them while the GPU
+  runs. A request that hits EOS is known one step late: it rides in one more step, whose
+  token is dropped (its slot is freed after that step). Off in lockstep (expert-parallel)
+  decode, where every step already waits for the group.
 - On CUDA with a replicated model the step is captured in a CUDA graph per batch-size
   bucket (1, 2, 4, ..., max_batch) and replayed: a decode step is hundreds of small
   kernels, so launching them one by one costs more than they take.
@@ -53,6 +60,18 @@ class _Active:
     finish_reason: str | None = None
     logprobs: list = field(default_factory=list)  # per token, when params.logprobs is set
     error: str | None = None  # finish_reason "error": why this request (alone) failed
+    pending: int = 0  # tokens launched in a step whose results the host has not read yet
+
+
+@dataclass
+class _InFlight:
+    """A launched step: its rows, where its tokens (and logprobs) land on the host, and the
+    event that says they have."""
+    batch: list[_Active]
+    tokens: torch.Tensor
+    logprobs: tuple | None
+    done: torch.cuda.Event | None
+    t0: float
 
 
 @dataclass
@@ -72,13 +91,15 @@ def _graph_buckets(max_batch: int) -> list[int]:
 
 class DecodeEngine:
     def __init__(self, model: MoECausalLM, max_batch: int = 64, max_context: int | None = None,
-                 cuda_graphs: bool | None = None, lockstep=None):
+                 cuda_graphs: bool | None = None, lockstep=None, overlap: bool | None = None):
         """``max_context``: tokens per request (prompt + generated) the cache holds, default
         min(model context, 4096). ``cuda_graphs``: None = on where the step allows it (CUDA,
         Triton, routed experts all local). ``lockstep``: for a model whose MoE layers are
         collectives (expert parallelism, :func:`~dwdp.parallel.ep.apply_dep`), a function
         that ORs flags over the group (:func:`~dwdp.parallel.group.lockstep_sync`): a rank
-        with nothing to decode runs a one-row dummy step while any peer decodes."""
+        with nothing to decode runs a one-row dummy step while any peer decodes. ``overlap``:
+        launch each step before reading the previous one's tokens (default: on unless
+        ``lockstep``)."""
         cfg = model.config
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
@@ -108,6 +129,14 @@ class DecodeEngine:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._static = torch.zeros(3, max_batch, dtype=torch.int64, device=self.device)  # token, position, slot
         self._pool = None
+        self.overlap = lockstep is None if overlap is None else overlap
+        if self.overlap and lockstep is not None:
+            raise ValueError("overlapped steps need a decode engine of its own (no lockstep group)")
+        # Each slot's last token on the device: a step's inputs, written by the step before.
+        self._last_tok = torch.zeros(max_batch + 1, dtype=torch.int64, device=self.device)
+        self._inflight: _InFlight | None = None
+        self._draining: list[_Active] = []  # finished or cancelled, their slot still in the in-flight step
+        self._last_read = 0.0
 
     def _graphs_apply(self) -> bool:
         """The step must be free of host syncs: the attention kernel applies to the model's
@@ -154,14 +183,25 @@ class DecodeEngine:
         self.waiting = [a for a in self.waiting if a.req.id not in ids]
         self.active = [a for a in self.active if a.req.id not in ids]
         for a in gone:
-            self._release(a)
+            a.finish_reason = "cancelled"  # a step still in flight drops its token
+            self._finish(a)
         return [DecodeResult(a.req.id, a.tokens, "cancelled", a.itl) for a in gone]
+
+    def _finish(self, a: _Active) -> None:
+        """Free a finished request's slot, or once the step in flight that still writes it is read."""
+        if a.pending:
+            self._draining.append(a)
+        else:
+            self._release(a)
 
     def fail_active(self, msg: str) -> list[DecodeResult]:
         """The batched forward failed: end the requests it held (waiting ones keep going)."""
         gone, self.active = self.active, []
-        for a in gone:
+        self._inflight = None
+        for a in gone + self._draining:
+            a.pending = 0
             self._release(a)
+        self._draining = []
         return [DecodeResult(a.req.id, a.tokens, "error", a.itl, msg) for a in gone]
 
     def _check_done(self, a: _Active) -> None:
@@ -173,46 +213,71 @@ class DecodeEngine:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.active)
+        return bool(self.waiting or self.active or self._inflight)
 
     def step(self) -> list[DecodeResult]:
-        """Admit waiting requests into free slots, advance every active one by a token."""
+        """Admit waiting requests into free slots, advance every active one by a token. With
+        ``overlap`` the step launched here is read by the next call: what this one returns
+        and appends comes from the step before."""
         finished = [a for a in self.waiting if a.finish_reason]
         self.waiting = [a for a in self.waiting if not a.finish_reason]
+        admitted = []
         while self.waiting and self._free:
             a = self.waiting.pop(0)
             a.slot = self._free.pop()
             a.length = self.cache.write_prompt(a.slot, a.req.kv)
             a.req.kv = []  # the slot holds it now
-            self.active.append(a)
+            admitted.append(a)
+        if admitted:
+            self._set_last_tokens(admitted)
+            self.active += admitted
         if self.lockstep is not None and not self.active and self.lockstep([False])[0]:
             self._dummy_step()  # a peer decodes: its MoE collectives need this rank too
-        elif self.active:
+        elif self.active or self._inflight:
             if self.lockstep is not None:
                 self.lockstep([True])
-            self._forward(self.active)
+            # Rows that may still need a token: not stopped, not at their limit once the step in flight is read.
+            batch = [a for a in self.active if not a.finish_reason and len(a.tokens) + a.pending < a.req.params.max_tokens]
+            launched = self._launch(batch) if batch else None
+            if self.overlap:
+                previous, self._inflight = self._inflight, launched
+            else:
+                previous = launched
+            if previous is not None:
+                self._read(previous)
             finished += [a for a in self.active if a.finish_reason]
             self.active = [a for a in self.active if not a.finish_reason]
         for a in finished:
+            self._finish(a)
+        for a in [a for a in self._draining if not a.pending]:
+            self._draining.remove(a)
             self._release(a)
         return [DecodeResult(a.req.id, a.tokens, a.finish_reason, a.itl, a.error) for a in finished]
 
-    def _logits(self, batch: list[_Active]) -> torch.Tensor:
+    def _set_last_tokens(self, admitted: list[_Active]) -> None:
+        slots = torch.tensor([a.slot for a in admitted], dtype=torch.int64)
+        toks = torch.tensor([a.tokens[-1] for a in admitted], dtype=torch.int64)
+        self._last_tok.index_copy_(0, slots.to(self.device, non_blocking=True), toks.to(self.device, non_blocking=True))
+
+    def _logits(self, batch: list[_Active]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's logits [B, vocab] and its rows' slots, on the device."""
         B = len(batch)
         bucket = next(b for b in _graph_buckets(self.max_batch) if b >= B) if self.use_graphs else B
-        # token, position, slot per row; rows past B pad a graph bucket (scratch slot, position 0)
-        host = torch.tensor([[0] * bucket, [0] * bucket, [self._scratch] * bucket], dtype=torch.int64)
-        host[:, :B] = torch.tensor([[a.tokens[-1] for a in batch], [a.length for a in batch],
-                                    [a.slot for a in batch]], dtype=torch.int64)
+        # position, slot per row; rows past B pad a graph bucket (scratch slot, position 0). The
+        # tokens are each slot's last one, on the device (the previous step wrote them).
+        host = torch.tensor([[0] * bucket, [self._scratch] * bucket], dtype=torch.int64)
+        host[:, :B] = torch.tensor([[a.length for a in batch], [a.slot for a in batch]], dtype=torch.int64)
         if not self.use_graphs:
-            inp = host.to(self.device, non_blocking=True)
-            return self.model.decode(inp[0], inp[1], inp[2], self.cache.layers, max(a.length for a in batch) + 1)
+            pos, slots = host.to(self.device, non_blocking=True)
+            return self.model.decode(self._last_tok[slots], pos, slots, self.cache.layers,
+                                     max(a.length for a in batch) + 1), slots
         if bucket not in self._graphs:
             self._capture(bucket)
-        self._static[:, :bucket].copy_(host, non_blocking=True)
+        self._static[1:, :bucket].copy_(host, non_blocking=True)
+        self._static[0, :bucket] = self._last_tok[self._static[2, :bucket]]
         graph, out = self._graphs[bucket]
         graph.replay()
-        return out[:B]
+        return out[:B], self._static[2, :B]
 
     def _capture(self, b: int) -> None:
         tok, pos, slot = self._static[0, :b], self._static[1, :b], self._static[2, :b]
@@ -238,19 +303,41 @@ class DecodeEngine:
                 self._capture(b)
 
     @torch.inference_mode()
-    def _forward(self, batch: list[_Active]) -> None:
+    def _launch(self, batch: list[_Active]) -> _InFlight:
+        """Run one step for ``batch`` on the device, up to its sampled tokens (kept as each
+        slot's last token for the next step, and copied towards the host): no host sync."""
         t0 = time.perf_counter()
-        logits = self._logits(batch)
+        logits, slots = self._logits(batch)
+        for a in batch:
+            a.length += 1
+            a.pending += 1
         params = [a.req.params for a in batch]
         tokens = sample_batch(logits, params, [a.stream for a in batch])
+        self._last_tok.index_copy_(0, slots, tokens)
         want = [p.logprobs for p in params if p.logprobs is not None]
         lp = batch_logprobs(logits, tokens, max(want)) if want else None
-        toks = tokens.tolist()  # the step's one host sync
-        lp = tuple(t.tolist() for t in lp) if lp is not None else None
-        dt = time.perf_counter() - t0
         self.steps += 1
-        for j, a in enumerate(batch):
-            a.length += 1
+        if self.device.type != "cuda":
+            return _InFlight(batch, tokens, lp, None, t0)
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in (tokens, *(lp or ()))]
+        done = torch.cuda.Event()
+        done.record()
+        return _InFlight(batch, host[0], tuple(host[1:]) if lp is not None else None, done, t0)
+
+    def _read(self, f: _InFlight) -> None:
+        """Wait for a launched step's tokens and append them (the step's one host sync). A row
+        that stopped or was cancelled since its launch drops its token."""
+        if f.done is not None:
+            f.done.synchronize()
+        toks = f.tokens.tolist()
+        lp = tuple(t.tolist() for t in f.logprobs) if f.logprobs is not None else None
+        now = time.perf_counter()
+        dt, self._last_read = now - max(f.t0, self._last_read), now
+        for j, a in enumerate(f.batch):
+            a.pending -= 1
+            if a.finish_reason:
+                continue
             a.itl.append(dt)
             a.tokens.append(toks[j])
             n = a.req.params.logprobs

@@ -93,10 +93,12 @@ class ServeRequest:
 class ServingWorker(threading.Thread):
     def __init__(self, model, max_num_tokens: int = 8192, max_batch: int = 64, max_queue: int = 256,
                  metrics: Metrics | None = None, handoff: KVHandoff | None = None, max_engine_faults: int = 3,
-                 intra_op_threads: int | None = 1, max_context: int | None = None, decode=None):
+                 intra_op_threads: int | None = 1, max_context: int | None = None, decode=None,
+                 decode_overlap: bool = True):
         """``decode``: the decode engine to use (default: a :class:`DecodeEngine` on the
-        model's device; :class:`~dwdp.serve.decode_pool.DecodePool` decodes in an
-        expert-parallel group of other processes)."""
+        model's device, its steps overlapped with the host's work unless ``decode_overlap``
+        is False; :class:`~dwdp.serve.decode_pool.DecodePool` decodes in an expert-parallel
+        group of other processes)."""
         super().__init__(name="dwdp-serving", daemon=True)
         if intra_op_threads is not None and intra_op_threads < 1:
             raise ValueError("intra_op_threads must be >= 1 (or None: keep torch's setting)")
@@ -105,7 +107,8 @@ class ServingWorker(threading.Thread):
         self.model = model
         self.max_num_tokens = max_num_tokens
         self.prefill = PrefillEngine(model, max_num_tokens, keep_kv=True)
-        self.decode = decode if decode is not None else DecodeEngine(model, max_batch, max_context)
+        self.decode = decode if decode is not None else DecodeEngine(model, max_batch, max_context,
+                                                                     overlap=decode_overlap)
         self.handoff = handoff or LocalKVHandoff(self.decode.device)
         self.max_queue = max_queue
         self.max_engine_faults = max_engine_faults
