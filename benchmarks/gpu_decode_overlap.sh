@@ -13,10 +13,12 @@ case $WHAT in
       --batches 64,32,8,1 --steps 40 --overlap both --context 8192 --out "$OUT/decode_overlap_$COMMIT.json"
     cat "$OUT/log"; tail -3 "$OUT/tests.txt"; grep overlap "$OUT/decode.txt" ;;
   serve)
-    for mode in on off; do
-      SERVE_ARGS="--decode-overlap $mode" timeout 280 bash benchmarks/gpu_serve_anatomy.sh "$OUT/serve_$mode" "$COMMIT" \
-        > "$OUT/serve_$mode.txt" 2>&1
-      echo "serve $mode rc=$?" >> "$OUT/log"
+    for mode in ${MODES:-on off}; do  # each run: a fresh server, a warm-up pass, the measured loadtests
+      echo "$(date +%T) serve $mode" >> "$OUT/log"
+      SERVE_ARGS="--decode-overlap $mode" timeout -k 5 ${PER_RUN:-280} bash benchmarks/gpu_serve_anatomy.sh \
+        "$OUT/serve_$mode" "$COMMIT" > "$OUT/serve_$mode.txt" 2>&1
+      echo "$(date +%T) serve $mode rc=$?" >> "$OUT/log"
+      pkill -f "dwdp.cli serve" || true  # a server the timeout left behind
     done
-    cat "$OUT/log"; grep -h "C=\|ok in" "$OUT"/serve_*/anatomy.txt ;;
+    cat "$OUT/log" "$OUT"/serve_*/log; for f in "$OUT"/serve_*/anatomy.txt; do echo "$f"; grep "C=\|ok in" "$f"; done ;;
 esac

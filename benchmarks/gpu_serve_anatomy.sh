@@ -20,11 +20,13 @@ for _ in range(240):
         pass
     time.sleep(1)
 PY
+echo "$(date +%T) server ready" >> "$OUT/log"
 # A warm-up pass (graph captures, allocator growth), then the measured one.
 timeout 200 python3 benchmarks/serve_anatomy.py --url http://127.0.0.1:$PORT --isl $ISL --osl $OSL \
   --concurrency 8,64 --requests 32 --out "$OUT/warmup.json" > "$OUT/warmup.txt" 2>&1
 timeout 300 python3 benchmarks/serve_anatomy.py --url http://127.0.0.1:$PORT --isl $ISL --osl $OSL \
   --out "$OUT/anatomy_$COMMIT.json" > "$OUT/anatomy.txt" 2>&1
-echo "anatomy rc=$?" >> "$OUT/log"
+echo "$(date +%T) anatomy rc=$?" >> "$OUT/log"
 kill -TERM $SRV; wait $SRV
+echo "$(date +%T) server stopped rc=$?" >> "$OUT/log"
 cat "$OUT/log" "$OUT/anatomy.txt"
