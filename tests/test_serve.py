@@ -662,3 +662,34 @@ def test_cpu_serving_loop_runs_single_threaded(ref_cases):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="intra_op_threads"):
         ServingWorker(ref_cases["qwen3_moe"].ours(), intra_op_threads=0)
+
+
+def test_sigterm_that_lands_on_another_thread_still_stops_the_server(tmp_path):
+    """A process-wide SIGTERM is delivered to whichever thread the kernel picks; Python runs
+    the handler on the main thread only. The server's main thread must not sit in a wait
+    that only a signal to itself ends (on an H200 the server ignored SIGTERM: most of its
+    threads are CUDA's, torch's and the HTTP loop's)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "serve_and_signal.py"
+    script.write_text(
+        "import signal, threading, time\n"
+        "from dwdp.presets import resolve_model\n"
+        "from dwdp.models import build_model, init_random\n"
+        "from dwdp.serve.server import Server\n"
+        "from dwdp.serve.worker import ServingWorker\n"
+        "cfg, _ = resolve_model('tiny-qwen3-moe', None)\n"
+        "model = build_model(cfg, __import__('torch').float32, 'cpu')\n"
+        "init_random(model, 0)\n"
+        "srv = Server(ServingWorker(model), 'tiny', '127.0.0.1', 0)\n"
+        "def other():  # a thread of the process, not the main one, takes the signal\n"
+        "    while not srv.uv.started:\n"
+        "        time.sleep(0.05)\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+        "threading.Thread(target=other, daemon=True).start()\n"
+        "srv.serve_until_signal()\n"
+        "print('stopped', flush=True)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "stopped" in out.stdout, out.stderr[-2000:]

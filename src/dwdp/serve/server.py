@@ -695,5 +695,9 @@ class Server:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
         self.start()
-        done.wait()
+        # Never an unbounded wait: Python runs signal handlers on the main thread only, and a
+        # signal that lands on another thread (CUDA, torch and HTTP threads are most of them)
+        # does not interrupt a lock wait here; SIGTERM was then lost until the next signal.
+        while not done.wait(0.2):
+            pass
         self.shutdown()
