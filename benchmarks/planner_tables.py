@@ -112,12 +112,16 @@ def one_gpu_sections() -> list[str]:
             "tok/s/user | TTFT p50 ms | TTFT p90 ms |", "|---|---:|---|---|---|---|"]
     cfg, _ = resolve_model("qwen3-235b-a22b", 8)
     cm = CostModel(cfg, PROFILES["h200"], "fp8")
-    for run in ("anatomy_0e13738.json", "wakeups_switch05ms_b7d6e5e/anatomy_b7d6e5e.json"):
-        rows = json.loads((RESULTS / "2026-11-29_serve_anatomy_h200" / run).read_text())["rows"]
+    runs = {"5 ms switch (0e13738)": "2026-11-29_serve_anatomy_h200/anatomy_0e13738.json",
+            "0.5 ms switch (b7d6e5e)": "2026-11-29_serve_anatomy_h200/wakeups_switch05ms_b7d6e5e/anatomy_b7d6e5e.json",
+            "decode overlap off (d4f135a)": "2026-11-29_decode_overlap_h200/serve_rep1/off/anatomy_d4f135a.json",
+            "decode overlap on (d4f135a)": "2026-11-29_decode_overlap_h200/serve_rep1/on/anatomy_d4f135a.json"}
+    for label, run in runs.items():
+        rows = json.loads((RESULTS / run).read_text())["rows"]
         ov = fit_server_overhead(cm, 4096, 256, rows)
         for r in rows:
             m, s = r["loadtest"], simulate_colocated(cm, 4096, 256, 64, r["max_concurrency"], 64, 16384, ov)
-            out.append(f"| {run.split('/')[0]} | {r['max_concurrency']} | {m['tps_per_gpu']:,.0f} / {s['tps_per_gpu']:,.0f} "
+            out.append(f"| {label} | {r['max_concurrency']} | {m['tps_per_gpu']:,.0f} / {s['tps_per_gpu']:,.0f} "
                        f"| {m['tps_per_user']:.0f} / {s['tps_per_user']:.0f} | "
                        f"{1e3 * m['ttft_s']['p50']:.0f} / {1e3 * s['ttft_p50_s']:.0f} | "
                        f"{1e3 * m['ttft_s']['p90']:.0f} / {1e3 * s['ttft_p90_s']:.0f} |")
