@@ -330,6 +330,19 @@ def test_decode_step_model_against_the_h200_measurement():
     assert len(errs) == 15 and max(map(abs, errs)) < 0.2 and np.mean(np.abs(errs)) < 0.12
 
 
+def test_fp8_projections_halve_the_decode_weight_bytes_but_the_head():
+    """With FP8 dense projections a decode step reads one byte per non-expert weight, except
+    the lm_head (FP8 checkpoints keep it in bf16) and the untouched embedding table."""
+    from dwdp.info import param_breakdown
+    from dwdp.planner.serving import decode_step_s
+
+    cfg, _ = resolve_model("deepseek-v3", 5)
+    bf16 = decode_step_s(CostModel(cfg, PROFILES["h200"], "fp8"), 8, 1024)["bytes"]
+    fp8 = decode_step_s(CostModel(cfg, PROFILES["h200"], "fp8", dense_dtype="fp8"), 8, 1024)["bytes"]
+    projections = param_breakdown(cfg).non_expert - 2 * cfg.vocab_size * cfg.hidden_size  # table and head out
+    assert bf16 - fp8 == pytest.approx(projections, rel=1e-9) and projections > 0
+
+
 def test_datasheet_profile_against_prefill_steps_measured_on_one_h200():
     """Issue 19: the built-in `h200` profile, no calibration, against one-GPU prefill steps of
     the engine with cuDNN attention (benchmarks/results/2026-11-29_cudnn_attention_h200): every

@@ -106,7 +106,7 @@ class CostModel:
         if dense_dtype not in ("bf16", "fp8"):
             raise ValueError(f"unknown dense dtype {dense_dtype!r}; choose bf16 or fp8")
         self.cfg, self.hw = cfg, hw
-        self.expert_dtype = expert_dtype
+        self.expert_dtype, self.dense_dtype = expert_dtype, dense_dtype
         self.expert_bytes = cfg.expert_numel() * EXPERT_BYTES[expert_dtype]
         self.act_bytes = act_bytes
         from ..parallel.ep import fp8_wire, wire_row_bytes

@@ -36,18 +36,21 @@ CLIENT_DELAY_S = 0.0015
 DECODE_LAYER_FLOOR_US = 265.0  # H200, CUDA graph, batch 1: (3.30 ms - 1.18 ms bytes) / 8 layers
 
 
-def _non_expert_bytes_read(cfg) -> float:
-    """Non-expert weights a decode step reads (bf16): all but the embedding table, of
-    which only the batch's rows are touched (a tied lm_head is read in full as the head)."""
-    table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
-    return (param_breakdown(cfg).non_expert - table) * 2
+def _non_expert_bytes_read(cfg, dense_dtype: str = "bf16") -> float:
+    """Non-expert weights a decode step reads: all but the embedding table, of which only the
+    batch's rows are touched (a tied lm_head is read in full as the head). In bf16, or with
+    FP8 projections one byte per weight but the lm_head's (FP8 checkpoints keep it in bf16)."""
+    head = cfg.vocab_size * cfg.hidden_size
+    table = 0 if cfg.tie_word_embeddings else head
+    rest = param_breakdown(cfg).non_expert - table - head
+    return head * 2 + rest * (1 if dense_dtype == "fp8" else 2)
 
 
 def decode_step_s(cm: CostModel, batch: int, context: int, gen_gpus: int = 1,
                   layer_floor_us: float = DECODE_LAYER_FLOOR_US) -> dict:
     """Seconds of one decode step per generation GPU, and its parts."""
     cfg, hw = cm.cfg, cm.hw
-    nonexp = _non_expert_bytes_read(cfg)
+    nonexp = _non_expert_bytes_read(cfg, cm.dense_dtype)
     held = -(-cfg.num_experts // gen_gpus)
     picks = batch * gen_gpus * cfg.top_k * held / cfg.num_experts  # this GPU's share of the group's choices
     experts = expected_distinct(held, picks) * cm.expert_bytes * len(cfg.moe_layers)
