@@ -50,7 +50,7 @@ def main():
                 counts = torch.multinomial(torch.ones(G), M, replacement=True).bincount(minlength=G).cuda()
             best = None
             for cfg in CANDIDATES:
-                k.CONFIGS["small"] = k.CONFIGS["large"] = cfg
+                k.CONFIGS["short"] = k.CONFIGS["small"] = k.CONFIGS["large"] = cfg
                 try:
                     t = time_cuda(lambda: k.grouped_gemm_fp8(xq, xs, w, ws, counts), 2, 8)
                 except Exception as e:  # e.g. out of shared memory
