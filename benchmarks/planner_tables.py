@@ -148,7 +148,8 @@ def scaling_section(groups=SCALING_GROUPS) -> list[str]:
     out = ["## One group of N GPUs in an NVL72 domain (docs/SCALING.md)", "",
            "DeepSeek-V3 (61 layers), FP4 experts, FP8 projections, `gb200-nvl72` datasheet profile with vendor "
            f"kernels (as the paper comparison), ISL 8K normal with CV 0.2, MNT 32K, {STEADY_REQUESTS} requests per "
-           "rank (a loaded server), L = the smallest valid number of local experts.", "",
+           "rank (a loaded server), L = the smallest valid number of local experts. Memory counts the non-expert "
+           "weights in bf16 (FP8 projections would take about half of them off both columns).", "",
            "| N | L | DWDP memory/GPU | DEP memory/GPU | pull per MoE layer | pull GB/s per rank | DWDP tok/s/GPU "
            "| DEP tok/s/GPU | DWDP/DEP | DWDP exposed wait | DEP all-to-all | DEP waiting |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

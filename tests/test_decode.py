@@ -269,3 +269,20 @@ def test_overlapped_steps_decode_what_sequential_steps_do(ref_cases):
     assert len(ovl_lp[1]) == len(seq_lp[1]) == 8  # decoded tokens (the first came from prefill without logprobs)
     for (lp_o, top_o), (lp_s, top_s) in zip(ovl_lp[1], seq_lp[1]):
         assert lp_o == pytest.approx(lp_s, abs=1e-5) and [t for t, _ in top_o] == [t for t, _ in top_s]
+
+
+def test_a_prompt_cache_that_fails_to_load_fails_its_step_and_frees_every_slot(ref_cases):
+    """A cache that cannot be written into its slot (a layer missing) raises from the step;
+    fail_active then ends every request admitted so far, that one included, and no slot is lost."""
+    ref = ref_cases["qwen3_moe"]
+    good, bad, later = _decode_reqs(ref, PROMPTS, SamplingParams(max_tokens=4))
+    bad.kv = bad.kv[:-1]
+    dec = DecodeEngine(ref.ours(), 4, max_context=64)
+    for r in (good, bad, later):
+        dec.add(r)
+    with pytest.raises(ValueError):
+        dec.step()
+    failed = dec.fail_active("boom")
+    assert sorted(r.id for r in failed) == [good.id, bad.id] and all(r.finish_reason == "error" for r in failed)
+    assert sorted(dec._free) == [0, 1, 2, 3]
+    assert [r.id for r in dec.run([])] == [later.id]  # the one not yet admitted still decodes

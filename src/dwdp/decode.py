@@ -225,12 +225,12 @@ class DecodeEngine:
         while self.waiting and self._free:
             a = self.waiting.pop(0)
             a.slot = self._free.pop()
+            self.active.append(a)  # at once: a failure below then fails (and frees) it with the rest
             a.length = self.cache.write_prompt(a.slot, a.req.kv)
             a.req.kv = []  # the slot holds it now
             admitted.append(a)
         if admitted:
             self._set_last_tokens(admitted)
-            self.active += admitted
         if self.lockstep is not None and not self.active and self.lockstep([False])[0]:
             self._dummy_step()  # a peer decodes: its MoE collectives need this rank too
         elif self.active or self._inflight:
@@ -322,7 +322,7 @@ class DecodeEngine:
         host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                 for t in (tokens, *(lp or ()))]
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(self.device))  # the engine's device, whatever the thread's current one
         return _InFlight(batch, host[0], tuple(host[1:]) if lp is not None else None, done, t0)
 
     def _read(self, f: _InFlight) -> None:

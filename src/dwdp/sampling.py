@@ -110,7 +110,7 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], streams: li
     keys = torch.tensor([[streams[i].seed, streams[i].draws] for i in rows], dtype=torch.int64)
     for i in rows:
         streams[i].draws += 1
-    idx = torch.tensor(rows, device=dev)
+    idx = torch.tensor(rows).to(dev, non_blocking=True)  # not torch.tensor(..., device=): that copy syncs the host
     host, keys = host.to(dev, non_blocking=True), keys.to(dev, non_blocking=True)
     temp, top_p, top_k = host[:, 0:1], host[:, 1:2], host[:, 2:3].long()
     xs = x[idx].double()

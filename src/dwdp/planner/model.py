@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from ..config import ModelConfig
 from ..engine import take_chunks
@@ -266,13 +267,13 @@ class CostModel:
             m += 1
         return t, waited
 
-    def dep_experts(self, works: list[LayerWork], loads: np.ndarray, n: int) -> tuple[float, float]:
-        """(the most loaded EP rank's expert seconds, dispatch + combine all-to-all seconds) of
-        one lockstep MoE layer over ``n`` ranks; ``loads[r]``: (token, expert) pairs EP rank r
+    def dep_experts(self, works: list[LayerWork], loads: np.ndarray, n: int) -> tuple[list[float], float]:
+        """(each EP rank's expert seconds, dispatch + combine all-to-all seconds) of one
+        lockstep MoE layer over ``n`` ranks; ``loads[r]``: (token, expert) pairs EP rank r
         computes in this layer."""
         cfg = self.cfg
         held = math.ceil(cfg.num_experts / n)
-        expert = max(self.experts_part(float(load), held) for load in loads)
+        expert = [self.experts_part(float(load), held) for load in loads]
         # Each token goes once to every rank holding one of its k experts (its row as the
         # wire lays it out: FP8 + scales when experts are FP8), and comes back in bf16.
         max_tokens = max(w.tokens for w in works)
@@ -376,6 +377,24 @@ def expected_max_normal(n: int) -> float:
     return float(np.sum(x * n * pdf * cdf ** (n - 1)) * (x[1] - x[0]))
 
 
+def expected_max(means: list[float], sd: float) -> float:
+    """E[max_i (means[i] + sd Z_i)], Z_i independent standard normals: the barrier's wait
+    when ranks arrive at different mean times with the same noise. Exact (a numerical
+    integral), not max(means) + E[max Z] sd, which overstates it once one rank is clearly last."""
+    m = np.asarray(means, dtype=float)
+    hi, lo = float(m.max()), float(m.min())
+    if sd <= 0 or len(m) == 1:
+        return hi  # one rank, or no noise: nobody to wait for beyond the slowest mean
+    if hi - lo < 1e-12 * max(1.0, hi):
+        return hi + expected_max_normal(len(m)) * sd
+    # The maximum is at least the last rank's draw, so above a = hi - 9 sd (almost surely):
+    # E[X] = a + integral over [a, b] of (1 - F(x)), F = the product of the ranks' normal CDFs.
+    a, b = hi - 9 * sd, hi + 9 * sd
+    x = torch.linspace(a, b, 2001, dtype=torch.float64)
+    cdf = torch.special.ndtr((x[:, None] - torch.from_numpy(m)[None, :]) / sd).prod(dim=1)
+    return a + float(torch.trapezoid(1 - cdf, x))
+
+
 def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, router: DEPRouting
              ) -> tuple[float, float, float]:
     """One lockstep DEP step of ``n`` ranks, rank i running (seq_lens, prefix_lens) ``per[i]``
@@ -388,10 +407,11 @@ def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, rout
     and by noise: the profile's ``layer_jitter`` is the relative standard deviation of a
     whole layer, independent from layer to layer; a segment of a layer gets the share of
     that variance its time is of the layer's (noise adds up over time), and a barrier waits
-    for the slowest of ``n`` draws of what accumulated since the last one."""
+    for the expected slowest rank: the maximum over ranks of (its work since the last
+    barrier + its noise), each rank with its own work (its lengths, its EP shard's load)."""
     cfg = cm.cfg
     moe = set(cfg.moe_layers)
-    sigma, c = cm.hw.layer_jitter, expected_max_normal(n)
+    sigma = cm.hw.layer_jitter
     t, own, step_a2a = 0.0, [0.0] * n, 0.0
     since, var = [0.0] * n, 0.0  # per rank since the last barrier; jitter variance accumulated
     by_kind = {m: [_layer_work(cfg, m, tuple(s), tuple(p)) for s, p in per] for m in (True, False)}
@@ -399,7 +419,7 @@ def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, rout
 
     def barrier() -> float:
         nonlocal since, var
-        wait = max(since) + c * math.sqrt(var)
+        wait = expected_max(since, math.sqrt(var))
         since, var = [0.0] * n, 0.0
         return wait
 
@@ -416,8 +436,7 @@ def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, rout
         layer_s = float(np.mean(dense)) + balanced
         var += sigma ** 2 * layer_s * float(np.mean(dense))
         t += barrier()  # dispatch
-        expert, a2a = cm.dep_experts(works, router.loads(pairs, moe_index[layer]), n)
-        since = [expert] * n
+        since, a2a = cm.dep_experts(works, router.loads(pairs, moe_index[layer]), n)
         var += sigma ** 2 * layer_s * balanced
         t += barrier() + a2a  # combine
         step_a2a += a2a

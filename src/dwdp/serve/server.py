@@ -698,6 +698,8 @@ class Server:
         # Never an unbounded wait: Python runs signal handlers on the main thread only, and a
         # signal that lands on another thread (CUDA, torch and HTTP threads are most of them)
         # does not interrupt a lock wait here; SIGTERM was then lost until the next signal.
-        while not done.wait(0.2):
-            pass
+        # A sleep, not done.wait(timeout): the handler's done.set() could otherwise run while
+        # this thread holds the event's lock inside wait(), and block on it for good.
+        while not done.is_set():
+            time.sleep(0.2)
         self.shutdown()
