@@ -138,11 +138,8 @@ def scaling_section(groups=SCALING_GROUPS) -> list[str]:
     experts."""
     from dwdp.parallel.placement import Placement
     from dwdp.parallel.strategies import DEP, DWDP
-    from dwdp.planner.plan import PlanInput, memory_per_gpu, predict_all
-    from dwdp.workload import WorkloadSpec
-
-    from dwdp.planner.hardware import with_kernels
     from dwdp.planner.paper import STEADY_REQUESTS
+    from dwdp.planner.plan import memory_per_gpu, predict_all
 
     cfg, _ = resolve_model("deepseek-v3")
     out = ["## One group of N GPUs in an NVL72 domain (docs/SCALING.md)", "",
@@ -154,9 +151,7 @@ def scaling_section(groups=SCALING_GROUPS) -> list[str]:
            "| DEP tok/s/GPU | DWDP/DEP | DWDP exposed wait | DEP all-to-all | DEP waiting |",
            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n in groups:
-        p = PlanInput(cfg, with_kernels(PROFILES["gb200-nvl72"], "vendor"), "fp4", n, None,
-                      WorkloadSpec(num_requests=STEADY_REQUESTS, isl=8192, dist="normal", cv=0.2), 32768,
-                      dense_dtype="fp8")
+        p = dataclasses.replace(_base(dist="normal", cv=0.2), group_size=n)  # the paper comparison's setting
         pr = predict_all(p, (DEP, DWDP))
         dep, dw = pr[DEP], pr[DWDP]
         pl = Placement.create(cfg.num_experts, n)

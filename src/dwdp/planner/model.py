@@ -10,11 +10,11 @@ Per layer and per rank step (sequences with their cached prefixes):
   first at step start); a MoE layer's remote experts wait for their pull, so the step is
   the critical path of that two-stream pipeline; compute is slowed by ``interference``
   while pulls are in flight.
-* dep: ranks step in lockstep and every MoE layer has two barriers (dispatch, combine): its
-  time is the slowest rank's attention (from the actual lengths in each rank's step) + the
-  most loaded EP rank's experts, with each layer's routing drawn from the router
-  distribution (multinomial over experts, Zipf skew as a parameter) + dispatch and combine
-  all-to-alls + at each barrier the slowest of the ranks' compute-noise draws.
+* dep: ranks step in lockstep and every MoE layer has two barriers: the dispatch waits for
+  every rank's attention (from the actual lengths in each rank's step), the combine for
+  every EP rank's experts (each layer's routing drawn from the router distribution:
+  multinomial over experts, Zipf skew as a parameter), each barrier for the expected
+  slowest rank with compute noise; + dispatch and combine all-to-alls.
 * dp: compute only.
 
 Pull bandwidth: a measured all-peer ingress when the profile has one; the DWDP authors'
@@ -402,7 +402,7 @@ def dep_step(cm: CostModel, per: list[tuple[list[int], list[int]]], n: int, rout
     time spent waiting for the slowest).
 
     A MoE layer has two barriers: the dispatch waits for every rank's attention (and the
-    dense layers since the last barrier), the combine for the most loaded EP rank's experts.
+    dense layers since the last barrier), the combine for every EP rank's experts.
     Between barriers ranks drift apart by the actual work (lengths, routing drawn per layer)
     and by noise: the profile's ``layer_jitter`` is the relative standard deviation of a
     whole layer, independent from layer to layer; a segment of a layer gets the share of
