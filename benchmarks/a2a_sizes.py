@@ -24,7 +24,8 @@ os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from dwdp.ceilings import machine_info, time_cuda  # noqa: E402
+from dwdp.ceilings import machine_info  # noqa: E402
+from dwdp.timing import time_cuda  # noqa: E402
 from dwdp.parallel.launch import spawn_local  # noqa: E402
 
 MB = 1 << 20

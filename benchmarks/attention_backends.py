@@ -14,7 +14,8 @@ import json
 import torch
 
 from dwdp.batch import PackedBatch
-from dwdp.ceilings import machine_info, matmul_tflops, time_cuda
+from dwdp.ceilings import machine_info, matmul_tflops
+from dwdp.timing import time_cuda
 from dwdp.flops import prefill_flops
 from dwdp.models import attention as A
 from dwdp.models import build_model, init_random

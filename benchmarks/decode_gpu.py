@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from dwdp.ceilings import copy_gbps, machine_info, time_cuda
+from dwdp.ceilings import copy_gbps, machine_info
+from dwdp.timing import time_cuda
 from dwdp.decode import DecodeEngine, DecodeRequest
 from dwdp.info import build_bytes
 from dwdp.kv_cache import cache_bytes_per_token

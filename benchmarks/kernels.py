@@ -19,7 +19,8 @@ import json
 
 import torch
 
-from dwdp.ceilings import copy_gbps, machine_info, matmul_tflops, time_cuda
+from dwdp.ceilings import copy_gbps, machine_info, matmul_tflops
+from dwdp.timing import time_cuda
 from dwdp.models.attention import packed_causal_attention
 from dwdp.models.moe import ExpertSegment, Router, _grouped_swiglu
 from dwdp.presets import resolve_model

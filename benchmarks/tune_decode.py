@@ -11,7 +11,8 @@ import json
 
 import torch
 
-from dwdp.ceilings import copy_gbps, machine_info, time_cuda
+from dwdp.ceilings import copy_gbps, machine_info
+from dwdp.timing import time_cuda
 from dwdp.kernels import decode_attention as da
 from dwdp.kernels import fp8_grouped as fg
 from dwdp.models.moe import ExpertSegment, _grouped_swiglu

@@ -12,21 +12,7 @@ import subprocess
 
 import torch
 
-
-def time_cuda(fn, warmup: int = 3, iters: int = 10) -> float:
-    """Median seconds of ``fn`` timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
+from .timing import time_cuda  # noqa: F401  (callers import it from here too)
 
 
 def matmul_tflops(n: int = 8192, dtype=torch.bfloat16) -> float:
