@@ -115,7 +115,7 @@ def _a2a_ceilings(spec: BenchSpec, ctx, mnts: list[int], warmed: dict) -> None:
     1 GiB per rank, measured in these processes before the model is built. On 4x H200 this
     read 158-169 GB/s at such sizes, where a fresh process reads 289-324 and DEP's own
     all-to-alls reached 246-311: :func:`dwdp.ceilings.a2a_numel` has the suspected cause and its
-    fix, not yet re-measured; until it is, docs/BENCHMARKS.md reads DEP's rate against
+    fix, not yet re-measured; until it is, docs/RESULTS.md reads DEP's rate against
     ``benchmarks/a2a_sizes.py``'s curve from the same machine."""
     from ..ceilings import all_to_all_gbps
     from ..parallel.ep import expected_dest_ranks, fp8_wire, wire_row_bytes

@@ -300,7 +300,7 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group.
 
     ``slice_bytes``/``copy_streams`` choose the pull plan: whole per-peer blocks on one
-    stream (the default: fastest measured on H100/H200, see BENCHMARKS.md) or slices
+    stream (the default: fastest measured on H100/H200, see docs/RESULTS.md) or slices
     issued round-robin over peers, on one or several copy streams (CUDA). ``pacing``: "off"
     (every pull as fast as possible) or "jit" (each pull after a step's first stretched to end
     just before its MoE, see :mod:`dwdp.parallel.pacing`). ``hooks``: fault
@@ -314,7 +314,7 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     if short_steps != "pull" and ctx.device.type == "cuda" and not os.environ.get("DWDP_EXPERIMENTAL_SHIPPING"):
         raise ValueError(
             "token shipping on GPUs is experimental: device-side waits between GPUs stalled some benchmark runs "
-            "until the peer timeout (see docs/BENCHMARKS.md, token shipping); use --short-steps pull, or set "
+            "until the peer timeout (see docs/RESULTS.md, token shipping); use --short-steps pull, or set "
             "DWDP_EXPERIMENTAL_SHIPPING=1 to run it anyway")
     cfg = model.config
     rank = ctx.group_rank

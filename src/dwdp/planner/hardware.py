@@ -102,7 +102,7 @@ class HardwareProfile:
         return HardwareProfile(**d)
 
 
-# Achievable fractions of datasheet peaks, measured on our H200 machines (docs/BENCHMARKS.md)
+# Achievable fractions of datasheet peaks, measured on our H200 machines (docs/RESULTS.md)
 # and applied to every datasheet profile:
 #   copy-engine pulls 0.87, all-peer pulls 0.82, NCCL all-to-all 0.66 of the link (394 / 370 /
 #   295 GB/s of 450); a device copy 0.87 of HBM (4,196 of 4,800 GB/s, read + write);
