@@ -539,6 +539,10 @@ ISL sweep, qwen3-235b-a22b, 8 layers, CV 0.2 (the same total tokens at every ISL
 
 {comparison_table(isl)}
 
+![ISL sweep, 4x H200, MNT 16K](img/isl-sweep-h200x4/isl_sweep.png)
+
+(`dwdp report --hardware h200` of the MNT 16K file: the planner's datasheet prediction dashed.)
+
 On 2 GPUs (full depth, FP8 experts):
 
 {comparison_table(two, "2", show_dp=False)}
