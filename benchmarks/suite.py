@@ -79,9 +79,9 @@ def _loadtest_sweep(label: str, isl: int, osl: int, gpus: str) -> list[str]:
                 "--out", "{out}")
 
 
-GPU_TESTS = ["tests/test_gpu_attention.py", "tests/test_gpu_kernels.py", "tests/test_gpu_decode.py",
-             "tests/test_gpu_kv_handoff.py", "tests/test_dep_gpu.py", "tests/test_gpu_model.py",
-             "tests/test_gpu_dwdp.py"]
+# Every GPU test file (each skips itself without CUDA, or with fewer GPUs than it needs).
+GPU_TESTS = sorted({str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_gpu_*.py")}
+                   | {str(p.relative_to(ROOT)) for p in ROOT.glob("tests/test_*_gpu.py")})
 
 SUITES: dict[str, tuple[str, list[Step]]] = {
     "tests": ("every GPU test (one or more GPUs; the multi-GPU ones skip below 2)", [
