@@ -470,7 +470,8 @@ def headline_rows() -> list[tuple[str, Setting]]:
 def headline_table() -> str:
     rows = headline_rows()
     stamp = Stamp.of([p for _, s in rows for p in s.paths], 4)
-    lines = ["| 4x H200, ISL 8K (CV 0.2) unless said | DWDP4 / DEP4 | DWDP4 / dp | runs | src |",
+    cards = sorted({e["card"].replace("NVIDIA ", "") for e in stamp.entries.values()})
+    lines = [f"| 4x {' / '.join(cards)}, ISL 8K (CV 0.2) unless said | DWDP4 / DEP4 | DWDP4 / dp | runs | src |",
              "|---|---:|---:|---:|---:|"]
     for label, s in rows:
         dp = s.ratio("dwdp", "dp")
