@@ -66,7 +66,7 @@ def _machine(path: Path) -> dict:
 
 
 def _short(commit) -> str:
-    return str(commit)[:7] if commit else "?"
+    return str(commit)[:7] if commit else "not recorded"
 
 
 @dataclass
@@ -417,8 +417,8 @@ def dep_layer_table() -> str:
 
 
 def planner_table() -> str:
-    pats = ["2026-11-28_planner_validation_h200x4_session2_calibrated4x.json",
-            "2026-11-28_planner_validation_h200x4_session2_datasheet.json"]
+    pats = ["2026-11-28_planner_validation_h200x4_lease2_calibrated4x.json",
+            "2026-11-28_planner_validation_h200x4_lease2_datasheet.json"]
     out = ["| hardware profile | strategy | settings | step time within 15% | mean error |", "|---|---|---:|---:|---:|"]
     paths = [newest(x) for x in pats]
     for p, prof in zip(paths, ("`dwdp calibrate` on the same machine", "datasheet `h200`")):
