@@ -7,7 +7,7 @@ OUT=${1:?out dir}; COMMIT=${2:?commit}; ROWS=${3:-64,128,256,512}
 BUDGET=${BUDGET:-540}
 source benchmarks/gpu_env.sh
 run_in_budget tests 240 python3 -m pytest -q -x tests/test_gpu_attention.py tests/test_gpu_kernels.py \
-  tests/test_gpu_decode.py tests/test_gpu_kv_handoff.py tests/test_dep_gpu.py tests/test_gpu_shipping.py
+  tests/test_gpu_decode.py tests/test_gpu_kv_handoff.py tests/test_dep_gpu.py
 run_in_budget tune_equal 150 python3 benchmarks/tune_fp8.py --rows $ROWS --out "$OUT/tune_fp8_equal_$COMMIT.json"
 run_in_budget tune_multinomial 150 python3 benchmarks/tune_fp8.py --rows $ROWS --multinomial \
   --out "$OUT/tune_fp8_multinomial_$COMMIT.json"

@@ -25,6 +25,29 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
+# Experiments that measured worse than the default were removed; their flags remain only to
+# say so in one line (docs/BENCHMARKS.md holds the measurements).
+REMOVED_FLAGS = {
+    "--short-steps": "token shipping (short steps sending their tokens to the experts' owners) measured slower "
+                     "than waiting for the pulls",
+    "--ship-max-tokens": "token shipping measured slower than waiting for the pulls",
+}
+
+
+class _RemovedFlag(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise SystemExit(f"error: {option_string} was removed: {REMOVED_FLAGS[option_string]} "
+                         "(see docs/BENCHMARKS.md); drop the flag")
+
+
+def _add_removed_flags(p, *flags: str) -> None:
+    for flag in flags:
+        p.add_argument(flag, action=_RemovedFlag)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"preset ({', '.join(PRESETS)}) or a Hugging Face checkpoint directory "
@@ -55,11 +78,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
                    help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE "
                         "(less HBM taken from the compute it overlaps; rates measured on the run's own steps)")
-    d.add_argument("--short-steps", default="pull", choices=["pull", "ship", "auto"],
-                   help="DWDP steps too short to hide their pulls: pull (default), ship = every step of at most "
-                        "--ship-max-tokens sends its tokens to the experts' owners instead, auto = those below the "
-                        "measured break-even size ship (on GPUs experimental: needs DWDP_EXPERIMENTAL_SHIPPING=1)")
-    d.add_argument("--ship-max-tokens", type=int, default=2048, help="largest step that may ship (default 2048)")
+    _add_removed_flags(d, "--short-steps", "--ship-max-tokens")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
     d.add_argument("--local-experts", "-L", type=_local_count, default=None,
                    help="experts each rank keeps per MoE layer (default: the smallest valid L; auto: the "
@@ -90,8 +109,7 @@ def _rank_spec(args, strategy: str = DP, group_size: int = 1):
                     local_experts=getattr(args, "local_experts", None),
                     expert_dtype=getattr(args, "expert_dtype", "auto"), slice_mb=getattr(args, "slice_mb", None),
                     copy_streams=getattr(args, "copy_streams", 1), pull_pacing=getattr(args, "pull_pacing", "off"),
-                    short_steps=getattr(args, "short_steps", "pull"),
-                    ship_max_tokens=getattr(args, "ship_max_tokens", 2048), seed=args.seed,
+                    seed=args.seed,
                     max_num_tokens=args.max_num_tokens, peer_timeout_s=getattr(args, "peer_timeout", 60.0))
 
 
@@ -295,7 +313,7 @@ def cmd_bench(args) -> int:
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
                      slice_mb=args.slice_mb, copy_streams=args.copy_streams, pull_pacing=args.pull_pacing,
-                     short_steps=args.short_steps, ship_max_tokens=args.ship_max_tokens, hold_ms=args.hold_ms,
+                     hold_ms=args.hold_ms,
                      expert_dtype=args.expert_dtype,
                      dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
                      seed=args.seed,
@@ -753,11 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
     bench.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
                        help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE")
-    bench.add_argument("--short-steps", default="pull", choices=["pull", "ship", "auto"],
-                       help="DWDP steps too short to hide their pulls: pull (default), ship = every step of at most "
-                        "--ship-max-tokens sends its tokens to the experts' owners instead, auto = those below the "
-                        "measured break-even size ship (on GPUs experimental: needs DWDP_EXPERIMENTAL_SHIPPING=1)")
-    bench.add_argument("--ship-max-tokens", type=int, default=2048, help="largest step that may ship (default 2048)")
+    _add_removed_flags(bench, "--short-steps", "--ship-max-tokens")
     bench.add_argument("--hold-ms", type=float, default=3.0,
                        help="DWDP with timed arrivals (--rate, traces): hold a step below the measured break-even "
                             "size up to this long for more requests (default 3; 0: never)")

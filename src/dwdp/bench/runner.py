@@ -73,7 +73,6 @@ def summarize(ranks: list[dict], world: int, group_size: int | None = None) -> S
             row.pull_gbps = rt["pulled_bytes"] / rt["pull_seconds"] / 1e9 if rt["pull_seconds"] else float("nan")
             row.paced_pulls = sum(rt.get("paced_pulls", []))
             row.break_even_tokens = rt.get("break_even_tokens")
-            row.shipped_steps, row.shipped_bytes = rt.get("shipped_steps"), rt.get("shipped_bytes")
         row.held_s = r.get("held_s")
         row.peer_wait_s = sum(rt.get("peer_wait_s", []))
         row.transfer_s = sum(rt.get("transfer_s", []))

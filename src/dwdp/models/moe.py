@@ -185,58 +185,6 @@ def _read_back(t: torch.Tensor):
     return wait
 
 
-def subset_experts_forward(
-    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, segment: ExpertSegment,
-) -> torch.Tensor:
-    """The part of :func:`routed_experts_forward` that one contiguous expert range
-    contributes: sum over the pairs (t, k) whose expert lies in ``segment`` of
-    ``w[t, k] * expert(x[t])``; pairs routed elsewhere add nothing.
-
-    DWDP token shipping computes a step as this sum over the requester's resident range
-    plus the same sum each owner computes over its range. Counts stay on the device (no
-    host sync on the CUDA bf16 and FP8 paths), so an owner can queue a whole step of it
-    on a side stream before the tokens have arrived.
-    """
-    T, K = topk_ids.shape
-    e0, n = segment.start, segment.count
-    flat = topk_ids.reshape(-1)
-    owned = (flat >= e0) & (flat < e0 + n)
-    key = torch.where(owned, flat - e0, n)  # pairs routed elsewhere sort after every owned one
-    order = torch.argsort(key, stable=True)
-    counts = torch.zeros(n + 1, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))[:n]
-    src = order // K
-    local = ExpertSegment(0, segment.w13, segment.w2, segment.w13_scale, segment.w2_scale)
-    if _fp8_kernel_applies(x, [segment]):
-        from ..kernels.fp8_grouped import quantize_rows
-
-        xq, xsc = quantize_rows(x)
-        ys = sorted_experts_forward(xq[src], counts, local, xs_scale=xsc[src], out_dtype=x.dtype)
-    else:
-        ys = sorted_experts_forward(x[src], counts, local)
-    # Rows past the owned pairs were never written: zero them, and their weights, so the
-    # combine below adds exact zeros for pairs this range does not hold.
-    valid = torch.arange(T * K, device=x.device) < counts.sum()
-    ys = torch.where(valid.unsqueeze(1), ys, 0)
-    weights = torch.where(owned.view(T, K), topk_weights, 0)
-    if kernels.enabled(x):
-        from ..kernels.moe_epilogue import weighted_combine
-
-        return weighted_combine(ys, order, weights)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = ys[inverse].view(T, K, -1)
-    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
-
-
-def subset_forward_is_sync_free(x: torch.Tensor, segment: ExpertSegment) -> bool:
-    """Whether :func:`subset_experts_forward` on activations like ``x`` keeps the expert
-    counts on the device (FP8 kernels, or torch's bf16 grouped GEMM) rather than reading
-    group boundaries back to the host."""
-    if segment.w13_scale is not None:
-        return _fp8_kernel_applies(x, [segment])
-    return _fast_grouped_mm(x)
-
-
 def _fast_grouped_mm(x: torch.Tensor) -> bool:
     """torch's grouped GEMM (bf16 on CUDA) takes the group offsets on the device."""
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")

@@ -13,8 +13,7 @@ each MoE block's ``experts`` for a :class:`DWDPExperts` that
 3. releases its slot for the refill two layers later.
 
 A forward pre-hook primes the first MoE layer at every step start. No collective is
-issued during steps. A step too short to hide its pulls may instead ship its tokens to
-the experts' owners (``short_steps``, :mod:`dwdp.parallel.shipping`). The runtime times
+issued during steps. The runtime times
 each MoE layer's compute window and its pulls (:class:`~dwdp.parallel.pacing.PullRates`):
 with ``pacing="jit"`` a pull is stretched to end just before its layer needs it; the same
 rates give the break-even step size.
@@ -23,7 +22,6 @@ rates give the break-even step size.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +35,6 @@ from .hooks import NO_HOOKS, RuntimeHooks
 from .pacing import PACINGS, Pace, PullRates, slice_copies
 from .placement import Placement
 from .prefetch import SlotPrefetcher
-from .shipping import SHORT_STEPS, TokenShipper
 from .transport import PeerMemory
 
 
@@ -85,7 +82,6 @@ class DWDPStepStats:
     pulled_bytes: int
     pull_seconds: list[float] = field(default_factory=list)  # per pull part, in issue order
     paced_pulls: int = 0  # pull parts issued paced (just in time)
-    shipped_bytes: int = 0  # a shipped step (pulled nothing): tokens and results moved
 
     @property
     def pull_gbps(self) -> float:
@@ -105,8 +101,6 @@ class DWDPExperts(nn.Module):
     def forward(self, x, topk_ids, topk_weights):
         rt = self.runtime
         m = self.moe_index
-        if rt.shipping:
-            return rt.shipper.layer(m, x, topk_ids, topk_weights)
         rt.moe_start(x.shape[0])
         if m + 1 < rt.prefetcher.num_layers:
             rt.prefetcher.prefetch(m + 1, rt.pace(x.shape[0]))  # overlaps this MoE and the next attention
@@ -170,9 +164,6 @@ class DWDPRuntime:
                                for d, _ in part)
         self._marks: list = []  # compute-queue timestamp at each MoE start of this step
         self._tokens = 0
-        self.shipper: TokenShipper | None = None  # set by apply_dwdp when short steps may ship
-        self.short_steps = "pull"
-        self.shipping = False  # this step ships its tokens instead of pulling
         self.step_stats: list[DWDPStepStats] = []
         self._hooks = [model.register_forward_pre_hook(self._begin_step),
                        model.register_forward_hook(self._end_step)]
@@ -190,33 +181,15 @@ class DWDPRuntime:
         """The smallest step whose layer compute hides a full-rate pull (None: not yet measured)."""
         return self.rates.break_even_tokens(self.layer_bytes) if self.layer_bytes else None
 
-    def ships(self, tokens: int) -> bool:
-        """Whether a step of ``tokens`` tokens ships instead of pulling: ``short_steps="ship"``,
-        every step that fits the boxes; ``"auto"``, those below the measured break-even size."""
-        if self.shipper is None or self.short_steps == "pull" or not self.shipper.fits(tokens):
-            return False
-        if self.short_steps == "ship":
-            return True
-        be = self.break_even_tokens()
-        return be is not None and tokens < be
-
     def _begin_step(self, module, args):
         self.hooks.step_begin()
         self._marks = []
-        batch = args[0] if args else None
-        self.shipping = batch is not None and self.ships(batch.num_tokens)
-        if self.shipping:
-            self.shipper.begin_step(batch.num_tokens)
-        elif self.prefetcher.num_layers and self.remote_segments_for_slot:
+        if self.prefetcher.num_layers and self.remote_segments_for_slot:
             self.prefetcher.new_step()
             self.prefetcher.prefetch(0)
 
     def _end_step(self, module, args, output):
         self.hooks.step_end()
-        if self.shipping:
-            self.shipper.end_step()
-            self.step_stats.append(DWDPStepStats(0.0, 0, shipped_bytes=self.shipper.take_shipped_bytes()))
-            return
         st = self.prefetcher.take_stats()
         waits = [w for _, w in st.waits]
         if isinstance(self.engine, CudaCopyEngine):
@@ -256,23 +229,18 @@ class DWDPRuntime:
         local = self.peer_memory.local
         if not local.is_cuda:
             return 0
-        return local.numel() * local.element_size() + (self.shipper.memory_bytes() if self.shipper else 0)
+        return local.numel() * local.element_size()
 
     def memory_bytes(self) -> dict[str, int]:
         local = self.peer_memory.local
         slot_bytes = sum(s.numel() * s.element_size() for s in self.prefetcher.slots)
         expert_params = {id(p) for b in self.model.moe_blocks() for p in b.experts.parameters()}
         non_expert = sum(p.numel() * p.element_size() for p in self.model.parameters() if id(p) not in expert_params)
-        out = {"non_expert": non_expert, "resident_experts": local.numel() * local.element_size(), "slots": slot_bytes}
-        if self.shipper is not None:
-            out["ship_boxes"] = self.shipper.memory_bytes()
-        return out
+        return {"non_expert": non_expert, "resident_experts": local.numel() * local.element_size(), "slots": slot_bytes}
 
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
-        if self.shipper is not None:
-            self.shipper.close()
         self.engine.close()
 
 
@@ -295,8 +263,7 @@ class ResidentStore:
 @torch.no_grad()
 def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, copy_timeout_s: float = 60.0,
                slice_bytes: int | None = None, copy_streams: int = 1, pacing: str = "off",
-               hooks: RuntimeHooks = NO_HOOKS, store: ResidentStore | None = None,
-               short_steps: str = "pull", ship_max_tokens: int = 2048) -> DWDPRuntime:
+               hooks: RuntimeHooks = NO_HOOKS, store: ResidentStore | None = None) -> DWDPRuntime:
     """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group.
 
     ``slice_bytes``/``copy_streams`` choose the pull plan: whole per-peer blocks on one
@@ -305,17 +272,7 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     (every pull as fast as possible) or "jit" (each pull after a step's first stretched to end
     just before its MoE, see :mod:`dwdp.parallel.pacing`). ``hooks``: fault
     injection and tracing for tests and diagnostics (:mod:`dwdp.parallel.hooks`). ``store``:
-    the model was built into it (its experts already lie in peer-visible memory).
-    ``short_steps``: "pull" (every step pulls), "ship" (every step of at most
-    ``ship_max_tokens`` tokens ships them to the owners instead) or "auto" (those below the
-    measured break-even size ship), see :mod:`dwdp.parallel.shipping`."""
-    if short_steps not in SHORT_STEPS:
-        raise ValueError(f"short_steps {short_steps!r}: choose from {', '.join(SHORT_STEPS)}")
-    if short_steps != "pull" and ctx.device.type == "cuda" and not os.environ.get("DWDP_EXPERIMENTAL_SHIPPING"):
-        raise ValueError(
-            "token shipping on GPUs is experimental: device-side waits between GPUs stalled some benchmark runs "
-            "until the peer timeout (see docs/BENCHMARKS.md, token shipping); use --short-steps pull, or set "
-            "DWDP_EXPERIMENTAL_SHIPPING=1 to run it anyway")
+    the model was built into it (its experts already lie in peer-visible memory)."""
     cfg = model.config
     rank = ctx.group_rank
     blocks: list[MoEBlock] = model.moe_blocks()
@@ -362,11 +319,6 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
                      [p[0] for p in plans], rows, plans[0][1] if plans else None, hooks, pacing)
     for m, b in enumerate(blocks):
         b.experts = DWDPExperts(rt, m, peer_memory.local[m])
-    if short_steps != "pull" and R:
-        rt.shipper = TokenShipper(ctx, placement, [b.experts.local for b in blocks], cfg.hidden_size, cfg.top_k,
-                                  model.model.embed_tokens.weight.dtype,
-                                  ship_max_tokens, timeout_s=copy_timeout_s)
-        rt.short_steps = short_steps
     return rt
 
 
