@@ -15,7 +15,7 @@ from dwdp.checkpoint import load_checkpoint
 from dwdp.models import build_model, init_random
 from dwdp.parallel.group import PeerFailure, PeerWatchdog, check_agreement, init_dwdp_groups
 from dwdp.parallel.hooks import NO_HOOKS, RuntimeHooks
-from dwdp.parallel.pacing import PullRates
+from dwdp.parallel.pull_rates import PullRates
 from dwdp.parallel.rank import RankSpec, build_rank
 from dwdp.presets import resolve_model
 
@@ -41,14 +41,13 @@ class StressHooks(RuntimeHooks):
 
 
 def build_dwdp_rank(ctx, model_spec: str, local: int | None, hooks: RuntimeHooks = NO_HOOKS,
-                    slice_bytes: int | None = None, pacing: str = "off", peer_timeout_s: float = 30.0):
+                    slice_bytes: int | None = None, peer_timeout_s: float = 30.0):
     """The same build_rank every entry point uses, at fp32 on CPU."""
     spec = RankSpec(model=model_spec, strategy="dwdp", group_size=ctx.group_size, local_experts=local,
-                    slice_mb=slice_bytes / 2**20 if slice_bytes else None, pull_pacing=pacing,
+                    slice_mb=slice_bytes / 2**20 if slice_bytes else None,
                     peer_timeout_s=peer_timeout_s)
     rank = build_rank(spec, ctx, hooks)
-    if pacing == "jit":  # tiny steps: learn from every step, and cut pulls into several slices
-        rank.runtime.rates = PullRates(min_tokens=1, slice_bytes=4096)
+    rank.runtime.rates = PullRates(min_tokens=1)  # tiny steps: learn the rates from every step
     return rank.model, rank.runtime
 
 
@@ -67,7 +66,7 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
     """For each (model, L) case: build a DWDP rank, run every batch as one step, return logits.
 
     opts: copy_delay_ms / compute_delay_ms (random sleeps up to that), skip_raw_wait, slice_bytes,
-    pacing ("jit": paced pulls), count_collectives (return how many torch.distributed calls the steps made).
+    count_collectives (return how many torch.distributed calls the steps made).
     """
     opts = opts or {}
     torch.set_num_threads(1)
@@ -80,7 +79,7 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
         for spec, local in cases:
             hooks = StressHooks(rng, opts.get("copy_delay_ms", 0.0), opts.get("compute_delay_ms", 0.0),
                                 opts.get("skip_raw_wait", False))
-            model, rt = build_dwdp_rank(ctx, spec, local, hooks, opts.get("slice_bytes"), opts.get("pacing", "off"))
+            model, rt = build_dwdp_rank(ctx, spec, local, hooks, opts.get("slice_bytes"))
             originals = {}
             if opts.get("count_collectives"):
                 for name in COLLECTIVES:
@@ -98,7 +97,6 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
                 for name, fn in originals.items():
                     setattr(dist, name, fn)
             out.append({"logits": logits, "stats": [(s.exposed_wait_s, s.pulled_bytes) for s in rt.step_stats],
-                        "paced_pulls": [s.paced_pulls for s in rt.step_stats],
                         "break_even_tokens": rt.break_even_tokens()})
             rt.close()
     finally:

@@ -31,6 +31,7 @@ REMOVED_FLAGS = {
     "--short-steps": "token shipping (short steps sending their tokens to the experts' owners) measured slower "
                      "than waiting for the pulls",
     "--ship-max-tokens": "token shipping measured slower than waiting for the pulls",
+    "--pull-pacing": "just-in-time pull pacing measured no gain over pulling at full rate (2x H200)",
 }
 
 
@@ -75,10 +76,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="routed experts: auto = as the checkpoint ships them (FP8 releases stay FP8), same = the "
                         "model dtype, fp8 = e4m3 with 128x128 block scales (quantised at load)")
     d.add_argument("--copy-streams", type=int, default=1, help="DWDP copy streams per rank (default 1)")
-    d.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
-                   help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE "
-                        "(less HBM taken from the compute it overlaps; rates measured on the run's own steps)")
-    _add_removed_flags(d, "--short-steps", "--ship-max-tokens")
+    _add_removed_flags(d, "--pull-pacing", "--short-steps", "--ship-max-tokens")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
     d.add_argument("--local-experts", "-L", type=_local_count, default=None,
                    help="experts each rank keeps per MoE layer (default: the smallest valid L; auto: the "
@@ -108,7 +106,7 @@ def _rank_spec(args, strategy: str = DP, group_size: int = 1):
                     device="cuda" if args.device.startswith("cuda") else "cpu", group_size=group_size,
                     local_experts=getattr(args, "local_experts", None),
                     expert_dtype=getattr(args, "expert_dtype", "auto"), slice_mb=getattr(args, "slice_mb", None),
-                    copy_streams=getattr(args, "copy_streams", 1), pull_pacing=getattr(args, "pull_pacing", "off"),
+                    copy_streams=getattr(args, "copy_streams", 1),
                     seed=args.seed,
                     max_num_tokens=args.max_num_tokens, peer_timeout_s=getattr(args, "peer_timeout", 60.0))
 
@@ -312,7 +310,7 @@ def cmd_bench(args) -> int:
     spec = BenchSpec(model=args.model, num_layers=args.num_layers, dtype=args.dtype, device=device,
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
-                     slice_mb=args.slice_mb, copy_streams=args.copy_streams, pull_pacing=args.pull_pacing,
+                     slice_mb=args.slice_mb, copy_streams=args.copy_streams,
                      hold_ms=args.hold_ms,
                      expert_dtype=args.expert_dtype,
                      dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
@@ -676,7 +674,7 @@ def cmd_serve(args) -> int:
         spec = PrefillPoolSpec(args.model, args.prefill, args.prefill_ranks, args.num_layers, args.dtype,
                                "cuda" if on_gpu else "cpu", args.local_experts,
                                args.max_num_tokens, args.seed, expert_dtype=args.expert_dtype,
-                               pull_pacing=args.pull_pacing, hold_ms=args.prefill_hold_ms, kv_transport=kv_transport)
+                               hold_ms=args.prefill_hold_ms, kv_transport=kv_transport)
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
         worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue,
                                      intra_op_threads=args.threads, max_context=args.max_context, decode=decode,
@@ -769,9 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--slice-mb", type=float, default=None, help="DWDP pull slices of this many MiB")
     bench.add_argument("--copy-streams", type=int, default=1,
                        help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
-    bench.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
-                       help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE")
-    _add_removed_flags(bench, "--short-steps", "--ship-max-tokens")
+    _add_removed_flags(bench, "--pull-pacing", "--short-steps", "--ship-max-tokens")
     bench.add_argument("--hold-ms", type=float, default=3.0,
                        help="DWDP with timed arrivals (--rate, traces): hold a step below the measured break-even "
                             "size up to this long for more requests (default 3; 0: never)")
@@ -877,8 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefill-ranks", type=int, default=2)
     srv.add_argument("--local-experts", "-L", type=_local_count, default=None,
                      help="DWDP prefill: experts kept per rank (auto: the largest that fits the GPU)")
-    srv.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
-                     help="DWDP prefill pulls: off = as fast as possible; jit = each ends just before its MoE")
+    _add_removed_flags(srv, "--pull-pacing")
     srv.add_argument("--prefill-hold-ms", type=float, default=3.0,
                      help="DWDP prefill: hold a step smaller than the measured break-even size (the tokens whose "
                           "compute hides one layer's pull) up to this long for more requests (default 3; 0: never)")

@@ -71,7 +71,6 @@ def summarize(ranks: list[dict], world: int, group_size: int | None = None) -> S
             row.exposed_wait_s, row.step_exposed_wait_s = sum(rt["exposed_wait_s"]), rt["exposed_wait_s"]
             row.pulled_bytes = rt["pulled_bytes"]
             row.pull_gbps = rt["pulled_bytes"] / rt["pull_seconds"] / 1e9 if rt["pull_seconds"] else float("nan")
-            row.paced_pulls = sum(rt.get("paced_pulls", []))
             row.break_even_tokens = rt.get("break_even_tokens")
         row.held_s = r.get("held_s")
         row.peer_wait_s = sum(rt.get("peer_wait_s", []))

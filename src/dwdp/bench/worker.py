@@ -32,7 +32,6 @@ class BenchSpec:
     local_experts: int | str | None = None  # DWDP L ("auto": the largest that fits the GPU)
     slice_mb: float | None = None  # DWDP sliced pulls
     copy_streams: int = 1  # DWDP copy streams per rank
-    pull_pacing: str = "off"  # DWDP: "jit" stretches each pull to end just before its MoE
     hold_ms: float = 3.0  # DWDP, timed arrivals: hold a step below the measured break-even this long
     dep_transport: str = "nccl"  # DEP: nccl or symm (NVSHMEM one-sided)
     dep_overlap: bool = False  # DEP two-batch overlap
@@ -54,7 +53,6 @@ class BenchSpec:
         return RankSpec(model=self.model, strategy=strategy, num_layers=self.num_layers, dtype=self.dtype,
                         device=self.device, group_size=self.n, local_experts=self.local_experts,
                         expert_dtype=self.expert_dtype, slice_mb=self.slice_mb, copy_streams=self.copy_streams,
-                        pull_pacing=self.pull_pacing,
                         dep_transport=self.dep_transport, dep_overlap=self.dep_overlap, dep_wire=self.dep_wire,
                         seed=self.seed, max_num_tokens=max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 

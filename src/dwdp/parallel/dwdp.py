@@ -13,10 +13,9 @@ each MoE block's ``experts`` for a :class:`DWDPExperts` that
 3. releases its slot for the refill two layers later.
 
 A forward pre-hook primes the first MoE layer at every step start. No collective is
-issued during steps. The runtime times
-each MoE layer's compute window and its pulls (:class:`~dwdp.parallel.pacing.PullRates`):
-with ``pacing="jit"`` a pull is stretched to end just before its layer needs it; the same
-rates give the break-even step size.
+issued during steps. The runtime times each MoE layer's compute window and its pulls
+(:class:`~dwdp.parallel.pull_rates.PullRates`): they give the break-even step size below
+which a step waits on its pulls.
 """
 
 from __future__ import annotations
@@ -29,12 +28,12 @@ from torch import nn
 
 from ..models.moe import ExpertSegment, MoEBlock, RoutedExperts, routed_experts_forward
 from ..models.transformer import MoECausalLM
-from .copy_engine import CpuCopyEngine, CudaCopyEngine
+from .copy_engine import CpuCopyEngine, CudaCopyEngine, slice_copies
 from .group import DWDPContext
 from .hooks import NO_HOOKS, RuntimeHooks
-from .pacing import PACINGS, Pace, PullRates, slice_copies
 from .placement import Placement
 from .prefetch import SlotPrefetcher
+from .pull_rates import PullRates
 from .transport import PeerMemory
 
 
@@ -81,7 +80,6 @@ class DWDPStepStats:
     exposed_wait_s: float
     pulled_bytes: int
     pull_seconds: list[float] = field(default_factory=list)  # per pull part, in issue order
-    paced_pulls: int = 0  # pull parts issued paced (just in time)
 
     @property
     def pull_gbps(self) -> float:
@@ -103,7 +101,7 @@ class DWDPExperts(nn.Module):
         m = self.moe_index
         rt.moe_start(x.shape[0])
         if m + 1 < rt.prefetcher.num_layers:
-            rt.prefetcher.prefetch(m + 1, rt.pace(x.shape[0]))  # overlaps this MoE and the next attention
+            rt.prefetcher.prefetch(m + 1)  # overlaps this MoE and the next attention
         segments = [self.local]
         remote = rt.remote_segments_for_slot[m % 2] if rt.remote_segments_for_slot else []
         part_of = {id(seg): part for seg, part in remote}
@@ -132,9 +130,7 @@ class DWDPRuntime:
     def __init__(self, model: MoECausalLM, ctx: DWDPContext, placement: Placement, peer_memory: PeerMemory,
                  slots: list[torch.Tensor], engine, layer_parts, rows: ExpertRows | None = None,
                  remote_parts: list[list[range]] | None = None, hooks: RuntimeHooks = NO_HOOKS,
-                 pacing: str = "off", rates: PullRates | None = None):
-        if pacing not in PACINGS:
-            raise ValueError(f"pull pacing {pacing!r}: choose from {', '.join(PACINGS)}")
+                 rates: PullRates | None = None):
         cfg = model.config
         self.rows = rows or ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, peer_memory.local.dtype)
         self.model, self.ctx, self.placement = model, ctx, placement
@@ -158,7 +154,7 @@ class DWDPRuntime:
                     segs.append((ExpertSegment(r.start, *[v[s0:s0 + len(r)] if v is not None else None
                                                           for v in views]), part))
             self.remote_segments_for_slot.append(segs)
-        self.pacing, self.rates = pacing, rates or PullRates()
+        self.rates = rates or PullRates()
         # Bytes one MoE layer pulls (every layer pulls the same).
         self.layer_bytes = sum(d.numel() * d.element_size() for part in (layer_parts[0] if layer_parts else [])
                                for d, _ in part)
@@ -172,13 +168,8 @@ class DWDPRuntime:
         self._marks.append(self.engine.mark())
         self._tokens = tokens
 
-    def pace(self, tokens: int) -> Pace | None:
-        """How to issue the next layer's pull: just in time (``pacing="jit"``, once the
-        rates are measured) or at full rate (None)."""
-        return self.rates.pace(tokens, self.layer_bytes) if self.pacing == "jit" else None
-
     def break_even_tokens(self) -> int | None:
-        """The smallest step whose layer compute hides a full-rate pull (None: not yet measured)."""
+        """The smallest step whose layer compute hides a pull (None: not yet measured)."""
         return self.rates.break_even_tokens(self.layer_bytes) if self.layer_bytes else None
 
     def _begin_step(self, module, args):
@@ -218,9 +209,8 @@ class DWDPRuntime:
                     per_layer[layer] += w
             windows = [self.engine.seconds_between(a, b) - per_layer[m]
                        for m, (a, b) in enumerate(zip(self._marks, self._marks[1:]))]
-            self.rates.observe(self._tokens, windows, [(p.nbytes, s, p.pace) for p, s in zip(st.pulls, secs)])
-        self.step_stats.append(DWDPStepStats(sum(waits), sum(p.nbytes for p in st.pulls), secs,
-                                             sum(p.pace is not None for p in st.pulls)))
+            self.rates.observe(self._tokens, windows, [(p.nbytes, s) for p, s in zip(st.pulls, secs)])
+        self.step_stats.append(DWDPStepStats(sum(waits), sum(p.nbytes for p in st.pulls), secs))
 
     @property
     def outside_allocator_bytes(self) -> int:
@@ -262,15 +252,13 @@ class ResidentStore:
 
 @torch.no_grad()
 def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, copy_timeout_s: float = 60.0,
-               slice_bytes: int | None = None, copy_streams: int = 1, pacing: str = "off",
+               slice_bytes: int | None = None, copy_streams: int = 1,
                hooks: RuntimeHooks = NO_HOOKS, store: ResidentStore | None = None) -> DWDPRuntime:
     """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group.
 
     ``slice_bytes``/``copy_streams`` choose the pull plan: whole per-peer blocks on one
     stream (the default: fastest measured on H100/H200, see BENCHMARKS.md) or slices
-    issued round-robin over peers, on one or several copy streams (CUDA). ``pacing``: "off"
-    (every pull as fast as possible) or "jit" (each pull after a step's first stretched to end
-    just before its MoE, see :mod:`dwdp.parallel.pacing`). ``hooks``: fault
+    issued round-robin over peers, on one or several copy streams (CUDA). ``hooks``: fault
     injection and tracing for tests and diagnostics (:mod:`dwdp.parallel.hooks`). ``store``:
     the model was built into it (its experts already lie in peer-visible memory)."""
     cfg = model.config
@@ -309,14 +297,12 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     slots = [torch.empty((R, row), dtype=rows.storage_dtype, device=device) for _ in range(2)] if R else []
     if device.type == "cuda":
         engine = CudaCopyEngine(device, delay_cycles=hooks.copy_delay_cycles, num_streams=copy_streams)
-        if pacing == "jit":
-            engine.sleep_cycles_per_s()  # measured now (a sync), not inside a step
     else:
         engine = CpuCopyEngine(timeout_s=copy_timeout_s, copy_delay=hooks.copy_delay_s)
     plans = [_layer_copy_plan(m, placement, rank, peer_memory, slots, slice_bytes) for m in range(len(blocks))] \
         if R else []
     rt = DWDPRuntime(model, ctx, placement, peer_memory, slots or [torch.empty(0)] * 2, engine,
-                     [p[0] for p in plans], rows, plans[0][1] if plans else None, hooks, pacing)
+                     [p[0] for p in plans], rows, plans[0][1] if plans else None, hooks)
     for m, b in enumerate(blocks):
         b.experts = DWDPExperts(rt, m, peer_memory.local[m])
     return rt

@@ -163,14 +163,14 @@ class DistributedWeights(Strategy):
 
         return apply_dwdp(model, ctx, plan.placement, copy_timeout_s=spec.peer_timeout_s,
                           slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None,
-                          copy_streams=spec.copy_streams, pacing=spec.pull_pacing, hooks=hooks, store=store)
+                          copy_streams=spec.copy_streams, hooks=hooks, store=store)
 
     def step_report(self, runtime):
         st = runtime.step_stats
         return {"exposed_wait_s": [s.exposed_wait_s for s in st], "pulled_bytes": sum(s.pulled_bytes for s in st),
                 "pull_seconds": sum(sum(s.pull_seconds) for s in st),
                 "transfer_s": [sum(p for p in s.pull_seconds if p == p) for s in st],  # on the copy engine
-                "peer_wait_s": [s.exposed_wait_s for s in st], "paced_pulls": [s.paced_pulls for s in st],
+                "peer_wait_s": [s.exposed_wait_s for s in st],
                 "break_even_tokens": runtime.break_even_tokens()}
 
 
