@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: GPU tests, a smoke bench of all strategies after the rank-seam refactor,
-# and the strong-DEP layer benchmark (nccl, then symm). Usage: bash benchmarks/gpu_session_seam.sh OUT
+# and the strong-DEP layer benchmark. Usage: bash benchmarks/gpu_session_seam.sh OUT
 set -u
 OUT=${1:?out dir}
 export PYTHONPATH=src PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -14,10 +14,7 @@ timeout 200 python3 -m dwdp.cli bench --device cuda -W $G --model qwen3-235b-a22
   --isl 8192 --cv 0.2 --max-num-tokens 16384 --num-requests 16 --strategies dp,dep,dwdp --ceilings \
   --out "$OUT/smoke_bench.json" > "$OUT/smoke_bench.txt" 2>&1
 echo "smoke bench rc=$?" | tee -a "$OUT/log"
-timeout 150 python3 benchmarks/dep_gpu.py -N $G --transports nccl --overlap 0,1 --iters 3 --out "$OUT/dep_gpu_nccl.json" \
+timeout 150 python3 benchmarks/dep_gpu.py -N $G --iters 3 --out "$OUT/dep_gpu_nccl.json" \
   > "$OUT/dep_gpu_nccl.txt" 2>&1
 echo "dep nccl rc=$?" | tee -a "$OUT/log"
-timeout 90 python3 benchmarks/dep_gpu.py -N $G --transports symm --overlap 0 --dtypes bf16 --iters 3 \
-  --out "$OUT/dep_gpu_symm.json" > "$OUT/dep_gpu_symm.txt" 2>&1
-echo "dep symm rc=$?" | tee -a "$OUT/log"
 tail -3 "$OUT"/*.txt

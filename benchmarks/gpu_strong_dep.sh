@@ -7,8 +7,6 @@
 #   the same with router skew 1.0 and with FP8 experts; deepseek-v3 (DSV3_LAYERS layers) bf16 as the
 #   first, FP8 (dsv3fp8), router skew 1.0 (dsv3skew). 16 requests per GPU, --balance-tail.
 # Item a2a (first by default): NCCL's all-to-all per message size (benchmarks/a2a_sizes.py).
-# Optional items: layer_ctas16 (the layer bench with NCCL held to 16 CTAs), tbo (DEP with and
-# without two-batch overlap on the whole step, qwen3 CV 0.2).
 # Then the min / median / max table (reps.md). Usage: [BUDGET=540] [ITEMS="a2a layer qwen skew fp8 dsv3"]
 #   bash benchmarks/gpu_strong_dep.sh OUT COMMIT [LAYERS] [DSV3_LAYERS]
 set -u
@@ -23,20 +21,10 @@ bench() {  # NAME PER ARGS...: one bench invocation, every strategy, three repet
 }
 for item in $ITEMS; do
   case $item in
-    layer) run_in_budget dep_layer 180 python3 benchmarks/dep_gpu.py -N "$G" --transports nccl --overlap 0,1 --iters 5 \
+    layer) run_in_budget dep_layer 180 python3 benchmarks/dep_gpu.py -N "$G" --iters 5 \
              --out "$OUT/dep_layer.json" ;;
     a2a)  # NCCL's all-to-all against message size in fresh processes: the curve DEP's rate is read against
       run_in_budget a2a_sizes 90 python3 benchmarks/a2a_sizes.py -N "$G" --out "$OUT/a2a_sizes.json" ;;
-    layer_ctas16)  # two-batch overlap with NCCL held to 16 CTAs, so the experts keep the other SMs
-      NCCL_MAX_CTAS=16 run_in_budget dep_layer_ctas16 120 python3 benchmarks/dep_gpu.py -N "$G" --transports nccl \
-        --overlap 0,1 --dtypes bf16 --iters 5 --out "$OUT/dep_layer_ctas16.json" ;;
-    tbo)  # the whole step with and without DEP's two-batch overlap, side by side
-      for ovl in "" --dep-overlap; do
-        run_in_budget "dep_tbo${ovl:+_on}" 120 python3 -m dwdp.cli bench --device cuda -W "$G" --dist normal --isl 8192 \
-          --num-requests $((16 * G)) --strategies dep --balance-tail --repeat 3 --timeout 120 $ovl \
-          --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0.2 --max-num-tokens 16384,32768 \
-          --out "$OUT/dep_tbo${ovl:+_on}.json"
-      done ;;
     qwen) bench qwen_bf16 240 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2,0.3 --max-num-tokens 16384,32768 ;;
     skew) bench qwen_bf16_skew1 240 --model qwen3-235b-a22b --num-layers "$LAYERS" --cv 0,0.2,0.3 \
             --max-num-tokens 16384,32768 --skew 1.0 ;;

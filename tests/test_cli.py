@@ -153,7 +153,7 @@ def test_bench_rejects_bad_input(capsys):
 
 
 @pytest.mark.parametrize("argv", [["bench", "--short-steps", "ship"], ["run", "--ship-max-tokens", "64"],
-                                  ["serve", "--pull-pacing", "jit"]])
+                                  ["serve", "--pull-pacing", "jit"], ["bench", "--dep-overlap"]])
 def test_flags_of_removed_experiments_say_so(argv):
     """A removed experiment's flag fails before anything runs, naming what happened."""
     from dwdp.cli import main

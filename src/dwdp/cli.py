@@ -32,6 +32,8 @@ REMOVED_FLAGS = {
                      "than waiting for the pulls",
     "--ship-max-tokens": "token shipping measured slower than waiting for the pulls",
     "--pull-pacing": "just-in-time pull pacing measured no gain over pulling at full rate (2x H200)",
+    "--dep-transport": "DEP's symmetric-memory (NVSHMEM) all-to-all measured slower than NCCL's",
+    "--dep-overlap": "DEP's two-batch overlap measured slower than running the micro-batches in turn",
 }
 
 
@@ -313,7 +315,7 @@ def cmd_bench(args) -> int:
                      slice_mb=args.slice_mb, copy_streams=args.copy_streams,
                      hold_ms=args.hold_ms,
                      expert_dtype=args.expert_dtype,
-                     dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
+                     dep_wire=args.dep_wire,
                      seed=args.seed,
                      peer_timeout_s=args.peer_timeout,
                      ceilings=args.ceilings, diagnostic=args.diagnostic, progress=sys.stderr.isatty())
@@ -773,10 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "size up to this long for more requests (default 3; 0: never)")
     bench.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
                        help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
-    bench.add_argument("--dep-transport", default="nccl", choices=["nccl", "symm"],
-                       help="DEP all-to-all: nccl (all_to_all_single) or symm (NVSHMEM one-sided, GPU)")
-    bench.add_argument("--dep-overlap", action="store_true",
-                       help="DEP two-batch overlap: one micro-batch's all-to-all under the other's experts")
+    _add_removed_flags(bench, "--dep-transport", "--dep-overlap")
     bench.add_argument("--dep-wire", default="auto", choices=["auto", "native", "fp8"],
                        help="DEP dispatch rows: auto = FP8 with 1x128 scales when experts are FP8")
     bench.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent peer fails the run")

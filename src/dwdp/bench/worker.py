@@ -33,8 +33,6 @@ class BenchSpec:
     slice_mb: float | None = None  # DWDP sliced pulls
     copy_streams: int = 1  # DWDP copy streams per rank
     hold_ms: float = 3.0  # DWDP, timed arrivals: hold a step below the measured break-even this long
-    dep_transport: str = "nccl"  # DEP: nccl or symm (NVSHMEM one-sided)
-    dep_overlap: bool = False  # DEP two-batch overlap
     dep_wire: str = "auto"  # DEP dispatch row format
     expert_dtype: str = "auto"  # as the checkpoint ships them; "fp8": stored, pulled and computed as e4m3
     warmup: bool = True
@@ -53,7 +51,7 @@ class BenchSpec:
         return RankSpec(model=self.model, strategy=strategy, num_layers=self.num_layers, dtype=self.dtype,
                         device=self.device, group_size=self.n, local_experts=self.local_experts,
                         expert_dtype=self.expert_dtype, slice_mb=self.slice_mb, copy_streams=self.copy_streams,
-                        dep_transport=self.dep_transport, dep_overlap=self.dep_overlap, dep_wire=self.dep_wire,
+                        dep_wire=self.dep_wire,
                         seed=self.seed, max_num_tokens=max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
     def to_dict(self) -> dict:

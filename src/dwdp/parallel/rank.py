@@ -34,8 +34,6 @@ class RankSpec:
     expert_dtype: str = "auto"  # "auto": as the checkpoint ships them; "same": the model dtype; "fp8": e4m3
     slice_mb: float | None = None  # DWDP: pull slices of this many MiB, round-robin over peers
     copy_streams: int = 1  # DWDP copy streams per rank
-    dep_transport: str = "nccl"  # DEP all-to-all: "nccl" (all_to_all_single) or "symm" (NVSHMEM, one-sided)
-    dep_overlap: bool = False  # DEP two-batch overlap of all-to-alls with expert compute
     dep_wire: str = "auto"  # DEP dispatch rows: "auto" (FP8 when experts are FP8), "native", "fp8"
     seed: int = 0  # random weights (presets)
     max_num_tokens: int = 8192  # the step budget: sizes the memory fit check

@@ -127,9 +127,7 @@ class ExpertParallel(Strategy):
     def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         from .ep import apply_dep
 
-        return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size,
-                         transport=spec.dep_transport, overlap=spec.dep_overlap, max_tokens=spec.max_num_tokens,
-                         wire=spec.dep_wire)
+        return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size, wire=spec.dep_wire)
 
     def step_report(self, runtime):
         st = runtime.step_stats
