@@ -138,7 +138,7 @@ def test_dep_plan_counts_its_all_to_all_buffers():
     layer the dispatch rows (min(N, k) destinations per token), the rows received and the
     partial / combined rows, all growing with the step budget; a group of one sends nothing."""
     from dwdp.info import rank_memory
-    from dwdp.parallel.ep import dep_buffer_bytes, wire_row_bytes
+    from dwdp.parallel.ep_wire import dep_buffer_bytes, wire_row_bytes
     from dwdp.parallel.rank import RankSpec
     from dwdp.parallel.strategies import get_strategy
     from dwdp.planner.model import expected_dest_ranks

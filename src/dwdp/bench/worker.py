@@ -111,7 +111,7 @@ def _a2a_ceilings(spec: BenchSpec, ctx, mnts: list[int], warmed: dict) -> None:
     fix, not yet re-measured; until it is, docs/BENCHMARKS.md reads DEP's rate against
     ``benchmarks/a2a_sizes.py``'s curve from the same machine."""
     from ..ceilings import all_to_all_gbps
-    from ..parallel.ep import expected_dest_ranks, fp8_wire, wire_row_bytes
+    from ..parallel.ep_wire import expected_dest_ranks, fp8_wire, wire_row_bytes
     from ..presets import resolve_model
 
     cfg, _ = resolve_model(spec.model, spec.num_layers)

@@ -41,8 +41,6 @@ tokens in a layer still runs every collective.
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -50,19 +48,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import kernels
-from ..models.moe import ExpertSegment, MoEBlock, RoutedExperts, sorted_experts_forward
+from ..models.moe import FP8_TRITON, ExpertSegment, MoEBlock, RoutedExperts, expert_kernel, sorted_experts_forward
 from ..models.transformer import MoECausalLM
-from ..quant import FP8, FP8_MAX
-
-WIRES = ("auto", "native", "fp8")
-
-
-def ep_ranges(num_experts: int, size: int) -> list[range]:
-    """Contiguous, balanced expert shares (sizes differ by at most one)."""
-    if size < 1 or size > num_experts:
-        raise ValueError(f"expert parallelism over {size} ranks needs 1 <= ranks <= experts ({num_experts})")
-    return [range(r * num_experts // size, (r + 1) * num_experts // size) for r in range(size)]
+from .ep_dispatch import gather_reduce, gather_rows, quantize_rows, scatter_rows
+from .ep_wire import WIRES, Wire, ep_ranges, fp8_wire
 
 
 @dataclass
@@ -85,141 +74,6 @@ class DEPStepStats:
     def send_gbps(self) -> float:
         """Bytes sent to other ranks per second of transfer (as ceilings.all_to_all_gbps)."""
         return self.sent_bytes / self.transfer_s / 1e9 if self.transfer_s > 0 else 0.0
-
-
-# ----------------------------------------------------------------------------- kernels
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The same memory as integers of the same width (row copies are dtype-agnostic)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
-def _scatter_rows(src: torch.Tensor, slot: torch.Tensor, dst: torch.Tensor) -> None:
-    """dst[slot[t, j]] = src[t] for slot[t, j] >= 0."""
-    if src.shape[0] == 0:
-        return
-    if kernels.enabled(src):
-        from ..kernels.dep_moe import scatter_rows
-
-        return scatter_rows(_bits(src.contiguous()), slot, _bits(dst))
-    for j in range(slot.shape[1]):  # fallback (CPU): one masked copy per destination
-        m = slot[:, j] >= 0
-        dst[slot[m, j]] = src[m]
-
-
-def _gather_rows(src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """src[idx] as a new contiguous tensor (src may be a strided view of a receive buffer)."""
-    if kernels.enabled(src) and idx.numel():
-        from ..kernels.dep_moe import gather_rows
-
-        out = torch.empty((idx.numel(), src.shape[1]), dtype=src.dtype, device=src.device)
-        gather_rows(_bits(src), idx, _bits(out))
-        return out
-    return src.index_select(0, idx)
-
-
-def _gather_reduce(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None, out: torch.Tensor) -> None:
-    """out[t] = sum over pos[t, j] >= 0 of weights[t, j] * y[pos[t, j]], in one pass, no atomics."""
-    if out.shape[0] == 0:
-        return
-    if y.shape[0] == 0:  # nothing to add (and no pointer to hand a kernel)
-        out.zero_()
-        return
-    if kernels.enabled(out):
-        from ..kernels.dep_moe import gather_reduce
-
-        return gather_reduce(y, pos, weights, out)
-    valid = pos >= 0
-    w = valid.to(out.dtype) if weights is None else weights.to(out.dtype) * valid
-    rows = y[pos.clamp(min=0)]  # [T, J, H]
-    out.copy_(torch.bmm(w.unsqueeze(1), rows.to(out.dtype)).squeeze(1))
-
-
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token 1x128 FP8 quantisation (kernels/fp8_grouped.quantize_rows; PyTorch without Triton)."""
-    if kernels.enabled(x):
-        from ..kernels.fp8_grouped import quantize_rows
-
-        return quantize_rows(x)
-    T, H = x.shape
-    v = x.float().view(T, H // 128, 128)
-    scale = v.abs().amax(-1).clamp(min=1e-10) / FP8_MAX
-    return (v / scale.unsqueeze(-1)).to(FP8).view(T, H), scale
-
-
-# ------------------------------------------------------------------------------ wire
-class _Wire:
-    """Byte layout of one dispatched row: hidden state (or FP8 + scales), ids, weights."""
-
-    def __init__(self, hidden: int, top_k: int, act_dtype: torch.dtype, fp8: bool):
-        self.fp8, self.hidden = fp8, hidden
-        spec = [("x", FP8 if fp8 else act_dtype, hidden)]
-        if fp8:
-            spec.append(("xs", torch.float32, hidden // 128))
-        spec += [("ids", torch.int32, top_k), ("w", torch.float32, top_k)]
-        self.fields, off = {}, 0
-        for name, dt, n in spec:
-            esz = torch.empty(0, dtype=dt).element_size()
-            off = -(-off // esz) * esz
-            self.fields[name] = (dt, off, n * esz)
-            off += n * esz
-        self.width = -(-off // 16) * 16  # bytes per row
-
-    def views(self, buf: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Typed column views of a uint8 [rows, width] buffer."""
-        return {name: buf[:, o:o + nb].view(dt) for name, (dt, o, nb) in self.fields.items()}
-
-
-def fp8_wire(wire: str, fp8_experts: bool, *dims: int) -> bool:
-    """Whether DEP's dispatch rows travel as FP8 (1x128 scales): asked for (``wire="fp8"``), or
-    ``"auto"`` with FP8 experts on the FP8 kernels and every dimension a multiple of 128."""
-    return wire == "fp8" or (wire == "auto" and fp8_experts and all(d % 128 == 0 for d in dims))
-
-
-def wire_row_bytes(hidden: int, top_k: int, fp8: bool, act_dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes of one dispatched row on the wire (what the planner charges DEP per token and
-    destination rank; the combine sends ``hidden`` values of ``act_dtype`` back)."""
-    return _Wire(hidden, top_k, act_dtype, fp8).width
-
-
-@functools.lru_cache(maxsize=64)
-def _dest_ranks(num_experts: int, top_k: int, n: int, n_group: int, topk_group: int) -> float:
-    """Expected number of EP ranks (contiguous expert ranges) a token's top-k experts land on.
-
-    Plain top-k: k distinct experts drawn uniformly. Group-limited top-k (DeepSeek-V3: the
-    ``topk_group`` of ``n_group`` groups with the best top-2 scores first, then the top k
-    inside them): the k experts spread over every chosen group (each was chosen for its best
-    experts), so a rank is hit when it holds a chosen group — fewer ranks than independent
-    draws (3.12 of 4 measured with the engine's router against 3.63; tests/test_planner.py)."""
-    k = top_k
-    if n <= 1:
-        return 1.0
-    if 1 < n_group and topk_group < n_group and k >= topk_group:
-        if n <= n_group and n_group % n == 0:
-            per = n_group // n  # groups per rank
-            return n * (1 - math.comb(n_group - per, topk_group) / math.comb(n_group, topk_group))
-        if n % n_group == 0:  # each chosen group split over s ranks, ~k / topk_group experts in it
-            s_ = n // n_group
-            return topk_group * s_ * (1 - (1 - 1 / s_) ** (k / topk_group))
-    return n * (1 - math.comb(num_experts - num_experts // n, k) / math.comb(num_experts, k))
-
-
-def expected_dest_ranks(cfg, n: int) -> float:
-    return _dest_ranks(cfg.num_experts, max(cfg.top_k, 1), n, getattr(cfg, "n_group", 1) or 1,
-                       getattr(cfg, "topk_group", 1) or 1)
-
-
-def dep_buffer_bytes(cfg, n: int, max_tokens: int, fp8: bool, act_bytes: int = 2) -> int:
-    """DEP's all-to-all buffers in one MoE layer of a ``max_tokens``-token step (NCCL
-    transport): the dispatch rows (allocated for min(n, k) destinations per token), the rows
-    received (the expected destinations per token, every rank sending alike), the partial
-    results sent back and the combined rows returned. Beyond a dense step's activations: the
-    fit check counts them (4x H200, full-depth qwen3-235b at 16K tokens: 1.4 GiB)."""
-    if n <= 1:
-        return 0
-    T, H, K = max_tokens, cfg.hidden_size, max(cfg.top_k, 1)
-    width = wire_row_bytes(H, K, fp8)
-    rows_in = T * expected_dest_ranks(cfg, n)
-    return int(T * min(n, K) * width + rows_in * width + 2 * rows_in * H * act_bytes)
 
 
 class _Exchange:
@@ -253,13 +107,13 @@ class DEPExperts(nn.Module):
     def _segment(self) -> ExpertSegment:
         return ExpertSegment(self.start, self.w13, self.w2, self.w13_scale, self.w2_scale)
 
-    def _wire(self, x: torch.Tensor) -> _Wire:
+    def _wire(self, x: torch.Tensor) -> Wire:
         rt = self.runtime
-        fp8 = fp8_wire(rt.wire, self.w13_scale is not None and kernels.enabled(x),
+        fp8 = fp8_wire(rt.wire, expert_kernel(x, self._segment()) == FP8_TRITON,
                        x.shape[1], self.w13.shape[-1], self.w2.shape[-1])
         key = (x.shape[1], rt.top_k, x.dtype, fp8)
         if key not in rt.wires:
-            rt.wires[key] = _Wire(*key)
+            rt.wires[key] = Wire(*key)
         return rt.wires[key]
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -272,11 +126,11 @@ class DEPExperts(nn.Module):
         self._experts(ex, wire, x)
         self._combine(ex, x)
         out = torch.empty_like(x)
-        _gather_reduce(ex.back, ex.slot, None, out)  # each token sums the partial rows of the ranks it visited
+        gather_reduce(ex.back, ex.slot, None, out)  # each token sums the partial rows of the ranks it visited
         return out
 
     # -- sender: layout and pack (no host sync)
-    def _prepare(self, ex: _Exchange, wire: _Wire, x, ids, weights) -> None:
+    def _prepare(self, ex: _Exchange, wire: Wire, x, ids, weights) -> None:
         rt = self.runtime
         T, N = x.shape[0], rt.size
         owner = rt.owner[ids]
@@ -293,13 +147,13 @@ class DEPExperts(nn.Module):
         ex.counts_msg = torch.cat([ex.send_counts[:, None], ecount[rt.count_index]], 1)
         fields = {"ids": ids.to(torch.int32), "w": weights.float()}
         if wire.fp8:
-            fields["x"], fields["xs"] = _quantize_rows(x)
+            fields["x"], fields["xs"] = quantize_rows(x)
         else:
             fields["x"] = x
         ex.send = torch.empty((T * min(N, rt.top_k), wire.width), dtype=torch.uint8, device=x.device)
         views = wire.views(ex.send)
         for name, src in fields.items():
-            _scatter_rows(src, ex.slot, views[name])
+            scatter_rows(src, ex.slot, views[name])
 
     def _exchange_counts(self, ex: _Exchange) -> None:
         """The counts in one tiny all-to-all, then the layer's one host sync."""
@@ -316,7 +170,7 @@ class DEPExperts(nn.Module):
         ex.counts_host = [sum(row[1 + g] for row in rows) for g in range(self.count)]
         ex.counts = got[:, 1:1 + self.count].sum(0)
 
-    def _dispatch(self, ex: _Exchange, wire: _Wire) -> None:
+    def _dispatch(self, ex: _Exchange, wire: Wire) -> None:
         rt = self.runtime
         S, R = sum(ex.send_splits), sum(ex.recv_splits)
         ex.recv = torch.empty((R, wire.width), dtype=torch.uint8, device=ex.send.device)
@@ -325,7 +179,7 @@ class DEPExperts(nn.Module):
         rt.count_bytes(ex.send_splits, ex.recv_splits, wire.width)
 
     # -- receiver: sort pairs by expert, grouped GEMM, one-pass weighted reduction per row
-    def _experts(self, ex: _Exchange, wire: _Wire, x: torch.Tensor) -> None:
+    def _experts(self, ex: _Exchange, wire: Wire, x: torch.Tensor) -> None:
         rt = self.runtime
         K, E = rt.top_k, self.count
         R = sum(ex.recv_splits)
@@ -338,11 +192,11 @@ class DEPExperts(nn.Module):
         pos = torch.full((R * K,), -1, dtype=torch.long, device=x.device)
         pos[order] = torch.arange(P, device=x.device)
         src = order // K
-        xs = _gather_rows(views["x"], src)
-        xs_scale = _gather_rows(views["xs"], src) if wire.fp8 else None
+        xs = gather_rows(views["x"], src)
+        xs_scale = gather_rows(views["xs"], src) if wire.fp8 else None
         ys = sorted_experts_forward(xs, ex.counts, self._segment(), ex.counts_host, xs_scale, out_dtype=x.dtype)
         ex.partial = torch.empty((R, x.shape[1]), dtype=x.dtype, device=x.device)
-        _gather_reduce(ys, pos.view(R, K), views["w"], ex.partial)
+        gather_reduce(ys, pos.view(R, K), views["w"], ex.partial)
 
     def _combine(self, ex: _Exchange, x: torch.Tensor) -> None:
         rt = self.runtime

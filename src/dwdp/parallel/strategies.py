@@ -115,7 +115,7 @@ class ExpertParallel(Strategy):
         from ..info import rank_memory
         from ..models.build import resolve_expert_dtype
         from ..quant import FP8
-        from .ep import dep_buffer_bytes, ep_ranges, fp8_wire
+        from .ep_wire import dep_buffer_bytes, ep_ranges, fp8_wire
 
         mine = ep_ranges(cfg.num_experts, group_size)[group_rank]
         fp8_experts = resolve_expert_dtype(cfg, spec.expert_dtype, dtype) == FP8 and spec.device.startswith("cuda")
