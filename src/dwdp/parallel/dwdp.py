@@ -97,6 +97,10 @@ class DWDPExperts(nn.Module):
         self.local = ExpertSegment(pl.local_range(rank).start, *runtime.rows.views(resident))
 
     def forward(self, x, topk_ids, topk_weights):
+        """The DWDP MoE layer, top to bottom: issue the next layer's pull; compute the resident
+        experts, then each peer's part of this layer's slot as it lands (waiting just before
+        its first use); wait for any part no token used, so the slot is whole; release the
+        slot for the refill two layers later."""
         rt = self.runtime
         m = self.moe_index
         rt.moe_start(x.shape[0])
