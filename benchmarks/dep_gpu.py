@@ -1,5 +1,5 @@
 """DEP's MoE layer on N GPUs of one host (issue 15): compute outside collectives vs dp,
-dispatch + combine bandwidth vs NCCL's all-to-all ceiling, per transport and overlap.
+dispatch + combine bandwidth vs NCCL's all-to-all ceiling.
 
 One MoE layer of the qwen3-235b-a22b shape (hidden 4096, expert inter 1536, 128 experts,
 top-8), 16K and 32K tokens per rank, bf16 and FP8 experts. For each variant and rank:
@@ -27,14 +27,13 @@ import traceback
 from pathlib import Path
 from types import SimpleNamespace
 
-# Before torch / NCCL / NVSHMEM start: no NVLink multicast; room for the symm buffers.
+# Before torch / NCCL start: no NVLink multicast.
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
 os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 os.environ["NCCL_NVLS_ENABLE"] = "0"
 os.environ["TORCH_SYMM_MEM_DISABLE_MULTICAST"] = "1"
 os.environ["NVSHMEM_DISABLE_NVLS"] = "1"
-os.environ.setdefault("NVSHMEM_SYMMETRIC_SIZE", str(20 << 30))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
@@ -44,7 +43,8 @@ from torch import nn  # noqa: E402
 from dwdp.models.moe import RoutedExperts  # noqa: E402
 from dwdp.ceilings import all_to_all_gbps  # noqa: E402
 from dwdp.timing import time_cuda  # noqa: E402
-from dwdp.parallel.ep import apply_dep, ep_ranges  # noqa: E402
+from dwdp.parallel.ep import apply_dep  # noqa: E402
+from dwdp.parallel.ep_wire import ep_ranges  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 1536, 128, 8
 
@@ -104,10 +104,6 @@ def worker(args) -> dict:
     torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     dev = torch.device("cuda", torch.cuda.current_device())
     pg = dist.group.WORLD
-    import torch.distributed._symmetric_memory as symm_mem
-
-    have_symm = "symm" in args.transports and symm_mem.is_nvshmem_available()
-    transports = [t for t in args.transports if t != "symm" or have_symm]
     mine = ep_ranges(EXPERTS, N)[rank]
     rows = []
     for dtype_name in args.dtypes:
@@ -121,53 +117,49 @@ def worker(args) -> dict:
                 ref = full(x, ids, w)
                 full(x, ids, w)
                 dp_s = _cuda_time(lambda: full(x, ids, w), args.iters)
-            for transport in transports:
-                for overlap in args.overlap:
-                    row = {"rank": rank, "experts": dtype_name, "tokens": T, "transport": transport,
-                           "overlap": overlap, "dp_s": dp_s}
-                    try:
-                        model = OneLayer(shard)
-                        rt = apply_dep(model, pg, rank, N, transport=transport, overlap=overlap,
-                                       max_tokens=max(args.tokens))
-                        with torch.no_grad():
-                            for _ in range(2):
-                                out = model(x, ids, w)
-                            rt.step_stats.clear()
-                            for _ in range(args.iters):
-                                model(x, ids, w)
-                        if args.profile and not rows:  # the first variant: where the time goes (every
-                            # rank runs the profiled steps: they hold collectives; rank 0 writes)
-                            _profile(args.profile if rank == 0 else None, lambda: model(x, ids, w),
-                                     lambda: full(x, ids, w))
-                        st = rt.step_stats
-                        med = {k: _median([getattr(s, k) for s in st])
-                               for k in ("step_s", "compute_s", "transfer_s", "wait_s", "collective_s")}
-                        sent, recv = st[-1].sent_bytes, st[-1].received_bytes
-                        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                        row.update(med, sent_bytes=sent, received_bytes=recv, host_syncs=st[-1].host_syncs,
-                                   send_gbps=sent / med["transfer_s"] / 1e9 if med["transfer_s"] else 0.0,
-                                   compute_vs_dp=med["compute_s"] / dp_s, rel_err_vs_dp=err)
-                        rt.close()
-                        model.block.experts = shard
-                        # NCCL's ceiling for the same bytes (what this rank's buffers hold, self included).
-                        # Every rank must pass the same size to the equal-split all-to-all (ranks
-                        # send different byte counts; mismatched sizes can hang NCCL): the largest.
-                        total = torch.tensor([sent * N // max(1, N - 1)], device=dev)
-                        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pg)
-                        gbps = all_to_all_gbps(pg, nbytes_per_rank=int(total.item()), iters=args.iters)
-                        row.update(nccl_a2a_gbps=gbps,
-                                   bw_vs_nccl=row["send_gbps"] / gbps if gbps else 0.0)
-                    except Exception as e:  # noqa: BLE001 - keep measuring the other variants
-                        row["error"] = f"{type(e).__name__}: {e}"
-                        row["traceback"] = traceback.format_exc()
-                        model.block.experts = shard
-                    rows.append(row)
-                    if rank == 0:  # progress, so a run cut short shows where it was
-                        print(f"[dep_gpu] {dtype_name} {T} {transport} overlap={int(overlap)}: "
-                              f"layer {row.get('step_s', float('nan')) * 1e3:.2f} ms, dp {dp_s * 1e3:.2f} ms "
-                              f"({time.time() - args.t0:.0f} s)", flush=True)
-                    torch.cuda.synchronize()
-                    dist.barrier()
+            row = {"rank": rank, "experts": dtype_name, "tokens": T, "dp_s": dp_s}
+            try:
+                model = OneLayer(shard)
+                rt = apply_dep(model, pg, rank, N)
+                with torch.no_grad():
+                    for _ in range(2):
+                        out = model(x, ids, w)
+                    rt.step_stats.clear()
+                    for _ in range(args.iters):
+                        model(x, ids, w)
+                if args.profile and not rows:  # the first variant: where the time goes (every
+                    # rank runs the profiled steps: they hold collectives; rank 0 writes)
+                    _profile(args.profile if rank == 0 else None, lambda: model(x, ids, w),
+                             lambda: full(x, ids, w))
+                st = rt.step_stats
+                med = {k: _median([getattr(s, k) for s in st])
+                       for k in ("step_s", "compute_s", "transfer_s", "wait_s", "collective_s")}
+                sent, recv = st[-1].sent_bytes, st[-1].received_bytes
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                row.update(med, sent_bytes=sent, received_bytes=recv, host_syncs=st[-1].host_syncs,
+                           send_gbps=sent / med["transfer_s"] / 1e9 if med["transfer_s"] else 0.0,
+                           compute_vs_dp=med["compute_s"] / dp_s, rel_err_vs_dp=err)
+                rt.close()
+                model.block.experts = shard
+                # NCCL's ceiling for the same bytes (what this rank's buffers hold, self included).
+                # Every rank must pass the same size to the equal-split all-to-all (ranks
+                # send different byte counts; mismatched sizes can hang NCCL): the largest.
+                total = torch.tensor([sent * N // max(1, N - 1)], device=dev)
+                dist.all_reduce(total, op=dist.ReduceOp.MAX, group=pg)
+                gbps = all_to_all_gbps(pg, nbytes_per_rank=int(total.item()), iters=args.iters)
+                row.update(nccl_a2a_gbps=gbps,
+                           bw_vs_nccl=row["send_gbps"] / gbps if gbps else 0.0)
+            except Exception as e:  # noqa: BLE001 - keep measuring the other variants
+                row["error"] = f"{type(e).__name__}: {e}"
+                row["traceback"] = traceback.format_exc()
+                model.block.experts = shard
+            rows.append(row)
+            if rank == 0:  # progress, so a run cut short shows where it was
+                print(f"[dep_gpu] {dtype_name} {T}: "
+                      f"layer {row.get('step_s', float('nan')) * 1e3:.2f} ms, dp {dp_s * 1e3:.2f} ms "
+                      f"({time.time() - args.t0:.0f} s)", flush=True)
+            torch.cuda.synchronize()
+            dist.barrier()
             del x, ids, w, ref
         del full, shard
         torch.cuda.empty_cache()
@@ -195,16 +187,16 @@ def _table(results: list[dict]) -> str:
     by = {}
     for res in results:
         for r in res["rows"]:
-            by.setdefault((r["experts"], r["tokens"], r["transport"], r["overlap"]), []).append(r)
-    lines = [f"{'experts':7} {'tokens':>6} {'transport':9} {'ovl':3} {'dp ms':>7} {'layer ms':>8} {'dep cmp ms':>10} {'x dp':>5} "
+            by.setdefault((r["experts"], r["tokens"]), []).append(r)
+    lines = [f"{'experts':7} {'tokens':>6} {'dp ms':>7} {'layer ms':>8} {'dep cmp ms':>10} {'x dp':>5} "
              f"{'xfer ms':>8} {'wait ms':>8} {'GB/s':>6} {'nccl GB/s':>9} {'x nccl':>6} {'err':>7}"]
     for key, rs in sorted(by.items()):
         if any("error" in r for r in rs):
-            lines.append(f"{key[0]:7} {key[1]:6} {key[2]:9} {int(key[3]):3} ERROR {rs[0].get('error', '')[:80]}")
+            lines.append(f"{key[0]:7} {key[1]:6} ERROR {rs[0].get('error', '')[:80]}")
             continue
         worst = max(rs, key=lambda r: r["compute_vs_dp"])  # the acceptance is per rank: show the worst
         slow = min(rs, key=lambda r: r["bw_vs_nccl"])
-        lines.append(f"{key[0]:7} {key[1]:6} {key[2]:9} {int(key[3]):3} {worst['dp_s'] * 1e3:7.2f} "
+        lines.append(f"{key[0]:7} {key[1]:6} {worst['dp_s'] * 1e3:7.2f} "
                      f"{max(r['step_s'] for r in rs) * 1e3:8.2f} "
                      f"{worst['compute_s'] * 1e3:10.2f} {worst['compute_vs_dp']:5.2f} "
                      f"{slow['transfer_s'] * 1e3:8.2f} {max(r['wait_s'] for r in rs) * 1e3:8.2f} "
@@ -235,15 +227,11 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--tokens", default="16384,32768")
     ap.add_argument("--dtypes", default="bf16,fp8")
-    ap.add_argument("--transports", default="nccl,symm")
-    ap.add_argument("--overlap", default="0,1")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--profile", default=None, help="rank 0: torch.profiler table of the first variant here")
     args = ap.parse_args(argv)
     args.tokens = [int(t) for t in args.tokens.split(",")]
     args.dtypes = args.dtypes.split(",")
-    args.transports = args.transports.split(",")
-    args.overlap = [bool(int(o)) for o in args.overlap.split(",")]
     t0 = args.t0 = time.time()
     if "RANK" in os.environ and "LOCAL_RANK" in os.environ:  # torchrun
         results = _run(args)

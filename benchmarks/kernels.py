@@ -30,15 +30,17 @@ def moe_parts(cfg, T: int, split: bool, mode: str = "bf16") -> dict:
     """One MoE layer's parts. mode: ``bf16`` (grouped_mm + Triton SwiGLU/combine),
     ``bf16-torch`` (grouped_mm + PyTorch SwiGLU/combine), ``fp8`` (Triton FP8 grouped GEMM
     on e4m3 experts with 128x128 block scales, FP8 activations)."""
-    import os
+    import contextlib
 
+    from dwdp import kernels
     from dwdp.models.moe import routed_experts_forward
     from dwdp.quant import quantize_fp8_blockwise
 
     E, H, I, K = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.top_k
     dev, dt = "cuda", torch.bfloat16
+    torch_path = contextlib.ExitStack()
     if mode == "bf16-torch":
-        os.environ["DWDP_NO_TRITON"] = "1"
+        torch_path.enter_context(kernels.triton_off())
     w = {"w13": torch.randn(E, 2 * I, H, device=dev, dtype=dt) * 0.02,
          "w2": torch.randn(E, H, I, device=dev, dtype=dt) * 0.02}
 
@@ -111,7 +113,7 @@ def moe_parts(cfg, T: int, split: bool, mode: str = "bf16") -> dict:
              (("routing", route), ("permute", permute), ("grouped_gemms", gemms), ("combine", combine))}
         layer = time_cuda(lambda: routed_experts_forward(x, ids, weights, segs, E), 3, 10)
     finally:
-        os.environ.pop("DWDP_NO_TRITON", None)
+        torch_path.close()
     flops = 2.0 * T * K * 3 * H * I
     total = sum(t.values())
     return {"tokens": T, "rows_per_expert": T * K / E, "split_segments": split, "mode": mode, "seconds": t,

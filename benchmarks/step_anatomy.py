@@ -4,7 +4,7 @@ Every rank of an N-GPU group builds three models of the same weights shape: a dp
 a DWDP rank, and a DWDP rank whose pulls are switched off (the communication-free limit of
 DWDP's own schedule: same split of the MoE into resident and remote segments). Each times
 the same packed step (median of --iters, all ranks stepping together, so all pull at once),
-with pull pacing off and just in time, then profiles one step and splits the device time of
+then profiles one step and splits the device time of
 the compute stream by kernel kind (GEMM, attention, MoE glue, other) plus the time that
 stream sat idle. The differences name the causes of DWDP's slowdown against dp: kernels
 slowed by concurrent pulls (same kernels, longer), extra kernels from the split MoE,
@@ -144,7 +144,6 @@ def worker(a) -> dict:
     out = {"rank": ctx.rank, "tokens": sum(a.lengths), "variants": {}}
     variants = [("dp", RankSpec(strategy="dp", **base), None),
                 ("dwdp", RankSpec(strategy="dwdp", **base), None),
-                ("dwdp_jit", RankSpec(strategy="dwdp", pull_pacing="jit", **base), None),
                 ("dwdp_no_pulls", RankSpec(strategy="dwdp", **base), SkipPullsHooks()),
                 # bf16 only: the split MoE as it was, the host blocking on the segment boundaries
                 # before queuing the permute (the FP8 path no longer reads them: same as dwdp).
@@ -154,7 +153,7 @@ def worker(a) -> dict:
             rank = build_rank(spec, ctx, hooks) if hooks else build_rank(spec, ctx)
             with (mock.patch.object(moe, "_read_back", _read_back_blocking) if name == "dwdp_sync_bounds"
                   else contextlib.nullcontext()):
-                for _ in range(3):  # kernels, allocator; the pacer learns its rates here
+                for _ in range(3):  # kernels, allocator
                     rank.model(batch)
                 row = {"step_s": _median_step(rank.model, batch, a.iters, group)}
                 row.update(_anatomy(rank.model, batch, group))
@@ -162,7 +161,6 @@ def worker(a) -> dict:
             if st and hasattr(st[-1], "exposed_wait_s"):
                 row["exposed_wait_s"] = st[-1].exposed_wait_s
                 row["pull_s"] = sum(s for s in st[-1].pull_seconds if s == s)
-                row["paced_pulls"] = st[-1].paced_pulls
             out["variants"][name] = row
             rank.close()
             del rank

@@ -8,7 +8,8 @@ import torch.distributed as dist
 from dwdp.batch import PackedBatch
 from dwdp.config import ModelConfig
 from dwdp.models import build_model, init_random
-from dwdp.parallel.ep import apply_dep, ep_ranges
+from dwdp.parallel.ep import apply_dep
+from dwdp.parallel.ep_wire import ep_ranges
 from dwdp.parallel.group import init_dwdp_groups
 from dwdp.presets import preset_hf_dict
 
@@ -88,7 +89,7 @@ def dep_worker(group_size: int, cfg_kw: dict, dep_kw: dict, layer_cases: list[di
     return out
 
 
-def dep_gpu_worker(transport: str, overlap: bool, fp8: bool, cases: list[dict]):
+def dep_gpu_worker(fp8: bool, cases: list[dict]):
     """GPU: one DEP layer (small qwen3-like shape, bf16) against all experts in this process."""
     import os
 
@@ -128,7 +129,7 @@ def dep_gpu_worker(transport: str, overlap: bool, fp8: bool, cases: list[dict]):
 
     mine = ep_ranges(E, N)[rank]
     full, model = experts(0, E), One(experts(mine.start, len(mine)))
-    rt = apply_dep(model, dist.group.WORLD, rank, N, transport=transport, overlap=overlap, max_tokens=512)
+    rt = apply_dep(model, dist.group.WORLD, rank, N)
     cfg = type("C", (), {"num_experts": E, "top_k": K})
     errs = []
     with torch.no_grad():

@@ -15,7 +15,7 @@ from dwdp.checkpoint import load_checkpoint
 from dwdp.models import build_model, init_random
 from dwdp.parallel.group import PeerFailure, PeerWatchdog, check_agreement, init_dwdp_groups
 from dwdp.parallel.hooks import NO_HOOKS, RuntimeHooks
-from dwdp.parallel.pacing import PullRates
+from dwdp.parallel.pull_rates import PullRates
 from dwdp.parallel.rank import RankSpec, build_rank
 from dwdp.presets import resolve_model
 
@@ -41,15 +41,13 @@ class StressHooks(RuntimeHooks):
 
 
 def build_dwdp_rank(ctx, model_spec: str, local: int | None, hooks: RuntimeHooks = NO_HOOKS,
-                    slice_bytes: int | None = None, pacing: str = "off", short_steps: str = "pull",
-                    ship_max_tokens: int = 2048, peer_timeout_s: float = 30.0):
+                    slice_bytes: int | None = None, peer_timeout_s: float = 30.0):
     """The same build_rank every entry point uses, at fp32 on CPU."""
     spec = RankSpec(model=model_spec, strategy="dwdp", group_size=ctx.group_size, local_experts=local,
-                    slice_mb=slice_bytes / 2**20 if slice_bytes else None, pull_pacing=pacing,
-                    short_steps=short_steps, ship_max_tokens=ship_max_tokens, peer_timeout_s=peer_timeout_s)
+                    slice_mb=slice_bytes / 2**20 if slice_bytes else None,
+                    peer_timeout_s=peer_timeout_s)
     rank = build_rank(spec, ctx, hooks)
-    if pacing == "jit":  # tiny steps: learn from every step, and cut pulls into several slices
-        rank.runtime.rates = PullRates(min_tokens=1, slice_bytes=4096)
+    rank.runtime.rates = PullRates(min_tokens=1)  # tiny steps: learn the rates from every step
     return rank.model, rank.runtime
 
 
@@ -68,8 +66,7 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
     """For each (model, L) case: build a DWDP rank, run every batch as one step, return logits.
 
     opts: copy_delay_ms / compute_delay_ms (random sleeps up to that), skip_raw_wait, slice_bytes,
-    pacing ("jit": paced pulls), count_collectives (return how many torch.distributed calls the steps made),
-    short_steps / ship_max_tokens (token shipping), rotate (rank r runs the batches starting at r % len).
+    count_collectives (return how many torch.distributed calls the steps made).
     """
     opts = opts or {}
     torch.set_num_threads(1)
@@ -82,10 +79,7 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
         for spec, local in cases:
             hooks = StressHooks(rng, opts.get("copy_delay_ms", 0.0), opts.get("compute_delay_ms", 0.0),
                                 opts.get("skip_raw_wait", False))
-            model, rt = build_dwdp_rank(ctx, spec, local, hooks, opts.get("slice_bytes"), opts.get("pacing", "off"),
-                                        opts.get("short_steps", "pull"), opts.get("ship_max_tokens", 2048))
-            k = ctx.group_rank % len(batches) if opts.get("rotate") else 0
-            run_batches = batches[k:] + batches[:k]
+            model, rt = build_dwdp_rank(ctx, spec, local, hooks, opts.get("slice_bytes"))
             originals = {}
             if opts.get("count_collectives"):
                 for name in COLLECTIVES:
@@ -98,13 +92,11 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
 
                         setattr(dist, name, counted)
             try:
-                logits = [model(PackedBatch.from_sequences(b)).logits.numpy() for b in run_batches]
+                logits = [model(PackedBatch.from_sequences(b)).logits.numpy() for b in batches]
             finally:
                 for name, fn in originals.items():
                     setattr(dist, name, fn)
             out.append({"logits": logits, "stats": [(s.exposed_wait_s, s.pulled_bytes) for s in rt.step_stats],
-                        "shipped_bytes": [s.shipped_bytes for s in rt.step_stats],
-                        "paced_pulls": [s.paced_pulls for s in rt.step_stats],
                         "break_even_tokens": rt.break_even_tokens()})
             rt.close()
     finally:
@@ -112,29 +104,6 @@ def logits_worker(group_size: int, cases: list[tuple[str, int | None]], batches,
     dist.barrier()
     dist.destroy_process_group()
     return {"cases": out, "collectives_during_steps": counts}
-
-
-def shipping_timeout_worker(group_size: int, timeout_s: float):
-    """Rank 1 stops serving shipped tokens; rank 0's shipped step must fail with a clear
-    TransportTimeout after ``timeout_s`` (not hang). Returns (rank 0) the error and seconds."""
-    torch.set_num_threads(1)
-    ctx = init_dwdp_groups(group_size, "cpu", timeout_s=60)
-    model, rt = build_dwdp_rank(ctx, "tiny-qwen3-moe", None, short_steps="ship", peer_timeout_s=timeout_s)
-    result = None
-    if ctx.group_rank == 1:
-        rt.shipper.close()
-    dist.barrier()
-    if ctx.group_rank == 0:
-        t0 = time.monotonic()
-        try:
-            model(PackedBatch.from_sequences([[1, 2, 3, 4]]))
-            result = ("no error", time.monotonic() - t0)
-        except Exception as e:  # noqa: BLE001 - the test reads the message
-            result = (f"{type(e).__name__}: {e}", time.monotonic() - t0)
-    dist.barrier()
-    rt.close()
-    dist.destroy_process_group()
-    return result
 
 
 def failure_worker(group_size: int, mode: str, peer_timeout_s: float):
@@ -177,42 +146,3 @@ def allreduce_worker(group_size: int) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return int(t)
-
-
-def gpu_ship_worker(group_size: int, model_spec: str, lengths: list[int], cap: int) -> dict:
-    """GPU: the same step pulled and shipped (bf16), a step over the cap (pulls), then rank 1
-    stops serving and rank 0's shipped step must raise a timeout. Returns errors and flags."""
-    os.environ["DWDP_EXPERIMENTAL_SHIPPING"] = "1"
-    ctx = init_dwdp_groups(group_size, "cuda", timeout_s=120)
-    spec = RankSpec(model=model_spec, strategy="dwdp", device="cuda", group_size=group_size, short_steps="ship",
-                    ship_max_tokens=cap, peer_timeout_s=60.0)
-    rank = build_rank(spec, ctx)
-    model, rt = rank.model, rank.runtime
-    g = torch.Generator().manual_seed(ctx.group_rank)
-    out = {"rel_err": [], "shipped": []}
-    for T in lengths:
-        batch = PackedBatch.from_sequences([torch.randint(0, 500, (T,), generator=g).tolist()], ctx.device)
-        rt.short_steps = "pull"
-        want = model(batch).logits.float()
-        rt.short_steps = "ship"
-        got = model(batch).logits.float()
-        out["rel_err"].append(float((got - want).norm() / want.norm()))
-        out["shipped"].append(rt.step_stats[-1].shipped_bytes > 0)
-    dist.barrier()
-    if ctx.group_rank == 1:  # stops serving (after half a second waiting for rank 0 to close too)
-        rt.shipper.timeout_s = 0.5
-        rt.shipper.close()
-    dist.barrier()
-    if ctx.group_rank == 0:
-        rt.shipper.timeout_s = 3.0
-        t0 = time.monotonic()
-        try:
-            model(PackedBatch.from_sequences([[1, 2, 3, 4]], ctx.device))
-            out["timeout"] = ("no error", time.monotonic() - t0)
-        except Exception as e:  # noqa: BLE001 - the test reads the message
-            out["timeout"] = (f"{type(e).__name__}: {e}", time.monotonic() - t0)
-    dist.barrier()
-    rt.shipper.timeout_s = 1.0  # the peers are gone or stopped: do not wait long at close
-    rt.close()
-    dist.destroy_process_group()
-    return out

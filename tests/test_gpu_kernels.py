@@ -222,23 +222,3 @@ def test_copy_engine_streams_wait_for_compute_and_join(streams):
     stalled = eng.drain_wait_seconds()
     assert 1e-3 < stalled < 1.0, stalled
     assert eng.drain_wait_seconds() == 0.0  # drained
-
-
-def test_paced_pull_lands_whole_and_takes_its_gaps():
-    """A paced submission: slices with a device-side idle gap after each, on the copy
-    stream. Every byte lands, after the compute it waits for, and the copy takes at least
-    the sum of its gaps (the pacing happened on the device, not on the host)."""
-    from dwdp.parallel.copy_engine import CudaCopyEngine
-    from dwdp.parallel.pacing import Pace
-
-    eng = CudaCopyEngine(torch.device("cuda"))
-    eng.sleep_cycles_per_s()
-    src = torch.zeros(64, 1 << 20, device="cuda")  # 256 MiB
-    dst = torch.empty_like(src)
-    torch.cuda._sleep(20_000_000)
-    src.fill_(2.0)
-    pace = Pace(slice_bytes=16 << 20, gap_s=1e-3)  # 16 slices, 1 ms after each
-    sig = eng.submit([(dst, src)], wait_for=eng.compute_signal(), pace=pace)
-    eng.compute_wait(sig)
-    assert bool((dst == 2).all())
-    assert eng.copy_seconds(sig) >= 0.9 * 16 * 1e-3

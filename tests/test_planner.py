@@ -576,7 +576,7 @@ def test_dep_destination_ranks_match_the_real_router(model):
     import torch
 
     from dwdp.models.moe import Router
-    from dwdp.parallel.ep import ep_ranges
+    from dwdp.parallel.ep_wire import ep_ranges
     from dwdp.planner.model import expected_dest_ranks
 
     cfg, _ = resolve_model(model, 4)

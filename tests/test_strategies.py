@@ -83,30 +83,31 @@ def test_expert_load_imbalance_of_lockstep_layers():
     assert expert_load_imbalance([None, pairs[1]], 2) is None
 
 
-def test_expert_pairs_forward_equals_topk_form():
-    """DEP's receiver computes over (row, expert) pairs; with every pair present it must
-    equal the top-k form, and with some pairs dropped it must equal a float64 sum of the rest."""
-    from dwdp.models.moe import ExpertSegment, expert_pairs_forward, routed_experts_forward
+def test_experts_split_over_segments_equal_a_float64_sum():
+    """The MoE computes each expert where it lies (DWDP: resident shard and prefetch slot,
+    local segment first): split over two tensors, in either order, it must equal a float64
+    sum over every token's top-k experts; on CPU the reference kernel is the one chosen."""
+    from dwdp.models.moe import PER_EXPERT, WIDEN_FP8, ExpertSegment, expert_kernel, routed_experts_forward
 
     g = torch.Generator().manual_seed(0)
     E, H, I, T, K = 6, 16, 8, 30, 3
-    seg = ExpertSegment(0, torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g))
+    w13, w2 = torch.randn(E, 2 * I, H, generator=g), torch.randn(E, H, I, generator=g)
     x = torch.randn(T, H, generator=g)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     w = torch.rand(T, K, generator=g)
-    rows = torch.arange(T).repeat_interleave(K)
-    full = expert_pairs_forward(x, rows, ids.flatten(), w.flatten(), seg)
-    assert torch.allclose(full, routed_experts_forward(x, ids, w, [seg], E), atol=1e-5)
-    keep = ids.flatten() % 2 == 0  # a rank holding only the even experts
-    part = expert_pairs_forward(x, rows[keep], ids.flatten()[keep], w.flatten()[keep], seg)
     want = torch.zeros(T, H, dtype=torch.float64)
     for t in range(T):
         for k in range(K):
             e = int(ids[t, k])
-            if e % 2 == 0:
-                gate, up = (seg.w13[e].double() @ x[t].double()).chunk(2)
-                want[t] += w[t, k].double() * (seg.w2[e].double() @ (torch.nn.functional.silu(gate) * up))
-    assert torch.allclose(part.double(), want, atol=1e-4)
+            gate, up = (w13[e].double() @ x[t].double()).chunk(2)
+            want[t] += w[t, k].double() * (w2[e].double() @ (torch.nn.functional.silu(gate) * up))
+    low, high = ExpertSegment(0, w13[:2].clone(), w2[:2].clone()), ExpertSegment(2, w13[2:].clone(), w2[2:].clone())
+    for segments in ([low, high], [high, low]):
+        assert expert_kernel(x, segments[0]) == PER_EXPERT
+        assert torch.allclose(routed_experts_forward(x, ids, w, segments, E).double(), want, atol=1e-4)
+    fp8 = ExpertSegment(0, w13.to(torch.float8_e4m3fn), w2.to(torch.float8_e4m3fn), torch.ones(E, 1, 1),
+                        torch.ones(E, 1, 1))
+    assert expert_kernel(x, fp8) == WIDEN_FP8  # no Triton on CPU: FP8 experts are widened
 
 
 def test_fp8_experts_dwdp_and_dep(ref_cases):

@@ -130,27 +130,56 @@ def test_lockstep_runs_dummy_steps_while_a_peer_is_busy():
     assert torch.allclose(res[0].logits, solo[0].logits)
 
 
-@pytest.mark.parametrize("hold_s,break_even,steps", [
-    (0.0, 100, [[10], [10]]),  # no hold: the first request runs alone, then the second
-    (2.0, 100, [[10, 10]]),  # held: the second arrival (0.15 s later) joins the first step
-    (2.0, 15, [[10, 10]]),
-    (2.0, 5, [[10], [10]]),  # the first step is already above break-even: never held
-    (2.0, None, [[10], [10]]),  # nothing measured yet: never held
-    (0.05, 100, [[10], [10]]),  # the hold runs out before the second arrival
+class _SimulatedTime:
+    """A run clock that moves only when the driver idles (steps take no time), so holding
+    decisions are checked exactly, whatever the machine's load."""
+
+    now = 0.0
+
+
+class _SimulatedArrivals(ArrivalSource):
+    def __init__(self, requests, t: _SimulatedTime):
+        super().__init__(requests)
+        self.t = t
+
+    def wait(self, now: float, max_s: float | None) -> None:  # idle: jump ahead instead of sleeping
+        gap = max(0.0, self.pending[0].arrival - now) if self.pending else 0.0
+        self.t.now = now + (gap if max_s is None else min(gap, max_s))
+
+
+class _SimulatedDriver(StepDriver):
+    def __init__(self, *args, t: _SimulatedTime, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.t = t
+
+    def clock(self) -> float:
+        return self.t.now
+
+
+@pytest.mark.parametrize("hold_s,break_even,steps,held_s", [
+    (0.0, 100, [[10], [10]], 0.0),  # no hold: the first request runs alone, then the second
+    (2.0, 100, [[10, 10]], 0.15),  # held until the second arrival (0.15 s later), which joins the step
+    (2.0, 15, [[10, 10]], 0.15),
+    (2.0, 5, [[10], [10]], 0.0),  # the first step is already above break-even: never held
+    (2.0, None, [[10], [10]], 0.0),  # nothing measured yet: never held
+    (0.05, 100, [[10], [10]], 0.05),  # the hold runs out before the second arrival
 ])
-def test_short_step_is_held_back_to_fill_up(hold_s, break_even, steps):
+def test_short_step_is_held_back_to_fill_up(hold_s, break_even, steps, held_s):
     cfg, _ = resolve_model("tiny-qwen3-moe", 2)
     model = build_model(cfg)
     init_random(model, 0)
     engine = PrefillEngine(model, max_num_tokens=64, keep_kv=False)
     reqs = [Request(0, list(range(10)), arrival=0.0), Request(1, list(range(10, 20)), arrival=0.15)]
-    driver = StepDriver(engine, ArrivalSource(reqs), hold=ShortStepHold(hold_s, lambda: break_even))
+    t = _SimulatedTime()
+    driver = _SimulatedDriver(engine, _SimulatedArrivals(reqs, t), hold=ShortStepHold(hold_s, lambda: break_even), t=t)
     res = driver.run()
     assert sorted(r.id for r in res) == [0, 1]
     assert [[10] * s.num_seqs for s in engine.steps] == steps
-    if len(steps) == 1:
-        assert 0.1 < driver.held_s < 0.5  # held until the second arrival, not the whole 2 s
-        assert min(r.ttft for r in res) < 0.5
+    assert driver.held_s == pytest.approx(held_s)
+    # Steps take no simulated time: a request's TTFT is how long it waited for its step.
+    ttft = {r.id: r.ttft for r in res}
+    assert ttft[1] == pytest.approx(0.0)
+    assert ttft[0] == pytest.approx(0.15 if len(steps) == 1 else held_s)
 
 
 def test_lockstep_ranks_never_hold():

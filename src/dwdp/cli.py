@@ -25,6 +25,32 @@ def _console():
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
+# Experiments that measured worse than the default were removed; their flags remain only to
+# say so in one line (docs/BENCHMARKS.md holds the measurements).
+REMOVED_FLAGS = {
+    "--short-steps": "token shipping (short steps sending their tokens to the experts' owners) measured slower "
+                     "than waiting for the pulls",
+    "--ship-max-tokens": "token shipping measured slower than waiting for the pulls",
+    "--pull-pacing": "just-in-time pull pacing measured no gain over pulling at full rate (2x H200)",
+    "--dep-transport": "DEP's symmetric-memory (NVSHMEM) all-to-all measured slower than NCCL's",
+    "--dep-overlap": "DEP's two-batch overlap measured slower than running the micro-batches in turn",
+}
+
+
+class _RemovedFlag(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise SystemExit(f"error: {option_string} was removed: {REMOVED_FLAGS[option_string]} "
+                         "(see docs/BENCHMARKS.md); drop the flag")
+
+
+def _add_removed_flags(p, *flags: str) -> None:
+    for flag in flags:
+        p.add_argument(flag, action=_RemovedFlag)
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"preset ({', '.join(PRESETS)}) or a Hugging Face checkpoint directory "
@@ -52,14 +78,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="routed experts: auto = as the checkpoint ships them (FP8 releases stay FP8), same = the "
                         "model dtype, fp8 = e4m3 with 128x128 block scales (quantised at load)")
     d.add_argument("--copy-streams", type=int, default=1, help="DWDP copy streams per rank (default 1)")
-    d.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
-                   help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE "
-                        "(less HBM taken from the compute it overlaps; rates measured on the run's own steps)")
-    d.add_argument("--short-steps", default="pull", choices=["pull", "ship", "auto"],
-                   help="DWDP steps too short to hide their pulls: pull (default), ship = every step of at most "
-                        "--ship-max-tokens sends its tokens to the experts' owners instead, auto = those below the "
-                        "measured break-even size ship (on GPUs experimental: needs DWDP_EXPERIMENTAL_SHIPPING=1)")
-    d.add_argument("--ship-max-tokens", type=int, default=2048, help="largest step that may ship (default 2048)")
+    _add_removed_flags(d, "--pull-pacing", "--short-steps", "--ship-max-tokens")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
     d.add_argument("--local-experts", "-L", type=_local_count, default=None,
                    help="experts each rank keeps per MoE layer (default: the smallest valid L; auto: the "
@@ -89,9 +108,8 @@ def _rank_spec(args, strategy: str = DP, group_size: int = 1):
                     device="cuda" if args.device.startswith("cuda") else "cpu", group_size=group_size,
                     local_experts=getattr(args, "local_experts", None),
                     expert_dtype=getattr(args, "expert_dtype", "auto"), slice_mb=getattr(args, "slice_mb", None),
-                    copy_streams=getattr(args, "copy_streams", 1), pull_pacing=getattr(args, "pull_pacing", "off"),
-                    short_steps=getattr(args, "short_steps", "pull"),
-                    ship_max_tokens=getattr(args, "ship_max_tokens", 2048), seed=args.seed,
+                    copy_streams=getattr(args, "copy_streams", 1),
+                    seed=args.seed,
                     max_num_tokens=args.max_num_tokens, peer_timeout_s=getattr(args, "peer_timeout", 60.0))
 
 
@@ -294,10 +312,10 @@ def cmd_bench(args) -> int:
     spec = BenchSpec(model=args.model, num_layers=args.num_layers, dtype=args.dtype, device=device,
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
-                     slice_mb=args.slice_mb, copy_streams=args.copy_streams, pull_pacing=args.pull_pacing,
-                     short_steps=args.short_steps, ship_max_tokens=args.ship_max_tokens, hold_ms=args.hold_ms,
+                     slice_mb=args.slice_mb, copy_streams=args.copy_streams,
+                     hold_ms=args.hold_ms,
                      expert_dtype=args.expert_dtype,
-                     dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
+                     dep_wire=args.dep_wire,
                      seed=args.seed,
                      peer_timeout_s=args.peer_timeout,
                      ceilings=args.ceilings, diagnostic=args.diagnostic, progress=sys.stderr.isatty())
@@ -658,7 +676,7 @@ def cmd_serve(args) -> int:
         spec = PrefillPoolSpec(args.model, args.prefill, args.prefill_ranks, args.num_layers, args.dtype,
                                "cuda" if on_gpu else "cpu", args.local_experts,
                                args.max_num_tokens, args.seed, expert_dtype=args.expert_dtype,
-                               pull_pacing=args.pull_pacing, hold_ms=args.prefill_hold_ms, kv_transport=kv_transport)
+                               hold_ms=args.prefill_hold_ms, kv_transport=kv_transport)
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
         worker = DisaggServingWorker(model, PrefillPool(spec), args.max_batch, args.max_queue,
                                      intra_op_threads=args.threads, max_context=args.max_context, decode=decode,
@@ -751,22 +769,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--slice-mb", type=float, default=None, help="DWDP pull slices of this many MiB")
     bench.add_argument("--copy-streams", type=int, default=1,
                        help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
-    bench.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
-                       help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE")
-    bench.add_argument("--short-steps", default="pull", choices=["pull", "ship", "auto"],
-                       help="DWDP steps too short to hide their pulls: pull (default), ship = every step of at most "
-                        "--ship-max-tokens sends its tokens to the experts' owners instead, auto = those below the "
-                        "measured break-even size ship (on GPUs experimental: needs DWDP_EXPERIMENTAL_SHIPPING=1)")
-    bench.add_argument("--ship-max-tokens", type=int, default=2048, help="largest step that may ship (default 2048)")
+    _add_removed_flags(bench, "--pull-pacing", "--short-steps", "--ship-max-tokens")
     bench.add_argument("--hold-ms", type=float, default=3.0,
                        help="DWDP with timed arrivals (--rate, traces): hold a step below the measured break-even "
                             "size up to this long for more requests (default 3; 0: never)")
     bench.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
                        help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
-    bench.add_argument("--dep-transport", default="nccl", choices=["nccl", "symm"],
-                       help="DEP all-to-all: nccl (all_to_all_single) or symm (NVSHMEM one-sided, GPU)")
-    bench.add_argument("--dep-overlap", action="store_true",
-                       help="DEP two-batch overlap: one micro-batch's all-to-all under the other's experts")
+    _add_removed_flags(bench, "--dep-transport", "--dep-overlap")
     bench.add_argument("--dep-wire", default="auto", choices=["auto", "native", "fp8"],
                        help="DEP dispatch rows: auto = FP8 with 1x128 scales when experts are FP8")
     bench.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent peer fails the run")
@@ -863,8 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--prefill-ranks", type=int, default=2)
     srv.add_argument("--local-experts", "-L", type=_local_count, default=None,
                      help="DWDP prefill: experts kept per rank (auto: the largest that fits the GPU)")
-    srv.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
-                     help="DWDP prefill pulls: off = as fast as possible; jit = each ends just before its MoE")
+    _add_removed_flags(srv, "--pull-pacing")
     srv.add_argument("--prefill-hold-ms", type=float, default=3.0,
                      help="DWDP prefill: hold a step smaller than the measured break-even size (the tokens whose "
                           "compute hides one layer's pull) up to this long for more requests (default 3; 0: never)")

@@ -272,8 +272,6 @@ class ShortStepHold:
         """The hold for a rank's strategy runtime: only one with a break-even size (DWDP:
         it pulls per step), and only for a positive ``hold_ms``."""
         break_even = getattr(runtime, "break_even_tokens", None)
-        if getattr(runtime, "short_steps", "pull") != "pull":
-            return None  # the steps below break-even ship their tokens instead: holding them only delays
         return cls(hold_ms / 1e3, break_even) if break_even is not None and hold_ms > 0 else None
 
 

@@ -75,11 +75,8 @@ class RankSummary:
     exposed_wait_s: float | None = None  # prefetch wait the compute could not hide
     step_exposed_wait_s: list[float] | None = None
     pulled_bytes: int | None = None
-    pull_gbps: float | None = None  # pulled bytes over copy-engine seconds (paced pulls included)
-    paced_pulls: int | None = None  # pull parts issued just in time (--pull-pacing jit)
+    pull_gbps: float | None = None  # pulled bytes over copy-engine seconds
     break_even_tokens: int | None = None  # measured: the step size whose compute hides one layer's pull
-    shipped_steps: int | None = None  # steps that sent their tokens to the owners instead of pulling
-    shipped_bytes: int | None = None
     held_s: float | None = None  # time short steps were held back for more work (--hold-ms)
     trace: list | None = None  # --diagnostic trace: (event, seconds) host timeline
 

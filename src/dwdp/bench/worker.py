@@ -32,12 +32,7 @@ class BenchSpec:
     local_experts: int | str | None = None  # DWDP L ("auto": the largest that fits the GPU)
     slice_mb: float | None = None  # DWDP sliced pulls
     copy_streams: int = 1  # DWDP copy streams per rank
-    pull_pacing: str = "off"  # DWDP: "jit" stretches each pull to end just before its MoE
-    short_steps: str = "pull"  # DWDP: "ship" / "auto" send a short step's tokens to the owners
-    ship_max_tokens: int = 2048
     hold_ms: float = 3.0  # DWDP, timed arrivals: hold a step below the measured break-even this long
-    dep_transport: str = "nccl"  # DEP: nccl or symm (NVSHMEM one-sided)
-    dep_overlap: bool = False  # DEP two-batch overlap
     dep_wire: str = "auto"  # DEP dispatch row format
     expert_dtype: str = "auto"  # as the checkpoint ships them; "fp8": stored, pulled and computed as e4m3
     warmup: bool = True
@@ -56,9 +51,7 @@ class BenchSpec:
         return RankSpec(model=self.model, strategy=strategy, num_layers=self.num_layers, dtype=self.dtype,
                         device=self.device, group_size=self.n, local_experts=self.local_experts,
                         expert_dtype=self.expert_dtype, slice_mb=self.slice_mb, copy_streams=self.copy_streams,
-                        pull_pacing=self.pull_pacing, short_steps=self.short_steps,
-                        ship_max_tokens=self.ship_max_tokens,
-                        dep_transport=self.dep_transport, dep_overlap=self.dep_overlap, dep_wire=self.dep_wire,
+                        dep_wire=self.dep_wire,
                         seed=self.seed, max_num_tokens=max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
     def to_dict(self) -> dict:
@@ -118,7 +111,7 @@ def _a2a_ceilings(spec: BenchSpec, ctx, mnts: list[int], warmed: dict) -> None:
     fix, not yet re-measured; until it is, docs/RESULTS.md reads DEP's rate against
     ``benchmarks/a2a_sizes.py``'s curve from the same machine."""
     from ..ceilings import all_to_all_gbps
-    from ..parallel.ep import expected_dest_ranks, fp8_wire, wire_row_bytes
+    from ..parallel.ep_wire import expected_dest_ranks, fp8_wire, wire_row_bytes
     from ..presets import resolve_model
 
     cfg, _ = resolve_model(spec.model, spec.num_layers)

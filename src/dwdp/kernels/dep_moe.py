@@ -10,7 +10,7 @@
   (without weights) to add the partial rows that came back from the ranks it visited.
 
 Rows are copied as raw bits: callers pass same-size integer views (fp8 as uint8...), so
-one kernel serves every dtype. PyTorch fallbacks live in :mod:`dwdp.parallel.ep`.
+one kernel serves every dtype. PyTorch fallbacks live in :mod:`dwdp.parallel.ep_dispatch`.
 """
 
 from __future__ import annotations

@@ -95,6 +95,34 @@ class ExpertSegment:
                              dequantize_fp8_blockwise(self.w2, self.w2_scale, dtype))
 
 
+# How a segment's experts are computed. expert_kernel() is the one place that chooses.
+FP8_TRITON = "fp8-triton"  # FP8 experts computed in FP8 (kernels/fp8_grouped.py), FP8 rows
+BF16_TRITON = "bf16-triton"  # bf16, a few rows per expert (decode): kernels/fp8_grouped.grouped_swiglu_bf16
+GROUPED_MM = "grouped-mm"  # bf16 on CUDA: torch._grouped_mm
+WIDEN_FP8 = "widen-fp8"  # FP8 experts without the FP8 kernel: widened a few at a time, then as bf16/fp32
+PER_EXPERT = "per-expert"  # one matmul pair per expert (CPU, fp32): the reference
+# These take the per-expert row counts on the device; the others read group boundaries on the host.
+DEVICE_COUNTS = frozenset({FP8_TRITON, BF16_TRITON, GROUPED_MM})
+
+
+def expert_kernel(x: torch.Tensor, seg: ExpertSegment, rows: int | None = None) -> str:
+    """How ``seg``'s experts run on activations like ``x`` (their device and dtype; FP8 rows
+    count as the FP8 kernel's input). ``rows``: the sorted rows they get, when known: a few
+    per expert take the decode kernel."""
+    triton = kernels.enabled(x)
+    if seg.w13_scale is not None:
+        whole_blocks = seg.w13.shape[-1] % 128 == 0 and seg.w2.shape[-1] % 128 == 0
+        return FP8_TRITON if triton and whole_blocks else WIDEN_FP8
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")):
+        return PER_EXPERT
+    if triton and rows is not None:
+        from ..kernels.fp8_grouped import bf16_decode_shapes
+
+        if bf16_decode_shapes(rows, seg.count, seg.w13, seg.w2):
+            return BF16_TRITON
+    return GROUPED_MM
+
+
 def routed_experts_forward(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -117,14 +145,14 @@ def routed_experts_forward(
     # Not bincount: on CUDA it reads the largest id back to the host.
     counts = torch.zeros(num_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     src = order // K
-    fp8 = _fp8_kernel_applies(x, segments)
+    kernel = expert_kernel(x, segments[0])  # segments share a dtype and shape: one choice for all
+    fp8 = kernel == FP8_TRITON
     # Segment boundaries are read back to the host (one sync per layer), except when one
-    # segment holds every expert and a grouped kernel takes the counts on the device (a
-    # replica's GPU path: a decode step with it can be captured in a CUDA graph), and on
-    # the FP8 kernels, which find each segment's rows on the device.
+    # segment holds every expert and its kernel takes the counts on the device (a replica's
+    # GPU path: a decode step with it can be captured in a CUDA graph), and on the FP8
+    # kernel, which finds each segment's rows on the device.
     whole = len(segments) == 1 and segments[0].start == 0 and segments[0].count == num_experts
-    device_grouped = whole and (fp8 or (_fast_grouped_mm(x) and segments[0].w13_scale is None))
-    boundaries = None if device_grouped or fp8 else _read_back(counts.cumsum(0))
+    boundaries = None if fp8 or (whole and kernel in DEVICE_COUNTS) else _read_back(counts.cumsum(0))
     bounds = torch.cat([counts.new_zeros(1), counts.cumsum(0)]) if fp8 and not whole else None
     if fp8:  # quantise each token once, then permute the (half-size) FP8 rows
         from ..kernels.fp8_grouped import quantize_rows
@@ -154,15 +182,21 @@ def routed_experts_forward(
                                out=y_sorted, row_range=rows, rows_per_group=T * K / num_experts)
         else:
             y_sorted[r0:r1] = _grouped_swiglu(x_sorted[r0:r1], seg, counts[e0:e1], ends, e0)
-    if kernels.enabled(x):
+    return _combine(y_sorted, order, topk_weights)
+
+
+def _combine(y_sorted: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Each token's k expert outputs (rows ``order`` of ``y_sorted``) summed with its weights."""
+    if kernels.enabled(y_sorted):
         from ..kernels.moe_epilogue import weighted_combine
 
         return weighted_combine(y_sorted, order, topk_weights)
     # Un-permute with a gather (cheaper than a scatter) and combine the k outputs of each
     # token with one batched [1, K] x [K, hidden] product.
+    T, K = topk_weights.shape
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = y_sorted[inverse].view(T, K, hidden)
+    y = y_sorted[inverse].view(T, K, y_sorted.shape[-1])
     return torch.bmm(topk_weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
 
 
@@ -185,97 +219,6 @@ def _read_back(t: torch.Tensor):
     return wait
 
 
-def subset_experts_forward(
-    x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, segment: ExpertSegment,
-) -> torch.Tensor:
-    """The part of :func:`routed_experts_forward` that one contiguous expert range
-    contributes: sum over the pairs (t, k) whose expert lies in ``segment`` of
-    ``w[t, k] * expert(x[t])``; pairs routed elsewhere add nothing.
-
-    DWDP token shipping computes a step as this sum over the requester's resident range
-    plus the same sum each owner computes over its range. Counts stay on the device (no
-    host sync on the CUDA bf16 and FP8 paths), so an owner can queue a whole step of it
-    on a side stream before the tokens have arrived.
-    """
-    T, K = topk_ids.shape
-    e0, n = segment.start, segment.count
-    flat = topk_ids.reshape(-1)
-    owned = (flat >= e0) & (flat < e0 + n)
-    key = torch.where(owned, flat - e0, n)  # pairs routed elsewhere sort after every owned one
-    order = torch.argsort(key, stable=True)
-    counts = torch.zeros(n + 1, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))[:n]
-    src = order // K
-    local = ExpertSegment(0, segment.w13, segment.w2, segment.w13_scale, segment.w2_scale)
-    if _fp8_kernel_applies(x, [segment]):
-        from ..kernels.fp8_grouped import quantize_rows
-
-        xq, xsc = quantize_rows(x)
-        ys = sorted_experts_forward(xq[src], counts, local, xs_scale=xsc[src], out_dtype=x.dtype)
-    else:
-        ys = sorted_experts_forward(x[src], counts, local)
-    # Rows past the owned pairs were never written: zero them, and their weights, so the
-    # combine below adds exact zeros for pairs this range does not hold.
-    valid = torch.arange(T * K, device=x.device) < counts.sum()
-    ys = torch.where(valid.unsqueeze(1), ys, 0)
-    weights = torch.where(owned.view(T, K), topk_weights, 0)
-    if kernels.enabled(x):
-        from ..kernels.moe_epilogue import weighted_combine
-
-        return weighted_combine(ys, order, weights)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = ys[inverse].view(T, K, -1)
-    return torch.bmm(weights.to(y.dtype).unsqueeze(1), y).squeeze(1)
-
-
-def subset_forward_is_sync_free(x: torch.Tensor, segment: ExpertSegment) -> bool:
-    """Whether :func:`subset_experts_forward` on activations like ``x`` keeps the expert
-    counts on the device (FP8 kernels, or torch's bf16 grouped GEMM) rather than reading
-    group boundaries back to the host."""
-    if segment.w13_scale is not None:
-        return _fp8_kernel_applies(x, [segment])
-    return _fast_grouped_mm(x)
-
-
-def _fast_grouped_mm(x: torch.Tensor) -> bool:
-    """torch's grouped GEMM (bf16 on CUDA) takes the group offsets on the device."""
-    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
-
-
-def _fp8_kernel_applies(x: torch.Tensor, segments: list["ExpertSegment"]) -> bool:
-    """FP8 experts are computed in FP8 (Triton) on CUDA when the shapes fit 128 blocks."""
-    if not segments or segments[0].w13_scale is None or not kernels.enabled(x):
-        return False
-    seg = segments[0]
-    return seg.w13.shape[-1] % 128 == 0 and seg.w2.shape[-1] % 128 == 0
-
-
-def expert_pairs_forward(
-    x: torch.Tensor, rows: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor,
-    segment: ExpertSegment,
-) -> torch.Tensor:
-    """out[r] = sum over pairs p with rows[p] == r of weights[p] * expert_{expert_ids[p]}(x[r]).
-
-    The pair form of :func:`routed_experts_forward`, for rows that need only some of the
-    segment's experts (expert parallelism: a received token carries just the experts this
-    rank holds). Work is proportional to the pairs, not to rows x top-k.
-    """
-    order = torch.argsort(expert_ids, stable=True)
-    counts = torch.bincount(expert_ids, minlength=segment.count)
-    ends = counts.cumsum(0).tolist()  # host sync: group boundaries
-    src = rows[order]
-    if _fp8_kernel_applies(x, [segment]):
-        from ..kernels.fp8_grouped import grouped_swiglu_fp8, quantize_rows
-
-        xq, xsc = quantize_rows(x)
-        ys = grouped_swiglu_fp8(xq[src], xsc[src], segment.w13, segment.w13_scale, segment.w2,
-                                segment.w2_scale, counts, x.dtype)
-    else:
-        ys = _grouped_swiglu(x[src], segment, counts, ends, 0)
-    ys = ys * weights[order].to(ys.dtype).unsqueeze(1)
-    return torch.zeros_like(x).index_add_(0, src, ys)
-
-
 def sorted_experts_forward(
     xs: torch.Tensor, counts: torch.Tensor, segment: ExpertSegment, counts_host: list[int] | None = None,
     xs_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
@@ -285,38 +228,39 @@ def sorted_experts_forward(
 
     ``xs_scale``: ``xs`` is already FP8 with per-token 1x128 scales (quantised once by the
     sender, as ``routed_experts_forward`` does before its permute). ``counts_host`` spares a
-    host sync where the path needs the group boundaries on the host (CPU, fp32).
+    host sync where the kernel needs the group boundaries on the host.
     """
     out_dtype = out_dtype or (xs.dtype if xs_scale is None else torch.bfloat16)
     if xs.shape[0] == 0:
         return out if out is not None else torch.empty(0, segment.w2.shape[1], dtype=out_dtype, device=xs.device)
-    fp8_kernel = segment.w13_scale is not None and kernels.enabled(xs) and segment.w13.shape[-1] % 128 == 0 \
-        and segment.w2.shape[-1] % 128 == 0
-    if xs_scale is not None and not fp8_kernel:  # FP8 rows where the FP8 kernel does not apply: widen
+    kernel = expert_kernel(xs, segment, xs.shape[0])
+    if xs_scale is not None and kernel != FP8_TRITON:  # FP8 rows where the FP8 kernel does not apply: widen
         xs = (xs.float().view(xs.shape[0], -1, 128) * xs_scale.unsqueeze(-1)).view(xs.shape).to(out_dtype)
         xs_scale = None
-    if fp8_kernel:
+        kernel = expert_kernel(xs, segment, xs.shape[0])
+    if kernel == FP8_TRITON:
         from ..kernels.fp8_grouped import grouped_swiglu_fp8, quantize_rows
 
         if xs_scale is None:
             xs, xs_scale = quantize_rows(xs)
         return grouped_swiglu_fp8(xs, xs_scale, segment.w13, segment.w13_scale, segment.w2, segment.w2_scale,
                                   counts, out_dtype, out=out)
-    fast = _fast_grouped_mm(xs) and segment.w13_scale is None
-    ends = None if fast else (list(itertools.accumulate(counts_host)) if counts_host is not None
-                              else counts.cumsum(0).tolist())
-    ys = _grouped_swiglu(xs, segment, counts, ends, 0)
+    ends = None if kernel in DEVICE_COUNTS else (list(itertools.accumulate(counts_host)) if counts_host is not None
+                                                 else counts.cumsum(0).tolist())
+    ys = _grouped_swiglu(xs, segment, counts, ends, 0, kernel)
     if out is not None:
         out.copy_(ys)
         return out
     return ys
 
 
-def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
-    if seg.w13_scale is not None:
-        # Without Triton (CPU) FP8 experts are widened to the activation dtype a few experts
-        # at a time, so the wide copy stays small; on CUDA kernels/fp8_grouped.py computes
-        # in FP8 instead.
+def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0, kernel: str | None = None) -> torch.Tensor:
+    """Each expert's SwiGLU MLP over ``xs`` (rows sorted by expert, in the activation dtype).
+    ``ends``: cumulative row counts on the host from expert ``e0`` on (None where ``kernel``
+    takes ``counts`` on the device)."""
+    kernel = kernel or expert_kernel(xs, seg, xs.shape[0])
+    if kernel in (WIDEN_FP8, FP8_TRITON):  # the FP8 kernel takes FP8 rows: these widen the experts
+        # A few experts at a time, so the wide copy stays small.
         out = torch.empty_like(xs)
         base = ends[e0 - 1] if e0 else 0
         for c0 in range(0, seg.count, FP8_WIDEN_CHUNK):
@@ -329,12 +273,11 @@ def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
                                  seg.w2_scale[c0:c1]).dequantized(xs.dtype)
             out[r0:r1] = _grouped_swiglu(xs[r0:r1], part, counts[c0:c1], ends, e0 + c0)
         return out
-    if _fast_grouped_mm(xs) and kernels.enabled(xs):
-        from ..kernels.fp8_grouped import bf16_decode_shapes, grouped_swiglu_bf16
+    if kernel == BF16_TRITON:
+        from ..kernels.fp8_grouped import grouped_swiglu_bf16
 
-        if bf16_decode_shapes(xs.shape[0], seg.count, seg.w13, seg.w2):  # a few rows per expert (decode)
-            return grouped_swiglu_bf16(xs, seg.w13, seg.w2, counts)
-    if _fast_grouped_mm(xs):
+        return grouped_swiglu_bf16(xs, seg.w13, seg.w2, counts)
+    if kernel == GROUPED_MM:
         offs = counts.cumsum(0).to(torch.int32)
         h = torch._grouped_mm(xs, seg.w13.transpose(-2, -1), offs=offs)
         if kernels.enabled(xs):
@@ -345,7 +288,6 @@ def _grouped_swiglu(xs, seg: ExpertSegment, counts, ends, e0) -> torch.Tensor:
             gate, up = h.chunk(2, dim=-1)
             act = F.silu(gate) * up
         return torch._grouped_mm(act, seg.w2.transpose(-2, -1), offs=offs)
-    # Reference path: one matmul pair per expert.
     out = torch.empty_like(xs)
     base = ends[e0 - 1] if e0 else 0
     for i in range(seg.count):

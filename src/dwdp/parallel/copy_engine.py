@@ -7,9 +7,7 @@ One interface, two implementations chosen by device:
 
 Both give the same guarantees: copies of one submission run after the signals it
 waits for, in submission order, and ``compute_wait(signal)`` makes subsequent compute
-observe the finished copies. A submission may be paced (:class:`~dwdp.parallel.pacing.Pace`):
-cut into slices with an idle gap on the copy queue after each, so it takes longer and
-draws less bandwidth at any moment. ``mark()`` timestamps the compute queue.
+observe the finished copies. ``mark()`` timestamps the compute queue.
 """
 
 from __future__ import annotations
@@ -22,9 +20,6 @@ from typing import Callable
 
 import torch
 
-from .pacing import Pace, slice_copies
-
-
 class TransportTimeout(RuntimeError):
     """A copy or a wait did not finish within the configured time."""
 
@@ -32,10 +27,23 @@ class TransportTimeout(RuntimeError):
 Copy = tuple[torch.Tensor, torch.Tensor]  # (dst, src)
 
 
+def slice_copies(copies: list[Copy], slice_bytes: int) -> list[Copy]:
+    """Cut each (dst, src) copy along its first dimension into pieces of at most
+    ``slice_bytes`` (at least one row), interleaved across copies so peers alternate."""
+    pieces = []
+    for dst, src in copies:
+        rows = max(1, slice_bytes // max(1, src[0].numel() * src.element_size())) if len(src) else 1
+        pieces.append([(dst[i:i + rows], src[i:i + rows]) for i in range(0, len(src), rows)])
+    out = []
+    for i in range(max((len(p) for p in pieces), default=0)):
+        out += [p[i] for p in pieces if i < len(p)]
+    return out
+
+
 class CopyEngine:
     """Abstract interface; see the module docstring."""
 
-    def submit(self, copies: list[Copy], wait_for=None, nbytes: int = 0, pace: Pace | None = None):
+    def submit(self, copies: list[Copy], wait_for=None, nbytes: int = 0):
         raise NotImplementedError
 
     def mark(self):
@@ -81,25 +89,23 @@ class CpuCopyEngine(CopyEngine):
             item = self._q.get()
             if item is None:
                 return
-            copies, wait_for, sig, pace = item
+            copies, wait_for, sig = item
             try:
                 if wait_for is not None and not wait_for.event.wait(self.timeout_s):
                     raise TransportTimeout(f"copy waited over {self.timeout_s:.0f} s for its slot to be released")
                 sig.start = time.perf_counter()
-                for dst, src in (slice_copies(copies, pace.slice_bytes) if pace else copies):
+                for dst, src in copies:
                     if self.copy_delay is not None:
                         time.sleep(self.copy_delay())
                     dst.copy_(src)
-                    if pace:
-                        time.sleep(pace.gap_s)
                 sig.end = time.perf_counter()
             except BaseException as e:  # surfaced to whoever waits on this signal
                 sig.error = e
             sig.event.set()
 
-    def submit(self, copies, wait_for=None, nbytes: int = 0, pace: Pace | None = None):
+    def submit(self, copies, wait_for=None, nbytes: int = 0):
         sig = _CpuSignal(nbytes=nbytes)
-        self._q.put((copies, wait_for, sig, pace))
+        self._q.put((copies, wait_for, sig))
         return sig
 
     def mark(self) -> float:
@@ -155,22 +161,8 @@ class CudaCopyEngine(CopyEngine):
         self.stream = self.streams[0]
         self.timing = timing
         self.wait_timers: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._cycles_per_s: float | None = None
 
-    def sleep_cycles_per_s(self) -> float:
-        """Clock rate of ``torch.cuda._sleep`` (what paced gaps are made of), measured once."""
-        if self._cycles_per_s is None:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            with torch.cuda.stream(self.stream):
-                torch.cuda._sleep(1_000)  # load the kernel outside the timed span
-                a.record(self.stream)
-                torch.cuda._sleep(20_000_000)
-                b.record(self.stream)
-            b.synchronize()
-            self._cycles_per_s = 20_000_000 / (a.elapsed_time(b) / 1e3)
-        return self._cycles_per_s
-
-    def submit(self, copies, wait_for=None, nbytes: int = 0, pace: Pace | None = None):
+    def submit(self, copies, wait_for=None, nbytes: int = 0):
         main = self.stream
         with torch.cuda.stream(main):
             if wait_for is not None:
@@ -180,13 +172,7 @@ class CudaCopyEngine(CopyEngine):
                 start.record(main)
             if self.delay_cycles:
                 torch.cuda._sleep(self.delay_cycles)
-            if pace is not None:  # slices on one stream, an idle gap (a one-thread spin) after each
-                gap = int(pace.gap_s * self.sleep_cycles_per_s())
-                for dst, src in slice_copies(copies, pace.slice_bytes):
-                    dst.copy_(src, non_blocking=True)
-                    if gap > 0:
-                        torch.cuda._sleep(gap)
-            elif len(self.streams) == 1:
+            if len(self.streams) == 1:
                 for dst, src in copies:
                     dst.copy_(src, non_blocking=True)
             else:

@@ -13,17 +13,14 @@ each MoE block's ``experts`` for a :class:`DWDPExperts` that
 3. releases its slot for the refill two layers later.
 
 A forward pre-hook primes the first MoE layer at every step start. No collective is
-issued during steps. A step too short to hide its pulls may instead ship its tokens to
-the experts' owners (``short_steps``, :mod:`dwdp.parallel.shipping`). The runtime times
-each MoE layer's compute window and its pulls (:class:`~dwdp.parallel.pacing.PullRates`):
-with ``pacing="jit"`` a pull is stretched to end just before its layer needs it; the same
-rates give the break-even step size.
+issued during steps. The runtime times each MoE layer's compute window and its pulls
+(:class:`~dwdp.parallel.pull_rates.PullRates`): they give the break-even step size below
+which a step waits on its pulls.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -31,13 +28,12 @@ from torch import nn
 
 from ..models.moe import ExpertSegment, MoEBlock, RoutedExperts, routed_experts_forward
 from ..models.transformer import MoECausalLM
-from .copy_engine import CpuCopyEngine, CudaCopyEngine
+from .copy_engine import CpuCopyEngine, CudaCopyEngine, slice_copies
 from .group import DWDPContext
 from .hooks import NO_HOOKS, RuntimeHooks
-from .pacing import PACINGS, Pace, PullRates, slice_copies
 from .placement import Placement
 from .prefetch import SlotPrefetcher
-from .shipping import SHORT_STEPS, TokenShipper
+from .pull_rates import PullRates
 from .transport import PeerMemory
 
 
@@ -84,8 +80,6 @@ class DWDPStepStats:
     exposed_wait_s: float
     pulled_bytes: int
     pull_seconds: list[float] = field(default_factory=list)  # per pull part, in issue order
-    paced_pulls: int = 0  # pull parts issued paced (just in time)
-    shipped_bytes: int = 0  # a shipped step (pulled nothing): tokens and results moved
 
     @property
     def pull_gbps(self) -> float:
@@ -103,13 +97,15 @@ class DWDPExperts(nn.Module):
         self.local = ExpertSegment(pl.local_range(rank).start, *runtime.rows.views(resident))
 
     def forward(self, x, topk_ids, topk_weights):
+        """The DWDP MoE layer, top to bottom: issue the next layer's pull; compute the resident
+        experts, then each peer's part of this layer's slot as it lands (waiting just before
+        its first use); wait for any part no token used, so the slot is whole; release the
+        slot for the refill two layers later."""
         rt = self.runtime
         m = self.moe_index
-        if rt.shipping:
-            return rt.shipper.layer(m, x, topk_ids, topk_weights)
         rt.moe_start(x.shape[0])
         if m + 1 < rt.prefetcher.num_layers:
-            rt.prefetcher.prefetch(m + 1, rt.pace(x.shape[0]))  # overlaps this MoE and the next attention
+            rt.prefetcher.prefetch(m + 1)  # overlaps this MoE and the next attention
         segments = [self.local]
         remote = rt.remote_segments_for_slot[m % 2] if rt.remote_segments_for_slot else []
         part_of = {id(seg): part for seg, part in remote}
@@ -138,9 +134,7 @@ class DWDPRuntime:
     def __init__(self, model: MoECausalLM, ctx: DWDPContext, placement: Placement, peer_memory: PeerMemory,
                  slots: list[torch.Tensor], engine, layer_parts, rows: ExpertRows | None = None,
                  remote_parts: list[list[range]] | None = None, hooks: RuntimeHooks = NO_HOOKS,
-                 pacing: str = "off", rates: PullRates | None = None):
-        if pacing not in PACINGS:
-            raise ValueError(f"pull pacing {pacing!r}: choose from {', '.join(PACINGS)}")
+                 rates: PullRates | None = None):
         cfg = model.config
         self.rows = rows or ExpertRows(cfg.hidden_size, cfg.moe_intermediate_size, peer_memory.local.dtype)
         self.model, self.ctx, self.placement = model, ctx, placement
@@ -164,15 +158,12 @@ class DWDPRuntime:
                     segs.append((ExpertSegment(r.start, *[v[s0:s0 + len(r)] if v is not None else None
                                                           for v in views]), part))
             self.remote_segments_for_slot.append(segs)
-        self.pacing, self.rates = pacing, rates or PullRates()
+        self.rates = rates or PullRates()
         # Bytes one MoE layer pulls (every layer pulls the same).
         self.layer_bytes = sum(d.numel() * d.element_size() for part in (layer_parts[0] if layer_parts else [])
                                for d, _ in part)
         self._marks: list = []  # compute-queue timestamp at each MoE start of this step
         self._tokens = 0
-        self.shipper: TokenShipper | None = None  # set by apply_dwdp when short steps may ship
-        self.short_steps = "pull"
-        self.shipping = False  # this step ships its tokens instead of pulling
         self.step_stats: list[DWDPStepStats] = []
         self._hooks = [model.register_forward_pre_hook(self._begin_step),
                        model.register_forward_hook(self._end_step)]
@@ -181,42 +172,19 @@ class DWDPRuntime:
         self._marks.append(self.engine.mark())
         self._tokens = tokens
 
-    def pace(self, tokens: int) -> Pace | None:
-        """How to issue the next layer's pull: just in time (``pacing="jit"``, once the
-        rates are measured) or at full rate (None)."""
-        return self.rates.pace(tokens, self.layer_bytes) if self.pacing == "jit" else None
-
     def break_even_tokens(self) -> int | None:
-        """The smallest step whose layer compute hides a full-rate pull (None: not yet measured)."""
+        """The smallest step whose layer compute hides a pull (None: not yet measured)."""
         return self.rates.break_even_tokens(self.layer_bytes) if self.layer_bytes else None
-
-    def ships(self, tokens: int) -> bool:
-        """Whether a step of ``tokens`` tokens ships instead of pulling: ``short_steps="ship"``,
-        every step that fits the boxes; ``"auto"``, those below the measured break-even size."""
-        if self.shipper is None or self.short_steps == "pull" or not self.shipper.fits(tokens):
-            return False
-        if self.short_steps == "ship":
-            return True
-        be = self.break_even_tokens()
-        return be is not None and tokens < be
 
     def _begin_step(self, module, args):
         self.hooks.step_begin()
         self._marks = []
-        batch = args[0] if args else None
-        self.shipping = batch is not None and self.ships(batch.num_tokens)
-        if self.shipping:
-            self.shipper.begin_step(batch.num_tokens)
-        elif self.prefetcher.num_layers and self.remote_segments_for_slot:
+        if self.prefetcher.num_layers and self.remote_segments_for_slot:
             self.prefetcher.new_step()
             self.prefetcher.prefetch(0)
 
     def _end_step(self, module, args, output):
         self.hooks.step_end()
-        if self.shipping:
-            self.shipper.end_step()
-            self.step_stats.append(DWDPStepStats(0.0, 0, shipped_bytes=self.shipper.take_shipped_bytes()))
-            return
         st = self.prefetcher.take_stats()
         waits = [w for _, w in st.waits]
         if isinstance(self.engine, CudaCopyEngine):
@@ -245,9 +213,8 @@ class DWDPRuntime:
                     per_layer[layer] += w
             windows = [self.engine.seconds_between(a, b) - per_layer[m]
                        for m, (a, b) in enumerate(zip(self._marks, self._marks[1:]))]
-            self.rates.observe(self._tokens, windows, [(p.nbytes, s, p.pace) for p, s in zip(st.pulls, secs)])
-        self.step_stats.append(DWDPStepStats(sum(waits), sum(p.nbytes for p in st.pulls), secs,
-                                             sum(p.pace is not None for p in st.pulls)))
+            self.rates.observe(self._tokens, windows, [(p.nbytes, s) for p, s in zip(st.pulls, secs)])
+        self.step_stats.append(DWDPStepStats(sum(waits), sum(p.nbytes for p in st.pulls), secs))
 
     @property
     def outside_allocator_bytes(self) -> int:
@@ -256,23 +223,18 @@ class DWDPRuntime:
         local = self.peer_memory.local
         if not local.is_cuda:
             return 0
-        return local.numel() * local.element_size() + (self.shipper.memory_bytes() if self.shipper else 0)
+        return local.numel() * local.element_size()
 
     def memory_bytes(self) -> dict[str, int]:
         local = self.peer_memory.local
         slot_bytes = sum(s.numel() * s.element_size() for s in self.prefetcher.slots)
         expert_params = {id(p) for b in self.model.moe_blocks() for p in b.experts.parameters()}
         non_expert = sum(p.numel() * p.element_size() for p in self.model.parameters() if id(p) not in expert_params)
-        out = {"non_expert": non_expert, "resident_experts": local.numel() * local.element_size(), "slots": slot_bytes}
-        if self.shipper is not None:
-            out["ship_boxes"] = self.shipper.memory_bytes()
-        return out
+        return {"non_expert": non_expert, "resident_experts": local.numel() * local.element_size(), "slots": slot_bytes}
 
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
-        if self.shipper is not None:
-            self.shipper.close()
         self.engine.close()
 
 
@@ -294,28 +256,15 @@ class ResidentStore:
 
 @torch.no_grad()
 def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, copy_timeout_s: float = 60.0,
-               slice_bytes: int | None = None, copy_streams: int = 1, pacing: str = "off",
-               hooks: RuntimeHooks = NO_HOOKS, store: ResidentStore | None = None,
-               short_steps: str = "pull", ship_max_tokens: int = 2048) -> DWDPRuntime:
+               slice_bytes: int | None = None, copy_streams: int = 1,
+               hooks: RuntimeHooks = NO_HOOKS, store: ResidentStore | None = None) -> DWDPRuntime:
     """Turn ``model`` (holding this rank's resident experts) into a DWDP rank of ``ctx``'s group.
 
     ``slice_bytes``/``copy_streams`` choose the pull plan: whole per-peer blocks on one
     stream (the default: fastest measured on H100/H200, see docs/RESULTS.md) or slices
-    issued round-robin over peers, on one or several copy streams (CUDA). ``pacing``: "off"
-    (every pull as fast as possible) or "jit" (each pull after a step's first stretched to end
-    just before its MoE, see :mod:`dwdp.parallel.pacing`). ``hooks``: fault
+    issued round-robin over peers, on one or several copy streams (CUDA). ``hooks``: fault
     injection and tracing for tests and diagnostics (:mod:`dwdp.parallel.hooks`). ``store``:
-    the model was built into it (its experts already lie in peer-visible memory).
-    ``short_steps``: "pull" (every step pulls), "ship" (every step of at most
-    ``ship_max_tokens`` tokens ships them to the owners instead) or "auto" (those below the
-    measured break-even size ship), see :mod:`dwdp.parallel.shipping`."""
-    if short_steps not in SHORT_STEPS:
-        raise ValueError(f"short_steps {short_steps!r}: choose from {', '.join(SHORT_STEPS)}")
-    if short_steps != "pull" and ctx.device.type == "cuda" and not os.environ.get("DWDP_EXPERIMENTAL_SHIPPING"):
-        raise ValueError(
-            "token shipping on GPUs is experimental: device-side waits between GPUs stalled some benchmark runs "
-            "until the peer timeout (see docs/RESULTS.md, token shipping); use --short-steps pull, or set "
-            "DWDP_EXPERIMENTAL_SHIPPING=1 to run it anyway")
+    the model was built into it (its experts already lie in peer-visible memory)."""
     cfg = model.config
     rank = ctx.group_rank
     blocks: list[MoEBlock] = model.moe_blocks()
@@ -352,21 +301,14 @@ def apply_dwdp(model: MoECausalLM, ctx: DWDPContext, placement: Placement, *, co
     slots = [torch.empty((R, row), dtype=rows.storage_dtype, device=device) for _ in range(2)] if R else []
     if device.type == "cuda":
         engine = CudaCopyEngine(device, delay_cycles=hooks.copy_delay_cycles, num_streams=copy_streams)
-        if pacing == "jit":
-            engine.sleep_cycles_per_s()  # measured now (a sync), not inside a step
     else:
         engine = CpuCopyEngine(timeout_s=copy_timeout_s, copy_delay=hooks.copy_delay_s)
     plans = [_layer_copy_plan(m, placement, rank, peer_memory, slots, slice_bytes) for m in range(len(blocks))] \
         if R else []
     rt = DWDPRuntime(model, ctx, placement, peer_memory, slots or [torch.empty(0)] * 2, engine,
-                     [p[0] for p in plans], rows, plans[0][1] if plans else None, hooks, pacing)
+                     [p[0] for p in plans], rows, plans[0][1] if plans else None, hooks)
     for m, b in enumerate(blocks):
         b.experts = DWDPExperts(rt, m, peer_memory.local[m])
-    if short_steps != "pull" and R:
-        rt.shipper = TokenShipper(ctx, placement, [b.experts.local for b in blocks], cfg.hidden_size, cfg.top_k,
-                                  model.model.embed_tokens.weight.dtype,
-                                  ship_max_tokens, timeout_s=copy_timeout_s)
-        rt.short_steps = short_steps
     return rt
 
 

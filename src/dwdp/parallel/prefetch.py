@@ -22,7 +22,6 @@ import torch
 
 from .copy_engine import Copy, CopyEngine
 from .hooks import NO_HOOKS, RuntimeHooks
-from .pacing import Pace
 
 
 @dataclass
@@ -30,7 +29,6 @@ class PullStats:
     layer: int
     nbytes: int
     signal: object
-    pace: Pace | None = None
 
 
 @dataclass
@@ -64,9 +62,8 @@ class SlotPrefetcher:
         on truncated models must not profit from that)."""
         self._filled = [None, None]
 
-    def prefetch(self, layer: int, pace: Pace | None = None) -> None:
-        """Issue the pulls of ``layer`` into its slot, after the slot's last reader
-        (``pace``: slices with idle gaps, see :mod:`dwdp.parallel.pacing`)."""
+    def prefetch(self, layer: int) -> None:
+        """Issue the pulls of ``layer`` into its slot, after the slot's last reader."""
         s = layer % 2
         if self.skip_pulls or (self._filled[s] is not None and self._filled[s][0] == layer):
             return  # already issued
@@ -74,9 +71,9 @@ class SlotPrefetcher:
         sigs = []
         for copies in self.layer_parts[layer]:
             nbytes = sum(d.numel() * d.element_size() for d, _ in copies)
-            sig = self.engine.submit(copies, wait_for=wait, nbytes=nbytes, pace=pace)
+            sig = self.engine.submit(copies, wait_for=wait, nbytes=nbytes)
             sigs.append(sig)
-            self.stats.pulls.append(PullStats(layer, nbytes, sig, pace))
+            self.stats.pulls.append(PullStats(layer, nbytes, sig))
         self._filled[s] = (layer, sigs)
 
     def acquire(self, layer: int, part: int | None = None) -> torch.Tensor:

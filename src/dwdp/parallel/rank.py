@@ -34,11 +34,6 @@ class RankSpec:
     expert_dtype: str = "auto"  # "auto": as the checkpoint ships them; "same": the model dtype; "fp8": e4m3
     slice_mb: float | None = None  # DWDP: pull slices of this many MiB, round-robin over peers
     copy_streams: int = 1  # DWDP copy streams per rank
-    pull_pacing: str = "off"  # DWDP: "off" (pulls as fast as possible) or "jit" (each ends just before its MoE)
-    short_steps: str = "pull"  # DWDP: "pull", "ship" (steps <= ship_max_tokens send tokens to owners) or "auto"
-    ship_max_tokens: int = 2048  # DWDP: the largest step that may ship (sizes the in/out boxes)
-    dep_transport: str = "nccl"  # DEP all-to-all: "nccl" (all_to_all_single) or "symm" (NVSHMEM, one-sided)
-    dep_overlap: bool = False  # DEP two-batch overlap of all-to-alls with expert compute
     dep_wire: str = "auto"  # DEP dispatch rows: "auto" (FP8 when experts are FP8), "native", "fp8"
     seed: int = 0  # random weights (presets)
     max_num_tokens: int = 8192  # the step budget: sizes the memory fit check
@@ -92,7 +87,7 @@ def resolve_local_experts(spec: RankSpec, cfg: ModelConfig, dtype, device) -> Ra
     if device is not None and torch.device(device).type == "cuda" and spec.strategy == DWDP:
         # What the fit check allows (FIT_HEADROOM of the card), and no more than is free now less a
         # margin for what no estimate counts (NCCL and CUDA context, the all-to-all ceiling's
-        # buffers, token-shipping boxes), so a GPU shared with decode ranks is not overfilled.
+        # buffers), so a GPU shared with decode ranks is not overfilled.
         dev = torch.device(device)
         free, total = torch.cuda.mem_get_info(dev)
         budget = min(FIT_HEADROOM * total, free - AUTO_L_MARGIN_BYTES)

@@ -115,7 +115,7 @@ class ExpertParallel(Strategy):
         from ..info import rank_memory
         from ..models.build import resolve_expert_dtype
         from ..quant import FP8
-        from .ep import dep_buffer_bytes, ep_ranges, fp8_wire
+        from .ep_wire import dep_buffer_bytes, ep_ranges, fp8_wire
 
         mine = ep_ranges(cfg.num_experts, group_size)[group_rank]
         fp8_experts = resolve_expert_dtype(cfg, spec.expert_dtype, dtype) == FP8 and spec.device.startswith("cuda")
@@ -127,9 +127,7 @@ class ExpertParallel(Strategy):
     def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         from .ep import apply_dep
 
-        return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size,
-                         transport=spec.dep_transport, overlap=spec.dep_overlap, max_tokens=spec.max_num_tokens,
-                         wire=spec.dep_wire)
+        return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size, wire=spec.dep_wire)
 
     def step_report(self, runtime):
         st = runtime.step_stats
@@ -163,17 +161,14 @@ class DistributedWeights(Strategy):
 
         return apply_dwdp(model, ctx, plan.placement, copy_timeout_s=spec.peer_timeout_s,
                           slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None,
-                          copy_streams=spec.copy_streams, pacing=spec.pull_pacing, hooks=hooks, store=store,
-                          short_steps=spec.short_steps,
-                          ship_max_tokens=min(spec.ship_max_tokens, spec.max_num_tokens))  # no step is larger
+                          copy_streams=spec.copy_streams, hooks=hooks, store=store)
 
     def step_report(self, runtime):
         st = runtime.step_stats
         return {"exposed_wait_s": [s.exposed_wait_s for s in st], "pulled_bytes": sum(s.pulled_bytes for s in st),
                 "pull_seconds": sum(sum(s.pull_seconds) for s in st),
                 "transfer_s": [sum(p for p in s.pull_seconds if p == p) for s in st],  # on the copy engine
-                "peer_wait_s": [s.exposed_wait_s for s in st], "paced_pulls": [s.paced_pulls for s in st],
-                "shipped_steps": sum(s.shipped_bytes > 0 for s in st), "shipped_bytes": sum(s.shipped_bytes for s in st),
+                "peer_wait_s": [s.exposed_wait_s for s in st],
                 "break_even_tokens": runtime.break_even_tokens()}
 
 

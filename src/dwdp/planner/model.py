@@ -34,7 +34,7 @@ import torch
 from ..config import ModelConfig
 from ..engine import take_chunks
 from ..flops import attention_proj_params
-from ..parallel.ep import expected_dest_ranks
+from ..parallel.ep_wire import expected_dest_ranks
 from ..parallel.placement import Placement
 from ..parallel.strategies import DEP, DP, DWDP
 from ..quant import bytes_per_expert_weight
@@ -110,7 +110,7 @@ class CostModel:
         self.expert_dtype, self.dense_dtype = expert_dtype, dense_dtype
         self.expert_bytes = cfg.expert_numel() * EXPERT_BYTES[expert_dtype]
         self.act_bytes = act_bytes
-        from ..parallel.ep import fp8_wire, wire_row_bytes
+        from ..parallel.ep_wire import fp8_wire, wire_row_bytes
 
         # DEP's dispatch row (FP8 on the wire with FP8/FP4 experts: `--dep-wire auto`) + its combine row.
         fp8 = fp8_wire("auto", expert_dtype != "bf16", cfg.hidden_size, cfg.moe_intermediate_size)

@@ -64,7 +64,7 @@ def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, e
     if strategy == DP:
         return pb.non_expert * 2 + pb.routed_experts * eb + act
     if strategy == DEP:
-        from ..parallel.ep import dep_buffer_bytes, fp8_wire
+        from ..parallel.ep_wire import dep_buffer_bytes, fp8_wire
 
         share = -(-cfg.num_experts // n)
         wire = fp8_wire("auto", expert_dtype != "bf16", cfg.hidden_size, cfg.moe_intermediate_size)

@@ -71,7 +71,6 @@ class PrefillPoolSpec:
     seed: int = 0
     peer_timeout_s: float = 60.0
     expert_dtype: str = "auto"
-    pull_pacing: str = "off"  # DWDP: "jit" stretches each pull to end just before its MoE
     hold_ms: float = 3.0  # DWDP: hold a step below the measured break-even size this long to fill it
     # How each finished prompt's KV cache reaches the server: "host" (device -> shared host
     # memory -> decode device) or "cuda_ipc" (the rank shares its GPU tensors, the server
@@ -88,7 +87,7 @@ class PrefillPoolSpec:
     def rank_spec(self, group_size: int) -> RankSpec:
         return RankSpec(model=self.model, strategy=self.strategy, num_layers=self.num_layers, dtype=self.dtype,
                         device=self.device, group_size=group_size, local_experts=self.local_experts, seed=self.seed,
-                        expert_dtype=self.expert_dtype, pull_pacing=self.pull_pacing,
+                        expert_dtype=self.expert_dtype,
                         max_num_tokens=self.max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
 
