@@ -16,8 +16,9 @@ from dwdp.models import build_model, init_random
 from dwdp.parallel.group import PeerFailure, PeerWatchdog, check_agreement, init_dwdp_groups
 from dwdp.parallel.hooks import NO_HOOKS, RuntimeHooks
 from dwdp.parallel.pacing import PullRates
-from dwdp.parallel.rank import RankSpec, build_rank
+from dwdp.parallel.rank import build_rank
 from dwdp.presets import resolve_model
+from dwdp.strategy.spec import DWDPConfig, RankSpec
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_to_all", "all_to_all_single", "barrier",
                "broadcast", "broadcast_object_list", "reduce", "reduce_scatter", "send", "recv", "isend", "irecv",
@@ -44,8 +45,9 @@ def build_dwdp_rank(ctx, model_spec: str, local: int | None, hooks: RuntimeHooks
                     slice_bytes: int | None = None, pacing: str = "off", short_steps: str = "pull",
                     ship_max_tokens: int = 2048, peer_timeout_s: float = 30.0):
     """The same build_rank every entry point uses, at fp32 on CPU."""
-    spec = RankSpec(model=model_spec, strategy="dwdp", group_size=ctx.group_size, local_experts=local,
-                    slice_mb=slice_bytes / 2**20 if slice_bytes else None, pull_pacing=pacing,
+    spec = RankSpec(model=model_spec, strategy="dwdp", group_size=ctx.group_size,
+                    dwdp=DWDPConfig(local_experts=local, slice_mb=slice_bytes / 2**20 if slice_bytes else None),
+                    pull_pacing=pacing,
                     short_steps=short_steps, ship_max_tokens=ship_max_tokens, peer_timeout_s=peer_timeout_s)
     rank = build_rank(spec, ctx, hooks)
     if pacing == "jit":  # tiny steps: learn from every step, and cut pulls into several slices

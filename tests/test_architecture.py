@@ -15,17 +15,21 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "dwdp"
 
 # Lowest first. A module may import its own layer and those below it, never one above.
-# The longest matching prefix places a module; every module must be placed.
+# The longest matching prefix places a module (the root package "dwdp" only itself);
+# every module must be placed.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("dwdp", "dwdp.config", "dwdp.quant", "dwdp.batch", "dwdp.flops", "dwdp.sampling",
               "dwdp.ceilings", "dwdp.kernels")),
+    # What the runtime, the memory count and the planner share about strategies: names,
+    # configs, DWDP's placement, DEP's wire arithmetic.
+    ("strategy arithmetic", ("dwdp.strategy.spec", "dwdp.strategy.placement", "dwdp.strategy.wire")),
     ("models", ("dwdp.models",)),
     ("model services", ("dwdp.checkpoint", "dwdp.presets", "dwdp.engine", "dwdp.kv_cache", "dwdp.decode",
                         "dwdp.workload", "dwdp.memory")),
     # The cost model's shared vocabulary (per-layer work, hardware profiles): what each
     # strategy's description prices its steps with.
     ("cost primitives", ("dwdp.planner.hardware", "dwdp.planner.model")),
-    # Pure descriptions (configs, plan, memory, cost model): no torch.distributed.
+    # Each strategy's description (plan, memory, cost model) and the registry: no torch.distributed.
     ("strategy descriptions", ("dwdp.strategy",)),
     ("runtime", ("dwdp.parallel",)),
     ("applications", ("dwdp.serve", "dwdp.bench", "dwdp.planner")),
@@ -98,7 +102,7 @@ def _layer(module: str) -> int | None:
     best, where = -1, None
     for i, (_, prefixes) in enumerate(LAYERS):
         for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best:
+            if (module == p or (p != "dwdp" and module.startswith(p + "."))) and len(p) > best:
                 best, where = len(p), i
     return where
 
@@ -107,7 +111,7 @@ def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
     bad = []
     for a, deps in sorted(graph.items()):
         for b in sorted(deps):
-            if _layer(b) > _layer(a):
+            if None not in (_layer(a), _layer(b)) and _layer(b) > _layer(a):
                 bad.append(f"{a} ({LAYERS[_layer(a)][0]}) imports {b} ({LAYERS[_layer(b)][0]})")
     return bad
 
@@ -187,7 +191,7 @@ def test_models_know_nothing_of_parallelism():
 
 def _strategy_names() -> tuple[set[str], set[str]]:
     """(the registry's names, the constants that hold them), read from the registry's source."""
-    tree = ast.parse((SRC / "strategy" / "__init__.py").read_text())
+    tree = ast.parse((SRC / "strategy" / "spec.py").read_text())
     names, consts = set(), {"BASELINE"}
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Tuple) and len(node.targets) == 1 \
@@ -212,13 +216,24 @@ def _names_a_strategy(node: ast.AST, names: set[str], consts: set[str]) -> bool:
 
 
 def _strategy_branches(source: str, names: set[str], consts: set[str]) -> list[int]:
-    """Lines comparing a value with a strategy's name (==, !=, in, not in, is; a literal or
-    one of the registry's constants) or matching one in a ``match`` case."""
+    """Lines comparing a value with a strategy's name (==, !=, is, is not: a literal or one
+    of the registry's constants on either side; in, not in: a collection of them on the
+    right, or a literal name on the left) or matching one in a ``match`` case. ``BASELINE in results`` looks a name up, it
+    does not ask which strategy a value is: not a branch."""
     lines = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Compare):
-            if any(_names_a_strategy(x, names, consts) for x in [node.left, *node.comparators]):
-                lines.append(node.lineno)
+            left = node.left
+            for op, right in zip(node.ops, node.comparators):
+                if isinstance(op, (ast.In, ast.NotIn)):
+                    hit = _names_a_strategy(right, names, consts) or (
+                        isinstance(left, ast.Constant) and _names_a_strategy(left, names, consts))
+                else:
+                    hit = _names_a_strategy(left, names, consts) or _names_a_strategy(right, names, consts)
+                if hit:
+                    lines.append(node.lineno)
+                    break
+                left = right
         elif isinstance(node, ast.MatchValue) and _names_a_strategy(node.value, names, consts):
             lines.append(node.lineno)
     return lines
@@ -227,8 +242,9 @@ def _strategy_branches(source: str, names: set[str], consts: set[str]) -> list[i
 def test_the_branch_finder_finds_branches():
     names, consts = {"dp", "dep", "dwdp"}, {"DP", "DEP", "DWDP", "BASELINE"}
     src = ("if s == DEP: pass\nif s.name in (DP, DWDP): pass\nif x != s.DWDP: pass\nif s == 'dep': pass\n"
-           "y = pr[DEP]\nfor n in (DEP, DWDP): pass\nif s.lockstep: pass\n")
-    assert _strategy_branches(src, names, consts) == [1, 2, 3, 4]
+           "y = pr[DEP]\nfor n in (DEP, DWDP): pass\nif s.lockstep: pass\nif BASELINE in results: pass\n"
+           "if 'dwdp' not in s: pass\nmatch s:\n    case 'dp': pass\n")
+    assert _strategy_branches(src, names, consts) == [1, 2, 3, 4, 9, 11]
 
 
 def test_no_branching_on_strategy_names_outside_the_strategy_modules():
@@ -252,7 +268,7 @@ def test_importing_the_planner_loads_no_runtime():
     without torch.distributed's process groups, so it must not load dwdp.parallel."""
     code = ("import sys\n"
             "import dwdp.planner.plan, dwdp.planner.model, dwdp.planner.ttft, dwdp.planner.paper, "
-            "dwdp.planner.serving, dwdp.planner.hardware, dwdp.memory, dwdp.strategy\n"
+            "dwdp.planner.serving, dwdp.planner.hardware, dwdp.memory, dwdp.strategy.registry\n"
             "from dwdp.planner.plan import PlanInput, predict_all, memory_per_gpu\n"
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('dwdp.parallel'))))\n")
     src = str(SRC.parent)

@@ -122,13 +122,13 @@ def test_which_steps_ship():
     short steps ship (holding them would only delay them)."""
     from types import SimpleNamespace
 
-    from dwdp.engine import ShortStepHold
     from dwdp.parallel.dwdp import DWDPRuntime
+    from dwdp.parallel.strategies import STRATEGIES
 
     shipper = SimpleNamespace(fits=lambda t: 0 < t <= 2048)
     for policy, be, want in (("pull", 1000, [False, False, False]), ("ship", None, [True, True, False]),
                              ("auto", 1000, [True, False, False]), ("auto", None, [False, False, False])):
         rt = SimpleNamespace(shipper=shipper, short_steps=policy, break_even_tokens=lambda be=be: be)
         assert [DWDPRuntime.ships(rt, t) for t in (500, 1500, 4096)] == want, policy
-        hold = ShortStepHold.for_runtime(rt, 3.0)
+        hold = STRATEGIES["dwdp"].short_step_hold(rt, 3.0)
         assert (hold is None) == (policy != "pull"), policy

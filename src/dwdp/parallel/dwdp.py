@@ -35,7 +35,7 @@ from .copy_engine import CpuCopyEngine, CudaCopyEngine
 from .group import DWDPContext
 from .hooks import NO_HOOKS, RuntimeHooks
 from .pacing import PACINGS, Pace, PullRates, slice_copies
-from .placement import Placement
+from ..strategy.placement import Placement
 from .prefetch import SlotPrefetcher
 from .shipping import SHORT_STEPS, TokenShipper
 from .transport import PeerMemory

@@ -38,7 +38,7 @@ import torch
 from ..models.moe import ExpertSegment, subset_experts_forward, subset_forward_is_sync_free
 from .copy_engine import TransportTimeout
 from .group import DWDPContext
-from .placement import Placement
+from ..strategy.placement import Placement
 from .transport import PeerMemory
 
 try:  # CUDA only (the CPU wheel of torch ships without Triton)
