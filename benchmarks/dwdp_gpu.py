@@ -22,8 +22,9 @@ from dwdp.models import build_model, init_random
 from dwdp.parallel.group import init_dwdp_groups
 from dwdp.parallel.hooks import NO_HOOKS, RuntimeHooks
 from dwdp.parallel.launch import spawn_local
-from dwdp.parallel.rank import RankSpec, build_rank
+from dwdp.parallel.rank import build_rank
 from dwdp.presets import resolve_model
+from dwdp.strategy.spec import DWDPConfig, RankSpec
 
 MB = 1 << 20
 
@@ -112,7 +113,7 @@ class DelayHooks(RuntimeHooks):
 
 def dwdp_rank(ctx, model_name, layers, local=None, slice_bytes=None, hooks=NO_HOOKS):
     spec = RankSpec(model=model_name, strategy="dwdp", num_layers=layers, device="cuda", group_size=ctx.group_size,
-                    local_experts=local, slice_mb=slice_bytes / 2**20 if slice_bytes else None)
+                    dwdp=DWDPConfig(local_experts=local, slice_mb=slice_bytes / 2**20 if slice_bytes else None))
     rank = build_rank(spec, ctx, hooks)
     return rank.cfg, rank.plan.placement, rank.model, rank.runtime
 

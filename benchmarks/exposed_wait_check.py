@@ -21,7 +21,8 @@ from dwdp.batch import PackedBatch
 from dwdp.ceilings import machine_info
 from dwdp.parallel.group import init_dwdp_groups
 from dwdp.parallel.launch import spawn_local
-from dwdp.parallel.rank import RankSpec, build_rank
+from dwdp.parallel.rank import build_rank
+from dwdp.strategy.spec import DWDPConfig, RankSpec
 
 
 def event_check() -> dict:
@@ -42,7 +43,7 @@ def event_check() -> dict:
 def worker(n, model_name, layers, sizes, slice_mb, expert_dtype="same", seqs=1, fresh_batch=False, copy_streams=1):
     ctx = init_dwdp_groups(n, "cuda")
     spec = RankSpec(model=model_name, strategy="dwdp", num_layers=layers, device="cuda", group_size=n,
-                    expert_dtype=expert_dtype, slice_mb=slice_mb, copy_streams=copy_streams)
+                    expert_dtype=expert_dtype, dwdp=DWDPConfig(slice_mb=slice_mb, copy_streams=copy_streams))
     rank = build_rank(spec, ctx)
     cfg, model, rt = rank.cfg, rank.model, rank.runtime
     out = {"rank": ctx.rank, "events": event_check(), "steps": []}

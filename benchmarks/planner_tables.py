@@ -137,7 +137,7 @@ def scaling_section(groups=SCALING_GROUPS) -> list[str]:
     projections, vendor kernels, a loaded server), L = the smallest valid number of local
     experts."""
     from dwdp.strategy.placement import Placement
-    from dwdp.parallel.strategies import DEP, DWDP
+    from dwdp.strategy.spec import DEP, DWDP
     from dwdp.planner.paper import STEADY_REQUESTS
     from dwdp.planner.plan import memory_per_gpu, predict_all
 

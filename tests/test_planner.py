@@ -189,7 +189,7 @@ def test_profiles_roundtrip_and_errors(tmp_path):
 
 def test_plan_cli(tmp_path, capsys):
     assert main(["plan", "--model", "qwen3-235b-a22b", "--num-layers", "4", "--requests-per-rank", "2",
-                 "--json", str(tmp_path / "p.json")]) == 0
+                 "--out", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out
     assert "dwdp wins from ISL" in out and "recommended" in out
     assert set(json.loads((tmp_path / "p.json").read_text())) >= {"dp", "dep", "dwdp", "crossover"}

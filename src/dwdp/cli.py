@@ -63,7 +63,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="random prompts of these lengths when no --prompt is given (default: 16,48,7,100)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and prompts")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="token budget per step (MNT)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
     d = p.add_argument_group("DWDP (several processes; under torchrun each process is one rank)")
     d.add_argument("--group-size", "-N", type=int, default=1, help="DWDP group size N (1: a single process)")
     d.add_argument("--strategy", default=DWDP, choices=list(STRATEGIES),
@@ -144,8 +144,8 @@ def cmd_run(args) -> int:
     step_s = sum(s.seconds for s in engine.steps)
     console.print(f"{ntok} tokens in {len(engine.steps)} step(s): {step_s * 1e3:.1f} ms forward, "
                   f"{ntok / step_s:,.0f} tokens/s (load {load_s:.2f} s, wall {wall * 1e3:.1f} ms)")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump({"model": args.model, "device": args.device, "tokens": ntok, "forward_s": step_s,
                        "tokens_per_s": ntok / step_s,
                        "results": [{"id": r.id, "prompt_len": r.prompt_len, "next_token": r.next_token,
@@ -183,8 +183,8 @@ def _cmd_run_dwdp(args, console) -> int:
     console.print(table)
     seqs = sorted((x["id"], r["rank"], x["prompt_len"], x["next_token"]) for r in ranks for x in r["results"])
     console.print("next tokens: " + ", ".join(f"seq {i} (rank {rk}, {n} tok) -> {t}" for i, rk, n, t in seqs))
-    if args.json:
-        path = args.json
+    if args.out:
+        path = args.out
         if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: a file per rank
             stem, ext = os.path.splitext(path)
             path = f"{stem}.rank{os.environ['RANK']}{ext}"
@@ -435,8 +435,8 @@ def cmd_plan(args) -> int:
         if loads:
             console.print("  dep expert load, busiest rank / mean per layer (measured / predicted): " + ", ".join(
                 f"{m:.3f} / {p:.3f}" for m, p in loads), highlight=False)
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.out:
+            with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
         return 0
     if args.paper:
@@ -446,8 +446,8 @@ def cmd_plan(args) -> int:
         print(markdown(pts))
         errs = [abs(p.error) for p in pts]
         print(f"\n{sum(e <= 0.05 for e in errs)} of {len(pts)} within 5%, {sum(e <= 0.15 for e in errs)} within 15%")
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.out:
+            with open(args.out, "w") as f:
                 json.dump([dataclasses.asdict(p) | {"error": p.error} for p in pts], f, indent=1)
         return 0
     p = _plan_input(args)
@@ -490,8 +490,8 @@ def cmd_plan(args) -> int:
             fig.tight_layout()
             fig.savefig(args.png, dpi=120)
             console.print(f"wrote {args.png}")
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.out:
+            with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
         return 0
     pr = predict_all(p)
@@ -551,8 +551,8 @@ def cmd_plan(args) -> int:
                       f"({best['memory_gib']:.1f} GiB, {best['tps_per_gpu']:,.0f} tok/s/GPU predicted)")
     else:
         console.print("no DWDP group size fits the memory budget")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump({name: {"tps_per_gpu": x.tps_per_gpu, "busy_s": x.busy_s, "makespan_s": x.makespan_s}
                        for name, x in pr.items()} | {"crossover": rows, "candidates": cands}, f, indent=1, default=float)
     return 0
@@ -815,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--sweep", default=None, help="isl|mnt|cv|skew[=v1,v2,...]: a table (and --png)")
     plan.add_argument("--png", default=None, help="with --sweep: write a plot here")
     plan.add_argument("--validate", nargs="+", default=None, help="dwdp bench JSON files: predicted vs measured")
-    plan.add_argument("--json", default=None, help="also write the numbers here")
+    plan.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     plan.set_defaults(func=cmd_plan)
 
     cal = sub.add_parser("calibrate", help="measure a hardware profile on this GPU machine")
