@@ -268,7 +268,8 @@ def test_importing_the_planner_loads_no_runtime():
     without torch.distributed's process groups, so it must not load dwdp.parallel."""
     code = ("import sys\n"
             "import dwdp.planner.plan, dwdp.planner.model, dwdp.planner.ttft, dwdp.planner.paper, "
-            "dwdp.planner.serving, dwdp.planner.hardware, dwdp.memory, dwdp.strategy.registry\n"
+            "dwdp.planner.serving, dwdp.planner.hardware, dwdp.planner.calibrate, dwdp.memory, "
+            "dwdp.strategy.registry\n"
             "from dwdp.planner.plan import PlanInput, predict_all, memory_per_gpu\n"
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('dwdp.parallel'))))\n")
     src = str(SRC.parent)

@@ -69,6 +69,9 @@ def test_one_vocabulary_per_flag_across_subcommands():
                 assert a is not None and a.type is f.metadata["type"] and a.choices == f.metadata["choices"], \
                     (name, flag)
     assert _option(subs["serve"], "--local-experts").type is _option(subs["run"], "--local-experts").type
+    with pytest.raises(SystemExit):  # no GPU to size "auto" on
+        build_parser().parse_args(["plan", "-L", "auto"])
+    assert build_parser().parse_args(["info", "-L", "48"]).local_experts == 48
     # One name for output files.
     assert not any(_option(sub, "--json") for sub in subs.values())
     assert all(_option(subs[n], "--out") for n in ("run", "bench", "plan", "calibrate", "loadtest"))

@@ -17,7 +17,7 @@ from .config import DTYPES, ConfigError
 from .presets import DEFAULT_MODEL, PRESETS
 from .strategy.registry import STRATEGIES, describe
 from .strategy.spec import (BASELINE, DEP, DP, DWDP, EXPERT_DTYPES, DEPConfig, DWDPConfig, expert_format,
-                            options_from)
+                            local_count, options_from)
 
 
 def _console():
@@ -42,6 +42,14 @@ def _add_options(p, *configs) -> None:
             m = f.metadata
             kw = {"type": m["type"]} if m["type"] else {}
             p.add_argument(*m["flags"], default=f.default, choices=m["choices"], help=m["help"], **kw)
+
+
+def _fixed_local_count(text: str) -> int:
+    """-L where no GPU sizes it: a number (``dwdp plan`` lists the L that fit a budget)."""
+    L = local_count(text)
+    if L == "auto":
+        raise argparse.ArgumentTypeError("auto sizes L on the GPUs of a run; give a number of experts here")
+    return L
 
 
 def _add_expert_dtype(p, default: str, runs: bool = True) -> None:
@@ -638,7 +646,7 @@ def cmd_serve(args) -> int:
         print(f"dwdp serve: starting an expert-parallel decode group of {args.decode_ranks} ranks", flush=True)
         decode = SupervisedDecodePool(DecodePoolSpec(
             args.model, args.decode_ranks, args.num_layers, args.dtype, "cuda" if args.device.startswith("cuda") else "cpu",
-            args.expert_dtype, args.max_batch, args.max_context, args.seed))
+            args.expert_dtype, args.max_batch, args.max_context, args.seed, dep=options_from(DEPConfig, args)))
     if args.prefill == "local":
         worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue,
                                intra_op_threads=args.threads, max_context=args.max_context, decode=decode,
@@ -712,7 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
     _add_expert_dtype(info, "same", runs=False)
     info.add_argument("--group-size", "-N", type=int, default=0, help="DWDP group size N: show per-rank memory")
-    info.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP local experts per rank L")
+    info.add_argument("--local-experts", "-L", type=_fixed_local_count, default=None, help="DWDP local experts per rank L")
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="compare dp / dep / dwdp on one seeded workload (default: tiny, CPU)")
@@ -782,7 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--dense-dtype", default="bf16", choices=["bf16", "fp8"],
                       help="dense projections' precision (fp8: a vendor engine on an FP8 checkpoint)")
     plan.add_argument("--group-size", "-N", type=int, default=4, help="DWDP / EP group size (default 4)")
-    plan.add_argument("--local-experts", "-L", type=int, default=None)
+    plan.add_argument("--local-experts", "-L", type=_fixed_local_count, default=None,
+                      help="DWDP local experts per rank L (default: the smallest valid)")
     plan.add_argument("--isl", type=int, default=8192)
     plan.add_argument("--dist", default="uniform", choices=["fixed", "uniform", "normal", "lognormal"])
     plan.add_argument("--ratio", type=float, default=0.8)
@@ -850,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local: prefill in the server process; else a prefill group of --prefill-ranks processes "
                           "(GPUs cuda:0..R-1) handing KV caches to decode here (--device, e.g. cuda:4)")
     srv.add_argument("--prefill-ranks", type=int, default=2)
-    _add_options(srv, DWDPConfig)
+    _add_options(srv, DWDPConfig, DEPConfig)  # a DWDP prefill group; --dep-wire: --decode-ranks' DEP group
     srv.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
                      help="DWDP prefill pulls: off = as fast as possible; jit = each ends just before its MoE")
     srv.add_argument("--prefill-hold-ms", type=float, default=3.0,

@@ -10,6 +10,7 @@ tests nest them as they are.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -47,7 +48,7 @@ def local_count(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"--local-experts {text!r}: a number of experts or auto") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of experts or 'auto'") from None
 
 
 def option(default, *flags: str, help: str, type=None, choices=None):
