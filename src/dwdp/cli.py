@@ -214,10 +214,9 @@ def cmd_info(args) -> int:
     from rich.table import Table
 
     from .memory import dwdp_rank_memory, param_breakdown
-    from .strategy.placement import Placement
     from .presets import resolve_model
-
     from .quant import bytes_per_expert_weight
+    from .strategy.placement import Placement
 
     cfg, _ = resolve_model(args.model, args.num_layers)
     bpp = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
