@@ -3,9 +3,10 @@
 what a rank stores (:class:`RankPlan`).
 
 Options are checked where they are made, so a bad value fails with its flag's name
-before any process starts, not deep inside a runtime. The CLI builds its flag groups from
-these dataclasses (:mod:`dwdp.strategy.flags`); the bench, the serving pools and the
-tests nest them as they are.
+before any process starts, not deep inside a runtime. Each field declares its flag
+(:func:`option`): the CLI builds its flag groups from them, and bench JSON records them
+flat under the flags' names; the bench, the serving pools and the tests nest the configs
+as they are.
 """
 
 from __future__ import annotations
@@ -161,10 +162,6 @@ class RankSpec:
             raise ValueError(f"--max-num-tokens {self.max_num_tokens}: at least 1")
         if not self.peer_timeout_s > 0:
             raise ValueError(f"--peer-timeout {self.peer_timeout_s}: must be positive")
-        if isinstance(self.dwdp, dict):  # read back from JSON
-            self.dwdp = DWDPConfig(**self.dwdp)
-        if isinstance(self.dep, dict):
-            self.dep = DEPConfig(**self.dep)
 
     def to_dict(self) -> dict:
         return asdict(self)
