@@ -20,8 +20,8 @@ import torch
 from dwdp.ceilings import copy_gbps, machine_info
 from dwdp.timing import time_cuda
 from dwdp.decode import DecodeEngine, DecodeRequest
-from dwdp.info import build_bytes
-from dwdp.kv_cache import cache_bytes_per_token
+from dwdp.memory import build_bytes
+from dwdp.memory import cache_bytes_per_token
 from dwdp.models import build_model, init_random
 from dwdp.presets import resolve_model
 from dwdp.sampling import SamplingParams

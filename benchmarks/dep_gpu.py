@@ -44,7 +44,7 @@ from dwdp.models.moe import RoutedExperts  # noqa: E402
 from dwdp.ceilings import all_to_all_gbps  # noqa: E402
 from dwdp.timing import time_cuda  # noqa: E402
 from dwdp.parallel.ep import apply_dep  # noqa: E402
-from dwdp.parallel.ep_wire import ep_ranges  # noqa: E402
+from dwdp.strategy.wire import ep_ranges  # noqa: E402
 
 HIDDEN, INTER, EXPERTS, TOP_K = 4096, 1536, 128, 8
 

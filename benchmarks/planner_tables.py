@@ -136,8 +136,8 @@ def scaling_section(groups=SCALING_GROUPS) -> list[str]:
     paper comparison's operating point (DeepSeek-V3 at full depth, FP4 experts, FP8
     projections, vendor kernels, a loaded server), L = the smallest valid number of local
     experts."""
-    from dwdp.parallel.placement import Placement
-    from dwdp.parallel.strategies import DEP, DWDP
+    from dwdp.strategy.placement import Placement
+    from dwdp.strategy.spec import DEP, DWDP
     from dwdp.planner.paper import STEADY_REQUESTS
     from dwdp.planner.plan import memory_per_gpu, predict_all
 

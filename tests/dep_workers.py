@@ -9,7 +9,7 @@ from dwdp.batch import PackedBatch
 from dwdp.config import ModelConfig
 from dwdp.models import build_model, init_random
 from dwdp.parallel.ep import apply_dep
-from dwdp.parallel.ep_wire import ep_ranges
+from dwdp.strategy.wire import ep_ranges
 from dwdp.parallel.group import init_dwdp_groups
 from dwdp.presets import preset_hf_dict
 

@@ -16,8 +16,9 @@ from dwdp.models import build_model, init_random
 from dwdp.parallel.group import PeerFailure, PeerWatchdog, check_agreement, init_dwdp_groups
 from dwdp.parallel.hooks import NO_HOOKS, RuntimeHooks
 from dwdp.parallel.pull_rates import PullRates
-from dwdp.parallel.rank import RankSpec, build_rank
+from dwdp.parallel.rank import build_rank
 from dwdp.presets import resolve_model
+from dwdp.strategy.spec import DWDPConfig, RankSpec
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "all_to_all", "all_to_all_single", "barrier",
                "broadcast", "broadcast_object_list", "reduce", "reduce_scatter", "send", "recv", "isend", "irecv",
@@ -43,8 +44,8 @@ class StressHooks(RuntimeHooks):
 def build_dwdp_rank(ctx, model_spec: str, local: int | None, hooks: RuntimeHooks = NO_HOOKS,
                     slice_bytes: int | None = None, peer_timeout_s: float = 30.0):
     """The same build_rank every entry point uses, at fp32 on CPU."""
-    spec = RankSpec(model=model_spec, strategy="dwdp", group_size=ctx.group_size, local_experts=local,
-                    slice_mb=slice_bytes / 2**20 if slice_bytes else None,
+    spec = RankSpec(model=model_spec, strategy="dwdp", group_size=ctx.group_size,
+                    dwdp=DWDPConfig(local_experts=local, slice_mb=slice_bytes / 2**20 if slice_bytes else None),
                     peer_timeout_s=peer_timeout_s)
     rank = build_rank(spec, ctx, hooks)
     rank.runtime.rates = PullRates(min_tokens=1)  # tiny steps: learn the rates from every step

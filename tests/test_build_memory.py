@@ -1,7 +1,7 @@
 """Memory of building and loading, measured with :class:`alloc_tracker.AllocTracker`
 (bytes of tensor storage that torch ops allocate, live and peak):
 
-- build allocates exactly what :func:`dwdp.info.build_bytes` predicts, for a replica,
+- build allocates exactly what :func:`dwdp.memory.build_bytes` predicts, for a replica,
   an expert shard and FP8 experts, in both families, with no transient (no fp32 model);
 - random init and checkpoint loading add at most a few experts' worth on top, also when
   quantising to FP8 or dequantising an FP8 release;
@@ -20,10 +20,10 @@ import dwdp.quant as quant
 from alloc_tracker import AllocTracker
 from dwdp.checkpoint import load_checkpoint
 from dwdp.config import ModelConfig
-from dwdp.info import build_bytes, rank_memory
+from dwdp.memory import build_bytes, rank_memory
 from dwdp.models import build_model, init_random
 from dwdp.models.moe import RoutedExperts
-from dwdp.parallel.placement import Placement
+from dwdp.strategy.placement import Placement
 from dwdp.presets import preset_hf_dict, resolve_model
 from dwdp.quant import FP8, expert_bytes, quantize_experts_fp8
 from fp8_reference import QUANTIZATION_CONFIG, to_official_fp8

@@ -17,7 +17,7 @@ from dwdp.presets import resolve_model
 
 def test_dwdp_run_default_is_a_tiny_cpu_prefill(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert main(["run", "--json", str(out)]) == 0
+    assert main(["run", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["tokens"] == 16 + 48 + 7 + 100 and data["tokens_per_s"] > 0
     # next tokens equal a direct forward of the same prompts, one at a time

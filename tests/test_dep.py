@@ -137,15 +137,14 @@ def test_dep_plan_counts_its_all_to_all_buffers():
     """The fit check prices what DEP allocates beyond a dense step's activations: per MoE
     layer the dispatch rows (min(N, k) destinations per token), the rows received and the
     partial / combined rows, all growing with the step budget; a group of one sends nothing."""
-    from dwdp.info import rank_memory
-    from dwdp.parallel.ep_wire import dep_buffer_bytes, wire_row_bytes
-    from dwdp.parallel.rank import RankSpec
-    from dwdp.parallel.strategies import get_strategy
-    from dwdp.planner.model import expected_dest_ranks
+    from dwdp.memory import rank_memory
     from dwdp.presets import resolve_model
+    from dwdp.strategy.registry import describe
+    from dwdp.strategy.spec import RankSpec
+    from dwdp.strategy.wire import dep_buffer_bytes, expected_dest_ranks, wire_row_bytes
 
     cfg, _ = resolve_model("qwen3-235b-a22b", 2)
-    dep = get_strategy("dep")
+    dep = describe("dep")
     sizes = {}
     for mnt in (8192, 16384):
         plan = dep.plan(cfg, RankSpec(model="qwen3-235b-a22b", strategy="dep", max_num_tokens=mnt, device="cuda",

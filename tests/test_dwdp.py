@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dwdp.parallel.launch import SpawnError, spawn_local
-from dwdp.parallel.placement import Placement
+from dwdp.strategy.placement import Placement
 from dwdp.presets import resolve_model
 from dwdp_workers import failure_worker, logits_worker, mismatch_worker, reference_logits
 

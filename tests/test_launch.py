@@ -78,7 +78,7 @@ def test_two_torchrun_nodes_form_node_local_dwdp_groups(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
     cmd = [torchrun, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
            "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dwdp-test", "-m", "dwdp.cli", "run", "-N", "2",
-           "--json", str(tmp_path / "out.json")]
+           "--out", str(tmp_path / "out.json")]
     agents = [subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
               for _ in range(2)]
     logs = []
@@ -91,7 +91,7 @@ def test_two_torchrun_nodes_form_node_local_dwdp_groups(tmp_path):
     ranks = [json.loads((tmp_path / f"out.rank{r}.json").read_text())[0] for r in range(4)]
     assert [r["node"] for r in ranks] == [0, 0, 1, 1]
     assert [tuple(r["local_experts"]) for r in ranks] == [(0, 6), (6, 12), (0, 6), (6, 12)]  # 2 groups of 2
-    assert main(["run", "--json", str(tmp_path / "ref.json")]) == 0
+    assert main(["run", "--out", str(tmp_path / "ref.json")]) == 0
     ref = {x["id"]: x["next_token"] for x in json.loads((tmp_path / "ref.json").read_text())["results"]}
     got = {x["id"]: x["next_token"] for r in ranks for x in r["results"]}
     assert got == ref and len(got) == 4

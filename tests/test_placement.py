@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dwdp.parallel.placement import Placement, PlacementError, valid_local_counts
+from dwdp.strategy.placement import Placement, PlacementError, valid_local_counts
 
 
 @pytest.mark.parametrize("E,N", [(12, 2), (12, 3), (12, 4), (10, 3), (10, 4), (256, 3), (256, 4), (128, 8), (7, 7)])
@@ -61,8 +61,8 @@ def test_auto_local_experts_takes_the_largest_that_fits():
     within 92% of the GPU, for the largest valid L; the next valid L would not fit."""
     import torch
 
-    from dwdp.info import auto_local_experts, dwdp_rank_memory
-    from dwdp.parallel.replica import activation_bytes
+    from dwdp.memory import auto_local_experts, dwdp_rank_memory
+    from dwdp.memory import activation_bytes
     from dwdp.presets import resolve_model
 
     cfg, _ = resolve_model("qwen3-235b-a22b", None)  # all 94 layers, FP8 experts, 4 ranks

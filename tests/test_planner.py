@@ -12,10 +12,10 @@ import pytest
 from dwdp.cli import main
 from dwdp.engine import PrefillEngine, Request
 from dwdp.models import build_model, init_random
-from dwdp.parallel.placement import Placement
+from dwdp.strategy.placement import Placement
 from dwdp.planner.hardware import PROFILES, HardwareProfile, resolve_profile
-from dwdp.planner.model import CostModel, ep_rank_shares, expected_contention, layer_work, pack_steps, predict
-from dwdp.planner.plan import PlanInput, crossover, recommend
+from dwdp.planner.model import CostModel, ep_rank_shares, expected_contention, layer_work, pack_steps
+from dwdp.planner.plan import PlanInput, crossover, predict, recommend
 from dwdp.presets import resolve_model
 from dwdp.workload import WorkloadSpec
 
@@ -189,7 +189,7 @@ def test_profiles_roundtrip_and_errors(tmp_path):
 
 def test_plan_cli(tmp_path, capsys):
     assert main(["plan", "--model", "qwen3-235b-a22b", "--num-layers", "4", "--requests-per-rank", "2",
-                 "--json", str(tmp_path / "p.json")]) == 0
+                 "--out", str(tmp_path / "p.json")]) == 0
     out = capsys.readouterr().out
     assert "dwdp wins from ISL" in out and "recommended" in out
     assert set(json.loads((tmp_path / "p.json").read_text())) >= {"dp", "dep", "dwdp", "crossover"}
@@ -333,7 +333,7 @@ def test_decode_step_model_against_the_h200_measurement():
 def test_fp8_projections_halve_the_decode_weight_bytes_but_the_head():
     """With FP8 dense projections a decode step reads one byte per non-expert weight, except
     the lm_head (FP8 checkpoints keep it in bf16) and the untouched embedding table."""
-    from dwdp.info import param_breakdown
+    from dwdp.memory import param_breakdown
     from dwdp.planner.serving import decode_step_s
 
     cfg, _ = resolve_model("deepseek-v3", 5)
@@ -576,8 +576,8 @@ def test_dep_destination_ranks_match_the_real_router(model):
     import torch
 
     from dwdp.models.moe import Router
-    from dwdp.parallel.ep_wire import ep_ranges
-    from dwdp.planner.model import expected_dest_ranks
+    from dwdp.strategy.wire import ep_ranges
+    from dwdp.strategy.wire import expected_dest_ranks
 
     cfg, _ = resolve_model(model, 4)
     g = torch.Generator().manual_seed(0)
@@ -600,7 +600,7 @@ def test_dep_transfer_bytes_match_the_4gpu_measurement():
     from pathlib import Path
 
     from dwdp.bench.schema import load_runs
-    from dwdp.planner.model import expected_dest_ranks
+    from dwdp.strategy.wire import expected_dest_ranks
 
     root = Path(__file__).resolve().parents[1] / "benchmarks/results/2026-11-28_strong_dep_h200x4"
     seen = set()

@@ -11,8 +11,8 @@ import torch
 
 from dwdp.engine import ArrivalSource, PrefillEngine, Request, ShortStepHold, StepDriver
 from dwdp.models import build_model, init_random
-from dwdp.info import rank_memory
-from dwdp.parallel.replica import DoesNotFit, check_fits
+from dwdp.memory import rank_memory
+from dwdp.memory import DoesNotFit, check_fits
 from dwdp.presets import resolve_model
 from dwdp.workload import WorkloadSpec, apply_router_skew, assign, generate, zipf_router_bias
 

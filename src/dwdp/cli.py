@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 from .config import DTYPES, ConfigError
-from .parallel.strategies import BASELINE, DEP, DP, DWDP, STRATEGIES
 from .presets import DEFAULT_MODEL, PRESETS
+from .strategy.registry import STRATEGIES, describe
+from .strategy.spec import (BASELINE, DEP, DP, DWDP, EXPERT_DTYPES, DEPConfig, DWDPConfig, expert_format,
+                            local_count, options_from)
 
 
 def _console():
@@ -58,6 +60,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-layers", type=int, default=None, help="keep only the first N layers")
 
 
+def _add_options(p, *configs) -> None:
+    """The flags of strategy config dataclasses (:mod:`dwdp.strategy.spec`), declared once
+    there: every subcommand that builds ranks gets the same names, types and help."""
+    for cls in configs:
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            kw = {"type": m["type"]} if m["type"] else {}
+            p.add_argument(*m["flags"], default=f.default, choices=m["choices"], help=m["help"], **kw)
+
+
+def _fixed_local_count(text: str) -> int:
+    """-L where no GPU sizes it: a number (``dwdp plan`` lists the L that fit a budget)."""
+    L = local_count(text)
+    if L == "auto":
+        raise argparse.ArgumentTypeError("auto sizes L on the GPUs of a run; give a number of experts here")
+    return L
+
+
+def _add_expert_dtype(p, default: str, runs: bool = True) -> None:
+    p.add_argument("--expert-dtype", default=default, choices=EXPERT_DTYPES,
+                   help="routed experts: auto = as the checkpoint ships them (FP8 releases stay FP8), same = the "
+                        "model dtype, bf16, fp8 = e4m3 with 128x128 block scales (quantised at load)"
+                        + (", fp4 (priced by plan and info; nothing runs it yet)" if runs else ", fp4")
+                        + f" (default {default})")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
@@ -69,24 +97,17 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    help="random prompts of these lengths when no --prompt is given (default: 16,48,7,100)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and prompts")
     p.add_argument("--max-num-tokens", type=int, default=8192, help="token budget per step (MNT)")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--out", default=None, help="also write the results to this JSON file")
     d = p.add_argument_group("DWDP (several processes; under torchrun each process is one rank)")
     d.add_argument("--group-size", "-N", type=int, default=1, help="DWDP group size N (1: a single process)")
     d.add_argument("--strategy", default=DWDP, choices=list(STRATEGIES),
                    help="how the group shares the experts (default dwdp; dep and dp for comparison)")
-    d.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
-                   help="routed experts: auto = as the checkpoint ships them (FP8 releases stay FP8), same = the "
-                        "model dtype, fp8 = e4m3 with 128x128 block scales (quantised at load)")
-    d.add_argument("--copy-streams", type=int, default=1, help="DWDP copy streams per rank (default 1)")
+    _add_expert_dtype(d, "auto")
+    _add_options(d, DWDPConfig, DEPConfig)
     _add_removed_flags(d, "--pull-pacing", "--short-steps", "--ship-max-tokens")
     d.add_argument("--world-size", type=int, default=None, help="local processes to spawn (default N; W/N groups)")
-    d.add_argument("--local-experts", "-L", type=_local_count, default=None,
-                   help="experts each rank keeps per MoE layer (default: the smallest valid L; auto: the "
-                        "largest that fits the GPU, so fewer are pulled)")
     d.add_argument("--peer-timeout", type=float, default=60.0,
                    help="seconds without a peer heartbeat before the group fails (default 60)")
-    d.add_argument("--slice-mb", type=float, default=None,
-                   help="cut pulls into slices of this many MiB issued round-robin over peers")
     d.add_argument("--timeout", type=float, default=1800.0, help="overall limit for spawned runs, seconds")
 
 
@@ -102,14 +123,12 @@ def _prompts(args, vocab: int) -> list[list[int]]:
 
 
 def _rank_spec(args, strategy: str = DP, group_size: int = 1):
-    from .parallel.rank import RankSpec
+    from .strategy.spec import RankSpec
 
     return RankSpec(model=args.model, strategy=strategy, num_layers=args.num_layers, dtype=args.dtype,
                     device="cuda" if args.device.startswith("cuda") else "cpu", group_size=group_size,
-                    local_experts=getattr(args, "local_experts", None),
-                    expert_dtype=getattr(args, "expert_dtype", "auto"), slice_mb=getattr(args, "slice_mb", None),
-                    copy_streams=getattr(args, "copy_streams", 1),
-                    seed=args.seed,
+                    expert_dtype=getattr(args, "expert_dtype", "auto"), dwdp=options_from(DWDPConfig, args),
+                    dep=options_from(DEPConfig, args), seed=args.seed,
                     max_num_tokens=args.max_num_tokens, peer_timeout_s=getattr(args, "peer_timeout", 60.0))
 
 
@@ -150,8 +169,8 @@ def cmd_run(args) -> int:
     step_s = sum(s.seconds for s in engine.steps)
     console.print(f"{ntok} tokens in {len(engine.steps)} step(s): {step_s * 1e3:.1f} ms forward, "
                   f"{ntok / step_s:,.0f} tokens/s (load {load_s:.2f} s, wall {wall * 1e3:.1f} ms)")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump({"model": args.model, "device": args.device, "tokens": ntok, "forward_s": step_s,
                        "tokens_per_s": ntok / step_s,
                        "results": [{"id": r.id, "prompt_len": r.prompt_len, "next_token": r.next_token,
@@ -189,8 +208,8 @@ def _cmd_run_dwdp(args, console) -> int:
     console.print(table)
     seqs = sorted((x["id"], r["rank"], x["prompt_len"], x["next_token"]) for r in ranks for x in r["results"])
     console.print("next tokens: " + ", ".join(f"seq {i} (rank {rk}, {n} tok) -> {t}" for i, rk, n, t in seqs))
-    if args.json:
-        path = args.json
+    if args.out:
+        path = args.out
         if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: a file per rank
             stem, ext = os.path.splitext(path)
             path = f"{stem}.rank{os.environ['RANK']}{ext}"
@@ -211,15 +230,14 @@ def _fmt_bytes(n: float) -> str:
 def cmd_info(args) -> int:
     from rich.table import Table
 
-    from .info import dwdp_rank_memory, param_breakdown
-    from .parallel.placement import Placement
+    from .memory import dwdp_rank_memory, param_breakdown
     from .presets import resolve_model
-
     from .quant import bytes_per_expert_weight
+    from .strategy.placement import Placement
 
     cfg, _ = resolve_model(args.model, args.num_layers)
     bpp = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
-    ebpp = bytes_per_expert_weight(DTYPES[args.dtype] if args.expert_dtype == "same" else args.expert_dtype)
+    ebpp = bytes_per_expert_weight(expert_format(args.expert_dtype, cfg.fp8_checkpoint, args.dtype))
     pb = param_breakdown(cfg)
     console = _console()
     t = Table(title=f"{cfg.name or args.model}: {cfg.model_type}, {cfg.num_layers} layers "
@@ -251,7 +269,7 @@ def cmd_info(args) -> int:
         t2.add_row("total", _fmt_bytes(mem.total))
         console.print(t2)
         console.print(f"bytes pulled per rank per MoE layer: {_fmt_bytes(pl.remote * pb.expert_numel * ebpp)}")
-    from .kv_cache import cache_bytes_per_token
+    from .memory import cache_bytes_per_token
 
     kv = cache_bytes_per_token(cfg, DTYPES[args.dtype])
     console.print(f"decode KV cache: {_fmt_bytes(kv)} per token (all layers{', compressed MLA latent' if cfg.is_mla else ''});"
@@ -264,16 +282,6 @@ def _floats(text: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise SystemExit(f"error: expected comma-separated numbers, got {text!r}")
-
-
-def _local_count(text: str) -> int | str:
-    """-L: a number of experts, or "auto"."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number of experts or 'auto'") from None
 
 
 def cmd_bench(args) -> int:
@@ -311,11 +319,9 @@ def cmd_bench(args) -> int:
         dataclasses.replace(workload, isl=isl).validate(cfg.max_position_embeddings)
     spec = BenchSpec(model=args.model, num_layers=args.num_layers, dtype=args.dtype, device=device,
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
-                     workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
-                     slice_mb=args.slice_mb, copy_streams=args.copy_streams,
-                     hold_ms=args.hold_ms,
+                     workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail,
+                     dwdp=options_from(DWDPConfig, args), dep=options_from(DEPConfig, args), hold_ms=args.hold_ms,
                      expert_dtype=args.expert_dtype,
-                     dep_wire=args.dep_wire,
                      seed=args.seed,
                      peer_timeout_s=args.peer_timeout,
                      ceilings=args.ceilings, diagnostic=args.diagnostic, progress=sys.stderr.isatty())
@@ -393,14 +399,17 @@ def _plan_input(args):
     wl = WorkloadSpec(num_requests=args.requests_per_rank, isl=args.isl, dist=args.dist, ratio=args.ratio,
                       cv=args.cv, assign=args.assign, seed=args.seed, rate=args.rate)
     wl.validate(cfg.max_position_embeddings)
-    return PlanInput(cfg, hw, args.expert_dtype, args.group_size, args.local_experts, wl, args.max_num_tokens,
+    expert_dtype = expert_format(args.expert_dtype, cfg.fp8_checkpoint, "bf16")  # the planner's model dtype
+    if expert_dtype not in ("bf16", "fp8", "fp4"):
+        raise ValueError(f"--expert-dtype {args.expert_dtype}: the planner prices bf16, fp8 or fp4 experts")
+    return PlanInput(cfg, hw, expert_dtype, args.group_size, args.local_experts, wl, args.max_num_tokens,
                      args.skew, args.sliced, args.balance_tail, args.dense_dtype)
 
 
 def cmd_plan(args) -> int:
     from rich.table import Table
 
-    from .parallel.replica import FIT_HEADROOM
+    from .memory import FIT_HEADROOM
     from .planner.plan import crossover, memory_per_gpu, predict_all, recommend, sweep, validate
 
     console = _console()
@@ -448,8 +457,8 @@ def cmd_plan(args) -> int:
         if loads:
             console.print("  dep expert load, busiest rank / mean per layer (measured / predicted): " + ", ".join(
                 f"{m:.3f} / {p:.3f}" for m, p in loads), highlight=False)
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.out:
+            with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
         return 0
     if args.paper:
@@ -459,8 +468,8 @@ def cmd_plan(args) -> int:
         print(markdown(pts))
         errs = [abs(p.error) for p in pts]
         print(f"\n{sum(e <= 0.05 for e in errs)} of {len(pts)} within 5%, {sum(e <= 0.15 for e in errs)} within 15%")
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.out:
+            with open(args.out, "w") as f:
                 json.dump([dataclasses.asdict(p) | {"error": p.error} for p in pts], f, indent=1)
         return 0
     p = _plan_input(args)
@@ -503,8 +512,8 @@ def cmd_plan(args) -> int:
             fig.tight_layout()
             fig.savefig(args.png, dpi=120)
             console.print(f"wrote {args.png}")
-        if args.json:
-            with open(args.json, "w") as f:
+        if args.out:
+            with open(args.out, "w") as f:
                 json.dump(rows, f, indent=1)
         return 0
     pr = predict_all(p)
@@ -516,14 +525,7 @@ def cmd_plan(args) -> int:
     for name, x in pr.items():
         mem = memory_per_gpu(p.cfg, name, p.group_size, p.local_experts, p.expert_dtype, p.mnt) / 2**30
         steps = [s for rank in x.step_s for s in rank]
-        if name == DEP:
-            note = (f"all-to-all {100 * x.extra['a2a_s'] * p.group_size / sum(x.busy_s):.1f}%, "
-                    f"waiting for the slowest rank {100 * x.extra['sync_share']:.1f}%")
-        elif name == DWDP:
-            wait = sum(x.extra["exposed_wait_s"]) / sum(x.busy_s)
-            note = f"pull {x.extra['pull_s_per_layer'] * 1e3:.1f} ms per MoE layer, exposed {100 * wait:.1f}%"
-        else:
-            note = "compute only"
+        note = describe(name).time_note(x, p.group_size)
         fits = "" if mem <= budget else " [red](does not fit)[/red]"
         t.add_row(name, f"{mem:.1f} GiB{fits}", f"{1e3 * sum(steps) / len(steps):.1f}", f"{x.tps_per_gpu:,.0f}",
                   f"{x.tps_per_gpu / base:.2f}", note)
@@ -571,8 +573,8 @@ def cmd_plan(args) -> int:
                       f"({best['memory_gib']:.1f} GiB, {best['tps_per_gpu']:,.0f} tok/s/GPU predicted)")
     else:
         console.print("no DWDP group size fits the memory budget")
-    if args.json:
-        with open(args.json, "w") as f:
+    if args.out:
+        with open(args.out, "w") as f:
             json.dump({name: {"tps_per_gpu": x.tps_per_gpu, "busy_s": x.busy_s, "makespan_s": x.makespan_s}
                        for name, x in pr.items()} | {"crossover": rows, "candidates": cands}, f, indent=1, default=float)
     return 0
@@ -658,7 +660,7 @@ def cmd_serve(args) -> int:
         print(f"dwdp serve: starting an expert-parallel decode group of {args.decode_ranks} ranks", flush=True)
         decode = SupervisedDecodePool(DecodePoolSpec(
             args.model, args.decode_ranks, args.num_layers, args.dtype, "cuda" if args.device.startswith("cuda") else "cpu",
-            args.expert_dtype, args.max_batch, args.max_context, args.seed))
+            args.expert_dtype, args.max_batch, args.max_context, args.seed, dep=options_from(DEPConfig, args)))
     if args.prefill == "local":
         worker = ServingWorker(model, args.max_num_tokens, args.max_batch, args.max_queue,
                                intra_op_threads=args.threads, max_context=args.max_context, decode=decode,
@@ -674,7 +676,7 @@ def cmd_serve(args) -> int:
             raise SystemExit("dwdp serve: --kv-transport cuda_ipc needs decode in the server process "
                              "(drop --decode-ranks, or use --kv-transport host)")
         spec = PrefillPoolSpec(args.model, args.prefill, args.prefill_ranks, args.num_layers, args.dtype,
-                               "cuda" if on_gpu else "cpu", args.local_experts,
+                               "cuda" if on_gpu else "cpu", options_from(DWDPConfig, args),
                                args.max_num_tokens, args.seed, expert_dtype=args.expert_dtype,
                                hold_ms=args.prefill_hold_ms, kv_transport=kv_transport)
         print(f"dwdp serve: starting a {args.prefill} prefill group of {args.prefill_ranks} ranks", flush=True)
@@ -730,10 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameter and byte breakdown of a model (and DWDP per-rank memory)")
     _add_model_args(info)
     info.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
-    info.add_argument("--expert-dtype", default="same", choices=["same", "fp8", "fp4"],
-                      help="routed expert storage format (default: same as --dtype)")
+    _add_expert_dtype(info, "same", runs=False)
     info.add_argument("--group-size", "-N", type=int, default=0, help="DWDP group size N: show per-rank memory")
-    info.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP local experts per rank L")
+    info.add_argument("--local-experts", "-L", type=_fixed_local_count, default=None, help="DWDP local experts per rank L")
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="compare dp / dep / dwdp on one seeded workload (default: tiny, CPU)")
@@ -764,20 +765,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "last step whose pulls cannot hide); lockstep dep keeps the plain scheduler")
     w.add_argument("--seed", type=int, default=0, help="workload and random-weight seed")
     bench.add_argument("--max-num-tokens", default="256", help="MNT per step; comma list = sweep (default 256)")
-    bench.add_argument("--local-experts", "-L", type=_local_count, default=None,
-                       help="DWDP experts kept per rank (auto: the largest that fits the GPU)")
-    bench.add_argument("--slice-mb", type=float, default=None, help="DWDP pull slices of this many MiB")
-    bench.add_argument("--copy-streams", type=int, default=1,
-                       help="DWDP copy streams per rank (slices go round-robin over them; default 1)")
+    _add_options(bench, DWDPConfig, DEPConfig)
     _add_removed_flags(bench, "--pull-pacing", "--short-steps", "--ship-max-tokens")
     bench.add_argument("--hold-ms", type=float, default=3.0,
                        help="DWDP with timed arrivals (--rate, traces): hold a step below the measured break-even "
                             "size up to this long for more requests (default 3; 0: never)")
-    bench.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
-                       help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
+    _add_expert_dtype(bench, "auto")
     _add_removed_flags(bench, "--dep-transport", "--dep-overlap")
-    bench.add_argument("--dep-wire", default="auto", choices=["auto", "native", "fp8"],
-                       help="DEP dispatch rows: auto = FP8 with 1x128 scales when experts are FP8")
     bench.add_argument("--peer-timeout", type=float, default=120.0, help="seconds before a silent peer fails the run")
     bench.add_argument("--ceilings", action="store_true", help="GPU: also measure all-to-all bandwidth")
     bench.add_argument("--diagnostic", default=None, choices=["trace", "skip-pulls"],
@@ -794,14 +788,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(plan)
     plan.add_argument("--hardware", default="h200",
                       help="h100-sxm, h200, b200, gb200-nvl72 (datasheet) or a `dwdp calibrate` JSON (default h200)")
-    plan.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8", "fp4"])
+    _add_expert_dtype(plan, "bf16", runs=False)
     plan.add_argument("--kernels", default="ours", choices=["ours", "vendor"],
                       help="with a datasheet profile: this engine's kernel rates (default) or vendor libraries' "
                            "(cuBLAS, CUTLASS, cuDNN attention; both measured on H200)")
     plan.add_argument("--dense-dtype", default="bf16", choices=["bf16", "fp8"],
                       help="dense projections' precision (fp8: a vendor engine on an FP8 checkpoint)")
     plan.add_argument("--group-size", "-N", type=int, default=4, help="DWDP / EP group size (default 4)")
-    plan.add_argument("--local-experts", "-L", type=int, default=None)
+    plan.add_argument("--local-experts", "-L", type=_fixed_local_count, default=None,
+                      help="DWDP local experts per rank L (default: the smallest valid)")
     plan.add_argument("--isl", type=int, default=8192)
     plan.add_argument("--dist", default="uniform", choices=["fixed", "uniform", "normal", "lognormal"])
     plan.add_argument("--ratio", type=float, default=0.8)
@@ -834,7 +829,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--sweep", default=None, help="isl|mnt|cv|skew[=v1,v2,...]: a table (and --png)")
     plan.add_argument("--png", default=None, help="with --sweep: write a plot here")
     plan.add_argument("--validate", nargs="+", default=None, help="dwdp bench JSON files: predicted vs measured")
-    plan.add_argument("--json", default=None, help="also write the numbers here")
+    plan.add_argument("--out", default=None, help="also write the numbers to this JSON file")
     plan.set_defaults(func=cmd_plan)
 
     cal = sub.add_parser("calibrate", help="measure a hardware profile on this GPU machine")
@@ -854,8 +849,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", default=None, help="require this bearer key (or set DWDP_API_KEY)")
     srv.add_argument("--max-num-tokens", type=int, default=8192, help="prefill token budget per step")
     srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
-    srv.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
-                     help="routed experts as stored (auto), in the model dtype (same) or FP8 (fp8)")
+    _add_expert_dtype(srv, "auto")
     srv.add_argument("--decode-ranks", type=int, default=0,
                      help="decode in an expert-parallel (DEP) group of this many processes (GPUs cuda:0..N-1 with "
                           "--device cuda), each holding E/N experts; 0: decode in the server process")
@@ -870,8 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="local: prefill in the server process; else a prefill group of --prefill-ranks processes "
                           "(GPUs cuda:0..R-1) handing KV caches to decode here (--device, e.g. cuda:4)")
     srv.add_argument("--prefill-ranks", type=int, default=2)
-    srv.add_argument("--local-experts", "-L", type=_local_count, default=None,
-                     help="DWDP prefill: experts kept per rank (auto: the largest that fits the GPU)")
+    _add_options(srv, DWDPConfig, DEPConfig)  # a DWDP prefill group; --dep-wire: --decode-ranks' DEP group
     _add_removed_flags(srv, "--pull-pacing")
     srv.add_argument("--prefill-hold-ms", type=float, default=3.0,
                      help="DWDP prefill: hold a step smaller than the measured break-even size (the tokens whose "

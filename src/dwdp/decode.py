@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import SlotKVCache, cache_bytes_per_token
+from .kv_cache import SlotKVCache
+from .memory import cache_bytes_per_token
 from .models.transformer import LayerKV, MoECausalLM
 from .sampling import SampleStream, SamplingParams, batch_logprobs, make_stream, sample_batch
 

@@ -262,17 +262,11 @@ class ShortStepHold:
     DWDP: a step pulls every remote expert whatever its size, so one below the break-even
     size (:meth:`~dwdp.parallel.dwdp.DWDPRuntime.break_even_tokens`, measured) waits on its
     pulls; a few ms of holding can turn two such steps into one that hides them.
-    ``min_tokens()`` returns None while nothing is measured (no hold)."""
+    ``min_tokens()`` returns None while nothing is measured (no hold). Each strategy says
+    whether its steps have one (:meth:`~dwdp.parallel.strategies.Strategy.short_step_hold`)."""
 
     max_s: float
     min_tokens: Callable[[], int | None]
-
-    @classmethod
-    def for_runtime(cls, runtime, hold_ms: float) -> "ShortStepHold | None":
-        """The hold for a rank's strategy runtime: only one with a break-even size (DWDP:
-        it pulls per step), and only for a positive ``hold_ms``."""
-        break_even = getattr(runtime, "break_even_tokens", None)
-        return cls(hold_ms / 1e3, break_even) if break_even is not None and hold_ms > 0 else None
 
 
 class StepDriver:

@@ -22,11 +22,6 @@ from .config import ModelConfig
 from .models.transformer import LayerKV
 
 
-def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Bytes one token occupies across all layers."""
-    return cfg.kv_cache_width * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
-
-
 class SlotKVCache:
     def __init__(self, cfg: ModelConfig, num_slots: int, max_context: int, dtype: torch.dtype,
                  device: torch.device | str):

@@ -15,7 +15,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ..parallel.strategies import BASELINE, STRATEGIES
+from ..strategy.registry import STRATEGIES
+from ..strategy.spec import BASELINE
 from .schema import BenchRun, load_runs
 
 

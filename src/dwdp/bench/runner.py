@@ -10,7 +10,7 @@ import copy
 import time
 import numpy as np
 
-from ..parallel.strategies import BASELINE, DWDP
+from ..strategy.spec import BASELINE
 from ..workload import WorkloadSpec
 from .schema import TTFT, BenchRun, RankSummary, StrategyResult, write_runs
 from .worker import BenchSpec, bench_worker
@@ -122,8 +122,9 @@ def run_bench(spec: BenchSpec, timeout_s: float = 1800.0, log=print,
             per_rank = [rk[i] for rk in ranks]
             run.results[strategy] = summarize(per_rank, spec.world_size, spec.n)
             run.raw[strategy] = per_rank
-            if strategy == DWDP and spec.local_experts == "auto" and "local_experts" in per_rank[0]:
-                # What "auto" chose on these GPUs, so the file can be re-predicted (dwdp plan --validate).
+            if spec.dwdp.local_experts == "auto" and per_rank[0].get("local_experts", "auto") != "auto":
+                # What "auto" chose on these GPUs (the strategy that uses L resolved it), so the
+                # file can be re-predicted (dwdp plan --validate).
                 run.spec["local_experts"], run.spec["local_experts_auto"] = per_rank[0]["local_experts"], True
         if on_strategy is not None:
             on_strategy(runs)

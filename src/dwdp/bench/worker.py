@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from ..parallel.hooks import TraceHooks
-from ..parallel.rank import RankSpec
 from ..parallel.strategies import STRATEGIES
+from ..strategy.spec import DEPConfig, DWDPConfig, RankSpec, check_expert_dtype, flat_options
+from ..strategy.wire import expected_dest_ranks, fp8_wire, wire_row_bytes
 from ..workload import WorkloadSpec
 
 
@@ -29,11 +30,9 @@ class BenchSpec:
     max_num_tokens: int = 8192
     skew: float = 0.0  # Zipf exponent of the router bias (0: the model's own routing)
     balance_tail: bool = False  # equal last steps once every request has arrived (PrefillEngine)
-    local_experts: int | str | None = None  # DWDP L ("auto": the largest that fits the GPU)
-    slice_mb: float | None = None  # DWDP sliced pulls
-    copy_streams: int = 1  # DWDP copy streams per rank
+    dwdp: DWDPConfig = field(default_factory=DWDPConfig)
+    dep: DEPConfig = field(default_factory=DEPConfig)
     hold_ms: float = 3.0  # DWDP, timed arrivals: hold a step below the measured break-even this long
-    dep_wire: str = "auto"  # DEP dispatch row format
     expert_dtype: str = "auto"  # as the checkpoint ships them; "fp8": stored, pulled and computed as e4m3
     warmup: bool = True
     seed: int = 0  # random weights
@@ -43,20 +42,27 @@ class BenchSpec:
     return_logits: bool = False  # tests: ship each request's logits back
     progress: bool = True
 
+    def __post_init__(self):
+        check_expert_dtype(self.expert_dtype)  # here, not in the rank processes
+
     @property
     def n(self) -> int:
         return self.group_size or self.world_size
 
     def rank_spec(self, strategy: str, max_num_tokens: int) -> RankSpec:
         return RankSpec(model=self.model, strategy=strategy, num_layers=self.num_layers, dtype=self.dtype,
-                        device=self.device, group_size=self.n, local_experts=self.local_experts,
-                        expert_dtype=self.expert_dtype, slice_mb=self.slice_mb, copy_streams=self.copy_streams,
-                        dep_wire=self.dep_wire,
+                        device=self.device, group_size=self.n, expert_dtype=self.expert_dtype, dwdp=self.dwdp,
+                        dep=self.dep,
                         seed=self.seed, max_num_tokens=max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """As result JSON records it: the strategies' options flat, by their flags' names
+        (``local_experts``, ``slice_mb``, ``dep_wire``, ...), which readers look up."""
+        options = [self.dwdp, self.dep]
+        d = {k: v for k, v in asdict(self).items() if not any(getattr(self, k) is o for o in options)}
         d["workload"] = self.workload.to_dict()
+        for o in options:
+            d.update(flat_options(o))
         return d
 
 
@@ -75,7 +81,7 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
     from ..parallel.group import group_session, init_dwdp_groups
     from ..parallel.hooks import DIAGNOSTICS, NO_HOOKS
     from ..parallel.rank import build_rank
-    from ..parallel.replica import DoesNotFit
+    from ..memory import DoesNotFit
 
     configs = configs or [(spec.workload, spec.max_num_tokens)]
     rank_spec = spec.rank_spec(strategy, max(m for _, m in configs))
@@ -94,7 +100,7 @@ def bench_worker(spec: BenchSpec, strategy: str, configs: list[tuple[WorkloadSpe
         for workload, mnt in configs:
             out = _run_config(spec, rank, ctx, workload, mnt, warmed, hooks)
             out["plan"] = rank.plan.label
-            out["local_experts"] = rank.spec.local_experts  # resolved: "auto" became a number
+            out["local_experts"] = rank.spec.dwdp.local_experts  # resolved: "auto" became a number
             out["memory"] = rank.runtime.memory_bytes()
             outs.append(out)
             watchdog.check()
@@ -111,11 +117,10 @@ def _a2a_ceilings(spec: BenchSpec, ctx, mnts: list[int], warmed: dict) -> None:
     fix, not yet re-measured; until it is, docs/RESULTS.md reads DEP's rate against
     ``benchmarks/a2a_sizes.py``'s curve from the same machine."""
     from ..ceilings import all_to_all_gbps
-    from ..parallel.ep_wire import expected_dest_ranks, fp8_wire, wire_row_bytes
     from ..presets import resolve_model
 
     cfg, _ = resolve_model(spec.model, spec.num_layers)
-    fp8 = fp8_wire(spec.dep_wire, spec.expert_dtype == "fp8", cfg.hidden_size, cfg.moe_intermediate_size)
+    fp8 = fp8_wire(spec.dep.wire, spec.expert_dtype == "fp8", cfg.hidden_size, cfg.moe_intermediate_size)
     row = wire_row_bytes(cfg.hidden_size, max(cfg.top_k, 1), fp8)
     by_size: dict[int, float] = {}
     for mnt in mnts:
@@ -130,7 +135,7 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
                 ) -> dict[str, Any]:
     import torch.distributed as dist
 
-    from ..engine import ArrivalSource, PrefillEngine, Request, ShortStepHold, StepDriver
+    from ..engine import ArrivalSource, PrefillEngine, Request, StepDriver
     from ..parallel.group import lockstep_sync
     from ..workload import apply_router_skew, assign, generate
 
@@ -142,7 +147,7 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
     mine_reqs = assign(requests, ctx.world_size, workload.assign)[ctx.rank]
     sync = lockstep_sync(ctx) if strategy.lockstep else None
 
-    hold = ShortStepHold.for_runtime(rank.runtime, spec.hold_ms)
+    hold = strategy.short_step_hold(rank.runtime, spec.hold_ms)
 
     def drive(engine, reqs, progress=False):
         driver = StepDriver(engine, ArrivalSource(reqs, engine.validate), sync, hold=hold)

@@ -75,7 +75,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: st
     so a rank never allocates (or later reads) experts it does not own. ``expert_dtype``:
     see :func:`resolve_expert_dtype`; FP8 experts are allocated as FP8 directly, and
     :func:`~dwdp.checkpoint.load_checkpoint` / :func:`init_random` fill them an expert
-    at a time. Exactly the bytes :func:`dwdp.info.build_bytes` predicts are allocated.
+    at a time. Exactly the bytes :func:`dwdp.memory.build_bytes` predicts are allocated.
     With ``expert_storage`` the routed experts are placed in the caller's tensors (views
     are fine) and only the non-expert bytes are allocated here.
     """

@@ -31,7 +31,7 @@ from ..models.transformer import MoECausalLM
 from .copy_engine import CpuCopyEngine, CudaCopyEngine, slice_copies
 from .group import DWDPContext
 from .hooks import NO_HOOKS, RuntimeHooks
-from .placement import Placement
+from ..strategy.placement import Placement
 from .prefetch import SlotPrefetcher
 from .pull_rates import PullRates
 from .transport import PeerMemory

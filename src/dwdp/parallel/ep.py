@@ -51,7 +51,8 @@ from torch import nn
 from ..models.moe import FP8_TRITON, ExpertSegment, MoEBlock, RoutedExperts, expert_kernel, sorted_experts_forward
 from ..models.transformer import MoECausalLM
 from .ep_dispatch import gather_reduce, gather_rows, quantize_rows, scatter_rows
-from .ep_wire import WIRES, Wire, ep_ranges, fp8_wire
+from ..strategy.wire import WIRES, ep_ranges, fp8_wire
+from ..strategy.wire import WireLayout as Wire
 
 
 @dataclass

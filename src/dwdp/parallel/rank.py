@@ -9,38 +9,16 @@ strategy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..config import ModelConfig, resolve_dtype
+from ..strategy.spec import RankPlan, RankSpec
 from .hooks import NO_HOOKS, RuntimeHooks
-from .strategies import DWDP, RankPlan, Runtime, Strategy, get_strategy
+from .strategies import Runtime, Strategy, get_strategy
 
 if TYPE_CHECKING:
     from ..models.transformer import MoECausalLM
-
-
-@dataclass
-class RankSpec:
-    """Everything a rank needs to build its model; identical on every rank of a group."""
-
-    model: str  # preset name or Hugging Face checkpoint directory
-    strategy: str = DWDP
-    num_layers: int | None = None  # keep only the first N layers
-    dtype: str | None = None  # a key of config.DTYPES; default bf16 on GPU, fp32 on CPU
-    device: str = "cpu"  # "cpu" or "cuda" (each rank takes cuda:LOCAL_RANK)
-    group_size: int = 1
-    local_experts: int | str | None = None  # DWDP L (default: the smallest valid; "auto": the largest that fits)
-    expert_dtype: str = "auto"  # "auto": as the checkpoint ships them; "same": the model dtype; "fp8": e4m3
-    slice_mb: float | None = None  # DWDP: pull slices of this many MiB, round-robin over peers
-    copy_streams: int = 1  # DWDP copy streams per rank
-    dep_wire: str = "auto"  # DEP dispatch rows: "auto" (FP8 when experts are FP8), "native", "fp8"
-    seed: int = 0  # random weights (presets)
-    max_num_tokens: int = 8192  # the step budget: sizes the memory fit check
-    peer_timeout_s: float = 60.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -64,57 +42,29 @@ def plan_group(spec: RankSpec):
     strategy = get_strategy(spec.strategy)
     cfg, ckpt = resolve_model(spec.model, spec.num_layers)
     dtype = resolve_dtype(spec.dtype, spec.device)
-    spec = resolve_local_experts(spec, cfg, dtype, None)  # "auto" is sized on the rank's device
+    spec = strategy.resolve(spec, cfg, dtype, None)  # "-L auto" is sized on the rank's device
     plans = [strategy.plan(cfg, spec, dtype, spec.group_size, r) for r in range(spec.group_size)]
     return strategy, cfg, ckpt, plans
-
-
-AUTO_L_MARGIN_BYTES = 4 << 30  # -L auto leaves this much of the free memory unplanned
-
-
-def resolve_local_experts(spec: RankSpec, cfg: ModelConfig, dtype, device) -> RankSpec:
-    """``local_experts="auto"`` made a number: the largest L that fits this CUDA device
-    (:func:`dwdp.info.auto_local_experts`); elsewhere (CPU, or before a device is known) the
-    smallest valid L."""
-    if spec.local_experts != "auto":
-        return spec
-    import torch
-
-    from ..info import auto_local_experts
-    from .placement import Placement
-    from .replica import FIT_HEADROOM
-
-    if device is not None and torch.device(device).type == "cuda" and spec.strategy == DWDP:
-        # What the fit check allows (FIT_HEADROOM of the card), and no more than is free now less a
-        # margin for what no estimate counts (NCCL and CUDA context, the all-to-all ceiling's
-        # buffers), so a GPU shared with decode ranks is not overfilled.
-        dev = torch.device(device)
-        free, total = torch.cuda.mem_get_info(dev)
-        budget = min(FIT_HEADROOM * total, free - AUTO_L_MARGIN_BYTES)
-        L = auto_local_experts(cfg, spec.group_size, dtype, spec.expert_dtype, spec.max_num_tokens, budget)
-    else:  # the default placement's L (raises, saying why, for an impossible E and N)
-        L = Placement.create(cfg.num_experts, max(spec.group_size, 1)).local
-    return replace(spec, local_experts=L)
 
 
 def build_rank(spec: RankSpec, ctx, hooks: RuntimeHooks = NO_HOOKS, progress: bool = False) -> Rank:
     """Build this process's rank of ``ctx``'s group (see the module docstring).
 
-    Raises :class:`~dwdp.parallel.replica.DoesNotFit` (same verdict on every rank) when the
+    Raises :class:`~dwdp.memory.DoesNotFit` (same verdict on every rank) when the
     strategy's share does not fit the device, and
     :class:`~dwdp.parallel.group.SetupMismatch` when the group's ranks disagree."""
     from ..checkpoint import load_checkpoint
+    from ..memory import check_fits
     from ..models import build_model, init_random
     from ..presets import resolve_model
     from .group import check_agreement, fingerprint_checkpoint
-    from .replica import check_fits
 
     strategy = get_strategy(spec.strategy)
     if strategy.grouped and ctx.group_size != spec.group_size:
         raise ValueError(f"rank spec says group size {spec.group_size}, the process group has {ctx.group_size}")
     cfg, ckpt = resolve_model(spec.model, spec.num_layers)
     dtype = resolve_dtype(spec.dtype, ctx.device)
-    spec = resolve_local_experts(spec, cfg, dtype, ctx.device)
+    spec = strategy.resolve(spec, cfg, dtype, ctx.device)
     group_size, group_rank = (ctx.group_size, ctx.group_rank) if strategy.grouped else (1, 0)
     plan = strategy.plan(cfg, spec, dtype, group_size, group_rank)
     check_fits(plan.label, plan.weight_bytes, cfg, spec.max_num_tokens, dtype, ctx.device)

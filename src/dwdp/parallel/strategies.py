@@ -1,37 +1,37 @@
-"""The parallel strategies and their registry: the one place that knows their names.
+"""The parallel strategies' runtime side: how each is applied to a built model.
 
-A strategy is applied to a plain model from outside, in two parts:
+Each strategy's description (:mod:`dwdp.strategy`: options, plan, memory, cost model) is
+extended here with what needs the process group:
 
-* :meth:`Strategy.plan`: pure arithmetic on the config (no device, no group): which
-  routed experts this rank stores and how many bytes of weights that is. The CLI calls
-  it before spawning anything, so an impossible placement fails once, cleanly;
+* :meth:`Strategy.expert_store`: memory the routed experts must live in (DWDP: where
+  peers can read them);
 * :meth:`Strategy.apply`: turns the built model into a rank of the group and returns
-  its :class:`Runtime` (per-step statistics, memory report, close).
+  its :class:`Runtime` (per-step statistics, memory report, close);
+* :meth:`Strategy.step_report` and :meth:`Strategy.short_step_hold`: what the bench
+  reports and how the step driver treats short steps.
 
 ``dp`` keeps a full replica per rank; ``dep`` splits each MoE layer's experts and moves
 tokens to them in all-to-alls every layer, so its ranks must step in lockstep; ``dwdp``
 splits the experts and moves the weights instead, one layer ahead, and never waits for
-a peer. :mod:`dwdp.parallel.rank` builds a rank from a :class:`~dwdp.parallel.rank.RankSpec`.
+a peer. :mod:`dwdp.parallel.rank` builds a rank from a :class:`~dwdp.strategy.spec.RankSpec`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from ..config import ModelConfig
+from ..engine import ShortStepHold
+from ..strategy import dep, dp, dwdp
+from ..strategy.base import StrategyDescription
+from ..strategy.spec import RankPlan, RankSpec
 from .hooks import NO_HOOKS, RuntimeHooks
-from .placement import Placement
-
-DP, DEP, DWDP = "dp", "dep", "dwdp"  # the strategies' names; other modules import these
-BASELINE = DEP  # what throughput ratios are reported against: the expert parallelism the field runs
 
 if TYPE_CHECKING:
     from ..models.transformer import MoECausalLM
     from .group import DWDPContext
-    from .rank import RankSpec
 
 
 class Runtime(Protocol):
@@ -44,40 +44,25 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class RankPlan:
-    """What one rank of a strategy stores, decided before anything is allocated."""
-
-    label: str  # e.g. "dwdp (E=128 N=4 L=32 P=32)", used in errors and tables
-    expert_shard: tuple[int, int] | None  # (first expert, count) per MoE layer; None: all
-    weight_bytes: int  # parameters + DWDP slots + DEP all-to-all buffers: the fit check adds activations
-    placement: Placement | None = None
-
-
-class Strategy:
-    name: str
-    lockstep: bool = False  # ranks must step together (collectives inside every step)
-    grouped: bool = True  # ranks of a group share experts (dp: each rank alone)
-    summary: str = ""
-    color: str = "tab:gray"  # in plots
-
-    def plan(self, cfg: ModelConfig, spec: "RankSpec", dtype: torch.dtype, group_size: int,
-             group_rank: int) -> RankPlan:
-        raise NotImplementedError
-
-    def expert_store(self, cfg: ModelConfig, ctx: "DWDPContext", spec: "RankSpec", plan: RankPlan,
+class Strategy(StrategyDescription):
+    def expert_store(self, cfg: ModelConfig, ctx: "DWDPContext", spec: RankSpec, plan: RankPlan,
                      dtype: torch.dtype):
         """Memory the routed experts must live in, allocated before the model (an object with
         ``views(layer_idx)`` for ``build_model(expert_storage=...)``), or None: anywhere."""
         return None
 
-    def apply(self, model: "MoECausalLM", ctx: "DWDPContext", spec: "RankSpec", plan: RankPlan,
+    def apply(self, model: "MoECausalLM", ctx: "DWDPContext", spec: RankSpec, plan: RankPlan,
               hooks: RuntimeHooks = NO_HOOKS, store=None) -> Runtime:
         raise NotImplementedError
 
     def step_report(self, runtime: Runtime) -> dict[str, Any]:
         """The runtime's step statistics as JSON-ready fields of a bench rank report."""
         return {}
+
+    def short_step_hold(self, runtime: Runtime, hold_ms: float) -> ShortStepHold | None:
+        """How long the step driver may hold a step too short to pay for itself, waiting for
+        more requests (None: never; only a strategy that pays per step has a break-even)."""
+        return None
 
 
 class ReplicaRuntime:
@@ -94,40 +79,16 @@ class ReplicaRuntime:
         pass
 
 
-class DataParallel(Strategy):
-    name, grouped = DP, False
-    summary = "a full replica per rank, no communication (the upper bound where it fits)"
-
-    def plan(self, cfg, spec, dtype, group_size, group_rank):
-        from ..info import rank_memory
-
-        return RankPlan("dp (a full replica per GPU)", None, rank_memory(cfg, dtype, spec.expert_dtype).total)
-
+class DataParallel(Strategy, dp.DataParallel):
     def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         return ReplicaRuntime(model)
 
 
-class ExpertParallel(Strategy):
-    name, lockstep, color = DEP, True, "tab:red"
-    summary = "attention data parallel + expert parallel all-to-alls in every MoE layer"
-
-    def plan(self, cfg, spec, dtype, group_size, group_rank):
-        from ..info import rank_memory
-        from ..models.build import resolve_expert_dtype
-        from ..quant import FP8
-        from .ep_wire import dep_buffer_bytes, ep_ranges, fp8_wire
-
-        mine = ep_ranges(cfg.num_experts, group_size)[group_rank]
-        fp8_experts = resolve_expert_dtype(cfg, spec.expert_dtype, dtype) == FP8 and spec.device.startswith("cuda")
-        wire = fp8_wire(spec.dep_wire, fp8_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        buffers = dep_buffer_bytes(cfg, group_size, spec.max_num_tokens, wire, torch.empty(0, dtype=dtype).element_size())
-        return RankPlan(f"dep (EP{group_size})", (mine.start, len(mine)),
-                        rank_memory(cfg, dtype, spec.expert_dtype, len(mine)).total + buffers)
-
+class ExpertParallel(Strategy, dep.ExpertParallel):
     def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         from .ep import apply_dep
 
-        return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size, wire=spec.dep_wire)
+        return apply_dep(model, ctx.group.process_group, ctx.group_rank, ctx.group_size, wire=spec.dep.wire)
 
     def step_report(self, runtime):
         st = runtime.step_stats
@@ -137,18 +98,7 @@ class ExpertParallel(Strategy):
                 "expert_pairs": [s.expert_pairs for s in st]}
 
 
-class DistributedWeights(Strategy):
-    name, color = DWDP, "tab:blue"
-    summary = "attention data parallel + experts split, pulled from peers one layer ahead"
-
-    def plan(self, cfg, spec, dtype, group_size, group_rank):
-        from ..info import dwdp_rank_memory
-
-        placement = Placement.create(cfg.num_experts, group_size, spec.local_experts)
-        mine = placement.local_range(group_rank)
-        return RankPlan(f"dwdp ({placement.describe()})", (mine.start, len(mine)),
-                        dwdp_rank_memory(cfg, placement, dtype=dtype, expert_dtype=spec.expert_dtype).total, placement)
-
+class DistributedWeights(Strategy, dwdp.DistributedWeights):
     def expert_store(self, cfg, ctx, spec, plan, dtype):
         from ..models.build import resolve_expert_dtype
         from .dwdp import ResidentStore
@@ -160,8 +110,8 @@ class DistributedWeights(Strategy):
         from .dwdp import apply_dwdp
 
         return apply_dwdp(model, ctx, plan.placement, copy_timeout_s=spec.peer_timeout_s,
-                          slice_bytes=int(spec.slice_mb * 2**20) if spec.slice_mb else None,
-                          copy_streams=spec.copy_streams, hooks=hooks, store=store)
+                          slice_bytes=spec.dwdp.slice_bytes, copy_streams=spec.dwdp.copy_streams,
+                          hooks=hooks, store=store)
 
     def step_report(self, runtime):
         st = runtime.step_stats
@@ -170,6 +120,11 @@ class DistributedWeights(Strategy):
                 "transfer_s": [sum(p for p in s.pull_seconds if p == p) for s in st],  # on the copy engine
                 "peer_wait_s": [s.exposed_wait_s for s in st],
                 "break_even_tokens": runtime.break_even_tokens()}
+
+    def short_step_hold(self, runtime, hold_ms):
+        """DWDP pulls every layer's remote experts each step: a step below the measured
+        break-even size cannot hide them, so it waits up to ``hold_ms`` for more tokens."""
+        return ShortStepHold(hold_ms / 1e3, runtime.break_even_tokens) if hold_ms > 0 else None
 
 
 STRATEGIES: dict[str, Strategy] = {s.name: s for s in (DataParallel(), ExpertParallel(), DistributedWeights())}

@@ -34,10 +34,9 @@ import torch
 from ..config import ModelConfig
 from ..engine import take_chunks
 from ..flops import attention_proj_params
-from ..parallel.ep_wire import expected_dest_ranks
-from ..parallel.placement import Placement
-from ..parallel.strategies import DEP, DP, DWDP
 from ..quant import bytes_per_expert_weight
+from ..strategy.placement import Placement
+from ..strategy.wire import expected_dest_ranks, fp8_wire, wire_row_bytes
 from .hardware import HardwareProfile
 
 EXPERT_BYTES = {fmt: bytes_per_expert_weight(fmt) for fmt in ("bf16", "fp8", "fp4")}  # block scales included
@@ -110,8 +109,6 @@ class CostModel:
         self.expert_dtype, self.dense_dtype = expert_dtype, dense_dtype
         self.expert_bytes = cfg.expert_numel() * EXPERT_BYTES[expert_dtype]
         self.act_bytes = act_bytes
-        from ..parallel.ep_wire import fp8_wire, wire_row_bytes
-
         # DEP's dispatch row (FP8 on the wire with FP8/FP4 experts: `--dep-wire auto`) + its combine row.
         fp8 = fp8_wire("auto", expert_dtype != "bf16", cfg.hidden_size, cfg.moe_intermediate_size)
         self.dep_row_bytes = wire_row_bytes(cfg.hidden_size, max(cfg.top_k, 1), fp8) + cfg.hidden_size * act_bytes
@@ -478,50 +475,3 @@ class Prediction:
     @property
     def tps_per_busy_gpu(self) -> float:
         return self.tokens / sum(self.busy_s)
-
-
-def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy: str, n: int,
-            local: int | None = None, skew: float = 0.0, sliced: bool = False, seed: int = 0,
-            balance_tail: bool = False) -> Prediction:
-    cfg = cm.cfg
-    world = len(per_rank_lengths)
-    tokens = sum(map(sum, per_rank_lengths))
-    # As the bench does: lockstep DEP keeps the plain scheduler (equal steps would only
-    # lengthen the steps its group waits for).
-    plans = [pack_steps(ls, mnt, balance_tail and strategy != DEP) for ls in per_rank_lengths]
-    if strategy == DP:
-        steps = [[cm.step_dp(s, p) for s, p in plan] for plan in plans]
-        busy = [sum(x) for x in steps]
-        return Prediction(DP, max(busy), busy, steps, tokens, world)
-    if strategy == DWDP:
-        pl = Placement.create(cfg.num_experts, n, local)
-        steps, waits, pulls = [], [], []
-        for plan in plans:
-            res = [cm.step_dwdp(s, p, pl, sliced) for s, p in plan]
-            steps.append([r[0] for r in res])
-            waits.append(sum(r[1] for r in res))
-            # Copy-engine seconds, every pull counted beside compute (as the engine times them).
-            pulls.append(sum(cm.step_pull_seconds(s, p, pl, sliced)[0] for s, p in plan) * len(cfg.moe_layers))
-        busy = [sum(x) for x in steps]
-        return Prediction(DWDP, max(busy), busy, steps, tokens, world,
-                          {"exposed_wait_s": waits, "pull_s_per_layer": cm.pull_seconds(pl, sliced),
-                           "pull_s": pulls})
-    if strategy == DEP:
-        router = DEPRouting(cfg, n, skew, seed)
-        steps_by_rank: list[list[float]] = [[] for _ in range(world)]
-        a2a_total, sync_total = 0.0, 0.0
-        for g in range(world // n):  # each EP group steps in lockstep on its own
-            ranks = list(range(g * n, (g + 1) * n))
-            num = max(len(plans[r]) for r in ranks)
-            for k in range(num):
-                per = [plans[r][k] if k < len(plans[r]) else ([1], [0]) for r in ranks]  # idle: dummy step
-                t, step_a2a, wait = dep_step(cm, per, n, router)
-                a2a_total += step_a2a
-                sync_total += wait
-                for r in ranks:
-                    steps_by_rank[r].append(t)
-        busy = [sum(x) for x in steps_by_rank]
-        return Prediction(DEP, max(busy), busy, steps_by_rank, tokens, world,
-                          {"a2a_s": a2a_total, "sync_share": sync_total / sum(busy) if sum(busy) else 0.0,
-                           "expert_load_max_over_mean": router.mean_imbalance})
-    raise ValueError(f"unknown strategy {strategy!r}")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..parallel.strategies import DEP, DP, DWDP
+from ..strategy.spec import DEP, DP, DWDP
 from ..presets import resolve_model
 from ..workload import WorkloadSpec
 from .hardware import PROFILES, with_kernels

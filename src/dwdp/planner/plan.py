@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import ModelConfig
-from ..info import dwdp_rank_memory, param_breakdown
-from ..parallel.placement import Placement, PlacementError, valid_local_counts
-from ..parallel.replica import FIT_HEADROOM, activation_bytes
-from ..parallel.strategies import DEP, DP, DWDP
+from ..memory import FIT_HEADROOM
+from ..strategy.placement import PlacementError, valid_local_counts
+from ..strategy.registry import describe
+from ..strategy.spec import DEP, DP, DWDP
 from ..workload import WorkloadSpec, assign, generate
 from .hardware import HardwareProfile
-from .model import EXPERT_BYTES, CostModel, Prediction, predict
+from .model import CostModel, Prediction, pack_steps
 from .ttft import simulate_ttft
 
 GiB = 2**30
@@ -58,20 +58,20 @@ class PlanInput:
 
 
 def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, expert_dtype: str, mnt: int) -> float:
-    pb = param_breakdown(cfg)
-    eb = EXPERT_BYTES[expert_dtype]
-    act = activation_bytes(cfg, mnt, 2)
-    if strategy == DP:
-        return pb.non_expert * 2 + pb.routed_experts * eb + act
-    if strategy == DEP:
-        from ..parallel.ep_wire import dep_buffer_bytes, fp8_wire
+    """Bytes per GPU of ``strategy`` as the planner prices it (see
+    :meth:`~dwdp.strategy.base.StrategyDescription.memory_per_gpu`)."""
+    return describe(strategy).memory_per_gpu(cfg, n, local, expert_dtype, mnt)
 
-        share = -(-cfg.num_experts // n)
-        wire = fp8_wire("auto", expert_dtype != "bf16", cfg.hidden_size, cfg.moe_intermediate_size)
-        return (pb.non_expert * 2 + share * pb.num_moe_layers * pb.expert_numel * eb + act
-                + dep_buffer_bytes(cfg, n, mnt, wire))
-    pl = Placement.create(cfg.num_experts, n, local)
-    return dwdp_rank_memory(cfg, pl, 2, eb).total + act
+
+def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy: str, n: int,
+            local: int | None = None, skew: float = 0.0, sliced: bool = False, seed: int = 0,
+            balance_tail: bool = False) -> Prediction:
+    """``strategy``'s step times for each rank's prompts, packed by the engine's scheduler."""
+    desc = describe(strategy)
+    # As the bench does: a lockstep group keeps the plain scheduler (equal steps would only
+    # lengthen the steps its group waits for).
+    plans = [pack_steps(ls, mnt, balance_tail and not desc.lockstep) for ls in per_rank_lengths]
+    return desc.predict(cm, plans, n, local, skew, sliced, seed, sum(map(sum, per_rank_lengths)))
 
 
 def predict_all(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, Prediction]:
@@ -198,20 +198,11 @@ def _components(pr: Prediction, res, strat: str, n: int) -> dict:
     compute_s / transfer_s / peer_wait_s): compute outside communication and waits, time
     moving bytes between GPUs (dep: all-to-all; dwdp: pulls, overlapped), time waiting for
     peers (dep: for the slowest rank; dwdp: prefetch wait the compute could not hide)."""
-    world = len(pr.busy_s)
-    busy = float(np.mean(pr.busy_s))
-    if strat == DEP:
-        transfer = pr.extra["a2a_s"] * n / world
-        wait = pr.extra["sync_share"] * sum(pr.busy_s) / world
-    elif strat == DWDP:
-        wait = float(np.mean(pr.extra["exposed_wait_s"]))
-        transfer = float(np.mean(pr.extra["pull_s"]))
-    else:
-        transfer = wait = 0.0
-    pred = {"compute_s": busy - wait - (transfer if strat == DEP else 0.0), "transfer_s": transfer, "wait_s": wait}
+    pred = describe(strat).components(pr, n)
+    load = pred.pop("expert_load_max_over_mean", None)
     out = {f"predicted_{k}": v for k, v in pred.items()}
-    if strat == DEP:  # the busiest EP rank's expert pairs over the mean, per lockstep layer
-        out["predicted_expert_load_max_over_mean"] = pr.extra["expert_load_max_over_mean"]
+    if load is not None:  # lockstep EP: the busiest rank's expert pairs over the mean, per layer
+        out["predicted_expert_load_max_over_mean"] = load
         if res.expert_load_max_over_mean is not None:
             out["measured_expert_load_max_over_mean"] = res.expert_load_max_over_mean
     for k, attr in (("compute_s", "compute_s"), ("transfer_s", "transfer_s"), ("wait_s", "peer_wait_s")):

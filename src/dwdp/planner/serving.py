@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..info import param_breakdown
-from ..kv_cache import cache_bytes_per_token
-from ..parallel.replica import FIT_HEADROOM
+from ..memory import param_breakdown
+from ..memory import cache_bytes_per_token
+from ..memory import FIT_HEADROOM
 from .model import CostModel, expected_distinct, pack_steps
 
 # A loadtest client's request reaches the server, and its first token the client, ~1.5 ms

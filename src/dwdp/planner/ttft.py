@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..engine import take_chunks
-from ..parallel.placement import Placement
-from ..parallel.strategies import DEP, DP, DWDP
-from .model import CostModel, DEPRouting, dep_step
+from ..strategy.registry import describe
+from .model import CostModel
 
 
 @dataclass
@@ -68,38 +67,27 @@ def simulate_ttft(cm: CostModel, per_rank: list[list[tuple[float, int]]], mnt: i
     ranks = [_RankQueue(reqs) for reqs in per_rank]
     ttft: list[float] = []
     ends = [0.0] * len(ranks)
-    if strategy in (DP, DWDP):
-        pl = Placement.create(cm.cfg.num_experts, n, local) if strategy == DWDP else None
-        for i, q in enumerate(ranks):
-            t = 0.0
-            while not q.idle:
+    desc = describe(strategy)
+    step = desc.group_step(cm, n, local, skew, sliced, seed)
+    size = n if desc.lockstep else 1  # ranks that step together
+    for g in range(len(ranks) // size):
+        group = ranks[g * size:(g + 1) * size]
+        t = 0.0
+        while not all(q.idle for q in group):
+            for q in group:
                 q.admit(t)
-                if not q.queue:
-                    t = q.next_arrival()
-                    continue
-                seqs, prefix, chunks = q.pack(mnt, balance_tail)
-                t += cm.step_dp(seqs, prefix) if pl is None else cm.step_dwdp(seqs, prefix, pl, sliced)[0]
-                q.finish(chunks, seqs, t, ttft)
+            if not any(q.queue for q in group):
+                t = min(q.next_arrival() for q in group)
+                continue
+            # A lockstep group keeps the plain scheduler (see predict); a rank with nothing to
+            # do runs a dummy step beside its peers.
+            packed = [q.pack(mnt, balance_tail and not desc.lockstep) if q.queue else ([1], [0], [])
+                      for q in group]
+            t += step([(s, p) for s, p, _ in packed])
+            for q, (s, _, chunks) in zip(group, packed):
+                q.finish(chunks, s, t, ttft)
+        for i in range(g * size, (g + 1) * size):
             ends[i] = t
-    elif strategy == DEP:
-        router = DEPRouting(cm.cfg, n, skew, seed)
-        for g in range(len(ranks) // n):
-            group = ranks[g * n:(g + 1) * n]
-            t = 0.0
-            while not all(q.idle for q in group):
-                for q in group:
-                    q.admit(t)
-                if not any(q.queue for q in group):
-                    t = min(q.next_arrival() for q in group)
-                    continue
-                packed = [q.pack(mnt) if q.queue else ([1], [0], []) for q in group]  # plain scheduler (see predict)
-                t += dep_step(cm, [(s, p) for s, p, _ in packed], n, router)[0]
-                for q, (s, _, chunks) in zip(group, packed):
-                    q.finish(chunks, s, t, ttft)
-            for i in range(g * n, (g + 1) * n):
-                ends[i] = t
-    else:
-        raise ValueError(f"unknown strategy {strategy!r}")
     x = np.array(ttft)
     return {"strategy": strategy, "requests": len(ttft), "ttft_mean_s": float(x.mean()),
             "ttft_p50_s": float(np.percentile(x, 50)), "ttft_p90_s": float(np.percentile(x, 90)),

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import queue
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..decode import DecodeRequest, DecodeResult, _Active
-from ..parallel.rank import RankSpec
-from ..parallel.strategies import DEP
+from ..strategy.spec import DEP, DEPConfig, RankSpec
 from .rank_group import GroupRestarter, RankProcesses, leave_group, rank_process
 
 
@@ -45,10 +44,11 @@ class DecodePoolSpec:
     max_context: int | None = None
     seed: int = 0
     peer_timeout_s: float = 60.0
+    dep: DEPConfig = field(default_factory=DEPConfig)
 
     def rank_spec(self) -> RankSpec:
         return RankSpec(model=self.model, strategy=DEP, num_layers=self.num_layers, dtype=self.dtype,
-                        device=self.device, group_size=self.world_size, expert_dtype=self.expert_dtype,
+                        device=self.device, group_size=self.world_size, expert_dtype=self.expert_dtype, dep=self.dep,
                         seed=self.seed, max_num_tokens=self.max_batch, peer_timeout_s=self.peer_timeout_s)
 
 

@@ -26,13 +26,13 @@ from __future__ import annotations
 import math
 import queue
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from ..engine import PrefillEngine, Request
-from ..parallel.rank import RankSpec
-from ..parallel.strategies import DWDP, get_strategy
+from ..parallel.strategies import get_strategy
+from ..strategy.spec import DWDP, DWDPConfig, RankSpec
 from .rank_group import GroupRestarter, RankProcesses, leave_group, rank_process
 from .worker import ServeRequest, ServingWorker
 
@@ -66,7 +66,7 @@ class PrefillPoolSpec:
     num_layers: int | None = None
     dtype: str | None = None
     device: str = "cpu"
-    local_experts: int | str | None = None  # DWDP prefill L ("auto": the largest that fits)
+    dwdp: DWDPConfig = field(default_factory=DWDPConfig)  # a DWDP prefill group's options
     max_num_tokens: int = 8192
     seed: int = 0
     peer_timeout_s: float = 60.0
@@ -86,7 +86,7 @@ class PrefillPoolSpec:
 
     def rank_spec(self, group_size: int) -> RankSpec:
         return RankSpec(model=self.model, strategy=self.strategy, num_layers=self.num_layers, dtype=self.dtype,
-                        device=self.device, group_size=group_size, local_experts=self.local_experts, seed=self.seed,
+                        device=self.device, group_size=group_size, dwdp=self.dwdp, seed=self.seed,
                         expert_dtype=self.expert_dtype,
                         max_num_tokens=self.max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
@@ -125,7 +125,7 @@ class _Inbox:
 
 
 def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq, outq) -> None:
-    from ..engine import ShortStepHold, StepDriver
+    from ..engine import StepDriver
     from ..parallel.group import PeerWatchdog, init_dwdp_groups, lockstep_sync
     from ..parallel.rank import build_rank
 
@@ -138,7 +138,7 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
         runtime = prefill_rank.runtime
         engine = PrefillEngine(prefill_rank.model, spec.max_num_tokens, keep_kv=True)
         driver = StepDriver(engine, _Inbox(inq), lockstep_sync(ctx) if strategy.lockstep else None,
-                            idle_poll_s=0.002, hold=ShortStepHold.for_runtime(runtime, spec.hold_ms))
+                            idle_poll_s=0.002, hold=strategy.short_step_hold(runtime, spec.hold_ms))
         ipc = spec.kv_transport == "cuda_ipc"
         outq.put(("ready", rank, None))
         while (results := driver.step_once()) is not None:

@@ -1,10 +1,12 @@
-"""Where a model's parameters and bytes are: the numbers behind ``dwdp info`` and the
-fit checks.
+"""Where a model's bytes are: the one place memory is counted, for ``dwdp info``, the
+fit check every rank runs before allocating, ``-L auto`` and the planner.
 
-Counted on a meta-device model (no memory allocated), so it works for DeepSeek-V3's
-671B parameters on a laptop. :func:`build_bytes` runs :func:`~dwdp.models.build_model`
-itself on the meta device, so it counts exactly what a real build allocates: fp32
-routers and routing buffers, tied embeddings once, FP8 experts with their block scales.
+Weights are counted on a meta-device model (no memory allocated), so it works for
+DeepSeek-V3's 671B parameters on a laptop. :func:`build_bytes` runs
+:func:`~dwdp.models.build_model` itself on the meta device, so it counts exactly what a
+real build allocates: fp32 routers and routing buffers, tied embeddings once, FP8 experts
+with their block scales. What differs between strategies (DWDP's prefetch slots, DEP's
+all-to-all buffers) each strategy's description adds on top (:mod:`dwdp.strategy`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from .config import ModelConfig
-from .parallel.placement import Placement
+from .strategy.placement import Placement, valid_local_counts
+
+FIT_HEADROOM = 0.92  # usable share of a GPU's memory: what the fit check, -L auto and the planner allow
+
+
+class DoesNotFit(ValueError):
+    """A strategy's per-GPU memory exceeds the device."""
 
 
 @dataclass
@@ -151,9 +159,6 @@ def auto_local_experts(cfg: ModelConfig, group_size: int, dtype: torch.dtype, ex
     holds experts a rank would otherwise pull every layer: fewer bytes on NVLink and less HBM
     taken from the compute the pulls overlap. When none fits, the smallest L (the fit check
     then refuses it with the numbers)."""
-    from .parallel.placement import Placement, valid_local_counts
-    from .parallel.replica import activation_bytes
-
     valid = valid_local_counts(cfg.num_experts, group_size)
     if not valid:  # E < N: let the placement say why
         return Placement.create(cfg.num_experts, group_size).local
@@ -164,3 +169,42 @@ def auto_local_experts(cfg: ModelConfig, group_size: int, dtype: torch.dtype, ex
         if mem.total + act <= budget_bytes:
             best = L
     return best
+
+
+def activation_bytes(cfg: ModelConfig, max_num_tokens: int, bytes_per_elem: int) -> int:
+    """Rough peak activation memory of one prefill step of ``max_num_tokens`` tokens.
+
+    Dominated by the MoE layer: k copies of each token's hidden state sorted by expert,
+    their gate/up projections (2 x inter) and outputs, plus the residual stream, the
+    attention inputs/outputs and the step's KV.
+    """
+    T, H, K, inter = max_num_tokens, cfg.hidden_size, max(cfg.top_k, 1), cfg.moe_intermediate_size
+    moe = T * K * (2 * H + 3 * inter)
+    qkv = T * (cfg.num_heads * (cfg.qk_head_dim + (cfg.v_head_dim if cfg.is_mla else cfg.head_dim)) + 2 * H)
+    kv = T * cfg.num_layers * cfg.kv_cache_width
+    return int((moe + qkv + kv + 4 * T * H) * bytes_per_elem + T * cfg.num_experts * 4 * 2)
+
+
+def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one token occupies in the decode KV cache, across all layers."""
+    return cfg.kv_cache_width * cfg.num_layers * torch.empty((), dtype=dtype).element_size()
+
+
+def check_fits(what: str, weight_bytes: int, cfg: ModelConfig, max_num_tokens: int, dtype: torch.dtype,
+               device: torch.device, headroom: float = FIT_HEADROOM, total_memory: int | None = None) -> None:
+    """Raise :class:`DoesNotFit` if weights + one step's activations exceed the GPU
+    (``total_memory`` overrides the device's size; CPU runs are not checked)."""
+    if total_memory is None:
+        if device.type != "cuda":
+            return
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+    total = total_memory
+    act = activation_bytes(cfg, max_num_tokens, torch.empty(0, dtype=dtype).element_size())
+    need = weight_bytes + act
+    if need > headroom * total:
+        gib = 2**30
+        raise DoesNotFit(
+            f"{what} does not fit: {weight_bytes / gib:.1f} GiB of weights + ~{act / gib:.1f} GiB of activations at "
+            f"{max_num_tokens} tokens per step = {need / gib:.1f} GiB per GPU, but {device} has "
+            f"{total / gib:.1f} GiB ({headroom:.0%} usable). Use dwdp or dep, fewer layers (--num-layers), "
+            "or a smaller --max-num-tokens")

@@ -1,6 +1,10 @@
-"""DEP's wire format and its byte arithmetic: the layout of one dispatched row, which
-experts each rank holds, how many ranks a token visits, and the buffers a step needs
-(shared by the DEP layer, the fit check and the planner)."""
+"""DEP's all-to-all arithmetic: which experts each EP rank holds, the byte layout of a
+dispatched row, how many ranks a token goes to, and the buffers that takes.
+
+Pure (torch dtypes for sizes, no process group): the runtime (:mod:`dwdp.parallel.ep`)
+lays its buffers out with it, and the planner and the fit check price DEP with the
+same numbers.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import torch
 
 from ..quant import FP8
 
-WIRES = ("auto", "native", "fp8")
+WIRES = ("auto", "native", "fp8")  # DEP dispatch rows: FP8 when experts are FP8 / the activation dtype / FP8
 
 
 def ep_ranges(num_experts: int, size: int) -> list[range]:
@@ -21,7 +25,7 @@ def ep_ranges(num_experts: int, size: int) -> list[range]:
     return [range(r * num_experts // size, (r + 1) * num_experts // size) for r in range(size)]
 
 
-class Wire:
+class WireLayout:
     """Byte layout of one dispatched row: hidden state (or FP8 + scales), ids, weights."""
 
     def __init__(self, hidden: int, top_k: int, act_dtype: torch.dtype, fp8: bool):
@@ -49,10 +53,11 @@ def fp8_wire(wire: str, fp8_experts: bool, *dims: int) -> bool:
     return wire == "fp8" or (wire == "auto" and fp8_experts and all(d % 128 == 0 for d in dims))
 
 
+@functools.lru_cache(maxsize=256)
 def wire_row_bytes(hidden: int, top_k: int, fp8: bool, act_dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of one dispatched row on the wire (what the planner charges DEP per token and
     destination rank; the combine sends ``hidden`` values of ``act_dtype`` back)."""
-    return Wire(hidden, top_k, act_dtype, fp8).width
+    return WireLayout(hidden, top_k, act_dtype, fp8).width
 
 
 @functools.lru_cache(maxsize=64)
