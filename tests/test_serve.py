@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from dwdp.serve.loadtest import run_loadtest
-from dwdp.serve.server import Server, TextStream, Detokenizer, load_tokenizer
+from dwdp.serve.server import Server
+from dwdp.serve.text import Detokenizer, TextStream, load_tokenizer
 from dwdp.serve.worker import ServingWorker
 from dwdp.workload import WorkloadSpec
 
@@ -73,9 +74,9 @@ def _metric(url, name):
     return vals.get(name)
 
 
-def _raw(port, data: bytes, timeout=10.0, wait_close=True) -> tuple[bytes, float]:
-    """Send raw bytes; read until the server closes (or timeout). Returns (reply, seconds)."""
-    t0 = time.monotonic()
+def _raw(port, data: bytes, timeout=60.0) -> tuple[bytes, bool]:
+    """Send raw bytes; read until the server closes the connection. Returns (reply, whether
+    the server closed it; False: our own generous timeout ran out first)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         if data:
             s.sendall(data)
@@ -84,13 +85,12 @@ def _raw(port, data: bytes, timeout=10.0, wait_close=True) -> tuple[bytes, float
             while True:
                 b = s.recv(65536)
                 if not b:
-                    break
+                    return out, True
                 out += b
-                if not wait_close and b"\r\n\r\n" in out:
-                    break
-        except (socket.timeout, ConnectionResetError):
-            pass
-    return out, time.monotonic() - t0
+        except ConnectionResetError:
+            return out, True
+        except socket.timeout:
+            return out, False
 
 
 def _gate(worker):
@@ -177,11 +177,19 @@ def test_streaming(served):
     (json.dumps({"prompt": [1.0]}).encode(), "not float", "prompt"),
     (json.dumps({"prompt": [1], "seed": 2 ** 64}).encode(), "less than or equal to", "seed"),
     (json.dumps({"prompt": [1], "stream": "yes"}).encode(), "valid boolean", "stream"),
-    (json.dumps({"prompt": [1], "n": 2}).encode(), "only n = 1", "n"),
+    (json.dumps({"prompt": [1], "n": 0}).encode(), "greater than or equal to 1", "n"),
+    (json.dumps({"prompt": [1], "n": 2, "best_of": 3}).encode(), "best_of must equal n", "best_of"),
     (json.dumps({"prompt": [1], "stop": ["a", "b", "c", "d", "e"]}).encode(), "at most 4", "stop"),
     (json.dumps({"prompt": [1], "stream_options": {"include_usage": True}}).encode(), "only allowed with stream",
      "stream_options"),
-    (json.dumps({"prompt": [1], "best_of": 2}).encode(), "unsupported field", "best_of"),
+    (json.dumps({"prompt": [1], "best_of_n": 2}).encode(), "unsupported field", "best_of_n"),
+    (json.dumps({"prompt": [1], "suffix": "x"}).encode(), "suffix", "suffix"),
+    (json.dumps({"prompt": [1], "logit_bias": {"320": 1}}).encode(), "logit_bias", "logit_bias"),
+    (json.dumps({"prompt": [1], "logit_bias": {"a": 1}}).encode(), "token ids", "logit_bias"),
+    (json.dumps({"prompt": [1], "logit_bias": {"3": 101}}).encode(), "[-100, 100]", "logit_bias"),
+    (json.dumps({"prompt": [1], "max_tokens": 2, "min_tokens": 3}).encode(), "min_tokens", "min_tokens"),
+    (json.dumps({"prompt": [1], "presence_penalty": 3}).encode(), "less than or equal to 2", "presence_penalty"),
+    (json.dumps({"prompt": [1], "repetition_penalty": 0}).encode(), "greater than 0", "repetition_penalty"),
 ])
 def test_bad_requests_get_400_with_reason(served, body, msg, param):
     _, url, _ = served
@@ -216,7 +224,6 @@ def test_fuzzed_requests_never_500(served):
               [True], [[1]], [[1], [2]], ["a"], {"include_usage": True}, 3.5, [-1], [319], [320]]
     fields = ["prompt", "max_tokens", "temperature", "top_p", "top_k", "seed", "stream", "stop", "n", "echo",
               "logprobs", "eos_token_id", "stream_options", "user", "model"]
-    t0 = time.monotonic()
     for _ in range(150):
         body = {"prompt": rng.choice([[1, 2], [5], rng.choice(values)])}
         for f in rng.sample(fields, rng.randint(0, 4)):
@@ -224,10 +231,10 @@ def test_fuzzed_requests_never_500(served):
         body["max_tokens"] = body.get("max_tokens") if rng.random() < 0.5 else 2
         body.pop("stream", None)  # streaming has its own tests; a 200 SSE body is not JSON
         code, text = _post(url, body)
-        assert code in (200, 400), (body, code, text)
-        if code == 400:
+        # 404: a "model" that is not the served one's name (model_not_found)
+        assert code in (200, 400) or (code == 404 and body.get("model") != "tiny"), (body, code, text)
+        if code != 200:
             assert json.loads(text)["error"]["message"]
-    assert time.monotonic() - t0 < 120
     assert _get(url, "/health")[0] == 200
     assert json.loads(_post(url, {"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0})[1])[
         "choices"][0]["token_ids"] == _greedy_ref(ref, [1, 2, 3], 4)
@@ -387,25 +394,25 @@ def test_disconnect_cancels_and_frees_the_slot(ref_cases):
 
 
 def test_hostile_connections_are_answered_or_cut(ref_cases):
-    srv, url = _server(ref_cases["qwen3_moe"].ours(), server_kw={"header_timeout_s": 1.0, "body_timeout_s": 1.0})
+    """The deadlines are injected short (0.2 s) and the client waits far longer (60 s): a
+    connection the server closes was cut by its deadline, with no timing assumed."""
+    srv, url = _server(ref_cases["qwen3_moe"].ours(), server_kw={"header_timeout_s": 0.2, "body_timeout_s": 0.2})
     port = srv.port
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
     try:
         for cl in (b"abc", b"1e3", b"-1"):  # a bad Content-Length: 400, and the connection is closed
-            out, dt = _raw(port, head + b"Content-Length: " + cl + b"\r\n\r\n{}", timeout=5)
-            assert out.startswith(b"HTTP/1.1 400") and dt < 3, out
-        # A body shorter than its Content-Length: 408 after the body timeout.
-        out, dt = _raw(port, head + b"Content-Length: 100\r\n\r\n{\"prompt\"", timeout=10)
-        assert out.startswith(b"HTTP/1.1 408") and dt < 5, out
-        # Headers that never finish, or nothing at all: cut after the header timeout.
-        out, dt = _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n", timeout=10)
-        assert out == b"" and 0.5 < dt < 5
-        out, dt = _raw(port, b"", timeout=10)
-        assert out == b"" and 0.5 < dt < 5
-        # A TLS ClientHello on the plain-HTTP port: refused at once.
+            out, closed = _raw(port, head + b"Content-Length: " + cl + b"\r\n\r\n{}")
+            assert out.startswith(b"HTTP/1.1 400") and closed, out
+        # A body shorter than its Content-Length: 408 once the body deadline passes.
+        out, closed = _raw(port, head + b"Content-Length: 100\r\n\r\n{\"prompt\"")
+        assert out.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.2 s" in out and closed, out
+        # Headers that never finish, or nothing at all: cut by the header deadline, no reply.
+        assert _raw(port, b"GET /health HTTP/1.1\r\nHost: x\r\n") == (b"", True)
+        assert _raw(port, b"") == (b"", True)
+        # A TLS ClientHello on the plain-HTTP port: refused.
         hello = bytes.fromhex("16030100a5010000a10303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
-        out, dt = _raw(port, hello, timeout=10)
-        assert dt < 3 and (out == b"" or out.startswith(b"HTTP/1.1 400"))
+        out, closed = _raw(port, hello)
+        assert closed and (out == b"" or out.startswith(b"HTTP/1.1 400"))
         assert _get(url, "/health")[0] == 200
     finally:
         srv.shutdown(5)
@@ -525,10 +532,9 @@ def test_drain_timeout_ends_long_streams_with_a_reason(ref_cases):
     th = threading.Thread(target=lambda: got.update(chunks=_sse(url, {"prompt": [1, 2], "max_tokens": 300})))
     th.start()
     _wait_for(lambda: _metric(url, "dwdp_generation_tokens_total") >= 1, what="streaming")
-    t0 = time.monotonic()
-    srv.shutdown()  # the configured drain timeout, 0.3 s
+    srv.shutdown()  # the configured drain timeout, 0.3 s: the stream (>= 6 s of steps) cannot finish
     th.join(30)
-    assert time.monotonic() - t0 < 10
+    assert not th.is_alive()
     err = got["chunks"][-1]["error"]
     assert "shut down before this request finished (drain timeout 0.3 s)" in err["message"]
     assert 1 <= sum(len(c["choices"][0]["token_ids"]) for c in got["chunks"][:-1]) < 300

@@ -8,7 +8,9 @@ step, until EOS or the request's token limit. Requests join and leave between st
   running request); an admitted prompt is copied into its slot and every step writes its
   new keys and values in place (no per-step concatenation).
 - Sampling is batched on the device (:mod:`dwdp.sampling`); the step reads the new tokens
-  back with one host sync.
+  back with one host sync. Penalties, logit_bias and min_tokens keep per-slot state on the
+  device (:class:`~dwdp.sampling.LogitsState`, allocated when the first request that needs
+  it arrives), written once at admission and updated by each step on the device.
 - Steps overlap with the host's bookkeeping (as SGLang's overlap scheduler and vLLM's async
   scheduling do): each step's input tokens are read on the device from the previous step's
   samples (one last token per cache slot), so step k+1 is launched before step k's tokens
@@ -33,7 +35,7 @@ import torch
 
 from .kv_cache import SlotKVCache, cache_bytes_per_token
 from .models.transformer import LayerKV, MoECausalLM
-from .sampling import SampleStream, SamplingParams, batch_logprobs, make_stream, sample_batch
+from .sampling import LogitsState, SampleStream, SamplingParams, batch_logprobs, make_stream, sample_batch
 
 DEFAULT_MAX_CONTEXT = 4096  # tokens per cache slot unless the caller sizes it
 
@@ -47,6 +49,7 @@ class DecodeRequest:
     prompt_len: int = 0
     stream: SampleStream | None = None  # the request's sampling stream (default: from its seed)
     first_logprobs: tuple | None = None  # (logprob, top-n) of first_token, when params.logprobs is set
+    prompt: list[int] | None = None  # the prompt's token ids: what params.repetition_penalty looks at
 
 
 @dataclass
@@ -137,6 +140,8 @@ class DecodeEngine:
         self._inflight: _InFlight | None = None
         self._draining: list[_Active] = []  # finished or cancelled, their slot still in the in-flight step
         self._last_read = 0.0
+        self._proc: LogitsState | None = None  # per-slot logits processing, once a request needs it
+        self._n_proc = 0  # admitted requests whose logits are processed
 
     def _graphs_apply(self) -> bool:
         """The step must be free of host syncs: the attention kernel applies to the model's
@@ -172,6 +177,8 @@ class DecodeEngine:
         self.waiting.append(a)
 
     def _release(self, a: _Active) -> None:
+        if a.slot >= 0 and a.req.params.processed:
+            self._n_proc -= 1
         if a.slot >= 0:
             self._free.append(a.slot)
             a.slot = -1
@@ -231,6 +238,7 @@ class DecodeEngine:
             admitted.append(a)
         if admitted:
             self._set_last_tokens(admitted)
+            self._set_processing(admitted)
         if self.lockstep is not None and not self.active and self.lockstep([False])[0]:
             self._dummy_step()  # a peer decodes: its MoE collectives need this rank too
         elif self.active or self._inflight:
@@ -258,6 +266,17 @@ class DecodeEngine:
         slots = torch.tensor([a.slot for a in admitted], dtype=torch.int64)
         toks = torch.tensor([a.tokens[-1] for a in admitted], dtype=torch.int64)
         self._last_tok.index_copy_(0, slots.to(self.device, non_blocking=True), toks.to(self.device, non_blocking=True))
+
+    def _set_processing(self, admitted: list[_Active]) -> None:
+        """Write the admitted slots' rows of the logits processing state (every admitted slot
+        once the state exists: a slot keeps no state of its previous request)."""
+        if self._proc is None and not any(a.req.params.processed for a in admitted):
+            return
+        if self._proc is None:
+            self._proc = LogitsState(self.max_batch + 1, self.model.config.vocab_size, self.device)
+        for a in admitted:
+            self._proc.set_row(a.slot, a.req.params, a.req.prompt, a.tokens)
+            self._n_proc += a.req.params.processed
 
     def _logits(self, batch: list[_Active]) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's logits [B, vocab] and its rows' slots, on the device."""
@@ -312,7 +331,11 @@ class DecodeEngine:
             a.length += 1
             a.pending += 1
         params = [a.req.params for a in batch]
-        tokens = sample_batch(logits, params, [a.stream for a in batch])
+        if self._n_proc:
+            tokens = sample_batch(self._proc.apply(logits, slots), params, [a.stream for a in batch])
+            self._proc.record(slots, tokens)
+        else:
+            tokens = sample_batch(logits, params, [a.stream for a in batch])
         self._last_tok.index_copy_(0, slots, tokens)
         want = [p.logprobs for p in params if p.logprobs is not None]
         lp = batch_logprobs(logits, tokens, max(want)) if want else None
