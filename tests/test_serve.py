@@ -5,6 +5,7 @@ metrics, the load generator, and hostile clients (every repro of issue 14)."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import socket
 import threading
@@ -699,3 +700,131 @@ def test_sigterm_that_lands_on_another_thread_still_stops_the_server(tmp_path):
         "print('stopped', flush=True)\n")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "stopped" in out.stdout, out.stderr[-2000:]
+
+
+def test_request_log_line(served, caplog):
+    _, url, _ = served
+    caplog.set_level(logging.INFO, logger="dwdp.serve")
+    res = json.loads(_post(url, {"prompt": [4, 5], "max_tokens": 3, "temperature": 0})[1])
+    chunks = _sse(url, {"prompt": [4, 5, 6], "max_tokens": 2, "temperature": 0})
+
+    def line(rid):
+        return next((r.getMessage() for r in caplog.records if r.getMessage().startswith(rid + ":")), None)
+
+    _wait_for(lambda: line(chunks[0]["id"]) is not None, what="the stream's log line")
+    assert line(res["id"]).startswith(f"{res['id']}: length, prompt 2 tok, output 3 tok, TTFT ")
+    assert line(chunks[0]["id"]).startswith(f"{chunks[0]['id']}: length, prompt 3 tok, output 2 tok, TTFT ")
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.getMessage().startswith("cmpl-"))
+
+
+def test_periodic_stats_log_and_health_changes(served):
+    """A fake clock: the throughput line's rates are exact (counter deltas over the interval)."""
+    from dwdp.serve.server import StatsLog
+
+    _, url, srv = served
+    now, lines = [100.0], []
+
+    class Log:
+        def info(self, fmt, *a):
+            lines.append(("info", fmt % a))
+
+        def warning(self, fmt, *a):
+            lines.append(("warning", fmt % a))
+
+    stats = StatsLog(srv.worker, interval_s=5.0, clock=lambda: now[0], log=Log())
+    assert stats.tick() is None  # not yet an interval
+    _post(url, {"prompt": [4, 5], "max_tokens": 3, "temperature": 0})
+    now[0] += 5.0
+    line = stats.tick()
+    assert line.startswith("prompt throughput 0.4 tok/s, generation throughput 0.6 tok/s, running 0, waiting 0, "
+                           "KV cache 0.0% (0/4 slots)"), line
+    now[0] += 5.0
+    assert stats.tick() is None  # idle: no line
+    srv.worker.degraded = "prefill group down (prefill rank 1 failed: killed)"
+    try:
+        stats.tick()
+    finally:
+        srv.worker.degraded = None
+    stats.tick()
+    assert lines[-2:] == [("warning", "server health: degraded: prefill group down (prefill rank 1 failed: killed)"),
+                          ("info", "server health: ok (was degraded)")]
+
+
+def test_tokens_per_second_is_a_recent_window():
+    from dwdp.serve.metrics import RateWindow
+
+    now = [0.0]
+    w = RateWindow(10.0, clock=lambda: now[0])
+    now[0] = 1.0
+    w.add(30)
+    now[0] = 4.0
+    w.add(20)
+    now[0] = 5.0
+    assert w.rate() == 10.0  # 50 tokens over the 5 s since it started
+    now[0] = 12.0
+    assert w.rate() == 2.0  # the 30 at t=1 left the window: 20 over 10 s
+    now[0] = 14.0
+    assert w.rate() == 0.0  # idle for a window: 0, not the last value
+    assert w.total == 50
+
+
+def test_tokens_per_second_gauge_falls_to_zero_when_idle(served):
+    _, url, srv = served
+    _post(url, {"prompt": [4, 5], "max_tokens": 3, "temperature": 0})
+    assert _metric(url, "dwdp_tokens_per_second") > 0
+    clock = srv.worker.generated.clock
+    srv.worker.generated.clock = lambda: clock() + 11.0  # a scrape 11 s later, with nothing generated since
+    try:
+        assert _metric(url, "dwdp_tokens_per_second") == 0.0
+    finally:
+        srv.worker.generated.clock = clock
+
+
+def test_second_signal_forces_the_exit(tmp_path):
+    """The first SIGINT drains (and says so, with the drain timeout); the second ends the
+    drain at once: the running request fails with a reason instead of running to its end."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "serve_and_interrupt.py"
+    script.write_text(
+        "import os, signal, threading, time\n"
+        "import torch\n"
+        "from dwdp.presets import resolve_model\n"
+        "from dwdp.models import build_model, init_random\n"
+        "from dwdp.sampling import SamplingParams\n"
+        "from dwdp.serve.server import Server\n"
+        "from dwdp.serve.worker import ServeRequest, ServingWorker\n"
+        "cfg, _ = resolve_model('tiny-qwen3-moe', None)\n"
+        "model = build_model(cfg, torch.float32, 'cpu')\n"
+        "init_random(model, 0)\n"
+        "w = ServingWorker(model)\n"
+        "srv = Server(w, 'tiny', '127.0.0.1', 0, drain_timeout_s=600)\n"
+        "fwd = w.decode._launch\n"
+        "def slow(batch):  # 400 tokens: 20 s of steps, far more than this test waits for\n"
+        "    time.sleep(0.05)\n"
+        "    return fwd(batch)\n"
+        "w.decode._launch = slow\n"
+        "def driver():\n"
+        "    while not srv.uv.started:\n"
+        "        time.sleep(0.02)\n"
+        "    req = w.submit(ServeRequest([1, 2, 3], SamplingParams(max_tokens=400)))\n"
+        "    while req.events.empty():\n"
+        "        time.sleep(0.01)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    while not w._draining:\n"
+        "        time.sleep(0.01)\n"
+        "    os.kill(os.getpid(), signal.SIGINT)\n"
+        "    while (ev := req.events.get())[0] == 'token':\n"
+        "        pass\n"
+        "    print('request ended:', *ev, flush=True)\n"
+        "t = threading.Thread(target=driver, daemon=True)\n"
+        "t.start()\n"
+        "srv.serve_until_signal()\n"
+        "t.join(30)\n"
+        "print('stopped', flush=True)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "stopped" in out.stdout, out.stderr[-2000:]
+    assert "draining 1 request(s) in flight for up to 600 s (Ctrl-C again to force the exit)" in out.stderr
+    assert "second signal: forcing the exit now" in out.stderr
+    assert "request ended: error the server was forced to exit before this request finished" in out.stdout
