@@ -261,3 +261,27 @@ def test_echo_with_prompt_logprobs(env):
             best = sorted(tops[i].values(), reverse=True)[0]
             assert best == pytest.approx(float(want[i - 1].max()), abs=1e-4)
         assert token_lps[len(prompt)] == pytest.approx(float(want[-1, gen[0]]), abs=1e-4)
+
+
+def test_mixed_batch_rows_keep_their_own_parameters(env):
+    """Plain and processed requests decoded in the same steps: each row gets its own."""
+    import threading
+
+    ref, client, _ = env
+    cases = [({}, {}), ({"presence_penalty": 2.0}, dict(presence=2.0)),
+             ({"logit_bias": {"3": 4.0}, "frequency_penalty": 1.0}, dict(bias={3: 4.0}, frequency=1.0)),
+             ({"extra_body": {"repetition_penalty": 2.0}}, dict(repetition=2.0))]
+    got = [None] * len(cases)
+    barrier = threading.Barrier(len(cases))
+
+    def go(i):
+        barrier.wait()
+        r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0, **cases[i][0])
+        got[i] = _ids(r.choices[0].text)
+
+    ths = [threading.Thread(target=go, args=(i,)) for i in range(len(cases))]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join(120)
+    assert got == [_reference(ref, PROMPT, 8, **spec) for _, spec in cases]

@@ -286,6 +286,9 @@ def test_text_stream_holds_back_possible_stops():
     assert ts.add([9]) == "<7><9>" and ts.finish() == "" and not ts.stopped
     ts = TextStream(Detokenizer(None), ["<7><8>"])
     assert ts.add([1]) + ts.add([7]) + ts.add([8]) == "<1>" and ts.stopped
+    ts = TextStream(Detokenizer(None), ["<7>"], min_tokens=3)  # vLLM: no stop before min_tokens
+    assert ts.add([7]) + ts.add([1]) == "<7><1>" and not ts.stopped
+    assert ts.add([7]) == "" and ts.stopped and ts.text == "<7><1>"
 
 
 def test_unseeded_requests_get_their_own_randomness(served):

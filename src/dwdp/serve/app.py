@@ -244,7 +244,7 @@ def build_app(worker: ServingWorker, model_names: str | list[str], tokenizer=Non
                     p = params if j == 0 or params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                     sub = rid if total == 1 else f"{rid}-{i * r.n + j}"
                     req = worker.submit(ServeRequest(prompt, p, id=sub, notify=notify))
-                    choices.append(_Choice(i * r.n + j, req, prompt, TextStream(detok, r.stops())))
+                    choices.append(_Choice(i * r.n + j, req, prompt, TextStream(detok, r.stops(), r.min_tokens)))
         except (QueueFull, WorkerDown, ValueError) as e:
             for c in choices:
                 worker.cancel(c.req.id)
@@ -288,6 +288,7 @@ class _Generation:
         self.want_logprobs = choices[0].req.params.logprobs is not None
         self.echo = not chat and r.echo
         self.status = "cancelled"  # until it ends otherwise (the client went away)
+        self.gone = False  # the client hung up: stop waiting for events
 
     def cancel(self) -> None:
         for c in self.choices:
@@ -297,7 +298,7 @@ class _Generation:
         """(choice, "tokens", [ids]) / (choice, "done", reason) / (None, "error", ApiError), as
         the serving loop sends them; ends when every choice has."""
         deadline = time.monotonic() + self.timeout_s
-        while True:
+        while not self.gone:
             progressed = False
             for c in self.choices:
                 if c.reason is not None:
@@ -409,6 +410,8 @@ class _Generation:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
             self.cancel()
+            self.gone = True
+            self.wake.set()
 
         watch = asyncio.create_task(disconnected())
         try:

@@ -44,10 +44,12 @@ class TextStream:
     """Incremental text of a growing token list, with stop sequences: ``add`` returns the
     text that is safe to send (held back while it could be the start of a stop string, or
     ends in an incomplete UTF-8 character) and whether a stop sequence was reached (the
-    text then ends before it, as OpenAI does)."""
+    text then ends before it, as OpenAI does). With ``min_tokens`` (vLLM's), stop strings
+    count only from the text of the tokens that reach min_tokens on."""
 
-    def __init__(self, detok: Detokenizer, stops: list[str]):
-        self.detok, self.stops = detok, stops
+    def __init__(self, detok: Detokenizer, stops: list[str], min_tokens: int = 0):
+        self.detok, self.stops, self.min_tokens = detok, stops, min_tokens
+        self.floor = 0 if min_tokens <= 1 else None  # where stop strings may start (None: not yet)
         self.ids: list[int] = []
         self.prefix = 0  # vLLM-style window: decode ids[prefix:] and subtract ids[prefix:read]
         self.read = 0
@@ -56,6 +58,8 @@ class TextStream:
         self.stopped = False
 
     def add(self, tokens: list[int]) -> str:
+        if self.floor is None and len(self.ids) + len(tokens) >= self.min_tokens:
+            self.floor = len(self.text)  # stops may start in the text of the tokens that reach min_tokens
         self.ids += tokens
         if self.detok.tok is None:
             self.text += self.detok.decode(tokens)
@@ -82,8 +86,8 @@ class TextStream:
         return 0
 
     def _emit(self, final: bool) -> str:
-        if self.stops and not self.stopped:
-            start = max(0, self.sent - max(map(len, self.stops)))
+        if self.stops and not self.stopped and self.floor is not None:
+            start = max(0, self.sent - max(map(len, self.stops)), self.floor)
             hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
             if hits:
                 self.text, self.stopped = self.text[:min(hits)], True
