@@ -51,9 +51,16 @@ def _ids(text: str) -> list[int]:
     return [int(w[1:]) for w in text.split()]
 
 
+_LOGITS: dict = {}
+
+
 def _hf_logits(ref, seq: list[int]) -> torch.Tensor:
-    with torch.no_grad():
-        return ref.hf(torch.tensor([seq])).logits[0, -1].double()
+    """transformers' last logits for ``seq`` (memoised: the references share many prefixes)."""
+    key = (ref.name, tuple(seq))
+    if key not in _LOGITS:
+        with torch.no_grad():
+            _LOGITS[key] = ref.hf(torch.tensor([seq])).logits[0, -1].double()
+    return _LOGITS[key]
 
 
 def _processed(logits, prompt, out, presence=0.0, frequency=0.0, repetition=1.0, bias=None, eos=None,
