@@ -195,13 +195,10 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], streams: li
     """One token per row of ``logits`` [B, vocab] -> [B] int64 on the logits' device.
 
     Advances the stream of every row that sampled (temperature > 0). No host sync."""
-    B, V = logits.shape
     dev = logits.device
-    x = logits.float()
-    greedy_tok = x.argmax(-1)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not rows:
-        return greedy_tok
+        return logits.float().argmax(-1)
     host = torch.tensor([[params[i].temperature, params[i].top_p, params[i].top_k] for i in rows],
                         dtype=torch.float64)
     streams = [s if s is not None or p.temperature == 0 else make_stream(None) for s, p in zip(streams, params)]
@@ -210,18 +207,28 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], streams: li
         streams[i].draws += 1
     idx = torch.tensor(rows).to(dev, non_blocking=True)  # not torch.tensor(..., device=): that copy syncs the host
     host, keys = host.to(dev, non_blocking=True), keys.to(dev, non_blocking=True)
-    temp, top_p, top_k = host[:, 0:1], host[:, 1:2], host[:, 2:3].long()
-    xs = x[idx].double()
+    drawn = sample_rows(logits[idx], host, keys, any(params[i].top_k or params[i].top_p < 1 for i in rows))
+    return logits.float().argmax(-1).index_copy(0, idx, drawn)
+
+
+def sample_rows(logits: torch.Tensor, params: torch.Tensor, keys: torch.Tensor, filtered: bool = True
+                ) -> torch.Tensor:
+    """One token per row from row-parameter tensors on the device: ``params`` [B, 3] float64
+    (temperature, 0: greedy; top_p; top_k, 0: off) and ``keys`` [B, 2] int64 (seed, draw).
+    ``filtered``: some row may use top-k / top-p (False skips the sort). No host sync."""
+    x = logits.float()
+    greedy_tok = x.argmax(-1)
+    temp = params[:, 0:1]
+    xs = x.double()
     finite = torch.isfinite(xs).any(-1)
-    xs = (xs - xs.max(-1, keepdim=True).values) / temp
-    if any(params[i].top_k or params[i].top_p < 1 for i in rows):
-        xs = _top_k_top_p(xs, top_k, top_p)
+    xs = (xs - xs.max(-1, keepdim=True).values) / torch.where(temp > 0, temp, 1.0)
+    if filtered:
+        xs = _top_k_top_p(xs, params[:, 2:3].long(), params[:, 1:2])
     logp = torch.log_softmax(xs, dim=-1)
-    u = uniform_noise(keys[:, 0], keys[:, 1], V)
+    u = uniform_noise(keys[:, 0], keys[:, 1], x.shape[-1])
     drawn = torch.argmax(logp - torch.log(-torch.log(u)), dim=-1)
-    # A row with no finite logit has nothing to sample from: it falls back to argmax, as greedy does.
-    drawn = torch.where(finite, drawn, greedy_tok[idx])
-    return greedy_tok.index_copy(0, idx, drawn)
+    # Greedy rows, and a row with no finite logit (nothing to sample from), take the argmax.
+    return torch.where(finite & (temp[:, 0] > 0), drawn, greedy_tok)
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
