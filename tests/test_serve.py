@@ -831,3 +831,41 @@ def test_second_signal_forces_the_exit(tmp_path):
     assert "draining 1 request(s) in flight for up to 600 s (Ctrl-C again to force the exit)" in out.stderr
     assert "second signal: forcing the exit now" in out.stderr
     assert "request ended: error the server was forced to exit before this request finished" in out.stdout
+
+
+def test_dwdp_serve_served_model_names_and_signal(tmp_path):
+    """``dwdp serve --served-model-name``: /v1/models lists the names, a request naming
+    another model gets 404; SIGINT with nothing running stops at once, saying so."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "dwdp.cli", "serve", "--port", "0", "--served-model-name",
+                             "mine", "mine-too"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while "http://" not in line:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()[-2000:]
+        url = re.search(r"http://[\d.]+:\d+", line).group(0)
+
+        def up():
+            try:
+                return _get(url, "/health")[0] == 200
+            except urllib.error.URLError:  # the address is printed just before the listener starts
+                return False
+
+        _wait_for(up, timeout=60, what="the server to listen")
+        assert [m["id"] for m in json.loads(_get(url, "/v1/models")[1])["data"]] == ["mine", "mine-too"]
+        code, body = _post(url, {"model": "gpt-4o", "prompt": [1], "max_tokens": 1})
+        assert code == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+        code, body = _post(url, {"model": "mine-too", "prompt": [1], "max_tokens": 1})
+        assert code == 200 and json.loads(body)["model"] == "mine-too"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "dwdp serve: stopped" in out, err[-2000:]
+    assert "shutting down: no requests in flight" in err
+    assert re.search(r"cmpl-\w+: length, prompt 1 tok, output 1 tok, TTFT [\d.]+ s, total [\d.]+ s", err), err
