@@ -10,9 +10,10 @@ step, until EOS or the request's token limit. Requests join and leave between st
 - Sampling is batched on the device (:mod:`dwdp.sampling`); the step reads the new tokens
   back with one host sync. Each slot's sampling parameters and random stream (seed, draws)
   live in device tensors written at admission: a step gathers its rows' by slot and
-  advances their draws on the device, with no per-row work on the host. Penalties, logit_bias and min_tokens keep per-slot state on the
-  device (:class:`~dwdp.sampling.LogitsState`, allocated when the first request that needs
-  it arrives), written once at admission and updated by each step on the device.
+  advances their draws on the device, with no per-row work on the host. Penalties,
+  logit_bias and min_tokens keep per-slot state on the device too
+  (:class:`~dwdp.sampling.LogitsState`, allocated when the first request that needs it
+  arrives), written once at admission and updated by each step.
 - Steps overlap with the host's bookkeeping (as SGLang's overlap scheduler and vLLM's async
   scheduling do): each step's input tokens are read on the device from the previous step's
   samples (one last token per cache slot), so step k+1 is launched before step k's tokens
