@@ -688,9 +688,10 @@ def cmd_serve(args) -> int:
         # switch interval for the lock whenever they hold it (Python's default is 5 ms).
         sys.setswitchinterval(args.switch_interval_ms / 1e3)
     api_key = args.api_key or os.environ.get("DWDP_API_KEY")
-    server = Server(worker, cfg.name or args.model, args.host, args.port, tokenizer, api_key,
+    names = args.served_model_name or [cfg.name or args.model]
+    server = Server(worker, names, args.host, args.port, tokenizer, api_key,
                     drain_timeout_s=args.drain_timeout)
-    print(f"dwdp serve: {cfg.name or args.model} on {args.device} at http://{args.host}:{server.port} "
+    print(f"dwdp serve: {', '.join(names)} on {args.device} at http://{args.host}:{server.port} "
           f"(/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics{'; API key required' if api_key else ''})", flush=True)
     server.serve_until_signal()
     print("dwdp serve: stopped", flush=True)
@@ -847,6 +848,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", default=None, help="require this bearer key (or set DWDP_API_KEY)")
+    srv.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                     help="the model name(s) requests may name (the first is what answers report); default: the "
+                          "model's name as /v1/models lists it")
     srv.add_argument("--max-num-tokens", type=int, default=8192, help="prefill token budget per step")
     srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     _add_expert_dtype(srv, "auto")

@@ -8,7 +8,12 @@ step, until EOS or the request's token limit. Requests join and leave between st
   running request); an admitted prompt is copied into its slot and every step writes its
   new keys and values in place (no per-step concatenation).
 - Sampling is batched on the device (:mod:`dwdp.sampling`); the step reads the new tokens
-  back with one host sync.
+  back with one host sync. Each slot's sampling parameters and random stream (seed, draws)
+  live in device tensors written at admission: a step gathers its rows' by slot and
+  advances their draws on the device, with no per-row work on the host. Penalties,
+  logit_bias and min_tokens keep per-slot state on the device too
+  (:class:`~dwdp.sampling.LogitsState`, allocated when the first request that needs it
+  arrives), written once at admission and updated by each step.
 - Steps overlap with the host's bookkeeping (as SGLang's overlap scheduler and vLLM's async
   scheduling do): each step's input tokens are read on the device from the previous step's
   samples (one last token per cache slot), so step k+1 is launched before step k's tokens
@@ -34,7 +39,7 @@ import torch
 from .kv_cache import SlotKVCache
 from .memory import cache_bytes_per_token
 from .models.transformer import LayerKV, MoECausalLM
-from .sampling import SampleStream, SamplingParams, batch_logprobs, make_stream, sample_batch
+from .sampling import LogitsState, SampleStream, SamplingParams, batch_logprobs, make_stream, sample_rows
 
 DEFAULT_MAX_CONTEXT = 4096  # tokens per cache slot unless the caller sizes it
 
@@ -48,6 +53,7 @@ class DecodeRequest:
     prompt_len: int = 0
     stream: SampleStream | None = None  # the request's sampling stream (default: from its seed)
     first_logprobs: tuple | None = None  # (logprob, top-n) of first_token, when params.logprobs is set
+    prompt: list[int] | None = None  # the prompt's token ids: what params.repetition_penalty looks at
 
 
 @dataclass
@@ -138,6 +144,13 @@ class DecodeEngine:
         self._inflight: _InFlight | None = None
         self._draining: list[_Active] = []  # finished or cancelled, their slot still in the in-flight step
         self._last_read = 0.0
+        self._proc: LogitsState | None = None  # per-slot logits processing, once a request needs it
+        self._n_proc = 0  # admitted requests whose logits are processed
+        # Per slot: (temperature, top_p, top_k) and the random stream's (seed, draws).
+        self._samp = torch.zeros(max_batch + 1, 3, dtype=torch.float64, device=self.device)
+        self._keys = torch.zeros(max_batch + 1, 2, dtype=torch.int64, device=self.device)
+        self._n_sampled = 0  # admitted requests with temperature > 0
+        self._n_filtered = 0  # ... of which with top-k or top-p
 
     def _graphs_apply(self) -> bool:
         """The step must be free of host syncs: the attention kernel applies to the model's
@@ -174,6 +187,10 @@ class DecodeEngine:
 
     def _release(self, a: _Active) -> None:
         if a.slot >= 0:
+            p = a.req.params
+            self._n_proc -= p.processed
+            self._n_sampled -= p.temperature > 0
+            self._n_filtered -= p.temperature > 0 and (p.top_k > 0 or p.top_p < 1)
             self._free.append(a.slot)
             a.slot = -1
 
@@ -232,6 +249,7 @@ class DecodeEngine:
             admitted.append(a)
         if admitted:
             self._set_last_tokens(admitted)
+            self._set_processing(admitted)
         if self.lockstep is not None and not self.active and self.lockstep([False])[0]:
             self._dummy_step()  # a peer decodes: its MoE collectives need this rank too
         elif self.active or self._inflight:
@@ -256,9 +274,29 @@ class DecodeEngine:
         return [DecodeResult(a.req.id, a.tokens, a.finish_reason, a.itl, a.error) for a in finished]
 
     def _set_last_tokens(self, admitted: list[_Active]) -> None:
-        slots = torch.tensor([a.slot for a in admitted], dtype=torch.int64)
+        """The admitted slots' last tokens, sampling parameters and streams, in one copy each."""
+        slots = torch.tensor([a.slot for a in admitted], dtype=torch.int64).to(self.device, non_blocking=True)
         toks = torch.tensor([a.tokens[-1] for a in admitted], dtype=torch.int64)
-        self._last_tok.index_copy_(0, slots.to(self.device, non_blocking=True), toks.to(self.device, non_blocking=True))
+        self._last_tok.index_copy_(0, slots, toks.to(self.device, non_blocking=True))
+        ps = [a.req.params for a in admitted]
+        samp = torch.tensor([[p.temperature, p.top_p, p.top_k] for p in ps], dtype=torch.float64)
+        keys = torch.tensor([[a.stream.seed, a.stream.draws] if a.stream is not None else [0, 0] for a in admitted],
+                            dtype=torch.int64)
+        self._samp.index_copy_(0, slots, samp.to(self.device, non_blocking=True))
+        self._keys.index_copy_(0, slots, keys.to(self.device, non_blocking=True))
+        self._n_sampled += sum(p.temperature > 0 for p in ps)
+        self._n_filtered += sum(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in ps)
+
+    def _set_processing(self, admitted: list[_Active]) -> None:
+        """Write the admitted slots' rows of the logits processing state (every admitted slot
+        once the state exists: a slot keeps no state of its previous request)."""
+        if self._proc is None and not any(a.req.params.processed for a in admitted):
+            return
+        if self._proc is None:
+            self._proc = LogitsState(self.max_batch + 1, self.model.config.vocab_size, self.device)
+        for a in admitted:
+            self._proc.set_row(a.slot, a.req.params, a.req.prompt, a.tokens)
+            self._n_proc += a.req.params.processed
 
     def _logits(self, batch: list[_Active]) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's logits [B, vocab] and its rows' slots, on the device."""
@@ -312,10 +350,20 @@ class DecodeEngine:
         for a in batch:
             a.length += 1
             a.pending += 1
-        params = [a.req.params for a in batch]
-        tokens = sample_batch(logits, params, [a.stream for a in batch])
+        if self._n_proc:
+            logits_p = self._proc.apply(logits, slots)
+        else:
+            logits_p = logits
+        if self._n_sampled:
+            samp = self._samp[slots]
+            tokens = sample_rows(logits_p, samp, self._keys[slots], self._n_filtered > 0)
+            self._keys[:, 1].index_add_(0, slots, (samp[:, 0] > 0).long())  # the sampled rows' next draw
+        else:
+            tokens = logits_p.argmax(-1)
+        if self._n_proc:
+            self._proc.record(slots, tokens)
         self._last_tok.index_copy_(0, slots, tokens)
-        want = [p.logprobs for p in params if p.logprobs is not None]
+        want = [a.req.params.logprobs for a in batch if a.req.params.logprobs is not None]
         lp = batch_logprobs(logits, tokens, max(want)) if want else None
         self.steps += 1
         if self.device.type != "cuda":

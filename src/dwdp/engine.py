@@ -25,6 +25,7 @@ class Request:
     id: int | str
     prompt: list[int]
     arrival: float = 0.0  # seconds after the run starts (offline: 0)
+    prompt_logprobs: int | None = None  # also return each prompt token's logprob and top-n
 
 
 @dataclass
@@ -35,6 +36,9 @@ class RequestResult:
     logits: torch.Tensor  # [vocab] fp32
     kv: list[LayerKV]  # per layer, this request's whole prompt
     ttft: float  # seconds from arrival to the end of its last prefill step
+    # Per prompt token, (logprob, [(id, logprob)] top-n) under the model's raw logits; None
+    # for the first token (nothing predicts it). Only when the request asked.
+    prompt_logprobs: list | None = None
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _Running:
     req: Request
     done: int = 0  # prompt tokens already prefilled
     kv_chunks: list[list[LayerKV]] = field(default_factory=list)
+    prompt_logprobs: list | None = None
 
     def cached(self) -> list[LayerKV] | None:
         if not self.kv_chunks:
@@ -154,13 +159,17 @@ class PrefillEngine:
             past = [_pack_layer([c[i] if c else None for c in caches])
                     for i in range(self.model.config.num_layers)]
         batch.meta()  # step metadata to the device now, not inside the timed forward
+        want = [j for j, (run, _) in enumerate(plan) if run.req.prompt_logprobs is not None]
+        cu = batch.cu_q
+        at = torch.cat([torch.arange(cu[j], cu[j + 1]) for j in want]).to(self.device) if want else None
         _sync(self.device)
         t0 = time.perf_counter()
-        out = self.model(batch, past)
+        out = self.model(batch, past, at) if want else self.model(batch, past)
         _sync(self.device)
         self.steps.append(StepRecord(batch.num_tokens, batch.num_seqs, time.perf_counter() - t0))
+        if want:
+            self._prompt_logprobs(plan, want, cu, out.token_logits)
         finished = []
-        cu = batch.cu_q
         for j, (run, n) in enumerate(plan):
             if self.keep_kv or run.done + n < len(run.req.prompt):
                 run.kv_chunks.append([(a[cu[j]:cu[j + 1]], b[cu[j]:cu[j + 1]]) for a, b in out.kv])
@@ -170,6 +179,28 @@ class PrefillEngine:
                 finished.append(run)
         return finished
 
+    @staticmethod
+    def _prompt_logprobs(plan, want: list[int], cu, logits: torch.Tensor) -> None:
+        """Append the logprobs of the prompt tokens this step's logits predict: a chunk's
+        token i predicts prompt token done + i + 1 (the last one of the prompt predicts
+        the first generated token: not a prompt logprob)."""
+        from .sampling import batch_logprobs
+
+        o = 0
+        for j in want:
+            run, n = plan[j]
+            p = run.req.prompt
+            if run.prompt_logprobs is None:
+                run.prompt_logprobs = [None]  # the first token: nothing predicts it
+            k = min(n, len(p) - run.done - 1)  # rows whose next token is still in the prompt
+            if k > 0:
+                top = run.req.prompt_logprobs
+                lp, ids, vals = batch_logprobs(logits[o:o + k], torch.tensor(p[run.done + 1:run.done + 1 + k],
+                                                                              device=logits.device), top)
+                for v, i, t in zip(lp.tolist(), ids.tolist(), vals.tolist()):
+                    run.prompt_logprobs.append((v, list(zip(i, t))))
+            o += n
+
     def step(self, now, final: bool = False) -> list[RequestResult]:
         """Run one step over the queue; ``now()`` gives the run clock for TTFTs;
         ``final``: no more requests are coming."""
@@ -178,7 +209,8 @@ class PrefillEngine:
         for run in self.run_step(plan):
             self.queue.remove(run)
             results.append(RequestResult(run.req.id, len(run.req.prompt), int(run.logits.argmax()), run.logits,
-                                         run.cached() if self.keep_kv else [], now() - run.req.arrival))
+                                         run.cached() if self.keep_kv else [], now() - run.req.arrival,
+                                         run.prompt_logprobs))
         return results
 
     @property

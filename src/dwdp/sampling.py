@@ -11,6 +11,13 @@ Sampling is Gumbel-max: ``argmax(log p + g)`` with ``g = -log(-log u)`` picks to
 with probability p_i exactly. Logits are shifted by their maximum and divided by the
 temperature in float64, so a temperature or top_p as small as 1e-300 degenerates to
 greedy, never to NaN.
+
+Before sampling, the logits of a row may be processed as vLLM does (:class:`LogitsState`):
+min_tokens masks the EOS token until that many tokens are out, logit_bias is added, then
+the repetition penalty (over prompt and output: a positive logit divided by it, a negative
+one multiplied), the frequency penalty (times each token's count in the output so far) and
+the presence penalty (once per token present in the output) are applied. Greedy rows take
+the argmax of the processed logits too; reported logprobs stay the model's raw ones.
 """
 
 from __future__ import annotations
@@ -31,6 +38,18 @@ class SamplingParams:
     eos_token_id: int | None = None
     seed: int | None = None  # any 64-bit value, signed or not; None: fresh entropy per request
     logprobs: int | None = None  # also report the sampled token's logprob and the top-n alternatives
+    presence_penalty: float = 0.0  # subtracted once from every token already in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # tokens in prompt or output: logit / r if positive, * r if not
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit
+    min_tokens: int = 0  # EOS is masked until this many tokens are generated
+    prompt_logprobs: int | None = None  # also report each prompt token's logprob and top-n (echo)
+
+    @property
+    def processed(self) -> bool:
+        """Whether the logits need processing before sampling (see :class:`LogitsState`)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or (self.min_tokens and self.eos_token_id is not None))
 
     def validate(self, vocab: int) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -51,6 +70,23 @@ class SamplingParams:
             raise ValueError(f"eos_token_id must lie in [0, {vocab})")
         if self.logprobs is not None and not 0 <= self.logprobs <= vocab:
             raise ValueError(f"logprobs must lie in [0, {vocab}]")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= vocab:
+            raise ValueError(f"prompt_logprobs must lie in [0, {vocab}]")
+        for name, lo, hi in (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
+                             ("repetition_penalty", 0, math.inf)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be a finite number in [{lo}, {hi}]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or \
+                not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be an integer in [0, max_tokens]")
+        for t, b in (self.logit_bias or {}).items():
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"logit_bias: token id {t!r} must lie in [0, {vocab})")
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
+                raise ValueError(f"logit_bias: the bias of token {t} must lie in [-100, 100]")
 
 
 def _signed64(v: int) -> int:
@@ -92,18 +128,77 @@ def uniform_noise(seeds: torch.Tensor, draws: torch.Tensor, vocab: int) -> torch
     return (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) * 2.0 ** -53
 
 
+class LogitsState:
+    """Per-row logits processing on the device: penalties, logit_bias and min_tokens.
+
+    One row per decode slot (or per request), written once when a request is admitted
+    (:meth:`set_row`); a step processes a batch of rows with a few batched kernels
+    (:meth:`apply`) and counts the tokens it sampled (:meth:`record`), with no host sync
+    and no per-row Python work. Default rows are an exact identity (bias 0, penalties 0 and
+    1, nothing masked), so one step can mix processed and plain requests."""
+
+    def __init__(self, rows: int, vocab: int, device):
+        self.counts = torch.zeros(rows, vocab, dtype=torch.float32, device=device)  # output tokens so far
+        self.seen = torch.zeros(rows, vocab, dtype=torch.bool, device=device)  # in the prompt
+        self.bias = torch.zeros(rows, vocab, dtype=torch.float32, device=device)
+        self.coef = torch.zeros(rows, 4, dtype=torch.float32, device=device)  # presence, frequency, repetition, min
+        self.coef[:, 2] = 1.0
+        self.eos = torch.zeros(rows, dtype=torch.int64, device=device)  # masked while ngen < min_tokens
+        self.ngen = torch.zeros(rows, dtype=torch.float32, device=device)
+
+    def set_row(self, row: int, p: SamplingParams, prompt: list[int] | None, output: list[int]) -> None:
+        """(Re)write a row for request ``p`` whose ``output`` tokens are already out."""
+        dev, V = self.counts.device, self.counts.shape[1]
+        put = lambda v, dt: torch.tensor(v, dtype=dt).to(dev, non_blocking=True)  # noqa: E731
+        self.counts[row] = torch.bincount(put(output, torch.int64), minlength=V).float() if output else 0
+        self.seen[row] = False
+        if p.repetition_penalty != 1.0 and prompt:
+            self.seen[row, put(prompt, torch.int64)] = True
+        self.bias[row] = 0
+        if p.logit_bias:
+            self.bias[row, put(list(p.logit_bias), torch.int64)] = put(list(p.logit_bias.values()), torch.float32)
+        mt = p.min_tokens if p.eos_token_id is not None else 0
+        self.coef[row] = put([p.presence_penalty, p.frequency_penalty, p.repetition_penalty, mt], torch.float32)
+        self.eos[row] = p.eos_token_id or 0
+        self.ngen[row] = len(output)
+
+    def apply(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Processed float32 logits [B, vocab] of ``logits`` whose rows are ``rows`` [B]."""
+        x = logits.float()
+        coef = self.coef[rows]
+        counts = self.counts[rows]
+        ban = (self.ngen[rows] < coef[:, 3])[:, None]  # min_tokens not reached: no EOS yet
+        eos = torch.zeros_like(x, dtype=torch.bool).scatter_(1, self.eos[rows][:, None], ban)
+        x = x.masked_fill(eos, float("-inf")) + self.bias[rows]
+        rep = torch.where(self.seen[rows] | (counts > 0), coef[:, 2:3], 1.0)
+        x = torch.where(x > 0, x / rep, x * rep)
+        return x - coef[:, 1:2] * counts - coef[:, 0:1] * (counts > 0)
+
+    def record(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Count each row's newly sampled token."""
+        self.counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+        self.ngen.index_add_(0, rows, torch.ones_like(rows, dtype=torch.float32))
+
+
+def process_logits(logits: torch.Tensor, p: SamplingParams, prompt: list[int] | None,
+                   output: list[int]) -> torch.Tensor:
+    """One request's processed logits [vocab] (its first token: sampled from the prefill's)."""
+    if not p.processed:
+        return logits
+    st = LogitsState(1, logits.shape[-1], logits.device)
+    st.set_row(0, p, prompt, output)
+    return st.apply(logits[None], torch.zeros(1, dtype=torch.int64, device=logits.device))[0]
+
+
 def sample_batch(logits: torch.Tensor, params: list[SamplingParams], streams: list[SampleStream | None]
                  ) -> torch.Tensor:
     """One token per row of ``logits`` [B, vocab] -> [B] int64 on the logits' device.
 
     Advances the stream of every row that sampled (temperature > 0). No host sync."""
-    B, V = logits.shape
     dev = logits.device
-    x = logits.float()
-    greedy_tok = x.argmax(-1)
     rows = [i for i, p in enumerate(params) if p.temperature > 0]
     if not rows:
-        return greedy_tok
+        return logits.float().argmax(-1)
     host = torch.tensor([[params[i].temperature, params[i].top_p, params[i].top_k] for i in rows],
                         dtype=torch.float64)
     streams = [s if s is not None or p.temperature == 0 else make_stream(None) for s, p in zip(streams, params)]
@@ -112,18 +207,28 @@ def sample_batch(logits: torch.Tensor, params: list[SamplingParams], streams: li
         streams[i].draws += 1
     idx = torch.tensor(rows).to(dev, non_blocking=True)  # not torch.tensor(..., device=): that copy syncs the host
     host, keys = host.to(dev, non_blocking=True), keys.to(dev, non_blocking=True)
-    temp, top_p, top_k = host[:, 0:1], host[:, 1:2], host[:, 2:3].long()
-    xs = x[idx].double()
+    drawn = sample_rows(logits[idx], host, keys, any(params[i].top_k or params[i].top_p < 1 for i in rows))
+    return logits.float().argmax(-1).index_copy(0, idx, drawn)
+
+
+def sample_rows(logits: torch.Tensor, params: torch.Tensor, keys: torch.Tensor, filtered: bool = True
+                ) -> torch.Tensor:
+    """One token per row from row-parameter tensors on the device: ``params`` [B, 3] float64
+    (temperature, 0: greedy; top_p; top_k, 0: off) and ``keys`` [B, 2] int64 (seed, draw).
+    ``filtered``: some row may use top-k / top-p (False skips the sort). No host sync."""
+    x = logits.float()
+    greedy_tok = x.argmax(-1)
+    temp = params[:, 0:1]
+    xs = x.double()
     finite = torch.isfinite(xs).any(-1)
-    xs = (xs - xs.max(-1, keepdim=True).values) / temp
-    if any(params[i].top_k or params[i].top_p < 1 for i in rows):
-        xs = _top_k_top_p(xs, top_k, top_p)
+    xs = (xs - xs.max(-1, keepdim=True).values) / torch.where(temp > 0, temp, 1.0)
+    if filtered:
+        xs = _top_k_top_p(xs, params[:, 2:3].long(), params[:, 1:2])
     logp = torch.log_softmax(xs, dim=-1)
-    u = uniform_noise(keys[:, 0], keys[:, 1], V)
+    u = uniform_noise(keys[:, 0], keys[:, 1], x.shape[-1])
     drawn = torch.argmax(logp - torch.log(-torch.log(u)), dim=-1)
-    # A row with no finite logit has nothing to sample from: it falls back to argmax, as greedy does.
-    drawn = torch.where(finite, drawn, greedy_tok[idx])
-    return greedy_tok.index_copy(0, idx, drawn)
+    # Greedy rows, and a row with no finite logit (nothing to sample from), take the argmax.
+    return torch.where(finite & (temp[:, 0] > 0), drawn, greedy_tok)
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

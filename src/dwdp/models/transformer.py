@@ -207,6 +207,7 @@ class Backbone(nn.Module):
 class PrefillOutput:
     logits: torch.Tensor  # [num_seqs, vocab], fp32, at each sequence's last new token
     kv: list[LayerKV]  # per layer, packed over the batch's new tokens (batch.cu_q)
+    token_logits: torch.Tensor | None = None  # [len(logits_at), vocab] fp32, when asked (prompt logprobs)
 
 
 class MoECausalLM(nn.Module):
@@ -231,9 +232,12 @@ class MoECausalLM(nn.Module):
                 )
 
     @torch.inference_mode()
-    def forward(self, batch: PackedBatch, past: list[LayerKV] | None = None) -> PrefillOutput:
+    def forward(self, batch: PackedBatch, past: list[LayerKV] | None = None,
+                logits_at: torch.Tensor | None = None) -> PrefillOutput:
         """``past``: per layer, the cached prefixes of the batch's sequences packed by
-        ``batch.cu_prefix`` (omit when every prefix is empty)."""
+        ``batch.cu_prefix`` (omit when every prefix is empty). ``logits_at``: packed token
+        indices whose logits are also returned (``token_logits``; only when asked: a
+        prompt's logits cost a vocab-wide row per token)."""
         self.check_prompt_lengths(batch)
         if past is None and any(batch.prefix_lens):
             raise ValueError("the batch continues cached sequences (prefix_lens > 0) but no past KV was given")
@@ -253,7 +257,8 @@ class MoECausalLM(nn.Module):
             x, kv = layer(x, ctx, None if past is None else past[i])
             kvs.append(kv)
         last = self.model.norm(x[meta.last_index])
-        return PrefillOutput(self.lm_head(last).float(), kvs)
+        extra = None if logits_at is None else self.lm_head(self.model.norm(x[logits_at])).float()
+        return PrefillOutput(self.lm_head(last).float(), kvs, extra)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,

@@ -237,7 +237,8 @@ class DisaggServingWorker(ServingWorker):
         return self._restarter.attempts
 
     def _dispatch(self, req: ServeRequest) -> None:
-        if self.pool is None:
+        # Prompt logprobs (echo) need every prompt token's logits: prefilled here, where they are.
+        if self.pool is None or req.params.prompt_logprobs is not None:
             return super()._dispatch(req)  # fallback: prefill in this process
         self.pool.send(req.id, req.prompt)
 

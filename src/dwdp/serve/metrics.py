@@ -6,6 +6,10 @@ in the tests); ``render()`` is the text exposition format ``/metrics`` returns.
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the HTTP layer)
 
@@ -25,7 +29,7 @@ COUNTERS = {
 GAUGES = {
     "dwdp_queue_depth": "Requests in flight and not in the decode batch (waiting for prefill or a decode slot).",
     "dwdp_running_requests": "Requests in the decode batch.",
-    "dwdp_tokens_per_second": "Tokens generated per second by the last decode step.",
+    "dwdp_tokens_per_second": "Tokens generated per second over the last 10 s (0 when idle).",
     "dwdp_degraded": "1 while the server runs degraded (e.g. prefill group down, local fallback).",
 }
 HISTOGRAMS = {
@@ -71,3 +75,36 @@ class Metrics:
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()
+
+
+class RateWindow:
+    """Events per second over a sliding window, computed when read: a gauge that reads
+    it is current whenever it is scraped, and falls to 0 once the window has no events
+    (a last-step value would stay frozen while idle and swing with each step's size)."""
+
+    def __init__(self, window_s: float = 10.0, clock=time.monotonic):
+        self.window_s, self.clock = window_s, clock
+        self._events: deque[tuple[float, float]] = deque()  # (time, amount)
+        self._lock = threading.Lock()
+        self._t0 = clock()
+        self.total = 0.0
+
+    def _prune(self, now: float) -> None:
+        while self._events and self._events[0][0] <= now - self.window_s:
+            self._events.popleft()
+
+    def add(self, amount: float) -> None:
+        now = self.clock()
+        with self._lock:
+            self._events.append((now, amount))
+            self.total += amount
+            self._prune(now)  # bounded whether or not anyone reads it
+
+    def rate(self) -> float:
+        """Amount per second over the last ``window_s`` (or since creation, if younger)."""
+        now = self.clock()
+        with self._lock:
+            self._prune(now)
+            got = sum(a for _, a in self._events)
+        span = min(self.window_s, now - self._t0)
+        return got / span if span > 0 and got else 0.0

@@ -25,6 +25,7 @@ that takes 0.07 s takes seconds (issue 14: 64 streaming clients on 2 cores fell 
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -36,10 +37,19 @@ from typing import Callable
 import torch
 
 from ..decode import DecodeEngine, DecodeRequest
-from ..sampling import SampleStream, SamplingParams, make_stream, sample, token_logprobs
+from ..sampling import SampleStream, SamplingParams, make_stream, process_logits, sample, token_logprobs
 from ..engine import PrefillEngine, Request, StepDriver, Submitted
 from ..models.transformer import LayerKV
-from .metrics import Metrics
+from .metrics import Metrics, RateWindow
+
+
+LOG = logging.getLogger("dwdp.serve")
+
+
+def log_rank_event(message: str) -> None:
+    """Log a rank failure or restart (the server's log also reports every change of
+    health it sees, see :class:`~dwdp.serve.server.StatsLog`)."""
+    LOG.warning("%s", message)
 
 
 class QueueFull(RuntimeError):
@@ -80,6 +90,10 @@ class ServeRequest:
     # Called (from the serving thread) after each event: the HTTP layer wakes its coroutine.
     notify: Callable[[], None] | None = None
     stream: SampleStream | None = None  # the request's sampling stream, first token included
+    # Per prompt token (the first: None), (logprob, top-n), set before the first "token"
+    # event when params.prompt_logprobs is set.
+    prompt_logprobs: list | None = None
+    first_token_at: float | None = None  # perf_counter() when its first token was emitted
 
     def put(self, kind: str, val) -> None:
         self.events.put((kind, val))
@@ -117,6 +131,7 @@ class ServingWorker(threading.Thread):
         self.failure: str | None = None  # set once: the worker is down (503)
         self.degraded: str | None = None  # serving, but not as configured (e.g. prefill fallback)
         self._halt = threading.Event()
+        self._abort = threading.Event()  # end the drain now (a second Ctrl-C)
         self._wake = threading.Event()
         self._draining = False
         self._live: dict[str, ServeRequest] = {}  # admitted and not finished
@@ -131,6 +146,8 @@ class ServingWorker(threading.Thread):
         # Read at scrape time, so they are current even while a step runs.
         self.metrics.bind("dwdp_queue_depth", lambda: max(0, len(self._live) - len(self.decode.active)))
         self.metrics.bind("dwdp_running_requests", lambda: len(self.decode.active))
+        self.generated = RateWindow()  # generated tokens, for the tokens/s gauge and the periodic log
+        self.metrics.bind("dwdp_tokens_per_second", self.generated.rate)
 
     # -- called from HTTP threads ------------------------------------------------------
     def submit(self, req: ServeRequest) -> ServeRequest:
@@ -202,15 +219,20 @@ class ServingWorker(threading.Thread):
         Requests still running at the deadline get an error event saying so."""
         self._draining = True
         deadline = time.monotonic() + drain_timeout_s
-        while self._live and time.monotonic() < deadline and self.is_alive():
+        while self._live and time.monotonic() < deadline and self.is_alive() and not self._abort.is_set():
             time.sleep(0.02)
         self._halt.set()
         self._wake.set()
         if self.is_alive():
             self.join(timeout=10)
-        self._fail_all(f"the server shut down before this request finished (drain timeout {drain_timeout_s:g} s)")
+        self._fail_all("the server was forced to exit before this request finished" if self._abort.is_set() else
+                       f"the server shut down before this request finished (drain timeout {drain_timeout_s:g} s)")
         if hasattr(self.decode, "close"):  # a decode group in other processes
             self.decode.close()
+
+    def abort_drain(self) -> None:
+        """End a drain in progress now: the requests still running fail (a forced exit)."""
+        self._abort.set()
 
     # -- the loop ------------------------------------------------------------------------
     def _set_threads(self) -> None:
@@ -317,7 +339,7 @@ class ServingWorker(threading.Thread):
                 self._fail_request(req.id, f"could not start prefill: {type(e).__name__}: {e}")
 
     def _dispatch(self, req: ServeRequest) -> None:
-        self.prefill.submit(Request(req.id, req.prompt, req.arrival - self._start))
+        self.prefill.submit(Request(req.id, req.prompt, req.arrival - self._start, req.params.prompt_logprobs))
 
     def _prefill_pending(self) -> bool:
         return self.prefill.has_work
@@ -330,19 +352,22 @@ class ServingWorker(threading.Thread):
         results = self.prefill_driver.step_once() or []
         self.prefill.steps.clear()  # per-step records: a server would grow them forever
         for res in results:
-            self._prefilled(res.id, res.logits, res.kv, res.prompt_len)
+            self._prefilled(res.id, res.logits, res.kv, res.prompt_len, res.prompt_logprobs)
         self.metrics.observe("prefill_step", time.perf_counter() - t0)
 
-    def _prefilled(self, rid, logits, kv, prompt_len) -> None:
-        """A prompt is prefilled: sample its first token, hand its KV cache to decode."""
+    def _prefilled(self, rid, logits, kv, prompt_len, prompt_logprobs=None) -> None:
+        """A prompt is prefilled: sample its first token (from the processed logits:
+        penalties, logit_bias, min_tokens), hand its KV cache to decode."""
         req = self._live.get(rid)
         if req is None:  # cancelled meanwhile
             return
         try:
             p = req.params
-            first = sample(logits, p, req.stream)
+            first = sample(process_logits(logits, p, req.prompt, []), p, req.stream)
             lp = token_logprobs(logits, first, p.logprobs) if p.logprobs is not None else None
-            self.decode.add(DecodeRequest(rid, self.handoff.send(kv), first, p, prompt_len, req.stream, lp))
+            req.prompt_logprobs = prompt_logprobs
+            self.decode.add(DecodeRequest(rid, self.handoff.send(kv), first, p, prompt_len, req.stream, lp,
+                                          req.prompt if p.repetition_penalty != 1.0 else None))
         except Exception as e:  # noqa: BLE001  (this request's fault: fail it alone)
             return self._fail_request(rid, f"{type(e).__name__}: {e}")
         self.metrics.observe("ttft", time.perf_counter() - req.arrival)
@@ -368,8 +393,6 @@ class ServingWorker(threading.Thread):
                 if req.params.logprobs is not None:
                     req.logprobs.extend(a.logprobs[sent:len(a.tokens)])
                 self._emit_new(req, a.tokens[sent:], sent)
-        if dt > 0:
-            self.metrics.set("dwdp_tokens_per_second", new_tokens / dt)
         self.metrics.observe("decode_step", time.perf_counter() - t0)
         for r in finished:
             if r.finish_reason == "error":
@@ -382,6 +405,9 @@ class ServingWorker(threading.Thread):
                 req.put("done", r.finish_reason)
 
     def _emit_new(self, req: ServeRequest, tokens: list[int], already: int) -> None:
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        self.generated.add(len(tokens))
         for t in tokens:
             req.put("token", t)
         self._emitted[req.id] = already + len(tokens)
