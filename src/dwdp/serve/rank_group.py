@@ -6,7 +6,8 @@ store the parent keeps open, one inbox queue per rank and one shared outbox, and
 until every rank has reported ``("ready", rank, value)`` (or fail with the reason a rank
 gave, or the exit code of the one that died). Rank side, :func:`rank_process` and
 :func:`leave_group`: the set-up, the error report the parent waits for, and the
-orderly exit. :class:`GroupRestarter`: a failed group rebuilt in the background, with
+orderly exit. A group that is killed or closed leaves no shared-memory segment behind
+(see :mod:`dwdp.parallel.launch`). :class:`GroupRestarter`: a failed group rebuilt in the background, with
 back-off and a bounded number of attempts (both groups' supervisors use it).
 """
 
@@ -120,6 +121,7 @@ class RankProcesses:
                 p.kill()
         for p in self.procs:
             p.join(timeout=10)
+        self._rendezvous.remove_segments()  # what a rank killed while allocating left
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Tell every rank to finish (``None`` in its inbox), kill what is still up at the deadline."""
@@ -131,6 +133,7 @@ class RankProcesses:
             if p.is_alive():
                 p.kill()
                 p.join()
+        self._rendezvous.remove_segments()
 
 
 @contextlib.contextmanager
@@ -143,6 +146,9 @@ def rank_process(rank: int, world_size: int, port: int, run_id: str, outq):
     try:
         yield
     except BaseException as e:
+        from ..parallel.transport import release_owned_segments
+
+        release_owned_segments()
         outq.put(("error", rank, f"{type(e).__name__}: {e}"))
         raise SystemExit(1)
 
