@@ -109,7 +109,13 @@ class RankProcesses:
                 raise RuntimeError(f"{what} rank {rank} failed to start: {val}")
             self.ready[rank] = val
 
-    def dead(self) -> str | None:
+    def dead(self, wait_s: float = 0.0) -> str | None:
+        """Which ranks have exited; ``wait_s``: wait that long for one to (a peer's error
+        arrived: the rank that caused it is usually exiting, and it is the one to name)."""
+        if wait_s > 0 and all(p.is_alive() for p in self.procs):
+            from multiprocessing.connection import wait
+
+            wait([p.sentinel for p in self.procs], timeout=wait_s)
         gone = [f"{self.what} rank {r} exited (code {p.exitcode})" for r, p in enumerate(self.procs)
                 if not p.is_alive()]
         return "; ".join(gone) or None
