@@ -7,8 +7,8 @@ until every rank has reported ``("ready", rank, value)`` (or fail with the reaso
 gave, or the exit code of the one that died). Rank side, :func:`rank_process` and
 :func:`leave_group`: the set-up, the error report the parent waits for, and the
 orderly exit. A group that is killed or closed leaves no shared-memory segment behind
-(see :mod:`dwdp.parallel.launch`). :class:`GroupRestarter`: a failed group rebuilt in the background, with
-back-off and a bounded number of attempts (both groups' supervisors use it).
+(see :mod:`dwdp.parallel.launch`). :class:`GroupRestarter`: a failed group rebuilt in the
+background, with back-off and a bounded number of attempts (both groups' supervisors use it).
 """
 
 from __future__ import annotations
