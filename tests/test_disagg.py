@@ -178,7 +178,7 @@ def test_dead_decode_rank_loses_no_request_and_retries_are_bounded(ref_cases, mo
     worker = ServingWorker(ref.ours(), max_num_tokens=24, max_batch=2, decode=pool)
     worker.start()
     try:
-        n = 8
+        n = 10  # both requests still running when rank 1 dies after its 3rd step
         reqs = [worker.submit(ServeRequest(PROMPTS[0], SamplingParams(max_tokens=n, temperature=0, logprobs=2))),
                 worker.submit(ServeRequest(PROMPTS[1], SamplingParams(max_tokens=n, temperature=0)))]
         for p, r in zip(PROMPTS, reqs):
