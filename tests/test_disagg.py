@@ -1,10 +1,13 @@
 """Disaggregated serving on CPU: a DWDP (or DEP) prefill group in separate processes hands
 each request's KV cache to decode in the server process; greedy output equals
-transformers' generate; a dead prefill rank fails the requests it held, the server
-reports degraded at once, prefills locally meanwhile and restarts the group."""
+transformers' generate; a dead prefill or decode rank loses no request (what it held runs
+again and completes), the server reports degraded at once, prefills locally meanwhile and
+restarts the group."""
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 
 import pytest
@@ -58,46 +61,51 @@ def _wait_for(cond, timeout, what):
         time.sleep(0.02)
 
 
-def test_dead_prefill_rank_fails_its_requests_then_the_server_recovers(ref_cases):
+def _greedy(ref, prompt, n):
+    return ref.hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+
+
+def _warnings(caplog, text):
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+def test_dead_prefill_rank_loses_no_request_then_the_group_restarts(ref_cases, monkeypatch, caplog):
+    """Rank 1 of a DWDP prefill group dies (os._exit, through the DWDP_FAULT hook) as it
+    takes its first request, with requests in flight in the group: every request completes
+    with transformers' greedy output (what the dead group held is prefilled again in the
+    server process), the failure and the restart are logged at WARNING, the restarted group
+    serves; once the restarts are used up, prompts are prefilled in the server process."""
     ref = ref_cases["qwen3_moe"]
+    caplog.set_level(logging.WARNING, logger="dwdp.serve")
+    monkeypatch.setenv("DWDP_FAULT", "prefill-request:1:1")
     pool = PrefillPool(PrefillPoolSpec(str(ref.path), "dwdp", 2, max_num_tokens=24, peer_timeout_s=5),
                        ready_timeout_s=120)
+    monkeypatch.delenv("DWDP_FAULT")  # the restarted group is spawned without it: it runs clean
     worker = DisaggServingWorker(ref.ours(), pool, max_pool_restarts=1)
     old = list(pool.procs)
-    send = pool.send
-
-    def send_then_kill(rid, prompt):  # rank 1 dies with both requests in the group, deterministically
-        send(rid, prompt)
-        if len(pool.where) == 2:
-            old[1].kill()
-            old[1].join()
-
-    pool.send = send_then_kill
     worker.start()
     try:
         params = SamplingParams(max_tokens=4, temperature=0)
-        reqs = [worker.submit(ServeRequest(p, params)) for p in PROMPTS[:2]]
-        outs = [_collect(r, timeout=60) for r in reqs]
-        failed = [o for o in outs if o[1].startswith("error")]
-        assert failed and all("prefill rank 1" in o[1] for o in failed), outs
-        state, reason = worker.health()
-        assert state == "degraded" and "prefill rank 1" in reason and "attempt 1/1" in reason
+        reqs = [worker.submit(ServeRequest(p, params)) for p in PROMPTS[:3]]
+        for p, r in zip(PROMPTS[:3], reqs):
+            assert _collect(r, timeout=60) == (_greedy(ref, p, 4), "length"), p[:3]
+        failed = _warnings(caplog, "prefill group failed")
+        assert len(failed) == 1 and "prefill rank 1" in failed[0], failed
+        assert int(re.search(r"; (\d+) request\(s\) in flight", failed[0])[1]) >= 1  # rank 1 held one
         _wait_for(lambda: not any(p.is_alive() for p in old), 15, "the surviving rank reaped")
-        # Meanwhile prompts are prefilled in the server process: correct, not 503.
-        tokens, reason = _collect(worker.submit(ServeRequest(PROMPTS[2], params)), timeout=60)
-        want = ref.hf.generate(torch.tensor([PROMPTS[2]]), max_new_tokens=4, min_new_tokens=4, do_sample=False,
-                               pad_token_id=0)[0, len(PROMPTS[2]):].tolist()
-        assert (tokens, reason) == (want, "length")
         _wait_for(lambda: worker.health()[0] == "ok", 120, "the prefill group restarted")
         assert worker.pool is not None and worker.pool is not pool and all(p.is_alive() for p in worker.pool.procs)
         assert worker.metrics.value("dwdp_prefill_pool_restarts_total") == 1
-        r = worker.submit(ServeRequest(PROMPTS[2], params))
-        assert _collect(r, timeout=60) == (want, "length")
+        assert _warnings(caplog, "prefill group restarted (attempt 1/1)")
+        want = _greedy(ref, PROMPTS[3], 4)
+        assert _collect(worker.submit(ServeRequest(PROMPTS[3], params)), timeout=60) == (want, "length")
         assert worker.pool.outstanding == 0 and sum(worker.pool.load) == 0  # it went through the new group
         # A second death: the restart budget (1) is spent, local prefill serves for good.
         worker.pool.procs[0].kill()
         _wait_for(lambda: "gave up" in (worker.health()[1] or ""), 10, "degraded for good")
-        assert _collect(worker.submit(ServeRequest(PROMPTS[2], params)), timeout=60) == (want, "length")
+        assert _warnings(caplog, "gave up after 1 restart")
+        assert _collect(worker.submit(ServeRequest(PROMPTS[3], params)), timeout=60) == (want, "length")
     finally:
         worker.stop(2)
 
@@ -150,43 +158,49 @@ def test_expert_parallel_decode_group_serves_like_transformers(ref_cases):
     assert all(not p.is_alive() for p in pool.procs) and all(p.exitcode == 0 for p in pool.procs)
 
 
-def test_dead_decode_rank_fails_its_requests_and_the_group_restarts(ref_cases):
-    """Issue 18: a decode rank dies mid-generation. The requests the group was decoding fail
-    with an error naming the rank (not a hang), health reads degraded while the group
-    restarts, a request prefilled meanwhile waits and then decodes exactly as transformers;
-    once the restarts are used up, health reads down."""
+def test_dead_decode_rank_loses_no_request_and_retries_are_bounded(ref_cases, monkeypatch, caplog):
+    """A decode rank dies (os._exit through the DWDP_FAULT hook, after its 3rd step with
+    requests of its own) while both ranks decode: every request resumes on the restarted
+    group where its stream stood and completes with transformers' greedy output, no token
+    missing or twice, logprobs one per token. Then a request running at two deaths in a
+    row (max_request_retries=1) fails with an error saying so, after streaming a prefix of
+    its greedy output; the restarts used up, health reads down."""
     from dwdp.serve.decode_pool import DecodePoolSpec, SupervisedDecodePool
     from dwdp.serve.worker import ServingWorker
 
     ref = ref_cases["qwen3_moe"]
-    pool = SupervisedDecodePool(DecodePoolSpec(str(ref.path), 2, max_batch=2, max_context=256), max_restarts=1,
-                                ready_timeout_s=120)
+    caplog.set_level(logging.WARNING, logger="dwdp.serve")
+    monkeypatch.setenv("DWDP_FAULT", "decode-step:1:3")
+    pool = SupervisedDecodePool(DecodePoolSpec(str(ref.path), 2, max_batch=2, max_context=256), max_restarts=2,
+                                ready_timeout_s=120, max_request_retries=1)
+    monkeypatch.delenv("DWDP_FAULT")
+    first = pool.pool
     worker = ServingWorker(ref.ours(), max_num_tokens=24, max_batch=2, decode=pool)
     worker.start()
     try:
-        long = worker.submit(ServeRequest([1, 2, 3], SamplingParams(max_tokens=200, temperature=0)))
-        _wait_for(lambda: pool.active and len(pool.active[0].tokens) > 3, 60, "decoding to start")
-        first = pool.pool
-        first.procs[1].kill()
-        events = []
-        while True:
-            kind, val = long.events.get(timeout=30)
-            events.append(kind)
-            if kind in ("done", "error"):
-                break
-        assert kind == "error" and "decode" in val and "rank" in val, val
-        assert worker.health()[0] == "degraded" and "restarting" in worker.health()[1]
-        _wait_for(lambda: all(not p.is_alive() for p in first.procs), 15, "the surviving rank reaped")
-        p, n = PROMPTS[0], 6
-        r = worker.submit(ServeRequest(p, SamplingParams(max_tokens=n, temperature=0)))  # may wait for the restart
-        want = ref.hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                               pad_token_id=0)[0, len(p):].tolist()
-        assert _collect(r, timeout=120) == (want, "length")
+        n = 10  # both requests still running when rank 1 dies after its 3rd step
+        reqs = [worker.submit(ServeRequest(PROMPTS[0], SamplingParams(max_tokens=n, temperature=0, logprobs=2))),
+                worker.submit(ServeRequest(PROMPTS[1], SamplingParams(max_tokens=n, temperature=0)))]
+        for p, r in zip(PROMPTS, reqs):
+            assert _collect(r) == (_greedy(ref, p, n), "length"), p[:3]
+        assert len(reqs[0].logprobs) == n
+        assert first.routed == [1, 1] and pool.pool is not first and pool.restarts == 1  # both ran on the dead group
+        failed = _warnings(caplog, "decode group failed")
+        assert len(failed) == 1 and "decode rank 1 exited" in failed[0], failed
+        assert "resuming the 2 request(s)" in failed[0]
+        assert _warnings(caplog, "decode group restarted (attempt 1/2)")
         _wait_for(lambda: worker.health() == ("ok", None), 60, "health ok after the restart")
-        assert pool.pool is not first and pool.restarts == 1
-        pool.pool.procs[0].kill()  # restarts used up: down, with the reason
-        _wait_for(lambda: worker.health()[0] == "down", 30, "down")
-        assert "gave up after 1 restart" in worker.health()[1]
+        # Two deaths in a row with the same request running: the second group's rank 1 is
+        # killed mid-generation, the third group (spawned with the hook) loses rank 0.
+        long = worker.submit(ServeRequest([1, 2, 3], SamplingParams(max_tokens=100, temperature=0)))
+        _wait_for(lambda: pool.active and len(pool.active[0].tokens) > 3, 60, "decoding to start")
+        monkeypatch.setenv("DWDP_FAULT", "decode-step:0:2")
+        pool.pool.procs[1].kill()
+        tokens, reason = _collect(long)
+        assert reason.startswith("error") and "last 2 deaths" in reason, reason
+        assert len(tokens) > 3 and tokens == _greedy(ref, [1, 2, 3], len(tokens))  # every streamed token once
+        _wait_for(lambda: worker.health()[0] == "down", 60, "down")
+        assert "gave up after 2 restart" in worker.health()[1]
     finally:
         worker.stop(5)
 

@@ -57,10 +57,6 @@ def test_a_failing_group_is_one_clean_error(tmp_path, capsys):
     assert "Traceback" not in err
 
 
-if __name__ == "__main__":  # pragma: no cover
-    pytest.main([__file__])
-
-
 def test_two_torchrun_nodes_form_node_local_dwdp_groups(tmp_path):
     """Issue 19: two torchrun agents on 127.0.0.1 act as two nodes (--nnodes 2, c10d
     rendezvous) and form W/N = 2 DWDP groups of 2, each inside one node; every sequence's
@@ -105,3 +101,22 @@ def test_a_group_spanning_nodes_is_refused(monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match="must lie within one node"):
         init_dwdp_groups(2)
+
+
+def test_fault_hook_fires_at_the_named_point_rank_and_hit_only(monkeypatch):
+    """DWDP_FAULT, the failure tests' hook: the n-th hit of the point on the named rank, and
+    a mistyped value is one clear error rather than a test that silently never fails."""
+    from dwdp.parallel import faults
+
+    monkeypatch.setattr(faults, "_hits", faults.Counter())
+    monkeypatch.setenv("DWDP_FAULT", "other:0:1:raise, here:1:2:raise")
+    faults.fault_point("here", 0)  # hit 1, another rank
+    with pytest.raises(RuntimeError, match="injected fault at here #2"):
+        faults.fault_point("here", 1)
+    faults.fault_point("here", 1)  # hit 3: past it
+    monkeypatch.setenv("DWDP_FAULT", "here:1:x")
+    with pytest.raises(ValueError, match="write <point>:<rank>"):
+        faults.fault_point("here", 1)
+    monkeypatch.setenv("DWDP_FAULT", "here:1:9:explode")
+    with pytest.raises(ValueError, match="choose from exit, raise, hang"):
+        faults.fault_point("here", 1)

@@ -190,6 +190,9 @@ class PeerWatchdog:
             if not self._stop.wait(self.grace_s):
                 print(f"[dwdp rank {self.ctx.rank}] exiting: main thread did not stop within {self.grace_s:.0f} s",
                       file=sys.stderr, flush=True)
+                from .transport import release_owned_segments
+
+                release_owned_segments()  # a hard exit runs no clean-up of its own
                 os._exit(17)
 
     def check(self) -> None:

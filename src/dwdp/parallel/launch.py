@@ -5,12 +5,20 @@ Under torchrun every process is one rank and calls :func:`prefill_worker` itself
 local processes with :func:`spawn_local`. The spawner hosts the group's rendezvous store
 in the parent on a port the OS picks and keeps open (as torchrun's agent does), so
 groups started back to back, or at the same time, never race for a port.
+
+Nothing outlives a failed group: the spawner kills its ranks when one fails or when it is
+interrupted, then removes the shared-memory segments its run left (their names carry its
+pid and the run's id, see :mod:`.transport`); a rank whose launcher was killed outright
+(SIGKILL: no clean-up in the launcher) notices within half a second, removes the
+segments it created and exits.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
+import threading
 import time
 import traceback
 import uuid
@@ -37,16 +45,45 @@ class LocalRendezvous:
         self.port = self.store.port
         self.run_id = uuid.uuid4().hex[:8]
 
+    def remove_segments(self) -> int:
+        """Unlink the shared-memory segments this run's ranks left; call once they are gone."""
+        from .transport import remove_run_segments
+
+        return remove_run_segments(os.getpid(), self.run_id)
+
 
 def setup_rank_process(rank: int, world: int, port: int, run_id: str, cpu_share: int | None = None) -> None:
     """Environment of a spawned rank: env:// rendezvous at the parent's store (every rank a
     client, as under torchrun's agent), NVLink multicast off, and an even share of the CPU
     cores for intra-op threads (``cpu_share`` processes share the machine; default ``world``)."""
+    launcher = os.getppid()
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DWDP_RUN_ID=run_id, TORCHELASTIC_USE_AGENT_STORE="True")
+                      MASTER_PORT=str(port), DWDP_RUN_ID=run_id, DWDP_LAUNCHER_PID=str(launcher),
+                      TORCHELASTIC_USE_AGENT_STORE="True")
     for k, v in NVLINK_SAFE_ENV.items():
         os.environ.setdefault(k, v)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // (cpu_share or world)))
+    watch_launcher(launcher, rank)
+
+
+def watch_launcher(launcher_pid: int, rank: int, interval_s: float = 0.5) -> threading.Thread:
+    """End this rank once its launcher is gone (it was reparented): nobody is left to take
+    its result or to clean up after it, so it removes the segments it created itself. A
+    thread that polls the parent pid, not PR_SET_PDEATHSIG: that signal fires when the
+    launching *thread* ends, and pools are restarted from short-lived threads."""
+    def watch():
+        while os.getppid() == launcher_pid:
+            time.sleep(interval_s)
+        from .transport import release_owned_segments
+
+        release_owned_segments()
+        print(f"[dwdp rank {rank}] exiting: the launching process (pid {launcher_pid}) is gone",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    t = threading.Thread(target=watch, name="dwdp-launcher-watch", daemon=True)
+    t.start()
+    return t
 
 
 def _entry(rank, world, port, run_id, fn, args, q):
@@ -56,6 +93,9 @@ def _entry(rank, world, port, run_id, fn, args, q):
     try:
         q.put((rank, "ok", fn(*args)))
     except BaseException as e:
+        from .transport import release_owned_segments
+
+        release_owned_segments()
         report = (rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
         for _ in range(3):  # a peer watchdog's pending interrupt can land inside put(): report anyway
             try:
@@ -107,13 +147,16 @@ def spawn_local(fn: Callable, world: int, args: tuple = (), timeout_s: float = 6
             except Exception:  # queue empty: stop once every process has exited
                 if all(p.exitcode is not None for p in procs):
                     break
-    finally:
+                if any(p.exitcode not in (None, 0) and r not in results for r, p in enumerate(procs)):
+                    deadline = min(deadline, time.monotonic() + failure_grace_s)  # died without a word
         for p in procs:
             p.join(timeout=max(0.0, min(10.0, deadline - time.monotonic())))
+    finally:  # also when interrupted: no rank outlives the spawner, no segment outlives its ranks
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join()
+        rdv.remove_segments()
     errors = {}
     for r in range(world):
         if r not in results:

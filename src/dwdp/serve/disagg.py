@@ -12,17 +12,20 @@ With ``kv_transport="cuda_ipc"`` the rank puts its GPU tensors on the queue inst
 shares them as CUDA IPC handles and the server copies them to the decode GPU peer to peer
 (NVLink on one node), skipping the two host copies and the shared-memory pickle.
 
-A prefill rank that dies (or reports an error) fails the requests the group was
-prefilling, with an error naming the rank; the whole group is then killed (a DWDP or DEP
-group cannot serve without every rank, and survivors would block on the dead peer) and
-restarted in the background, at most ``max_pool_restarts`` times. Meanwhile, and for good
-once the restarts are used up, prompts are prefilled in the server process (the decode
-model is the whole model): the server keeps answering and ``/health`` reports
-``degraded`` with the reason from the moment the death is seen.
+A prefill rank that dies (or reports an error) loses no request: the results the group
+sent before the death are delivered, the whole group is killed (a DWDP or DEP group cannot
+serve without every rank, and survivors would block on the dead peer) and the requests it
+still held are prefilled again in the server process (the decode model is the whole model;
+nothing of them was streamed yet: the first token is sampled here, from the logits). The
+group is restarted in the background, at most ``max_pool_restarts`` times. Meanwhile, and
+for good once the restarts are used up, new prompts are prefilled in the server process
+too: the server keeps answering and ``/health`` reports ``degraded`` with the reason from
+the moment the death is seen. Each failure and restart is logged at WARNING.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import time
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..engine import PrefillEngine, Request
+from ..parallel.faults import fault_point
 from ..parallel.strategies import get_strategy
 from ..strategy.spec import DWDP, DWDPConfig, RankSpec
 from .rank_group import GroupRestarter, RankProcesses, leave_group, rank_process
@@ -38,6 +42,7 @@ from .worker import ServeRequest, ServingWorker
 
 
 KV_TRANSPORTS = ("host", "cuda_ipc")
+log = logging.getLogger(__name__)
 
 
 def pack_kv(kv: list) -> tuple[torch.Tensor, list]:
@@ -95,13 +100,14 @@ class _Inbox:
     """A prefill rank's request source: what the server routes to it, live. ``None`` on
     the queue means the server is closing: no more requests will come."""
 
-    def __init__(self, inq):
-        self.inq, self.stopping, self._held = inq, False, []
+    def __init__(self, inq, rank: int):
+        self.inq, self.rank, self.stopping, self._held = inq, rank, False, []
 
     def _take(self, item, now: float) -> None:
         if item is None:
             self.stopping = True
         else:
+            fault_point("prefill-request", self.rank)
             self._held.append(Request(item[0], item[1], now))
 
     def poll(self, now: float) -> list[Request]:
@@ -137,7 +143,7 @@ def _prefill_rank(rank: int, port: int, run_id: str, spec: PrefillPoolSpec, inq,
         prefill_rank = build_rank(spec.rank_spec(group), ctx)
         runtime = prefill_rank.runtime
         engine = PrefillEngine(prefill_rank.model, spec.max_num_tokens, keep_kv=True)
-        driver = StepDriver(engine, _Inbox(inq), lockstep_sync(ctx) if strategy.lockstep else None,
+        driver = StepDriver(engine, _Inbox(inq, rank), lockstep_sync(ctx) if strategy.lockstep else None,
                             idle_poll_s=0.002, hold=strategy.short_step_hold(runtime, spec.hold_ms))
         ipc = spec.kv_transport == "cuda_ipc"
         outq.put(("ready", rank, None))
@@ -201,7 +207,8 @@ class PrefillPool(RankProcesses):
                 if isinstance(kv, tuple) and kv[0] == "packed":
                     kv = unpack_kv(kv[1], kv[2])
                 out.append((rid, logits, kv, plen))
-        failed = failed or self.dead()  # a group with a dead rank cannot serve (its peers' pulls would fail)
+        dead = self.dead(wait_s=1.0 if failed else 0.0)  # a group with a dead rank cannot serve
+        failed = f"{dead}; {failed}" if dead and failed else failed or dead  # the dead rank first
         if failed and not out:
             raise RuntimeError(failed)
         if failed:
@@ -286,25 +293,40 @@ class DisaggServingWorker(ServingWorker):
                 self.degraded = None
                 self.metrics.set("dwdp_degraded", 0)
                 self.metrics.inc("dwdp_prefill_pool_restarts_total")
+                log.warning("prefill group restarted (attempt %d/%d): prefilling on its %d ranks again",
+                            self._restarter.attempts, self.max_pool_restarts, self.spec.world_size)
             else:
+                log.warning("prefill group restart %d/%d failed: %s", self._restarter.attempts,
+                            self.max_pool_restarts, err)
                 self._start_restart(f"restart failed: {err}")
 
     def _pool_failed(self, reason: str) -> None:
         pool, self.pool = self.pool, None
-        msg = f"prefill group failed: {reason}"
-        for rid in list(pool.where):
-            self._fail_request(rid, msg)
         pool.kill()  # reap the survivors now: no zombie ranks
         self.metrics.set("dwdp_degraded", 1)
+        # What the group still held runs again here (self.pool is None: _dispatch prefills locally).
+        again = [self._live[rid] for rid in list(pool.where) if rid in self._live]
+        log.warning("prefill group failed: %s; %d request(s) in flight on it are prefilled again in the server "
+                    "process", reason, len(again))
+        for req in again:
+            try:
+                self._dispatch(req)
+            except Exception as e:  # noqa: BLE001  (this request's fault)
+                self._fail_request(req.id, f"prefill group failed ({reason}) and the request could not be "
+                                           f"prefilled again: {type(e).__name__}: {e}")
         self._start_restart(reason)
 
     def _start_restart(self, reason: str) -> None:
         if self._restarter.start():
             self.degraded = (f"prefill group down ({reason}); prefilling in the server process while restarting "
                              f"it (attempt {self._restarter.attempts}/{self.max_pool_restarts})")
+            log.warning("restarting the prefill group (attempt %d/%d)", self._restarter.attempts,
+                        self.max_pool_restarts)
         elif not self._restarter.closing:
             self.degraded = (f"prefill group down ({reason}); gave up after {self._restarter.attempts} restart(s), "
                              "prefilling in the server process")
+            log.warning("prefill group: gave up after %d restart(s); prefilling in the server process from now on",
+                        self._restarter.attempts)
 
     def stop(self, drain_timeout_s: float = 30.0) -> None:
         self._restarter.closing = True

@@ -6,8 +6,9 @@ store the parent keeps open, one inbox queue per rank and one shared outbox, and
 until every rank has reported ``("ready", rank, value)`` (or fail with the reason a rank
 gave, or the exit code of the one that died). Rank side, :func:`rank_process` and
 :func:`leave_group`: the set-up, the error report the parent waits for, and the
-orderly exit. :class:`GroupRestarter`: a failed group rebuilt in the background, with
-back-off and a bounded number of attempts (both groups' supervisors use it).
+orderly exit. A group that is killed or closed leaves no shared-memory segment behind
+(see :mod:`dwdp.parallel.launch`). :class:`GroupRestarter`: a failed group rebuilt in the
+background, with back-off and a bounded number of attempts (both groups' supervisors use it).
 """
 
 from __future__ import annotations
@@ -108,7 +109,13 @@ class RankProcesses:
                 raise RuntimeError(f"{what} rank {rank} failed to start: {val}")
             self.ready[rank] = val
 
-    def dead(self) -> str | None:
+    def dead(self, wait_s: float = 0.0) -> str | None:
+        """Which ranks have exited; ``wait_s``: wait that long for one to (a peer's error
+        arrived: the rank that caused it is usually exiting, and it is the one to name)."""
+        if wait_s > 0 and all(p.is_alive() for p in self.procs):
+            from multiprocessing.connection import wait
+
+            wait([p.sentinel for p in self.procs], timeout=wait_s)
         gone = [f"{self.what} rank {r} exited (code {p.exitcode})" for r, p in enumerate(self.procs)
                 if not p.is_alive()]
         return "; ".join(gone) or None
@@ -120,6 +127,7 @@ class RankProcesses:
                 p.kill()
         for p in self.procs:
             p.join(timeout=10)
+        self._rendezvous.remove_segments()  # what a rank killed while allocating left
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Tell every rank to finish (``None`` in its inbox), kill what is still up at the deadline."""
@@ -131,6 +139,7 @@ class RankProcesses:
             if p.is_alive():
                 p.kill()
                 p.join()
+        self._rendezvous.remove_segments()
 
 
 @contextlib.contextmanager
@@ -143,6 +152,9 @@ def rank_process(rank: int, world_size: int, port: int, run_id: str, outq):
     try:
         yield
     except BaseException as e:
+        from ..parallel.transport import release_owned_segments
+
+        release_owned_segments()
         outq.put(("error", rank, f"{type(e).__name__}: {e}"))
         raise SystemExit(1)
 

@@ -124,6 +124,8 @@ class ServingWorker(threading.Thread):
         self.decode = decode if decode is not None else DecodeEngine(model, max_batch, max_context,
                                                                      overlap=decode_overlap)
         self.handoff = handoff or LocalKVHandoff(self.decode.device)
+        if hasattr(self.decode, "bind_server"):  # a decode group elsewhere resumes a dead rank's requests from here
+            self.decode.bind_server(model, max_num_tokens, lambda rid: getattr(self._live.get(rid), "prompt", None))
         self.max_queue = max_queue
         self.max_engine_faults = max_engine_faults
         self.metrics = metrics or Metrics()
