@@ -117,9 +117,7 @@ def cmd_run(args) -> int:
     console = _console()
     if args.group_size > 1 or (args.world_size or 1) > 1:
         return _cmd_run_dwdp(args, console)
-    from .presets import resolve_model
-
-    cfg, _ = resolve_model(args.model, args.num_layers)
+    cfg = _model_config(args.model, args.num_layers)
     prompts = _prompts(args, cfg.vocab_size)  # a bad prompt is refused before the model loads
     _check_context([len(p) for p in prompts], cfg.max_position_embeddings, "--prompt/--lengths")
     t0 = time.perf_counter()
@@ -153,9 +151,8 @@ def _cmd_run_dwdp(args, console) -> int:
     from rich.table import Table
 
     from .parallel.launch import PrefillRun, SpawnError, run_prefill_group
-    from .presets import resolve_model
 
-    cfg, _ = resolve_model(args.model, args.num_layers)
+    cfg = _model_config(args.model, args.num_layers)
     prompts = _prompts(args, cfg.vocab_size)
     _check_context([len(p) for p in prompts], cfg.max_position_embeddings, "--prompt/--lengths")
     if args.world_size is not None and args.world_size % args.group_size:
@@ -193,6 +190,18 @@ def _cmd_run_dwdp(args, console) -> int:
             json.dump([{k: v for k, v in r.items() if k != "results"} | {"results": [
                 {k: v for k, v in x.items() if k != "logits"} for x in r["results"]]} for r in ranks], f, indent=2)
     return 0
+
+
+def _model_config(model: str, num_layers: int | None):
+    """The model's config, and its checkpoint's files checked from their headers (whole, no
+    integer weights) before any process builds the model."""
+    from .checkpoint import check_files
+    from .presets import resolve_model
+
+    cfg, ckpt = resolve_model(model, num_layers)
+    if ckpt is not None:
+        check_files(ckpt)
+    return cfg
 
 
 def _check_context(lengths: list[int], max_len: int, flag: str) -> None:
@@ -300,7 +309,6 @@ def cmd_bench(args) -> int:
     from .bench.worker import BenchSpec
     from .ceilings import machine_info
     from .parallel.launch import SpawnError
-    from .presets import resolve_model
     from .workload import WorkloadSpec, generate
 
     console = _console()
@@ -321,7 +329,7 @@ def cmd_bench(args) -> int:
                         "give a multiple (W/N groups of N ranks)")
     if args.repeat < 1:
         raise UserError(f"--repeat {args.repeat}: give at least 1 (the number of runs of each setting)")
-    cfg, _ = resolve_model(args.model, args.num_layers)
+    cfg = _model_config(args.model, args.num_layers)
     cvs = float_list(args.cv, "--cv", "0,0.2")
     mnts = int_list(args.max_num_tokens, "--max-num-tokens", "256,1024", minimum=1)
     isls = int_list(args.isl, "--isl", "8192 or --isl 1024,2048", minimum=1)
@@ -694,15 +702,12 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-
-    from .presets import resolve_model
     from .serve.server import Server
     from .serve.worker import ServingWorker
 
     # Everything a user can get wrong is checked before the model loads or a rank starts.
     check_port_free(args.host, args.port)
-    resolve_model(args.model, args.num_layers)
+    _model_config(args.model, args.num_layers)
     on_gpu = args.device.startswith("cuda")
     decode_spec = prefill_spec = None
     if args.decode_ranks:
