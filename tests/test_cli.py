@@ -109,11 +109,36 @@ def test_bench_then_report(tmp_path, capsys):
     pngs = sorted(p.name for p in (tmp_path / "png").iterdir())
     assert pngs == ["breakdown.png", "throughput.png", "ttft.png"]
     assert all((tmp_path / "png" / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+    # What the plots draw: tok/s/GPU against the swept CV (not the input ratio), one series
+    # per strategy, the file's own numbers; titles name the device (CPU here).
+    from dwdp.bench.report import describe_setting, device_name, throughput_series, time_parts
+    from dwdp.bench.schema import load_runs
+
+    runs = load_runs([str(out)])
+    x, series = throughput_series(runs)
+    assert x[0] == "cv" and sorted(series) == [("dep", ()), ("dwdp", ())]
+    for (strat, _), by_x in series.items():
+        assert by_x == {r["spec"]["workload"]["cv"]: [r["results"][strat]["tps_per_gpu"]] for r in data["runs"]}
+    assert device_name(runs[0]) == "CPU" and "MNT 32" in describe_setting(runs[0])
+    # A rank's parts (compute, transfer on the critical path, waiting, idle) add up to the
+    # run's makespan: nothing counted twice (dwdp's pulls overlap its compute).
+    for run in data["runs"]:
+        for strat, res in run["results"].items():
+            for rk, parsed in zip(res["ranks"], runs[data["runs"].index(run)].results[strat].ranks):
+                assert sum(time_parts(parsed).values()) == pytest.approx(rk["busy_s"] + rk["idle_s"], rel=1e-6)
+                assert rk["busy_s"] + rk["idle_s"] == pytest.approx(res["makespan_s"], rel=1e-6)
     # The readers of the same file: report --markdown (one row per MNT, CV and strategy,
     # ratios to dep) and plan --validate (a prediction beside each measured strategy).
     capsys.readouterr()
     assert main(["report", "--markdown", str(out)]) == 0
     md = capsys.readouterr().out
+    assert "x CPU" in md
+    no_git = json.loads(out.read_text())
+    no_git["machine"]["commit"] = None  # run outside a git checkout
+    (tmp_path / "nogit.json").write_text(json.dumps(no_git))
+    assert main(["report", "--markdown", str(tmp_path / "nogit.json")]) == 0
+    assert main(["report", "--reps", str(tmp_path / "nogit.json")]) == 0
+    assert "commit" not in capsys.readouterr().out
     rows = [line for line in md.splitlines() if line.startswith("| 32 |")]
     assert len(rows) == 4 and {r.split(" | ")[2] for r in rows} == {"dep", "dwdp"}
     assert all(r.split(" | ")[4] == "1.00" for r in rows if r.split(" | ")[2] == "dep")

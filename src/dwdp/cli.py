@@ -701,6 +701,17 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _warn_without_transformers(model: str) -> None:
+    """A checkpoint with a tokenizer served without transformers answers token ids only."""
+    import importlib.util
+
+    if (Path(model).is_dir() and any((Path(model) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+            and importlib.util.find_spec("transformers") is None):
+        print(f"dwdp serve: warning: {model} ships a tokenizer, but transformers is not installed: prompts must be "
+              "token ids and chat requests are refused; pip install 'dwdp[serve]' for text and chat templates",
+              file=sys.stderr, flush=True)
+
+
 def cmd_serve(args) -> int:
     from .serve.server import Server
     from .serve.worker import ServingWorker
@@ -708,6 +719,7 @@ def cmd_serve(args) -> int:
     # Everything a user can get wrong is checked before the model loads or a rank starts.
     check_port_free(args.host, args.port)
     _model_config(args.model, args.num_layers)
+    _warn_without_transformers(args.model)
     on_gpu = args.device.startswith("cuda")
     decode_spec = prefill_spec = None
     if args.decode_ranks:
@@ -1086,6 +1098,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"dwdp {args.cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dwdp report --markdown x.json | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
