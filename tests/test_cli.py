@@ -120,13 +120,20 @@ def test_bench_then_report(tmp_path, capsys):
     for (strat, _), by_x in series.items():
         assert by_x == {r["spec"]["workload"]["cv"]: [r["results"][strat]["tps_per_gpu"]] for r in data["runs"]}
     assert device_name(runs[0]) == "CPU" and "MNT 32" in describe_setting(runs[0])
-    # A rank's parts (compute, transfer on the critical path, waiting, idle) add up to the
-    # run's makespan: nothing counted twice (dwdp's pulls overlap its compute).
-    for run in data["runs"]:
+    # A rank's parts in breakdown.png: dep's transfer and waiting are its time in collectives,
+    # dwdp's waiting is its exposed prefetch wait (its pulls overlap the compute, no part of
+    # its time); the parts add up to the run's makespan.
+    for i, run in enumerate(data["runs"]):
         for strat, res in run["results"].items():
-            for rk, parsed in zip(res["ranks"], runs[data["runs"].index(run)].results[strat].ranks):
-                assert sum(time_parts(parsed).values()) == pytest.approx(rk["busy_s"] + rk["idle_s"], rel=1e-6)
-                assert rk["busy_s"] + rk["idle_s"] == pytest.approx(res["makespan_s"], rel=1e-6)
+            for rk, parsed in zip(res["ranks"], runs[i].results[strat].ranks):
+                parts = time_parts(parsed)
+                assert sum(parts.values()) == pytest.approx(res["makespan_s"], rel=1e-6)
+                assert min(parts.values()) >= 0
+                if strat == "dep":
+                    assert parts["transfer"] + parts["wait"] == pytest.approx(rk["collective_s"], rel=1e-6)
+                    assert parts["transfer"] > 0
+                else:
+                    assert parts["transfer"] == 0 and parts["wait"] == rk["exposed_wait_s"]
     # The readers of the same file: report --markdown (one row per MNT, CV and strategy,
     # ratios to dep) and plan --validate (a prediction beside each measured strategy).
     capsys.readouterr()

@@ -200,15 +200,18 @@ def _throughput_plot(runs: list[BenchRun], out: Path, colors) -> str:
 
 
 def time_parts(rank) -> dict[str, float]:
-    """A rank's makespan split into compute, transfer on the critical path, waiting and idle.
-    dep's all-to-all time is inside its steps; dwdp's pulls run beside the compute (only their
-    exposed wait counts), so they are not a part of its time."""
-    wait = rank.peer_wait_s if rank.peer_wait_s is not None else rank.wait_s
-    transfer = rank.transfer_s or 0.0
-    compute = rank.compute_s if rank.compute_s is not None else rank.busy_s - wait
-    if abs(rank.busy_s - (compute + transfer + wait)) > abs(rank.busy_s - (compute + wait)):
-        transfer = 0.0  # overlapped with compute (dwdp pulls)
-    return {"compute": compute, "transfer": transfer, "wait": wait, "idle": rank.idle_s}
+    """A rank's makespan split into compute (the rest of its steps: kernels and host work),
+    transfer on the critical path, waiting and idle. dep's time in collectives is its
+    all-to-all transfer plus waiting for the slowest peer; dwdp's pulls run beside the compute
+    (only their exposed wait stalls it), so they are no part of its time."""
+    if rank.collective_s is not None:
+        transfer = rank.transfer_s or 0.0
+        wait = rank.peer_wait_s if rank.peer_wait_s is not None else rank.collective_s - transfer
+    else:
+        transfer = 0.0
+        wait = rank.exposed_wait_s if rank.exposed_wait_s is not None else (rank.peer_wait_s or 0.0)
+    return {"compute": max(0.0, rank.busy_s - transfer - wait), "transfer": transfer, "wait": wait,
+            "idle": rank.idle_s}
 
 
 PART_LABELS = {"compute": "compute", "transfer": "transfer in the step (all-to-all)",
