@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default: cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:i] (default: cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="weight/activation dtype (default: float32 on cpu, bfloat16 on cuda)")
     p.add_argument("--prompt", action="append", default=[],
@@ -115,6 +116,7 @@ def cmd_run(args) -> int:
     from .engine import PrefillEngine, Request
 
     console = _console()
+    _check_device(args.device)
     if args.group_size > 1 or (args.world_size or 1) > 1:
         return _cmd_run_dwdp(args, console)
     cfg = _model_config(args.model, args.num_layers)
@@ -202,6 +204,25 @@ def _model_config(model: str, num_layers: int | None):
     if ckpt is not None:
         check_files(ckpt)
     return cfg
+
+
+def _device(text: str) -> str:
+    """argparse type for --device: cpu, cuda or cuda:i (checked against this machine later)."""
+    if text == "cpu" or re.fullmatch(r"cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: give cpu, cuda or cuda:N")
+
+
+def _check_device(device: str, needed: int = 1) -> None:
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device} but no CUDA device is visible here; use --device cpu")
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    if index + needed > count:
+        raise UserError(f"--device {device} needs GPU {index + needed - 1}, but {count} are visible; "
+                        f"give --device cuda:0..{count - 1}")
 
 
 def _check_context(lengths: list[int], max_len: int, flag: str) -> None:
@@ -695,6 +716,9 @@ def _positive_ms(text: str) -> float:
 def cmd_calibrate(args) -> int:
     from .planner.calibrate import calibrate
 
+    if not torch.cuda.is_available():
+        raise UserError("dwdp calibrate measures a GPU machine; no CUDA device is visible here: run it on the GPU "
+                        "machine, or give dwdp plan a built-in --hardware profile (h100-sxm, h200, b200, gb200-nvl72)")
     prof = calibrate(args.model or [], args.num_layers)
     prof.to_json(args.out)
     print(f"wrote {args.out}")
@@ -718,6 +742,7 @@ def cmd_serve(args) -> int:
 
     # Everything a user can get wrong is checked before the model loads or a rank starts.
     check_port_free(args.host, args.port)
+    _check_device(args.device)
     _model_config(args.model, args.num_layers)
     _warn_without_transformers(args.model)
     on_gpu = args.device.startswith("cuda")
@@ -851,7 +876,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="dwdp", description="DWDP: an MoE inference engine built around Distributed Weight Data "
+    p = _Parser(prog=__package__, description="DWDP: an MoE inference engine built around Distributed Weight Data "
                 "Parallelism (each GPU a data-parallel worker; routed experts split across a group and pulled "
                 "from peers a layer ahead).")
     p.add_argument("--version", action="version", version=f"dwdp {__version__}")
@@ -865,14 +890,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
     info.add_argument("--expert-dtype", default="same", choices=["same", "fp8", "fp4"],
                       help="routed expert storage format (default: same as --dtype)")
-    info.add_argument("--group-size", "-N", type=nonnegative_int, default=0, help="DWDP group size N: show per-rank memory")
+    info.add_argument("--group-size", "-N", type=nonnegative_int, default=0,
+                      help="DWDP group size N: show per-rank memory (0: do not)")
     info.add_argument("--local-experts", "-L", type=positive_int, default=None, help="DWDP local experts per rank L")
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser("bench", help="compare dp / dep / dwdp on one seeded workload, each in its own local "
                                          "processes (default: tiny model, 2 CPU processes)")
     _add_model_args(bench)
-    bench.add_argument("--device", default="cpu", help="cpu (processes) or cuda (one GPU per rank)")
+    bench.add_argument("--device", type=_device, default="cpu", help="cpu (processes) or cuda (one GPU per rank)")
     bench.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                        help="default: float32 on cpu, bfloat16 on cuda")
     bench.add_argument("--world-size", "-W", type=positive_int, default=2, help="ranks (GPUs or CPU processes), default 2")
@@ -996,7 +1022,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="OpenAI-compatible completions and chat server (default: tiny model, "
                                        "CPU, 127.0.0.1:8000)")
     _add_model_args(srv)
-    srv.add_argument("--device", default="cpu", help="where decode (and local prefill) runs: cpu or cuda[:i]")
+    srv.add_argument("--device", type=_device, default="cpu",
+                     help="where decode (and local prefill) runs: cpu or cuda[:i]")
     srv.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                      help="weight/activation dtype (default: float32 on cpu, bfloat16 on cuda)")
     srv.add_argument("--seed", type=int, default=0, help="seed for random weights (presets)")
