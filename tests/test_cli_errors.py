@@ -174,6 +174,10 @@ def test_malformed_numbers_are_errors_not_coerced(nothing_expensive, capsys):
     _one_line(capsys, "bench", "--max-num-tokens", "at least 1")
     assert main(["bench", "--strategies", "dep,tp"]) == 2
     _one_line(capsys, "bench", "'tp'", "choose from dp, dep, dwdp")
+    _usage_error(capsys, ["run", "--device", "gpu"], "--device", "give cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        assert main(["serve", "--port", "0", "--device", "cuda:1"]) == 2
+        _one_line(capsys, "serve", "no CUDA device is visible", "--device cpu")
 
 
 def test_a_real_process_prints_one_line_and_no_traceback():
@@ -211,3 +215,6 @@ def test_help_shows_defaults_and_version(capsys):
             assert "(default: 8000)" in text and "(default: 2)" in text
         if name == "loadtest":
             assert "(default: http://127.0.0.1:8000)" in text and "(default: 32)" in text
+            assert "--cv CV normal/lognormal: coefficient of variation of the lengths (default: 0.0)" in text
+        if name == "plan":
+            assert "-N GROUP_SIZE DWDP / EP group size (default 4)" in text and "(default: 16384)" in text

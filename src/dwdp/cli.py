@@ -859,7 +859,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+        if ("default" in text or not action.option_strings or action.default is None or action.default == []
+                or isinstance(action.default, bool) or action.default is argparse.SUPPRESS):  # 0 is shown
             return text
         return super()._get_help_string(action)
 
