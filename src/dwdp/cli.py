@@ -472,6 +472,9 @@ def _plan_input(args):
         wl.validate(limit)
     except ValueError as e:
         raise UserError(f"the workload: {e}") from None
+    from .parallel.placement import Placement
+
+    Placement.create(cfg.num_experts, args.group_size, args.local_experts)  # impossible N, L: said before any output
     return PlanInput(cfg, hw, args.expert_dtype, args.group_size, args.local_experts, wl, args.max_num_tokens,
                      args.skew, args.sliced, args.balance_tail, args.dense_dtype)
 
@@ -542,10 +545,7 @@ def cmd_plan(args) -> int:
         return 0
     p = _plan_input(args)
     hw = p.hw
-    console.print(f"[bold]{p.cfg.name}[/bold] ({p.cfg.num_layers} layers, E={p.cfg.num_experts}, top-{p.cfg.top_k}), "
-                  f"experts {p.expert_dtype}; hardware {hw.name} ({hw.source}); "
-                  f"{p.workload.describe().replace(str(p.workload.num_requests) + ' requests', str(p.workload.num_requests) + ' requests per rank')}, "
-                  f"MNT {p.mnt}, skew {p.skew:g}", highlight=False)
+    # Every list parsed before anything is printed.
     if args.sweep:
         what, _, vals = args.sweep.partition("=")
         if what not in ("isl", "mnt", "cv", "skew"):
@@ -553,7 +553,14 @@ def cmd_plan(args) -> int:
                             "--sweep cv=0,0.2,0.4")
         values = float_list(vals, "--sweep " + what + "=", "0,0.2") if vals else {
             "isl": [1024, 2048, 4096, 8192, 16384, 32768], "mnt": [4096, 8192, 16384, 32768, 65536],
-            "cv": [0, 0.1, 0.2, 0.3, 0.5], "skew": [0, 0.5, 1.0, 1.5]}.get(what, [])
+            "cv": [0, 0.1, 0.2, 0.3, 0.5], "skew": [0, 0.5, 1.0, 1.5]}[what]
+    targets = float_list(args.frontier, "--frontier", "20,50,100") if args.frontier else None
+    colocated = int_list(args.colocated, "--colocated", "1,8,32", minimum=1) if args.colocated else None
+    console.print(f"[bold]{p.cfg.name}[/bold] ({p.cfg.num_layers} layers, E={p.cfg.num_experts}, top-{p.cfg.top_k}), "
+                  f"experts {p.expert_dtype}; hardware {hw.name} ({hw.source}); "
+                  f"{p.workload.describe().replace(str(p.workload.num_requests) + ' requests', str(p.workload.num_requests) + ' requests per rank')}, "
+                  f"MNT {p.mnt}, skew {p.skew:g}", highlight=False)
+    if args.sweep:
         rows = sweep(p, what, values)
         t = Table(title=f"sweep over {what}")
         for c in (what, "dep tok/s/GPU", "dwdp tok/s/GPU", "dwdp / dep", "dep sync share"):
@@ -618,7 +625,6 @@ def cmd_plan(args) -> int:
         from .planner.serving import frontier
 
         cm = p.cost_model()
-        targets = float_list(args.frontier, "--frontier", "20,50,100")
         t = Table(title=f"disaggregated serving, ISL {p.workload.isl} / OSL {args.osl}, generation: {args.gen_gpus} "
                         f"GPU(s) per decode group (attention DP + EP), context: dwdp vs dep")
         for c in ("tok/s/user", "batch per gen GPU", "decode step ms", "gen tok/s/GPU", f"ctx GPUs per gen GPU {DWDP}",
@@ -633,8 +639,8 @@ def cmd_plan(args) -> int:
         console.print(t)
         if len(fr[DWDP]) < len(targets):
             console.print(f"{len(targets) - len(fr[DWDP])} target(s) out of reach even at batch 1")
-    if args.colocated:
-        _print_colocated(console, p, args)
+    if colocated:
+        _print_colocated(console, p, args, colocated)
     if args.rate:
         from .planner.plan import predict_ttft
 
@@ -658,7 +664,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _print_colocated(console, p, args) -> None:
+def _print_colocated(console, p, args, concurrencies: list[int]) -> None:
     """`dwdp plan --colocated C1,C2,..`: a one-GPU server (prefill in the decode loop) under a
     closed-loop loadtest at each concurrency, with the server's overhead fitted from a
     `benchmarks/serve_anatomy.py` file when given, its measured points beside."""
@@ -687,7 +693,7 @@ def _print_colocated(console, p, args) -> None:
                     f"step, {overhead[2] * 1e3:.1f} ms per prefill step")
     for c in ("concurrency", "tok/s/GPU", "tok/s/user", "TTFT p50 ms", "TTFT p90 ms"):
         t.add_column(c, justify="right")
-    for c in int_list(args.colocated, "--colocated", "1,8,32", minimum=1):
+    for c in concurrencies:
         r = simulate_colocated(cm, isl, osl, args.colocated_requests, c, args.max_batch, p.mnt, overhead)
         m = measured.get(c)
         def pair(pred, meas, f):
