@@ -488,6 +488,7 @@ def cmd_plan(args) -> int:
     console = _console()
     if args.validate:
         from .bench.schema import load_runs
+
         hw = _profile(args.hardware)
         rows = validate(load_runs(args.validate), hw)
         t = Table(title=f"predicted vs measured ({args.hardware})")
