@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dwdp"
 # every module must be placed.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("dwdp", "dwdp.config", "dwdp.quant", "dwdp.batch", "dwdp.flops", "dwdp.sampling",
-              "dwdp.ceilings", "dwdp.timing", "dwdp.kernels")),
+              "dwdp.ceilings", "dwdp.timing", "dwdp.errors", "dwdp.kernels")),
     # What the runtime, the memory count and the planner share about strategies: names,
     # configs, DWDP's placement, DEP's wire arithmetic.
     ("strategy arithmetic", ("dwdp.strategy.spec", "dwdp.strategy.placement", "dwdp.strategy.wire")),

@@ -87,7 +87,7 @@ def test_the_cli_builds_configs_from_its_flags():
 def test_subcommands_refuse_what_they_cannot_do(capsys):
     assert main(["run", "--expert-dtype", "fp4"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --expert-dtype fp4") and "\n" not in err
+    assert err.startswith("dwdp run: error: --expert-dtype fp4") and "\n" not in err
     with pytest.raises(SystemExit):
         main(["run", "--dep-wire", "fp16"])  # argparse: not a choice
     assert "--dep-wire" in capsys.readouterr().err

@@ -28,14 +28,15 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .errors import UserError
 from .models.build import compute_dtype
 from .models.moe import RoutedExperts
 from .models.transformer import MoECausalLM
 from .quant import BLOCK, FP8, quantize_fp8_blockwise, scale_shape
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not match the model, with the tensors named."""
+class CheckpointError(UserError):
+    """A checkpoint that does not match the model, or a damaged file, with the tensors or file named."""
 
 
 _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -63,15 +64,49 @@ def checkpoint_index(ckpt_dir: str | Path) -> dict[str, Path]:
     return out
 
 
+_INT_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}
+
+
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (safetensors dtype, shape), from the file's JSON header (no tensor data read)."""
+    """name -> (safetensors dtype, shape), from the file's JSON header (no tensor data read).
+    A file shorter than its header says (an interrupted download) is refused here, by name,
+    before the loader would fail deep inside with "incomplete metadata"."""
+    damaged = (f"{path} is truncated or not a safetensors file", "download or copy it again")
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise CheckpointError(f"{damaged[0]} (its header claims {n:,} bytes, the file holds {size:,}); "
+                                      f"{damaged[1]}")
             head = json.loads(f.read(n))
-    except (OSError, struct.error, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
-    return {k: (v["dtype"], tuple(v["shape"])) for k, v in head.items() if k != "__metadata__"}
+        tensors = {k: v for k, v in head.items() if k != "__metadata__"}
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        out = {k: (v["dtype"], tuple(v["shape"])) for k, v in tensors.items()}
+    except CheckpointError:
+        raise
+    except (OSError, struct.error, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{damaged[0]} ({type(e).__name__}: {e}); {damaged[1]}") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{damaged[0]}: its tensors need {8 + n + end:,} bytes, the file holds {size:,}; "
+                              f"{damaged[1]}")
+    return out
+
+
+def check_files(ckpt_dir: str | Path) -> None:
+    """Cheap checks of a checkpoint's files from their headers, before a model is built: every
+    file whole, no weight stored as integers (which would load silently, as garbage)."""
+    index = checkpoint_index(ckpt_dir)
+    for path in sorted(set(index.values())):
+        for name, (dtype, _) in _header(path).items():
+            if dtype in _INT_DTYPES and (name.endswith(".weight") or name.endswith("_bias")):
+                raise _integer_weight(name, dtype, path)
+
+
+def _integer_weight(name: str, dtype: str, path) -> CheckpointError:
+    return CheckpointError(
+        f"tensor {name} is stored as integers ({dtype}) in {path}; the model needs floating-point weights "
+        "(bf16/fp16/fp32, or FP8 with block scales): use the checkpoint's unquantized or FP8 release")
 
 
 def _expected_tensors(model: MoECausalLM) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
@@ -147,6 +182,8 @@ def _validate(model, ckpt_dir, index, meta, shapes: dict[str, tuple[int, ...]]) 
     no_scale = []
     for name, shape in shapes.items():
         dtype, got = meta[name]
+        if dtype in _INT_DTYPES:
+            raise _integer_weight(name, dtype, index[name])
         if got != shape:
             raise CheckpointError(f"tensor {name} has shape {got} in the checkpoint, the model expects {shape}")
         if dtype != _FP8_NAME:

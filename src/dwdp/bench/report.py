@@ -1,13 +1,20 @@
 """``dwdp report``: PNG plots from ``dwdp bench`` JSON files.
 
-* throughput.png: tokens/s per GPU against the workload's length spread (CV, or the
-  input ratio for uniform lengths), one line per strategy and MNT;
-* breakdown.png: per-rank time of each strategy, split into compute, time at
-  collectives (dep) or exposed prefetch wait (dwdp), and idle until the last rank ends;
-* ttft.png: TTFT percentiles per strategy;
+* throughput.png: tokens/s per GPU against the variable the bench swept (ISL, MNT, CV,
+  input ratio or router skew), one line per strategy (and per value of any other swept
+  variable); a bench of one setting gives one bar per strategy. Repetitions of a setting
+  (several files) show the median, with min and max as error bars;
+* breakdown.png: per-rank time of each strategy at one named setting, split into compute,
+  transfer on the step's critical path (dep's all-to-all), waiting (for the slowest peer,
+  or dwdp's exposed prefetch) and idle until the last rank ends;
+* ttft.png: TTFT percentiles per strategy at that setting;
 * isl_sweep.png (runs at several ISLs): tokens/s per GPU against the ISL per strategy and
   MNT, with ``dwdp plan``'s prediction for each run drawn dashed beside it when a hardware
   profile is given.
+
+Every title names the device (the GPU model, or CPU). Colours mean one thing each: a
+strategy's colour (dp grey, dep red, dwdp blue) in throughput and TTFT plots, and
+:data:`PART_COLORS` for the parts of a rank's time.
 """
 
 from __future__ import annotations
@@ -19,6 +26,18 @@ from ..strategy.registry import STRATEGIES
 from ..strategy.spec import BASELINE
 from .schema import BenchRun, load_runs
 
+# Parts of a rank's time; none shares a colour with a strategy.
+PART_COLORS = {"compute": "tab:green", "transfer": "tab:purple", "wait": "tab:orange", "idle": "lightgray"}
+
+# What a bench can sweep: (key, axis label, value of a run).
+SWEEPABLE = (
+    ("isl", "input sequence length (mean)", lambda r: r.workload["isl"]),
+    ("mnt", "max tokens per step (MNT)", lambda r: r.mnt),
+    ("cv", "ISL coefficient of variation", lambda r: r.workload["cv"]),
+    ("ratio", "input ratio (uniform lengths over [ratio x ISL, ISL])", lambda r: r.workload["ratio"]),
+    ("skew", "router skew (Zipf exponent)", lambda r: r.spec.get("skew", 0.0)),
+)
+
 
 def _spread(run: BenchRun) -> tuple[str, float]:
     w = run.workload
@@ -27,9 +46,51 @@ def _spread(run: BenchRun) -> tuple[str, float]:
     return "ISL coefficient of variation", w["cv"]
 
 
+def device_name(run: BenchRun) -> str:
+    """The GPU model for a GPU run, "CPU" for a CPU one (a CPU run on a GPU machine too)."""
+    gpus = run.machine.get("gpus") or []
+    if run.spec.get("device", "cuda" if gpus else "cpu") == "cpu" or not gpus:
+        return "CPU"
+    return gpus[0]
+
+
+def describe_setting(run: BenchRun) -> str:
+    """The workload and step budget of one run, in words."""
+    w, sp = run.workload, run.spec
+    shape = {"fixed": f"ISL {w['isl']}", "uniform": f"ISL U[{w['ratio']:g}x, 1x] of {w['isl']}",
+             "normal": f"ISL normal {w['isl']} CV {w['cv']:g}", "lognormal": f"ISL lognormal {w['isl']} CV {w['cv']:g}",
+             "trace": "trace"}.get(w["dist"], f"{w['dist']} ISL {w['isl']}")
+    skew = f", skew {sp['skew']:g}" if sp.get("skew") else ""
+    return f"{w['num_requests']} requests, {shape}, MNT {run.mnt}{skew}"
+
+
+def tps_label(run: BenchRun) -> str:
+    return "input tokens / s / GPU" if device_name(run) != "CPU" else "input tokens / s / rank (CPU process)"
+
+
 def _title(runs: list[BenchRun]) -> str:
     spec = runs[0].spec
-    return f"{spec['model']} ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} ranks"
+    return (f"{spec['model']} ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} ranks on "
+            f"{device_name(runs[0])}")
+
+
+def swept(runs: list[BenchRun]) -> list[tuple[str, str, callable]]:
+    """The sweepable variables whose value differs between runs, in :data:`SWEEPABLE` order."""
+    return [v for v in SWEEPABLE if len({v[2](r) for r in runs}) > 1]
+
+
+def throughput_series(runs: list[BenchRun]):
+    """(x variable or None, {(strategy, other swept values): {x: [tok/s/GPU of each repetition]}})."""
+    var = swept(runs)
+    x, others = (var[0], var[1:]) if var else (None, [])
+    series: dict[tuple, dict] = {}
+    for r in runs:
+        for strat, res in r.results.items():
+            if res.skipped or res.diagnostic:
+                continue
+            key = (strat, tuple((k, f(r)) for k, _, f in others))
+            series.setdefault(key, {}).setdefault(x[2](r) if x else None, []).append(res.tps_per_gpu)
+    return x, series
 
 
 def isl_sweep_series(runs: list[BenchRun], hw=None) -> dict[tuple[str, int, float], dict[str, list]]:
@@ -78,7 +139,7 @@ def _isl_sweep_plot(runs: list[BenchRun], out: Path, hw, colors) -> str:
     isls = sorted({i for d in series.values() for i in d["isl"]})
     ax.set_xticks(isls, [f"{i // 1024}K" if i >= 1024 and i % 1024 == 0 else str(i) for i in isls])
     ax.set_xlabel("input sequence length (mean)")
-    ax.set_ylabel("input tokens / s / GPU")
+    ax.set_ylabel(tps_label(runs[0]))
     ax.set_ylim(bottom=0)
     ax.set_title(_title(runs) + (f"; dashed: dwdp plan ({hw.name})" if hw is not None else ""))
     ax.grid(alpha=0.3)
@@ -88,6 +149,74 @@ def _isl_sweep_plot(runs: list[BenchRun], out: Path, hw, colors) -> str:
     fig.savefig(p, dpi=120)
     plt.close(fig)
     return str(p)
+
+
+def _spread_bars(values: list[float]):
+    med = statistics.median(values)
+    return med, (med - min(values), max(values) - med)
+
+
+def _throughput_plot(runs: list[BenchRun], out: Path, colors) -> str:
+    import matplotlib.pyplot as plt
+
+    x, series = throughput_series(runs)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    reps = max(len(v) for d in series.values() for v in d.values())
+    if x is None:  # one setting: a bar per strategy
+        names = [k[0] for k in series]  # the file's order: as the bench ran them
+        meds = [_spread_bars(series[k][None]) for k in series]
+        bars = ax.bar(names, [m for m, _ in meds], color=[colors.get(n, "tab:gray") for n in names],
+                      yerr=[[e[0] for _, e in meds], [e[1] for _, e in meds]] if reps > 1 else None, capsize=4)
+        ax.bar_label(bars, labels=[f"{m:,.0f}" for m, _ in meds], padding=3, fontsize=8)
+        ax.set_xlabel(f"strategy ({describe_setting(runs[0])})")
+    else:
+        styles = ["-", "--", ":", "-."]
+        markers = ["o", "s", "^", "D"]
+        other_keys = sorted({k[1] for k in series})
+        order = list(STRATEGIES)
+        for (strat, other), d in sorted(series.items(), key=lambda kv: (order.index(kv[0][0]) if kv[0][0] in order
+                                                                        else len(order), kv[0])):
+            xs = sorted(d)
+            meds = [_spread_bars(d[v]) for v in xs]
+            i = other_keys.index(other)
+            label = strat + "".join(f", {k.upper() if k in ('isl', 'mnt', 'cv') else k} {v:g}" for k, v in other)
+            ax.errorbar(xs, [m for m, _ in meds], yerr=[[e[0] for _, e in meds], [e[1] for _, e in meds]]
+                        if reps > 1 else None, marker=markers[i % len(markers)], linestyle=styles[i % len(styles)],
+                        color=colors.get(strat), label=label, capsize=3)
+        if x[0] in ("isl", "mnt"):
+            ax.set_xscale("log", base=2)
+            xs = sorted({v for d in series.values() for v in d})
+            ax.set_xticks(xs, [f"{int(v)}" for v in xs])
+        ax.set_xlabel(x[1])
+        ax.legend(fontsize=8)
+    ax.set_ylabel(tps_label(runs[0]) + (" (median; bars: min-max)" if reps > 1 else ""))
+    ax.set_ylim(bottom=0, top=ax.get_ylim()[1] * 1.08)
+    ax.set_title(_title(runs), fontsize=10)
+    ax.grid(alpha=0.3, axis="y" if x is None else "both")
+    fig.tight_layout()
+    p = out / "throughput.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    return str(p)
+
+
+def time_parts(rank) -> dict[str, float]:
+    """A rank's makespan split into compute (the rest of its steps: kernels and host work),
+    transfer on the critical path, waiting and idle. dep's time in collectives is its
+    all-to-all transfer plus waiting for the slowest peer; dwdp's pulls run beside the compute
+    (only their exposed wait stalls it), so they are no part of its time."""
+    if rank.collective_s is not None:
+        transfer = rank.transfer_s or 0.0
+        wait = rank.peer_wait_s if rank.peer_wait_s is not None else rank.collective_s - transfer
+    else:
+        transfer = 0.0
+        wait = rank.exposed_wait_s if rank.exposed_wait_s is not None else (rank.peer_wait_s or 0.0)
+    return {"compute": max(0.0, rank.busy_s - transfer - wait), "transfer": transfer, "wait": wait,
+            "idle": rank.idle_s}
+
+
+PART_LABELS = {"compute": "compute", "transfer": "transfer in the step (all-to-all)",
+               "wait": "waiting (slowest peer, exposed prefetch)", "idle": "idle until the last rank ends"}
 
 
 def render(paths: list[str], out_dir: str, hw=None) -> list[str]:
@@ -105,64 +234,41 @@ def render(paths: list[str], out_dir: str, hw=None) -> list[str]:
     colors = {name: s.color for name, s in STRATEGIES.items()}
     if len({r.workload["isl"] for r in runs}) > 1:
         written.append(_isl_sweep_plot(runs, out, hw, colors))
+    written.append(_throughput_plot(runs, out, colors))
 
-    # Throughput vs spread.
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lines: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    xlabel = None
-    for r in runs:
-        xlabel, x = _spread(r)
-        for strat, s in r.results.items():
-            if not s.skipped:
-                lines.setdefault((strat, r.mnt), []).append((x, s.tps_per_gpu))
-    styles = ["-", "--", ":", "-."]
-    mnts = sorted({m for _, m in lines})
-    for (strat, mnt), pts in sorted(lines.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=colors.get(strat),
-                linestyle=styles[mnts.index(mnt) % len(styles)], label=f"{strat} MNT {mnt}")
-    ax.set_xlabel(xlabel or "spread")
-    ax.set_ylabel("input tokens / s / GPU")
-    ax.set_ylim(bottom=0)
-    ax.set_title(_title(runs))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out / "throughput.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    written.append(str(p))
-
-    # Per-rank breakdown of the run with the largest spread (most imbalance).
-    run = max(runs, key=lambda r: _spread(r)[1])
+    # Per-rank breakdown at one setting, named in the title: the largest value of the swept
+    # variable (the most spread when CV or skew is swept).
+    var = swept(runs)
+    run = max(runs, key=lambda r: tuple(f(r) for _, _, f in var)) if var else runs[0]
     strategies = [k for k, v in run.results.items() if not v.skipped]
+    setting = describe_setting(run)
     if strategies:
-        fig, axes = plt.subplots(1, len(strategies), figsize=(4 * len(strategies), 4), sharey=True, squeeze=False)
+        fig, axes = plt.subplots(1, len(strategies), figsize=(3.6 * len(strategies) + 1.5, 4.2), sharey=True,
+                                 squeeze=False)
+        drawn = {}
         for ax, strat in zip(axes[0], strategies):
             ranks = run.results[strat].ranks
             xs = [str(rr.rank) for rr in ranks]
-            wait = [rr.wait_s for rr in ranks]
-            compute = [rr.busy_s - w for rr, w in zip(ranks, wait)]
-            idle = [rr.idle_s for rr in ranks]
-            ax.bar(xs, compute, label="compute", color="tab:green")
-            if any(rr.collective_s is not None for rr in ranks):
-                ax.bar(xs, wait, bottom=compute, color="tab:orange", label="at collectives")
-            elif any(rr.exposed_wait_s is not None for rr in ranks):
-                ax.bar(xs, wait, bottom=compute, color="tab:orange", label="exposed prefetch wait")
-            ax.bar(xs, idle, bottom=[c + w for c, w in zip(compute, wait)], color="lightgray", label="idle")
-            ax.set_title(strat)
+            parts = [time_parts(rr) for rr in ranks]
+            bottom = [0.0] * len(ranks)
+            for part, color in PART_COLORS.items():
+                vals = [p[part] * 1e3 for p in parts]
+                if any(v > 0 for v in vals):
+                    drawn[part] = ax.bar(xs, vals, bottom=bottom, color=color, label=PART_LABELS[part])
+                    bottom = [b + v for b, v in zip(bottom, vals)]
+            ax.set_title(strat, color=colors.get(strat, "black"))
             ax.set_xlabel("rank")
-            ax.legend(fontsize=7)
-        axes[0][0].set_ylabel("seconds")
-        label, x = _spread(run)
-        fig.suptitle(f"per-rank time, {label} = {x:g}, MNT {run.mnt}")
-        fig.tight_layout()
+        axes[0][0].set_ylabel("ms")
+        fig.legend([drawn[k] for k in PART_COLORS if k in drawn], [PART_LABELS[k] for k in PART_COLORS if k in drawn],
+                   loc="lower center", ncol=len(drawn), fontsize=8, frameon=False)
+        fig.suptitle(f"per-rank time: {_title([run])}\n{setting}", fontsize=10)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         p = out / "breakdown.png"
         fig.savefig(p, dpi=120)
         plt.close(fig)
         written.append(str(p))
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
         qs = ("p50", "p90", "p99")
         width = 0.8 / len(strategies)
         for i, strat in enumerate(strategies):
@@ -171,7 +277,7 @@ def render(paths: list[str], out_dir: str, hw=None) -> list[str]:
                    color=colors.get(strat))
         ax.set_xticks([j + width * (len(strategies) - 1) / 2 for j in range(len(qs))], qs)
         ax.set_ylabel("TTFT ms")
-        ax.set_title(f"TTFT, {label} = {x:g}")
+        ax.set_title(f"TTFT: {_title([run])}\n{setting}", fontsize=10)
         ax.legend()
         fig.tight_layout()
         p = out / "ttft.png"
@@ -187,9 +293,9 @@ def markdown(paths: list[str]) -> str:
     for p in paths:
         runs = load_runs([p])
         m, spec = runs[0].machine, runs[0].spec
-        gpus = m.get("gpus") or ["cpu"]
-        lines += [f"**{spec['model']}** ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} x {gpus[0]}, "
-                  f"torch {m.get('torch')}, commit {m.get('commit')} — `{Path(p).name}`", "",
+        commit = f", commit {m['commit']}" if m.get("commit") else ""
+        lines += [f"**{spec['model']}** ({spec.get('num_layers') or 'all'} layers), {spec['world_size']} x "
+                  f"{device_name(runs[0])}, torch {m.get('torch')}{commit} — `{Path(p).name}`", "",
                   "| MNT | spread | strategy | tok/s/GPU | vs dep | tok/s/busy GPU | TTFT p50 / p99 ms "
                   "| at collectives | exposed wait | pull GB/s | a2a GB/s (ceiling) | peak GiB |",
                   "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -247,9 +353,10 @@ def repetitions_markdown(paths: list[str]) -> str:
         for s in r.results.values():
             ceilings.setdefault(id(r.machine), []).extend(rk.a2a_ceiling_gbps for rk in s.ranks if rk.a2a_ceiling_gbps)
     m = next(iter(groups.values()))[0].machine
-    commits = ", ".join(dict.fromkeys(str(r.machine.get("commit")) for r in runs_all))
-    lines = [f"{len(paths)} files, {(m.get('gpus') or ['cpu'])[0]} x{next(iter(groups))[2]}, torch {m.get('torch')}, "
-             f"commit {commits}", "",
+    commits = ", ".join(dict.fromkeys(str(r.machine["commit"]) for r in runs_all if r.machine.get("commit")))
+    first = next(iter(groups.values()))[0]
+    lines = [f"{len(paths)} files, {device_name(first)} x{next(iter(groups))[2]}, torch {m.get('torch')}"
+             + (f", commit {commits}" if commits else ""), "",
              "| model (layers) | experts | MNT | ISL | CV | skew | strategy | reps | tok/s/GPU min / med / max "
              "| vs dep min / med / max | compute s | transfer s | peer wait s | busy s | a2a GB/s (ceiling) |",
              "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

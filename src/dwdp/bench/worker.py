@@ -165,7 +165,7 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
             # And short steps: a few rows per expert take other kernels (the decode-size
             # grouped GEMM tiers), which would otherwise compile inside a timed tail step
             # (a 95-token step took 452 ms on 2x H200 before this).
-            for short in (61, 200):
+            for short in sorted({min(n, cfg.max_position_embeddings) for n in (61, 200)}):  # a short context
                 drive(PrefillEngine(model, mnt, keep_kv=False), [Request(f"warmup-short{short}", [1] * short)])
             warmed[mnt] = True
         if ("a2a", mnt) in warmed:

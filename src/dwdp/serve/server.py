@@ -134,7 +134,7 @@ class StatsLog:
 
 def configure_logging() -> None:
     """INFO lines of ``dwdp`` on stderr, unless the process has set up logging itself."""
-    root, ours = logging.getLogger(), logging.getLogger("dwdp")
+    root, ours = logging.getLogger(), logging.getLogger(__name__.partition(".")[0])  # the package logger
     if root.handlers or ours.handlers:
         return
     h = logging.StreamHandler(sys.stderr)

@@ -15,6 +15,7 @@ import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..config import ConfigError
 from .placement import Placement
 from .wire import WIRES
 
@@ -31,14 +32,14 @@ RUNNABLE_EXPERT_DTYPES = ("auto", "same", "bf16", "fp8")
 
 def check_choice(option: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{option} {value!r}: choose from {', '.join(map(str, choices))}")
+        raise ConfigError(f"{option} {value!r}: choose from {', '.join(map(str, choices))}")
 
 
 def check_expert_dtype(value: str, runnable: bool = True) -> None:
     """``runnable``: refuse what only the planner and ``dwdp info`` can price (fp4)."""
     check_choice("--expert-dtype", value, EXPERT_DTYPES)
     if runnable and value not in RUNNABLE_EXPERT_DTYPES:
-        raise ValueError(f"--expert-dtype {value}: no kernel stores or runs {value} experts yet; "
+        raise ConfigError(f"--expert-dtype {value}: no kernel stores or runs {value} experts yet; "
                          f"`dwdp plan` and `dwdp info` price them. Choose from {', '.join(RUNNABLE_EXPERT_DTYPES)}")
 
 
@@ -101,11 +102,11 @@ class DWDPConfig:
     def __post_init__(self):
         L = self.local_experts
         if not (L is None or L == "auto" or (isinstance(L, int) and not isinstance(L, bool) and L >= 1)):
-            raise ValueError(f"--local-experts {L!r}: a positive number of experts or auto")
+            raise ConfigError(f"--local-experts {L!r}: a positive number of experts or auto")
         if self.slice_mb is not None and not self.slice_mb > 0:
-            raise ValueError(f"--slice-mb {self.slice_mb}: must be positive (or left out: whole-block pulls)")
+            raise ConfigError(f"--slice-mb {self.slice_mb}: must be positive (or left out: whole-block pulls)")
         if not (isinstance(self.copy_streams, int) and self.copy_streams >= 1):
-            raise ValueError(f"--copy-streams {self.copy_streams!r}: at least 1")
+            raise ConfigError(f"--copy-streams {self.copy_streams!r}: at least 1")
 
     @property
     def slice_bytes(self) -> int | None:
@@ -114,7 +115,7 @@ class DWDPConfig:
     def placement(self, num_experts: int, group_size: int) -> Placement:
         """Which experts each rank keeps ("auto" must be resolved first: it needs the device)."""
         if self.local_experts == "auto":
-            raise ValueError("local_experts='auto' is resolved on the rank's device before planning")
+            raise ConfigError("local_experts='auto' is resolved on the rank's device before planning")
         return Placement.create(num_experts, group_size, self.local_experts)
 
 
@@ -152,11 +153,11 @@ class RankSpec:
         check_choice("device", self.device, ("cpu", "cuda"))
         check_expert_dtype(self.expert_dtype)
         if self.group_size < 1:
-            raise ValueError(f"--group-size {self.group_size}: at least 1")
+            raise ConfigError(f"--group-size {self.group_size}: at least 1")
         if self.max_num_tokens < 1:
-            raise ValueError(f"--max-num-tokens {self.max_num_tokens}: at least 1")
+            raise ConfigError(f"--max-num-tokens {self.max_num_tokens}: at least 1")
         if not self.peer_timeout_s > 0:
-            raise ValueError(f"--peer-timeout {self.peer_timeout_s}: must be positive")
+            raise ConfigError(f"--peer-timeout {self.peer_timeout_s}: must be positive")
 
     def to_dict(self) -> dict:
         return asdict(self)
