@@ -16,6 +16,11 @@ import torch
 
 from hf_reference import DSV3_KW, _randomise, hf_last_logits_and_cache, make_hf_model
 
+# One intra-op thread in the test process (spawned ranks set their own): the ops here are
+# tiny, and a thread pool's barriers stall whenever other processes share the cores (the
+# planner's small reductions ran thousands of times slower beside two busy loops).
+torch.set_num_threads(1)
+
 # name -> (family, overrides of hf_reference's tiny config). Every variant is an
 # independent reference: transformers' code for that family on those settings.
 VARIANTS: dict[str, tuple[str, dict]] = {

@@ -443,16 +443,24 @@ def test_serving_frontier_trades_user_speed_for_gpu_throughput():
     assert all(p.batch <= max_batch_in_memory(cm, 8192, 1024, 1) for p in pts)
 
 
-def test_paper_table(capsys):
+@pytest.fixture(scope="module")
+def paper_pts():
+    """The paper comparison, computed once for the tests that print it."""
+    from dwdp.planner.paper import paper_points
+
+    return paper_points()
+
+
+def test_paper_table(paper_pts, capsys, monkeypatch):
     """`dwdp plan --paper`: every expressible published number beside its prediction; the
     MNT-32K throughput ratios (what the planner is for) within 7% of the paper's; the
     imbalance sweep's ratios (a loaded server: no finite-run tail) within 5% and growing with
     the length spread, as the paper's do; DEP's synchronization share grows from near-equal
     lengths (ratio 0.8) to CV 0.2. (It is still under the paper's 12% there, by more than
     issue 19's factor 1.5: PLANNER.md says why.)"""
-    from dwdp.planner.paper import paper_points
+    from dwdp.planner import paper
 
-    pts = paper_points()
+    pts = paper_pts
     assert len(pts) == 19 and all(p.predicted > 0 for p in pts)
     mnt32 = [p for p in pts if p.setting.startswith("TPS/GPU DWDP / DEP, MNT 32K")]
     assert len(mnt32) == 4 and all(abs(p.error) < 0.07 for p in mnt32)
@@ -462,6 +470,7 @@ def test_paper_table(capsys):
     (sync_08,) = [p for p in pts if p.setting.startswith("DEP synchronization share, same setting")]
     (sync_cv,) = [p for p in pts if p.setting.startswith("DEP synchronization share at CV 0.2")]
     assert sync_08.predicted < sync_cv.predicted < sync_cv.paper
+    monkeypatch.setattr(paper, "paper_points", lambda: pts)  # the command prints the points above
     assert main(["plan", "--paper"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert sum(line.startswith("| ") for line in lines) == 20  # header + 19 rows
@@ -662,11 +671,12 @@ def test_skewed_routing_shares_are_the_engines():
     assert np.mean([p.max() for p in planner]) < ep_rank_shares(128, 4, 1.0).max() - 0.02
 
 
-def test_planner_tables_regenerate_every_check(capsys):
-    """Issue 19: one command regenerates the paper comparison and every measured-machine
-    validation from the committed raw files (docs/PLANNER_TABLES.md); the calibrated profiles
-    stay within 10% on at least 95% of the multi-GPU settings, the datasheet `h200` within 25%
-    on all of them."""
+def test_planner_tables_regenerate_every_check(paper_pts, capsys, monkeypatch):
+    """One command regenerates the paper comparison and every measured-machine validation
+    from the committed raw files (docs/PLANNER_TABLES.md); the calibrated profiles stay
+    within 10% on at least 95% of the multi-GPU settings, the datasheet `h200` within 25% on
+    all of them. The paper's points come from test_paper_table's computation, and the
+    scaling table is regenerated for three of its group sizes (the larger ones only cost time)."""
     import importlib.util
     import re
     from pathlib import Path
@@ -675,13 +685,14 @@ def test_planner_tables_regenerate_every_check(capsys):
     spec = importlib.util.spec_from_file_location("planner_tables", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert mod.main([]) == 0
+    monkeypatch.setattr(mod, "paper_points", lambda: paper_pts)
+    assert mod.main(["--groups", "4,8,16"]) == 0
     out = capsys.readouterr().out
     assert "## The paper" in out and "## One H200" in out and "Iteration breakdown" in out
     # docs/SCALING.md's table: DEP's all-to-all and waiting grow with the group, DWDP's pull does not.
     scaling = out[out.index("## One group of N GPUs"):]
-    ratios = [float(m) for m in re.findall(r"^\| (?:4|8|16|36|72) \|(?:[^|]*\|){7} ([\d.]+) \|", scaling, re.M)]
-    assert len(ratios) == 5 and ratios == sorted(ratios) and ratios[0] > 1.0
+    ratios = [float(m) for m in re.findall(r"^\| (?:4|8|16) \|(?:[^|]*\|){7} ([\d.]+) \|", scaling, re.M)]
+    assert len(ratios) == 3 and ratios == sorted(ratios) and ratios[0] > 1.0
     counts = re.findall(r"^### (.+)\n(?:.*\n)*?(\d+) of (\d+) within 10%, (\d+) within 25%", out, re.M)
     assert len(counts) == 4
     for title, in10, n, in25 in counts:
