@@ -1,5 +1,9 @@
 """The planner's performance model: step times of dp, dep and dwdp from FLOPs and bytes.
 
+The primitives every strategy's cost is built from; each strategy's description
+(:mod:`dwdp.strategy`) assembles its own prediction from them, and
+:func:`dwdp.planner.plan.predict` asks the right description.
+
 Per layer and per rank step (sequences with their cached prefixes):
 
 * compute = GEMM FLOPs / (gemm_eff x peak) + attention FLOPs / (attn_eff x peak)
