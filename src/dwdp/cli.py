@@ -32,7 +32,7 @@ def _console():
 
 
 # Experiments that measured worse than the default were removed; their flags remain only to
-# say so in one line (docs/BENCHMARKS.md holds the measurements).
+# say so in one line (docs/RESULTS.md holds the measurements).
 REMOVED_FLAGS = {
     "--short-steps": "token shipping (short steps sending their tokens to the experts' owners) measured faster "
                      "only while every rank ran a short bf16 step, slower otherwise",
@@ -51,7 +51,7 @@ class _RemovedFlag(argparse.Action):
 
     def __call__(self, parser, namespace, values, option_string=None):
         raise SystemExit(f"error: {option_string} was removed: {REMOVED_FLAGS[option_string]} "
-                         "(see docs/BENCHMARKS.md); drop the flag")
+                         "(see docs/RESULTS.md); drop the flag")
 
 
 def _add_removed_flags(p, *flags: str) -> None:
