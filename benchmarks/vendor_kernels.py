@@ -221,6 +221,8 @@ def main():
             r = grouped(model, rows, multinomial=not a.equal_rows)
             res["grouped"].append(r)
             print("grouped", json.dumps(r), flush=True)
+            with open(a.out, "w") as f:  # as it goes: a run cut short keeps what it measured
+                json.dump(res, f, indent=1)
             torch.cuda.empty_cache()
     for r in res["grouped"]:
         print(f"{r['model']:16s} rows/expert {r['rows_per_expert']:5d}: ours {r.get('fp8_ours_tflops', 0):6.0f} "

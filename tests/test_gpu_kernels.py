@@ -252,7 +252,7 @@ def _cutlass_or_skip():
     return fp8_cutlass
 
 
-@pytest.mark.parametrize("config", [0, 1, 2, 3, 4, 5])
+@pytest.mark.parametrize("config", [0, 2, 3])  # fp8_cutlass.CONFIGS
 def test_cutlass_grouped_gemm_on_split_weights_equals_float64(config):
     """The CUTLASS kernel on two weight bases (a strided view of a wider resident buffer and
     a separate slot tensor), each segment's rows starting at a device-side offset: uneven

@@ -38,19 +38,16 @@ using namespace cute;
 #define DWDP_CFG 0
 #endif
 
-// id: tile M x N (K is 128, one scale block), cluster, schedule.
+// id: tile M x N (K is 128, one scale block), cluster, schedule. Ids stay fixed (benchmark
+// results name them); ones that never won on an H100 (128x128 with a 2x1 cluster, 64x128
+// pingpong with a 2x1 cluster, 128x128 pingpong, whose two fp32 accumulators spill) are
+// left out to keep the first-use build short.
 #if DWDP_CFG == 0
 using TileShape = Shape<_128, _128, _128>; using ClusterShape = Shape<_1, _1, _1>; constexpr bool kCoop = true;
-#elif DWDP_CFG == 1
-using TileShape = Shape<_128, _128, _128>; using ClusterShape = Shape<_2, _1, _1>; constexpr bool kCoop = true;
 #elif DWDP_CFG == 2
 using TileShape = Shape<_128, _128, _128>; using ClusterShape = Shape<_1, _2, _1>; constexpr bool kCoop = true;
 #elif DWDP_CFG == 3
 using TileShape = Shape<_64, _128, _128>; using ClusterShape = Shape<_1, _1, _1>; constexpr bool kCoop = false;
-#elif DWDP_CFG == 4
-using TileShape = Shape<_128, _128, _128>; using ClusterShape = Shape<_1, _1, _1>; constexpr bool kCoop = false;
-#elif DWDP_CFG == 5
-using TileShape = Shape<_64, _128, _128>; using ClusterShape = Shape<_2, _1, _1>; constexpr bool kCoop = false;
 #else
 #error "unknown DWDP_CFG"
 #endif
