@@ -157,7 +157,7 @@ def library() -> _Lib | None:
     try:
         prebuilt = os.environ.get("DWDP_CUTLASS_LIB")  # a library built ahead (elsewhere, same nvcc major)
         return _Lib(Path(prebuilt) if prebuilt else build())
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError, AttributeError) as e:  # AttributeError: a prebuilt library of other configs
         _why = str(e).splitlines()[0]
         return None
 

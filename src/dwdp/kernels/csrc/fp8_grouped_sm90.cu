@@ -217,12 +217,16 @@ int DWDP_FN(_run)(const void* A, int64_t lda, const float* SA, const void* B, in
                   const void* row_base, int base_bytes, int G, int N, int K, void* args_buf, void* workspace,
                   int sm_count, int device, int raster, int swizzle, int64_t stream_handle) {
   auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  // This library links its own CUDA runtime: make the operands' device current for it
+  // (the same primary context torch uses), whatever device it last saw.
+  cudaError_t err = cudaSetDevice(device);
+  if (err != cudaSuccess) return static_cast<int>(err);
   Views v{};
   carve(args_buf, G, &v);
   setup_groups<<<1, kSetupThreads, 0, stream>>>(
       v, G, N, K, counts, counts_bytes, row_base, base_bytes, static_cast<const ElementA*>(A), lda, SA,
       static_cast<const ElementB*>(B), stride_be, ldb, SB, stride_bse, static_cast<ElementD*>(D), ldd);
-  cudaError_t err = cudaGetLastError();
+  err = cudaGetLastError();
   if (err != cudaSuccess) return static_cast<int>(err);
   Gemm gemm;
   auto args = make_args(v, G, sm_count, device, raster, swizzle);
