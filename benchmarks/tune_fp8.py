@@ -1,7 +1,10 @@
 """Pick the FP8 grouped GEMM's tile configuration: time each candidate on the expert
 GEMM shapes of real MoE models at several rows per expert (one GPU), print the best.
+``--cutlass``: the CUTLASS kernel's configurations (fp8_cutlass.CONFIGS x raster order x
+swizzle) instead of the Triton kernel's (fp8_grouped.CONFIGS); the picks go to
+fp8_grouped.CUTLASS_CONFIGS.
 
-    python benchmarks/tune_fp8.py --out tune_fp8.json
+    python benchmarks/tune_fp8.py --out tune_fp8.json [--cutlass] [--multinomial]
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import torch
 
 from dwdp.ceilings import machine_info, time_cuda
+from dwdp.kernels import fp8_cutlass
 from dwdp.kernels import fp8_grouped as k
 from dwdp.planner.calibrate import _fp8_tflops
 from dwdp.quant import quantize_fp8_blockwise
@@ -31,7 +35,12 @@ def main():
     ap.add_argument("--rows", default="128,512,1024")
     ap.add_argument("--multinomial", action="store_true",
                     help="rows per expert drawn as a uniform router would (multinomial), not all equal")
+    ap.add_argument("--cutlass", action="store_true", help="tune the CUTLASS kernel's configurations")
     a = ap.parse_args()
+    if a.cutlass and fp8_cutlass.library() is None:
+        raise SystemExit(f"error: the CUTLASS kernel is unavailable: {fp8_cutlass.why_unavailable()}")
+    candidates = ([(c, r, sw) for c in fp8_cutlass.CONFIGS for r in ("m", "n") for sw in (1, 2, 4)]
+                  if a.cutlass else CANDIDATES)
     ceiling = _fp8_tflops()
     res = {"machine": machine_info(), "device": torch.cuda.get_device_name(0), "fp8_matmul_tflops": ceiling,
            "runs": []}
@@ -49,16 +58,23 @@ def main():
             if a.multinomial:  # partial tiles, as real routing leaves them
                 counts = torch.multinomial(torch.ones(G), M, replacement=True).bincount(minlength=G).cuda()
             best = None
-            for cfg in CANDIDATES:
-                k.CONFIGS["short"] = k.CONFIGS["small"] = k.CONFIGS["large"] = cfg
+            out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+            for cfg in candidates:
+                if a.cutlass:
+                    def fn(cfg=cfg):
+                        fp8_cutlass.grouped_gemm(xq, xs, w, ws, counts, out, None, *cfg)
+                else:
+                    def fn(cfg=cfg):
+                        k.CONFIGS["short"] = k.CONFIGS["small"] = k.CONFIGS["large"] = cfg
+                        k.grouped_gemm_fp8(xq, xs, w, ws, counts, out=out, kernel="triton")
                 try:
-                    t = time_cuda(lambda: k.grouped_gemm_fp8(xq, xs, w, ws, counts), 2, 8)
+                    t = time_cuda(fn, 2, 8)
                 except Exception as e:  # e.g. out of shared memory
                     print(f"  {cfg}: {type(e).__name__}")
                     continue
                 tf = 2.0 * M * N * K / t / 1e12
                 res["runs"].append({"shape": name, "rows_per_expert": rows, "config": cfg, "tflops": tf,
-                                    "multinomial": a.multinomial})
+                                    "multinomial": a.multinomial, "kernel": "cutlass" if a.cutlass else "triton"})
                 if best is None or tf > best[1]:
                     best = (cfg, tf)
             print(f"{name:16s} rows/expert {rows:5d}: best {best[0]} {best[1]:.0f} TFLOP/s "

@@ -8,12 +8,14 @@ matmul, an FP8 e4m3 matmul, the datasheet peak when given):
 * dense projections (cuBLAS through ``torch.matmul``, bf16; ``torch._scaled_mm`` FP8 with
   row-wise scales) at the real models' attention / shared-expert shapes, 16K tokens;
 * routed-expert grouped GEMMs: ``torch._grouped_mm`` (bf16, CUTLASS), ``torch._scaled_grouped_mm``
-  (FP8, row-wise scales) and our Triton FP8 kernel, at 128-1024 rows per expert;
+  (FP8, row-wise scales), our block-scaled CUTLASS kernel (``fp8_ours_tflops``, and each of its
+  configurations) and our Triton kernel, at 128-1024 rows per expert drawn as a router draws them;
 * causal attention: SDPA with each backend torch has here (flash, cuDNN, memory-efficient)
   and our engine's varlen path, GQA (d 128) and MLA (qk 192 / v 128), FLOPs counted causal
   (half the square).
 
     PYTHONPATH=src python benchmarks/vendor_kernels.py --out vendor.json [--peak-bf16 989 --peak-fp8 1979]
+        [--parts grouped --rows 64,128,256,512,1024]
 """
 
 from __future__ import annotations
@@ -86,8 +88,10 @@ def projections(model: str) -> dict:
     return out
 
 
-def grouped(model: str, rows: int, groups: int = 64) -> dict:
-    """gate/up then down for ``groups`` experts with ``rows`` tokens each (one expert shard)."""
+def grouped(model: str, rows: int, groups: int = 64, multinomial: bool = True) -> dict:
+    """gate/up then down for ``groups`` experts with ``rows`` tokens each on average (one expert
+    shard). ``multinomial``: our kernels get per-expert counts drawn as a uniform router draws
+    them (uneven, partial tiles); torch's grouped GEMMs get equal counts (their offsets)."""
     from dwdp import kernels
 
     cfg, _ = resolve_model(model, 1)
@@ -99,7 +103,8 @@ def grouped(model: str, rows: int, groups: int = 64) -> dict:
     w2 = torch.randn(groups, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
     offs = torch.arange(1, groups + 1, device="cuda", dtype=torch.int32) * rows
     flops = 2.0 * M * 3 * H * I
-    res = {"model": model, "rows_per_expert": rows, "experts": groups}
+    res = {"model": model, "rows_per_expert": rows, "experts": groups,
+           "ours_counts": "multinomial" if multinomial else "equal", "torch_counts": "equal"}
 
     def bf16():
         torch._grouped_mm(x, w13.transpose(-2, -1), offs=offs)
@@ -120,21 +125,42 @@ def grouped(model: str, rows: int, groups: int = 64) -> dict:
         res["fp8_scaled_grouped_mm_tflops"] = flops / time_cuda(fp8) / 1e12
     except Exception as e:  # noqa: BLE001
         res["fp8_scaled_grouped_mm_error"] = f"{type(e).__name__}: {e}"[:300]
+    del xq, hq, q13, q2
     if kernels.HAVE_TRITON:
-        from dwdp.kernels.fp8_grouped import grouped_gemm_fp8, quantize_rows
+        from dwdp.kernels import fp8_cutlass
+        from dwdp.kernels import fp8_grouped as fg
         from dwdp.quant import quantize_fp8_blockwise
 
         bq13, bs13 = quantize_fp8_blockwise(w13.float())
         bq2, bs2 = quantize_fp8_blockwise(w2.float())
-        ax, axs = quantize_rows(x)
-        ah, ahs = quantize_rows(h)
+        ax, axs = fg.quantize_rows(x)
+        ah, ahs = fg.quantize_rows(h)
         counts = torch.full((groups,), rows, device="cuda")
+        if multinomial:  # partial tiles, as real routing leaves them
+            counts = torch.multinomial(torch.ones(groups), M, replacement=True).bincount(minlength=groups).cuda()
+        res["max_rows_of_an_expert"] = int(counts.max())
+        o13 = torch.empty(M, 2 * I, device="cuda", dtype=torch.bfloat16)
+        o2 = torch.empty(M, H, device="cuda", dtype=torch.bfloat16)
 
-        def ours():
-            grouped_gemm_fp8(ax, axs, bq13, bs13, counts)
-            grouped_gemm_fp8(ah, ahs, bq2, bs2, counts)
+        def ours(kernel="auto"):
+            fg.grouped_gemm_fp8(ax, axs, bq13, bs13, counts, out=o13, kernel=kernel)
+            fg.grouped_gemm_fp8(ah, ahs, bq2, bs2, counts, out=o2, kernel=kernel)
 
-        res["fp8_ours_triton_tflops"] = flops / time_cuda(ours) / 1e12
+        res["fp8_ours_triton_tflops"] = flops / time_cuda(lambda: ours("triton")) / 1e12
+        if fp8_cutlass.library() is not None:
+            res["fp8_ours_tflops"] = flops / time_cuda(ours) / 1e12
+            res["fp8_ours_config"] = fg._cutlass_config(rows)
+            res["fp8_ours_by_config"] = {}
+            for c in fp8_cutlass.CONFIGS:
+                for raster in ("m", "n"):
+                    def run(c=c, raster=raster):
+                        fp8_cutlass.grouped_gemm(ax, axs, bq13, bs13, counts, o13, None, c, raster)
+                        fp8_cutlass.grouped_gemm(ah, ahs, bq2, bs2, counts, o2, None, c, raster)
+
+                    res["fp8_ours_by_config"][f"{c}{raster}"] = flops / time_cuda(run) / 1e12
+        else:
+            res["fp8_ours_tflops"] = res["fp8_ours_triton_tflops"]
+            res["fp8_ours_note"] = f"CUTLASS kernel unavailable: {fp8_cutlass.why_unavailable()}"
     return res
 
 
@@ -177,23 +203,34 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--peak-bf16", type=float, default=None, help="datasheet dense bf16 TFLOP/s (ratios also to it)")
     ap.add_argument("--peak-fp8", type=float, default=None)
+    ap.add_argument("--parts", default="projections,grouped,attention", help="comma list of what to measure")
+    ap.add_argument("--rows", default="128,512,1024", help="rows per expert of the grouped GEMMs")
+    ap.add_argument("--equal-rows", action="store_true", help="equal rows per expert for our kernels too")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
     res = {"machine": machine_info(), "device": torch.cuda.get_device_name(0),
            "matmul_tflops": matmul_tflops(), "fp8_matmul_tflops": fp8_matmul_tflops(),
            "peak_bf16_tflops": a.peak_bf16, "peak_fp8_tflops": a.peak_fp8}
     print(f"ceilings: bf16 matmul {res['matmul_tflops']:.0f}, FP8 matmul {res['fp8_matmul_tflops']:.0f} TFLOP/s", flush=True)
-    res["projections"] = [projections(m) for m in ("deepseek-v3", "qwen3-235b-a22b")]
+    res["projections"] = [projections(m) for m in ("deepseek-v3", "qwen3-235b-a22b")] if "projections" in parts else []
     for p in res["projections"]:
         print(f"projections {p['model']}: bf16 {p['bf16_tflops']:.0f}, fp8 {p['fp8_tflops']:.0f} TFLOP/s", flush=True)
     res["grouped"] = []
-    for model in ("deepseek-v3", "qwen3-235b-a22b"):
-        for rows in (128, 512, 1024):
-            r = grouped(model, rows)
+    for model in ("deepseek-v3", "qwen3-235b-a22b") if "grouped" in parts else ():
+        for rows in [int(r) for r in a.rows.split(",")]:
+            r = grouped(model, rows, multinomial=not a.equal_rows)
             res["grouped"].append(r)
             print("grouped", json.dumps(r), flush=True)
+            with open(a.out, "w") as f:  # as it goes: a run cut short keeps what it measured
+                json.dump(res, f, indent=1)
             torch.cuda.empty_cache()
+    for r in res["grouped"]:
+        print(f"{r['model']:16s} rows/expert {r['rows_per_expert']:5d}: ours {r.get('fp8_ours_tflops', 0):6.0f} "
+              f"({r.get('fp8_ours_tflops', 0) / res['fp8_matmul_tflops']:.2f}x dense fp8), triton "
+              f"{r.get('fp8_ours_triton_tflops', 0):6.0f}, torch rowwise {r.get('fp8_scaled_grouped_mm_tflops', 0):6.0f}",
+              flush=True)
     res["attention"] = []
-    for kind in ("gqa", "mla"):
+    for kind in ("gqa", "mla") if "attention" in parts else ():
         for S in (4096, 16384):
             r = attention(kind, S)
             res["attention"].append(r)

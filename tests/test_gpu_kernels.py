@@ -222,3 +222,80 @@ def test_copy_engine_streams_wait_for_compute_and_join(streams):
     stalled = eng.drain_wait_seconds()
     assert 1e-3 < stalled < 1.0, stalled
     assert eng.drain_wait_seconds() == 0.0  # drained
+
+
+
+def _cutlass_or_skip():
+    from dwdp.kernels import fp8_cutlass
+
+    if fp8_cutlass.library() is None:
+        pytest.skip(f"CUTLASS FP8 grouped GEMM unavailable: {fp8_cutlass.why_unavailable()}")
+    return fp8_cutlass
+
+
+@pytest.mark.parametrize("config", [0, 2, 3])  # fp8_cutlass.CONFIGS
+def test_cutlass_grouped_gemm_on_split_weights_equals_float64(config):
+    """The CUTLASS kernel on two weight bases (a strided view of a wider resident buffer and
+    a separate slot tensor), each segment's rows starting at a device-side offset: uneven
+    counts, partial tiles, zero-row experts. Every segment row is written and equals the
+    float64 product of the dequantised operands; rows outside the segments stay untouched."""
+    fc = _cutlass_or_skip()
+    from dwdp.kernels.fp8_grouped import grouped_gemm_fp8, quantize_rows
+
+    torch.manual_seed(10 + config)
+    N, K = 384, 640
+    counts_a = torch.tensor([0, 300, 5, 0, 129, 64], device="cuda")
+    counts_b = torch.tensor([1, 0, 257], device="cuda", dtype=torch.int32)
+    big = torch.randn(8, N + 128, K, device="cuda") * 0.05  # resident shard inside a wider buffer
+    qa, sa = quantize_fp8_blockwise(big)
+    wa, wsa = qa[1:7, :N], sa[1:7, :N // 128]
+    wb, wsb = quantize_fp8_blockwise(torch.randn(3, N, K, device="cuda") * 0.05)  # prefetch slot
+    na, nb, r0 = int(counts_a.sum()), int(counts_b.sum()), 37
+    M = r0 + na + nb + 11
+    aq, a_s = quantize_rows(torch.randn(M, K, device="cuda", dtype=torch.bfloat16))
+    out = torch.full((M, N), float("nan"), device="cuda", dtype=torch.bfloat16)
+    base_a = torch.tensor([r0], device="cuda")
+    base_b = torch.tensor([r0 + na], device="cuda", dtype=torch.int32)
+    for w, ws, cnt, base in ((wa, wsa, counts_a, base_a), (wb, wsb, counts_b, base_b)):
+        fc.grouped_gemm(aq, a_s, w, ws, cnt, out, base, config=config, raster="n" if config % 2 else "m",
+                        swizzle=1 + config % 3)
+    a64 = (aq.double().view(M, K // 128, 128) * a_s.double()[..., None]).view(M, K)
+    ref_a = _group_ref(a64[r0:r0 + na], dequantize_fp8_blockwise(wa, wsa, torch.float64), counts_a)
+    ref_b = _group_ref(a64[r0 + na:r0 + na + nb], dequantize_fp8_blockwise(wb, wsb, torch.float64), counts_b)
+    got = out[r0:r0 + na + nb]
+    assert torch.isfinite(got).all()  # every segment row written
+    assert _rel(got, torch.cat([ref_a, ref_b])) < 4e-3  # fp32 accumulation + the bf16 output rounding only
+    assert out[:r0].isnan().all() and out[r0 + na + nb:].isnan().all()
+    # Through the dispatching entry point, at row 0 of its own operands.
+    y = grouped_gemm_fp8(aq[r0:r0 + na], a_s[r0:r0 + na], wa, wsa, counts_a, kernel="cutlass")
+    assert _rel(y, ref_a) < 4e-3
+
+
+@pytest.mark.parametrize("kernel", ["triton", "cutlass"])
+def test_grouped_swiglu_fp8_kernels_on_a_row_range_equal_float64(kernel, monkeypatch):
+    """Both kernels through grouped_swiglu_fp8 on a segment at a device row offset: the MLP of
+    the dequantised weights on the quantised activations (float64), up to the re-quantised
+    SwiGLU output (e4m3, 1x128 scales)."""
+    from dwdp.kernels import fp8_grouped
+
+    if kernel == "cutlass":
+        _cutlass_or_skip()
+    else:
+        monkeypatch.setattr(fp8_grouped, "cutlass_applies", lambda *a, **k: False)
+    torch.manual_seed(11)
+    G, H, I = 5, 512, 256
+    counts = torch.tensor([70, 0, 333, 1, 128], device="cuda")
+    r0, n = 29, int(counts.sum())
+    x = torch.randn(r0 + n + 5, H, device="cuda", dtype=torch.bfloat16)
+    q13, s13 = quantize_fp8_blockwise(torch.randn(G, 2 * I, H, device="cuda") * 0.05)
+    q2, s2 = quantize_fp8_blockwise(torch.randn(G, H, I, device="cuda") * 0.05)
+    xq, xs = fp8_grouped.quantize_rows(x)
+    out = torch.full((x.shape[0], H), 3.0, device="cuda", dtype=torch.bfloat16)
+    fp8_grouped.grouped_swiglu_fp8(xq, xs, q13, s13, q2, s2, counts, out=out,
+                                   row_range=torch.tensor([r0, r0 + n], device="cuda"))
+    a64 = (xq.double().view(-1, H // 128, 128) * xs.double()[..., None]).view(-1, H)[r0:r0 + n]
+    h = _group_ref(a64, dequantize_fp8_blockwise(q13, s13, torch.float64), counts)
+    g, u = h.chunk(2, dim=-1)
+    ref = _group_ref(torch.nn.functional.silu(g) * u, dequantize_fp8_blockwise(q2, s2, torch.float64), counts)
+    assert _rel(out[r0:r0 + n], ref) < 0.03  # e4m3 re-quantisation of the SwiGLU output (3 mantissa bits)
+    assert (out[:r0] == 3).all() and (out[r0 + n:] == 3).all()

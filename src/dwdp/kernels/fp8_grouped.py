@@ -10,11 +10,17 @@ Rows are grouped by expert (``counts[g]`` consecutive rows each). The launch gri
 an upper bound of M tiles; a small device-side map tells each program its expert and
 rows, so there is no host sync. The weights may be any strided view of a larger buffer
 (a DWDP prefetch slot, a resident shard): the kernel takes the expert stride.
+
+On Hopper, where nvcc and CUTLASS's headers are present, :func:`grouped_gemm_fp8` runs
+CUTLASS's block-scaled pointer-array grouped GEMM instead (``fp8_cutlass.py``: the same
+function, 1.2-1.7x the Triton kernel's rate on an H100); this module is the one place that
+chooses, and says once in the log which kernel runs. ``DWDP_FP8_KERNEL=triton`` forces the Triton kernel.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 import triton
@@ -23,6 +29,7 @@ import triton.language as tl
 from ..quant import FP8, FP8_MAX
 
 BLOCK = 128  # the scale block along K and N
+log = logging.getLogger("dwdp")
 
 
 @triton.jit(do_not_specialize=["M"])  # rows vary per step: one compiled variant
@@ -178,17 +185,78 @@ def _tile_map(counts: torch.Tensor, block_m: int, max_tiles: int, row_base: torc
             tile_end[-1:])
 
 
+# CUTLASS configuration (fp8_cutlass.CONFIGS id, raster order, swizzle) by rows per expert;
+# benchmarks/vendor_kernels.py times every configuration (2026-12-06_fp8_grouped_h100/):
+# 128x128 tiles with a 1x2 cluster (two CTAs share the activation tile) won from 128 to
+# 1,024 routed rows per expert on both models, 64-row pingpong tiles at 64.
+# Below CUTLASS_MIN_ROWS rows per expert the Triton kernel runs.
+CUTLASS_CONFIGS = {"short": (3, "m", 1), "small": (2, "m", 1), "large": (2, "m", 1)}
+CUTLASS_MIN_ROWS = 16
+
+
+def _cutlass_config(rows_per_group: float) -> tuple[int, str, int]:
+    return CUTLASS_CONFIGS["large" if rows_per_group >= 256 else "small" if rows_per_group >= 96 else "short"]
+
+
+_announced = False
+
+
+def _announce(msg: str, warn: bool) -> None:
+    global _announced
+    if not _announced:
+        _announced = True
+        (log.warning if warn else log.info)(msg)
+
+
+def _cutlass_operand_ok(a: torch.Tensor, a_scale: torch.Tensor) -> bool:
+    return (a.data_ptr() % 16 == 0 and a.stride(0) % 16 == 0 and a_scale.dtype == torch.float32
+            and a_scale.stride(0) == a.shape[1] // BLOCK)
+
+
+def _cutlass_weight_ok(w: torch.Tensor, w_scale: torch.Tensor) -> bool:
+    G, N, K = w.shape
+    return (w.data_ptr() % 16 == 0 and w.stride(0) % 16 == 0 and w.stride(1) % 16 == 0
+            and w_scale.dtype == torch.float32 and w_scale.stride(1) == K // BLOCK
+            and tuple(w_scale.shape[1:]) == (N // BLOCK, K // BLOCK))
+
+
+def cutlass_applies(a, a_scale, w, w_scale, counts, out, rows_per_group: float) -> bool:
+    """Whether the CUTLASS kernel computes this call (else the Triton kernel does): a Hopper
+    GPU with the library built, bf16 output, 16-byte aligned rows, scales in the layouts
+    the quantiser and the checkpoints write."""
+    if rows_per_group < CUTLASS_MIN_ROWS or not a.is_cuda:
+        return False
+    from . import fp8_cutlass
+
+    if fp8_cutlass.library() is None:
+        _announce(f"FP8 grouped GEMM: the Triton kernel runs ({fp8_cutlass.why_unavailable()}); on Hopper the "
+                  "CUTLASS kernel runs 1.2-1.7x faster: pip install 'dwdp[cutlass]' with nvcc on PATH, "
+                  "or build it with: python -m dwdp.kernels.fp8_cutlass build", warn=True)
+        return False
+    ok = (_cutlass_operand_ok(a, a_scale) and _cutlass_weight_ok(w, w_scale) and out.dtype == torch.bfloat16
+          and counts.dtype in (torch.int32, torch.int64) and counts.is_cuda
+          and out.data_ptr() % 16 == 0 and out.stride(0) % 8 == 0)
+    if ok:
+        _announce(f"FP8 grouped GEMM: the CUTLASS sm90 kernel runs ({fp8_cutlass.library().path})", warn=False)
+    return ok
+
+
 def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
                      counts: torch.Tensor, out_dtype=torch.bfloat16, tile_map=None,
                      out: torch.Tensor | None = None, rows_per_group: float | None = None,
-                     persistent: bool = False) -> torch.Tensor:
+                     persistent: bool = False, row_base: torch.Tensor | None = None,
+                     kernel: str = "auto") -> torch.Tensor:
     """out[rows of group g] = (a * a_scale)[rows] @ (w[g] * w_scale[g]).T, for consecutive row groups.
     ``rows_per_group``: the tile-shape hint (default M / G); a ``tile_map`` must be built
     with the same hint's tile height. ``persistent``: one program per SM looping over the
-    valid tiles (for groups that fill a small part of ``a``)."""
+    valid tiles (for groups that fill a small part of ``a``). ``row_base`` (a device
+    tensor, read on the device): the groups' rows start there, not at 0 (the CUTLASS
+    kernel; the Triton kernel takes it through ``tile_map``). ``kernel``: "auto" (CUTLASS
+    where it applies), "triton" or "cutlass"."""
     M, K = a.shape
     G, N, Kw = w.shape
-    bm, bn, warps, stages, group_m = _config(rows_per_group if rows_per_group is not None else M / max(1, G), N)
+    rpg = rows_per_group if rows_per_group is not None else M / max(1, G)
+    bm, bn, warps, stages, group_m = _config(rpg, N)
     if Kw != K or K % BLOCK or N % BLOCK or N % bn:
         raise ValueError(f"FP8 grouped GEMM needs K and N multiples of {BLOCK} (a {tuple(a.shape)}, w {tuple(w.shape)})")
     if a.stride(1) != 1 or w.stride(2) != 1 or a_scale.stride(1) != 1 or w_scale.stride(2) != 1:
@@ -199,6 +267,13 @@ def grouped_gemm_fp8(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_
         raise ValueError(f"out must be a row-contiguous [{M}, {N}] tensor, got {tuple(out.shape)}")
     if M == 0:
         return out
+    if kernel == "cutlass" or (kernel == "auto" and cutlass_applies(a, a_scale, w, w_scale, counts, out, rpg)):
+        from . import fp8_cutlass
+
+        cfg, raster, swizzle = _cutlass_config(rpg)
+        return fp8_cutlass.grouped_gemm(a, a_scale, w, w_scale, counts, out, row_base, cfg, raster, swizzle)
+    if row_base is not None and tile_map is None:
+        tile_map = _tile_map(counts, bm, triton.cdiv(M, bm) + G, row_base)
     max_tiles = triton.cdiv(M, bm) + G
     te, tr0, tr1, valid_m = tile_map if tile_map is not None else _tile_map(counts, bm, max_tiles)
     programs = max_tiles * (N // bn)
@@ -230,14 +305,24 @@ def grouped_swiglu_fp8(xq: torch.Tensor, xs: torch.Tensor, w13, w13_scale, w2, w
     rows than these groups'."""
     M, G = xq.shape[0], counts.numel()
     rpg = rows_per_group if rows_per_group is not None else M / max(1, G)
-    bm = _config(rpg, w13.shape[1])[0]  # the tile height depends on rows per group only: one map for both GEMMs
     base = None if row_range is None else row_range[:1]
-    tmap = _tile_map(counts, bm, triton.cdiv(M, bm) + G, base) if M else None
+    h = torch.empty((M, w13.shape[1]), dtype=out_dtype, device=xq.device)
+    if out is None:
+        out = torch.empty((M, w2.shape[1]), dtype=out_dtype, device=xq.device)
+    # The second GEMM's activations are fresh contiguous buffers: its weights decide.
+    kernel = ("cutlass" if M and cutlass_applies(xq, xs, w13, w13_scale, counts, h, rpg)
+              and _cutlass_weight_ok(w2, w2_scale) and out.dtype == torch.bfloat16 and out.data_ptr() % 16 == 0
+              and out.stride(0) % 8 == 0 else "triton")
+    tmap = None
+    if kernel == "triton" and M:
+        bm = _config(rpg, w13.shape[1])[0]  # the tile height depends on rows per group only: one map for both GEMMs
+        tmap = _tile_map(counts, bm, triton.cdiv(M, bm) + G, base)
     ranged = row_range is not None
-    h = grouped_gemm_fp8(xq, xs, w13, w13_scale, counts, out_dtype, tmap, rows_per_group=rpg, persistent=ranged)
+    grouped_gemm_fp8(xq, xs, w13, w13_scale, counts, out_dtype, tmap, h, rows_per_group=rpg, persistent=ranged,
+                     row_base=base, kernel=kernel)
     hq, hs = quantize_rows(h, swiglu=True, row_range=row_range)
     return grouped_gemm_fp8(hq, hs, w2, w2_scale, counts, out_dtype, tmap, out, rows_per_group=rpg,
-                            persistent=ranged)
+                            persistent=ranged, row_base=base, kernel=kernel)
 
 
 # bf16 experts at decode sizes (a few rows per expert): torch's grouped GEMM reads the
