@@ -18,7 +18,7 @@ from torch import nn
 from ..batch import PackedBatch
 from ..config import ModelConfig
 from .attention import decode_attention, packed_causal_attention
-from .layers import DenseMLP, RMSNorm, Rotary, yarn_softmax_scale
+from .layers import DenseMLP, RMSNorm, Rotary, merged_linear, weight_of, yarn_softmax_scale
 from .moe import MoEBlock
 
 # DeepSeek's reference code (and transformers') builds the two MLA latent norms with the
@@ -75,13 +75,22 @@ class GQAAttention(nn.Module):
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.rope, self.d)
         self.scale = self.d ** -0.5
+        self.qkv: tuple[torch.Tensor, ...] | None = None  # q/k/v weights as one tensor (build_model)
+
+    def _qkv(self, x, cos, sin):
+        """q, k (normed and roped, one kernel each on CUDA), v: [T, heads, d]."""
+        T = x.shape[0]
+        if self.qkv is not None:
+            q, k, v = merged_linear(x, self.qkv).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.rotary.apply_into(q.view(T, self.h, self.d), cos, sin, norm=self.q_norm)
+        k = self.rotary.apply_into(k.view(T, self.hkv, self.d), cos, sin, norm=self.k_norm)
+        return q, k, v.view(T, self.hkv, self.d)
 
     def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
         T = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(T, self.h, self.d))
-        k = self.k_norm(self.k_proj(x).view(T, self.hkv, self.d))
-        v = self.v_proj(x).view(T, self.hkv, self.d)
-        q, k = self.rotary.apply(q, ctx.cos, ctx.sin), self.rotary.apply(k, ctx.cos, ctx.sin)
+        q, k, v = self._qkv(x, ctx.cos, ctx.sin)
         k_all, v_all = (k, v) if past is None else (_with_prefix(past[0], k, ctx.batch),
                                                      _with_prefix(past[1], v, ctx.batch))
         b = ctx.batch
@@ -91,10 +100,7 @@ class GQAAttention(nn.Module):
     def decode(self, x, ctx: DecodeContext, cache: tuple[torch.Tensor, torch.Tensor]):
         """Write this step's keys/values into the cache slots in place, attend over them."""
         B = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(B, self.h, self.d))
-        k = self.k_norm(self.k_proj(x).view(B, self.hkv, self.d))
-        v = self.v_proj(x).view(B, self.hkv, self.d)
-        q, k = self.rotary.apply(q, ctx.cos, ctx.sin), self.rotary.apply(k, ctx.cos, ctx.sin)
+        q, k, v = self._qkv(x, ctx.cos, ctx.sin)
         cache[0].index_put_((ctx.slots, ctx.positions), k)
         cache[1].index_put_((ctx.slots, ctx.positions), v)
         o = decode_attention(q, cache[0], cache[1], ctx.slots, ctx.lens, self.scale, ctx.max_len)
@@ -126,27 +132,40 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.vd, cfg.hidden_size, bias=cfg.attention_bias)
         self.rotary = Rotary(cfg.rope, self.rope_d, interleaved=cfg.rope_interleave)
         self.scale = qd ** -0.5 * yarn_softmax_scale(cfg.rope)
+        self.qkv_a: tuple[torch.Tensor, ...] | None = None  # q_a and kv_a weights as one tensor (build_model)
+
+    def _q_and_latent(self, x, cos, sin):
+        """q [T, h, nope + rope] with its rope part rotated in place (no concatenation),
+        the normed latent c_kv [T, rank] and the roped shared key [T, rope]."""
+        T = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        else:
+            if self.qkv_a is not None:
+                q_a, kv_a = merged_linear(x, self.qkv_a).split([self.q_b_proj.in_features, self.rank + self.rope_d], -1)
+            else:
+                q_a, kv_a = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        q = q.view(T, self.h, self.nope + self.rope_d)
+        q_rot = q[..., self.nope:]
+        self.rotary.apply_into(q_rot, cos, sin, out=q_rot)
+        c_kv, k_rot = kv_a.split([self.rank, self.rope_d], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_rot = self.rotary.apply_into(k_rot[:, None, :], cos, sin)[:, 0]
+        return q, c_kv, k_rot
 
     def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
         T = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(T, self.h, self.nope + self.rope_d)
-        q_nope, q_rot = q.split([self.nope, self.rope_d], dim=-1)
-        c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_d], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        q_rot = self.rotary.apply(q_rot, ctx.cos, ctx.sin)
-        k_rot = self.rotary.apply(k_rot[:, None, :], ctx.cos, ctx.sin)[:, 0]
+        q, c_kv, k_rot = self._q_and_latent(x, ctx.cos, ctx.sin)
         new_kv = (c_kv, k_rot)
         if past is not None:
             c_kv, k_rot = _with_prefix(past[0], c_kv, ctx.batch), _with_prefix(past[1], k_rot, ctx.batch)
         Tk = c_kv.shape[0]
         kv = self.kv_b_proj(c_kv).view(Tk, self.h, self.nope + self.vd)
         k_nope, v = kv.split([self.nope, self.vd], dim=-1)
-        k = torch.cat([k_nope, k_rot[:, None, :].expand(Tk, self.h, self.rope_d)], dim=-1)
-        q = torch.cat([q_nope, q_rot], dim=-1)
+        k = kv.new_empty(Tk, self.h, self.nope + self.rope_d)  # [k_nope | shared roped key], no cat
+        k[..., :self.nope] = k_nope
+        k[..., self.nope:] = k_rot[:, None, :]
         b = ctx.batch
         o = packed_causal_attention(q, k, v, b.cu_q, b.cu_k, self.scale, ctx.cu_q_dev, ctx.cu_k_dev)
         return self.o_proj(o.reshape(T, -1)), new_kv
@@ -156,17 +175,10 @@ class MLAttention(nn.Module):
         compressed cache [latent | roped key] as one head, the output leaves it through W_UV.
         The same scores and outputs as :meth:`forward`'s expanded form, in exact arithmetic."""
         B = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_rot = q.view(B, self.h, self.nope + self.rope_d).split([self.nope, self.rope_d], dim=-1)
-        c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_d], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        q_rot = self.rotary.apply(q_rot, ctx.cos, ctx.sin)
-        k_rot = self.rotary.apply(k_rot[:, None, :], ctx.cos, ctx.sin)[:, 0]
+        q, c_kv, k_rot = self._q_and_latent(x, ctx.cos, ctx.sin)
+        q_nope, q_rot = q.split([self.nope, self.rope_d], dim=-1)
         cache[0].index_put_((ctx.slots, ctx.positions), torch.cat([c_kv, k_rot], dim=-1)[:, None, :])
-        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vd, self.rank)
+        w = weight_of(self.kv_b_proj, x.dtype).view(self.h, self.nope + self.vd, self.rank)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :self.nope])  # [h, B, rank]
         q_full = torch.cat([q_lat.transpose(0, 1), q_rot], dim=-1)  # [B, h, rank + rope]
         o_lat = decode_attention(q_full, cache[0], cache[1], ctx.slots, ctx.lens, self.scale, ctx.max_len,
@@ -187,12 +199,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
         a, kv = self.self_attn(self.input_layernorm(x), ctx, past)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        h, x = self.post_attention_layernorm.add_forward(a, x)  # x + a and its norm in one pass
+        return x + self.mlp(h), kv
 
     def decode(self, x, ctx: DecodeContext, cache):
-        x = x + self.self_attn.decode(self.input_layernorm(x), ctx, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h, x = self.post_attention_layernorm.add_forward(self.self_attn.decode(self.input_layernorm(x), ctx, cache), x)
+        return x + self.mlp(h)
 
 
 class Backbone(nn.Module):
