@@ -51,6 +51,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
                    help="routed experts: auto = as the checkpoint ships them (FP8 releases stay FP8), same = the "
                         "model dtype, fp8 = e4m3 with 128x128 block scales (quantised at load)")
+    d.add_argument("--dense-dtype", default="auto", choices=["auto", "same", "fp8"],
+                   help="attention / dense MLP / shared-expert projections, as --expert-dtype")
     d.add_argument("--copy-streams", type=int, default=1, help="DWDP copy streams per rank (default 1)")
     d.add_argument("--pull-pacing", default="off", choices=["off", "jit"],
                    help="DWDP pulls: off = as fast as possible; jit = each stretched to end just before its MoE "
@@ -89,6 +91,7 @@ def _rank_spec(args, strategy: str = DP, group_size: int = 1):
                     device="cuda" if args.device.startswith("cuda") else "cpu", group_size=group_size,
                     local_experts=getattr(args, "local_experts", None),
                     expert_dtype=getattr(args, "expert_dtype", "auto"), slice_mb=getattr(args, "slice_mb", None),
+                    dense_dtype=getattr(args, "dense_dtype", "auto"),
                     copy_streams=getattr(args, "copy_streams", 1), pull_pacing=getattr(args, "pull_pacing", "off"),
                     short_steps=getattr(args, "short_steps", "pull"),
                     ship_max_tokens=getattr(args, "ship_max_tokens", 2048), seed=args.seed,
@@ -202,15 +205,16 @@ def cmd_info(args) -> int:
     cfg, _ = resolve_model(args.model, args.num_layers)
     bpp = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
     ebpp = bytes_per_expert_weight(DTYPES[args.dtype] if args.expert_dtype == "same" else args.expert_dtype)
+    dbpp = bpp if args.dense_dtype == "same" else bytes_per_expert_weight("fp8")  # projections
     pb = param_breakdown(cfg)
     console = _console()
     t = Table(title=f"{cfg.name or args.model}: {cfg.model_type}, {cfg.num_layers} layers "
                     f"({len(cfg.moe_layers)} MoE), {cfg.num_experts} routed experts, top-{cfg.top_k}")
     for col in ("part", "parameters", "bytes", "share"):
         t.add_column(col, justify="right" if col != "part" else "left")
-    rows = [("embeddings + lm_head", pb.embeddings, bpp), ("attention", pb.attention, bpp),
-            ("norms", pb.norms, bpp), ("dense MLP", pb.dense_mlp, bpp),
-            ("shared experts", pb.shared_experts, bpp), ("routers", pb.routers, bpp),
+    rows = [("embeddings + lm_head", pb.embeddings, bpp), ("attention", pb.attention, dbpp),
+            ("norms", pb.norms, bpp), ("dense MLP", pb.dense_mlp, dbpp),
+            ("shared experts", pb.shared_experts, dbpp), ("routers", pb.routers, bpp),
             ("routed experts", pb.routed_experts, ebpp)]
     total_bytes = sum(n * b for _, n, b in rows)
     for name, n, b in rows:
@@ -223,7 +227,7 @@ def cmd_info(args) -> int:
                       f"{_fmt_bytes(cfg.num_experts * e_bytes)}; one expert: {_fmt_bytes(e_bytes)}")
     if args.group_size:
         pl = Placement.create(cfg.num_experts, args.group_size, args.local_experts)
-        mem = dwdp_rank_memory(cfg, pl, bpp, ebpp)
+        mem = dwdp_rank_memory(cfg, pl, bpp, ebpp, dense_bytes_per_param=dbpp)
         t2 = Table(title=f"DWDP per-rank memory: {pl.describe()}")
         for col in ("part", "bytes"):
             t2.add_column(col)
@@ -296,7 +300,7 @@ def cmd_bench(args) -> int:
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail, local_experts=args.local_experts,
                      slice_mb=args.slice_mb, copy_streams=args.copy_streams, pull_pacing=args.pull_pacing,
                      short_steps=args.short_steps, ship_max_tokens=args.ship_max_tokens, hold_ms=args.hold_ms,
-                     expert_dtype=args.expert_dtype,
+                     expert_dtype=args.expert_dtype, dense_dtype=args.dense_dtype,
                      dep_transport=args.dep_transport, dep_overlap=args.dep_overlap, dep_wire=args.dep_wire,
                      seed=args.seed,
                      peer_timeout_s=args.peer_timeout,
@@ -496,7 +500,7 @@ def cmd_plan(args) -> int:
         t.add_column(c, justify="left" if c in ("strategy", "where the time goes") else "right")
     budget = hw.memory_gib * FIT_HEADROOM
     for name, x in pr.items():
-        mem = memory_per_gpu(p.cfg, name, p.group_size, p.local_experts, p.expert_dtype, p.mnt) / 2**30
+        mem = memory_per_gpu(p.cfg, name, p.group_size, p.local_experts, p.expert_dtype, p.mnt, p.dense_dtype) / 2**30
         steps = [s for rank in x.step_s for s in rank]
         if name == DEP:
             note = (f"all-to-all {100 * x.extra['a2a_s'] * p.group_size / sum(x.busy_s):.1f}%, "
@@ -714,6 +718,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
     info.add_argument("--expert-dtype", default="same", choices=["same", "fp8", "fp4"],
                       help="routed expert storage format (default: same as --dtype)")
+    info.add_argument("--dense-dtype", default="same", choices=["same", "fp8"],
+                      help="attention / dense MLP / shared-expert projections (default: same as --dtype)")
     info.add_argument("--group-size", "-N", type=int, default=0, help="DWDP group size N: show per-rank memory")
     info.add_argument("--local-experts", "-L", type=int, default=None, help="DWDP local experts per rank L")
     info.set_defaults(func=cmd_info)
@@ -763,6 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "size up to this long for more requests (default 3; 0: never)")
     bench.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
                        help="fp8: quantise routed experts to e4m3 with 128x128 block scales at load")
+    bench.add_argument("--dense-dtype", default="auto", choices=["auto", "same", "fp8"],
+                       help="projections: auto = as the checkpoint ships them, same = the model dtype, fp8 = e4m3 "
+                            "with 128x128 block scales (quantised at load)")
     bench.add_argument("--dep-transport", default="nccl", choices=["nccl", "symm"],
                        help="DEP all-to-all: nccl (all_to_all_single) or symm (NVSHMEM one-sided, GPU)")
     bench.add_argument("--dep-overlap", action="store_true",
@@ -847,6 +856,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-batch", type=int, default=64, help="requests decoded together")
     srv.add_argument("--expert-dtype", default="auto", choices=["auto", "same", "fp8"],
                      help="routed experts as stored (auto), in the model dtype (same) or FP8 (fp8)")
+    srv.add_argument("--dense-dtype", default="auto", choices=["auto", "same", "fp8"],
+                     help="projections as stored (auto), in the model dtype (same) or FP8 (fp8)")
     srv.add_argument("--decode-ranks", type=int, default=0,
                      help="decode in an expert-parallel (DEP) group of this many processes (GPUs cuda:0..N-1 with "
                           "--device cuda), each holding E/N experts; 0: decode in the server process")

@@ -40,6 +40,7 @@ class BenchSpec:
     dep_overlap: bool = False  # DEP two-batch overlap
     dep_wire: str = "auto"  # DEP dispatch row format
     expert_dtype: str = "auto"  # as the checkpoint ships them; "fp8": stored, pulled and computed as e4m3
+    dense_dtype: str = "auto"  # the projections: as the checkpoint ships them; "same"; "fp8"
     warmup: bool = True
     seed: int = 0  # random weights
     peer_timeout_s: float = 120.0
@@ -55,7 +56,8 @@ class BenchSpec:
     def rank_spec(self, strategy: str, max_num_tokens: int) -> RankSpec:
         return RankSpec(model=self.model, strategy=strategy, num_layers=self.num_layers, dtype=self.dtype,
                         device=self.device, group_size=self.n, local_experts=self.local_experts,
-                        expert_dtype=self.expert_dtype, slice_mb=self.slice_mb, copy_streams=self.copy_streams,
+                        expert_dtype=self.expert_dtype, dense_dtype=self.dense_dtype,
+                        slice_mb=self.slice_mb, copy_streams=self.copy_streams,
                         pull_pacing=self.pull_pacing, short_steps=self.short_steps,
                         ship_max_tokens=self.ship_max_tokens,
                         dep_transport=self.dep_transport, dep_overlap=self.dep_overlap, dep_wire=self.dep_wire,

@@ -86,7 +86,8 @@ class GQAAttention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.rotary.apply_into(q.view(T, self.h, self.d), cos, sin, norm=self.q_norm)
         k = self.rotary.apply_into(k.view(T, self.hkv, self.d), cos, sin, norm=self.k_norm)
-        return q, k, v.view(T, self.hkv, self.d)
+        # v contiguous: it is kept as the KV cache entry, which must not hold the q|k|v buffer alive.
+        return q, k, v.reshape(T, self.hkv, self.d).contiguous()
 
     def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
         T = x.shape[0]

@@ -32,6 +32,7 @@ class RankSpec:
     group_size: int = 1
     local_experts: int | str | None = None  # DWDP L (default: the smallest valid; "auto": the largest that fits)
     expert_dtype: str = "auto"  # "auto": as the checkpoint ships them; "same": the model dtype; "fp8": e4m3
+    dense_dtype: str = "auto"  # the layers' projections, as expert_dtype (FP8 releases ship them FP8)
     slice_mb: float | None = None  # DWDP: pull slices of this many MiB, round-robin over peers
     copy_streams: int = 1  # DWDP copy streams per rank
     pull_pacing: str = "off"  # DWDP: "off" (pulls as fast as possible) or "jit" (each ends just before its MoE)
@@ -96,7 +97,8 @@ def resolve_local_experts(spec: RankSpec, cfg: ModelConfig, dtype, device) -> Ra
         dev = torch.device(device)
         free, total = torch.cuda.mem_get_info(dev)
         budget = min(FIT_HEADROOM * total, free - AUTO_L_MARGIN_BYTES)
-        L = auto_local_experts(cfg, spec.group_size, dtype, spec.expert_dtype, spec.max_num_tokens, budget)
+        L = auto_local_experts(cfg, spec.group_size, dtype, spec.expert_dtype, spec.max_num_tokens, budget,
+                               dense_dtype=spec.dense_dtype)
     else:  # the default placement's L (raises, saying why, for an impossible E and N)
         L = Placement.create(cfg.num_experts, max(spec.group_size, 1)).local
     return replace(spec, local_experts=L)
@@ -127,13 +129,15 @@ def build_rank(spec: RankSpec, ctx, hooks: RuntimeHooks = NO_HOOKS, progress: bo
         check_agreement(ctx, {"model config": cfg.to_dict(), "strategy": spec.strategy, "plan": plan.label,
                               "checkpoint": fingerprint_checkpoint(str(ckpt) if ckpt else None),
                               "dtype": str(dtype), "expert dtype": spec.expert_dtype,
+                              "dense dtype": spec.dense_dtype,
                               "seed": spec.seed if ckpt is None else None})
     shard = plan.expert_shard
     # Every tensor allocated once in its final dtype; FP8 experts stay FP8 from allocation on
     # (stored, pulled by DWDP and sent to the GEMMs as FP8 + block scales).
     store = strategy.expert_store(cfg, ctx, spec, plan, dtype)
     model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None,
-                        expert_dtype=spec.expert_dtype, expert_storage=store.views if store else None)
+                        expert_dtype=spec.expert_dtype, expert_storage=store.views if store else None,
+                        dense_dtype=spec.dense_dtype)
     if ckpt is not None:
         load_checkpoint(model, ckpt, progress=progress)
     else:

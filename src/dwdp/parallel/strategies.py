@@ -101,7 +101,7 @@ class DataParallel(Strategy):
     def plan(self, cfg, spec, dtype, group_size, group_rank):
         from ..info import rank_memory
 
-        return RankPlan("dp (a full replica per GPU)", None, rank_memory(cfg, dtype, spec.expert_dtype).total)
+        return RankPlan("dp (a full replica per GPU)", None, rank_memory(cfg, dtype, spec.expert_dtype, dense_dtype=spec.dense_dtype).total)
 
     def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         return ReplicaRuntime(model)
@@ -122,7 +122,7 @@ class ExpertParallel(Strategy):
         wire = fp8_wire(spec.dep_wire, fp8_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         buffers = dep_buffer_bytes(cfg, group_size, spec.max_num_tokens, wire, torch.empty(0, dtype=dtype).element_size())
         return RankPlan(f"dep (EP{group_size})", (mine.start, len(mine)),
-                        rank_memory(cfg, dtype, spec.expert_dtype, len(mine)).total + buffers)
+                        rank_memory(cfg, dtype, spec.expert_dtype, len(mine), dense_dtype=spec.dense_dtype).total + buffers)
 
     def apply(self, model, ctx, spec, plan, hooks=NO_HOOKS, store=None):
         from .ep import apply_dep
@@ -149,7 +149,8 @@ class DistributedWeights(Strategy):
         placement = Placement.create(cfg.num_experts, group_size, spec.local_experts)
         mine = placement.local_range(group_rank)
         return RankPlan(f"dwdp ({placement.describe()})", (mine.start, len(mine)),
-                        dwdp_rank_memory(cfg, placement, dtype=dtype, expert_dtype=spec.expert_dtype).total, placement)
+                        dwdp_rank_memory(cfg, placement, dtype=dtype, expert_dtype=spec.expert_dtype,
+                                         dense_dtype=spec.dense_dtype).total, placement)
 
     def expert_store(self, cfg, ctx, spec, plan, dtype):
         from ..models.build import resolve_expert_dtype

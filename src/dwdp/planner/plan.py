@@ -57,21 +57,23 @@ class PlanInput:
         return [[len(r.prompt) for r in part] for part in assign(reqs, world, wl.assign)]
 
 
-def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, expert_dtype: str, mnt: int) -> float:
+def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, expert_dtype: str, mnt: int,
+                   dense_dtype: str = "bf16") -> float:
     pb = param_breakdown(cfg)
     eb = EXPERT_BYTES[expert_dtype]
     act = activation_bytes(cfg, mnt, 2)
+    non_expert = pb.non_expert_bytes(2, EXPERT_BYTES[dense_dtype])  # FP8 projections: 1 byte + scales
     if strategy == DP:
-        return pb.non_expert * 2 + pb.routed_experts * eb + act
+        return non_expert + pb.routed_experts * eb + act
     if strategy == DEP:
         from ..parallel.ep import dep_buffer_bytes, fp8_wire
 
         share = -(-cfg.num_experts // n)
         wire = fp8_wire("auto", expert_dtype != "bf16", cfg.hidden_size, cfg.moe_intermediate_size)
-        return (pb.non_expert * 2 + share * pb.num_moe_layers * pb.expert_numel * eb + act
+        return (non_expert + share * pb.num_moe_layers * pb.expert_numel * eb + act
                 + dep_buffer_bytes(cfg, n, mnt, wire))
     pl = Placement.create(cfg.num_experts, n, local)
-    return dwdp_rank_memory(cfg, pl, 2, eb).total + act
+    return dwdp_rank_memory(cfg, pl, 2, eb, dense_bytes_per_param=EXPERT_BYTES[dense_dtype]).total + act
 
 
 def predict_all(p: PlanInput, strategies=(DP, DEP, DWDP)) -> dict[str, Prediction]:
@@ -114,7 +116,7 @@ def recommend(p: PlanInput, memory_gib: float | None = None, max_group: int | No
         cands = valid_local_counts(E, n)
         for L in sorted(set([cands[0], cands[len(cands) // 4], cands[len(cands) // 2]])):
             try:
-                mem = memory_per_gpu(p.cfg, DWDP, n, L, p.expert_dtype, p.mnt)
+                mem = memory_per_gpu(p.cfg, DWDP, n, L, p.expert_dtype, p.mnt, p.dense_dtype)
             except PlacementError:
                 continue
             q = copy.deepcopy(p)
