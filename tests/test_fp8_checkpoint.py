@@ -126,7 +126,7 @@ def test_logits_match_transformers_on_the_dequantised_weights(release, tmp_path,
     """Independent reference: transformers' own model, loaded (its own loader) from a
     checkpoint holding the float64-dequantised values of every stored tensor. With FP8
     projections ("auto") the reference's projections see FP8-rounded inputs (as the FP8
-    GEMM does); the remaining difference is where fp32 rounding flips an e4m3 rounding."""
+    GEMM does; without that the logits differ by ~15%): what remains is fp32 against fp32."""
     import transformers
 
     ref_dir = tmp_path / "dequantised"
@@ -150,7 +150,7 @@ def test_logits_match_transformers_on_the_dequantised_weights(release, tmp_path,
         with torch.no_grad():
             want = hf(torch.tensor([seq])).logits[0, -1].double()
         err = float((got[i].double() - want).norm() / want.norm())
-        assert err < (2e-3 if fp8_dense else 1e-5), (release.family, i, err)
+        assert err < (1e-4 if fp8_dense else 1e-5), (release.family, i, err)
     for h in hooks:
         h.remove()
 
