@@ -198,14 +198,25 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
-        a, kv = self.self_attn(self.input_layernorm(x), ctx, past)
-        h, x = self.post_attention_layernorm.add_forward(a, x)  # x + a and its norm in one pass
-        return x + self.mlp(h), kv
+    def _norm_in(self, y, resid):
+        """The residual stream after adding the previous layer's MLP output ``y`` (none for
+        the first layer: ``y`` is the stream) and its input norm, in one pass on CUDA."""
+        if resid is None:
+            return self.input_layernorm(y), y
+        return self.input_layernorm.add_forward(y, resid)
 
-    def decode(self, x, ctx: DecodeContext, cache):
-        h, x = self.post_attention_layernorm.add_forward(self.self_attn.decode(self.input_layernorm(x), ctx, cache), x)
-        return x + self.mlp(h)
+    def forward(self, y, ctx: ForwardContext, past: LayerKV | None, resid: torch.Tensor | None = None):
+        """-> (this layer's MLP output, the residual stream before it is added, KV): the
+        add happens fused with the next layer's input norm (or the final norm)."""
+        h, resid = self._norm_in(y, resid)
+        a, kv = self.self_attn(h, ctx, past)
+        h, resid = self.post_attention_layernorm.add_forward(a, resid)  # resid + a and its norm in one pass
+        return self.mlp(h), resid, kv
+
+    def decode(self, y, ctx: DecodeContext, cache, resid: torch.Tensor | None = None):
+        h, resid = self._norm_in(y, resid)
+        h, resid = self.post_attention_layernorm.add_forward(self.self_attn.decode(h, ctx, cache), resid)
+        return self.mlp(h), resid
 
 
 class Backbone(nn.Module):
@@ -262,10 +273,12 @@ class MoECausalLM(nn.Module):
         cu_q_dev, cu_k_dev = meta.cu_q, meta.cu_k
         ctx = ForwardContext(batch, cos, sin, cu_q_dev, cu_k_dev)
         kvs: list[LayerKV] = []
+        resid = None
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, ctx, None if past is None else past[i])
+            x, resid, kv = layer(x, ctx, None if past is None else past[i], resid)
             kvs.append(kv)
-        last = self.model.norm(x[meta.last_index])
+        li = meta.last_index
+        last = self.model.norm(x[li] if resid is None else resid[li] + x[li])  # the last add: last tokens only
         return PrefillOutput(self.lm_head(last).float(), kvs)
 
     @torch.inference_mode()
@@ -279,6 +292,8 @@ class MoECausalLM(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = self.model.layers[0].self_attn.rotary.cos_sin(positions, x.dtype)
         ctx = DecodeContext(cos, sin, slots, positions, (positions + 1).to(torch.int32), max_len)
+        resid = None
         for layer, cache in zip(self.model.layers, cache_layers):
-            x = layer.decode(x, ctx, cache)
-        return self.lm_head(self.model.norm(x)).float()
+            x, resid = layer.decode(x, ctx, cache, resid)
+        h = self.model.norm(x) if resid is None else self.model.norm.add_forward(x, resid)[0]
+        return self.lm_head(h).float()
