@@ -65,12 +65,12 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
 
 @triton.jit
 def _rope_kernel(x_ptr, o_ptr, w_ptr, cos_ptr, sin_ptr, H, s_xt, s_xh, s_ot, s_oh, s_ct, eps,
-                 R: tl.constexpr, NORM: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr):
+                 R: tl.constexpr, HALF: tl.constexpr, NORM: tl.constexpr, INTERLEAVED: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
     # One program: one token, BLOCK_H heads. All loads precede the stores, so o may be x.
     t = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
-    HALF: tl.constexpr = R // 2
     j = tl.arange(0, HALF)
     c = tl.load(cos_ptr + t * s_ct + j).to(tl.float32)
     s = tl.load(sin_ptr + t * s_ct + j).to(tl.float32)
@@ -115,6 +115,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: boo
         bh = min(16, triton.next_power_of_2(H))
         w = norm_weight if norm_weight is not None else cos
         _rope_kernel[(T, triton.cdiv(H, bh))](x, out, w, cos, sin, H, x.stride(0), x.stride(1), out.stride(0),
-                                              out.stride(1), cos.stride(0), eps, R=R, NORM=norm_weight is not None,
+                                              out.stride(1), cos.stride(0), eps, R=R, HALF=R // 2, NORM=norm_weight is not None,
                                               INTERLEAVED=interleaved, BLOCK_H=bh, num_warps=4)
     return out
