@@ -101,7 +101,8 @@ def classify(stack: list[str]) -> str:
 def _launch_stacks(events: list[dict]) -> dict[int, list[str]]:
     """Kernel correlation id -> names of the host ranges enclosing its launch."""
     ranges = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
-    launches = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})]
+    launches = [e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})]
     by_tid: dict = {}
     for e in ranges:
         by_tid.setdefault(e["tid"], []).append((e["ts"], 0, -e["dur"], e))
