@@ -122,3 +122,25 @@ def test_unknown_dense_dtype_is_named():
         build_model(cfg, torch.bfloat16, "meta", dense_dtype="int4")
     with pytest.raises(ValueError, match="--dtype fp32"):
         build_model(cfg, torch.bfloat16, "meta", dense_dtype="fp32")
+
+
+def test_merged_projections_never_go_stale(dsv3_ref):
+    """build_model gives q_a|kv_a, gate|up (and q|k|v) one weight tensor; a model moved
+    afterwards holds copies, and then each projection runs on its own: same logits."""
+    from dwdp.models.layers import merged_parts
+
+    model = load_checkpoint(build_model(dsv3_ref.cfg, torch.float32), dsv3_ref.path)
+    attn = model.model.layers[0].self_attn
+    assert merged_parts(attn.qkv_a, (attn.q_a_proj, attn.kv_a_proj_with_mqa)) is not None
+    seqs = [[3, 1, 4, 1, 5, 9, 2, 6], [5, 3]]
+    want = model(PackedBatch.from_sequences(seqs)).logits
+    moved = copy.deepcopy(model)
+    for p in moved.parameters():  # as .to() / a cast does: new storages, the merged tuples no longer back them
+        p.data = p.data.clone()
+    a2 = moved.model.layers[0].self_attn
+    assert merged_parts(a2.qkv_a, (a2.q_a_proj, a2.kv_a_proj_with_mqa)) is None
+    got = moved(PackedBatch.from_sequences(seqs)).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    # FP8 rows stay whole 128-row scale blocks: a q_a of fewer rows (the tiny model) heads no merge
+    fp8 = build_model(dsv3_ref.cfg, torch.float32, "meta", dense_dtype="fp8").model.layers[0].self_attn
+    assert dsv3_ref.cfg.q_lora_rank % 128 and fp8.qkv_a is None

@@ -113,17 +113,18 @@ class DenseMLP(nn.Module):
         self.gate_up: tuple[torch.Tensor, ...] | None = None  # (weight[, scale]) holding both
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is None:
+        gate_up = merged_parts(self.gate_up, (self.gate_proj, self.up_proj))
+        if gate_up is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         inter = self.down_proj.in_features
-        if len(self.gate_up) == 1:
-            h = F.linear(x, self.gate_up[0])
+        if len(gate_up) == 1:
+            h = F.linear(x, gate_up[0])
             if kernels.enabled(h):
                 from ..kernels.moe_epilogue import silu_mul
 
                 return self.down_proj(silu_mul(h.reshape(-1, 2 * inter)).view(*x.shape[:-1], inter))
             return self.down_proj(F.silu(h[..., :inter]) * h[..., inter:])
-        h = fp8_linear(x, *self.gate_up)
+        h = fp8_linear(x, *gate_up)
         down = self.down_proj
         if kernels.enabled(h) and inter % 128 == 0 and is_fp8(down):
             from ..kernels.fp8_grouped import quantize_rows
@@ -215,6 +216,25 @@ class Rotary(nn.Module):
             return y
         out.copy_(y)
         return out
+
+
+def merged_parts(parts: tuple[torch.Tensor, ...] | None, mods) -> tuple[torch.Tensor, ...] | None:
+    """``parts`` while ``mods``' weights (and FP8 scales) are still its row blocks, else None
+    (a model moved or cast after build_model holds copies: each projection then runs on its
+    own, so the merged tensor can never be stale). A few pointer compares, no device work."""
+    if parts is None:
+        return None
+    r = 0
+    for m in mods:
+        w = parts[0]
+        if m.weight.data_ptr() != w.data_ptr() + r * w.stride(0) * w.element_size():
+            return None
+        if len(parts) == 2:
+            s = parts[1]
+            if m.weight_scale_inv.data_ptr() != s.data_ptr() + (r // 128) * s.stride(0) * s.element_size():
+                return None
+        r += m.weight.shape[0]
+    return parts
 
 
 def merged_linear(x: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch import nn
 from ..batch import PackedBatch
 from ..config import ModelConfig
 from .attention import decode_attention, packed_causal_attention
-from .layers import DenseMLP, RMSNorm, Rotary, merged_linear, weight_of, yarn_softmax_scale
+from .layers import DenseMLP, RMSNorm, Rotary, merged_linear, merged_parts, weight_of, yarn_softmax_scale
 from .moe import MoEBlock
 
 # DeepSeek's reference code (and transformers') builds the two MLA latent norms with the
@@ -80,8 +80,9 @@ class GQAAttention(nn.Module):
     def _qkv(self, x, cos, sin):
         """q, k (normed and roped, one kernel each on CUDA), v: [T, heads, d]."""
         T = x.shape[0]
-        if self.qkv is not None:
-            q, k, v = merged_linear(x, self.qkv).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+        qkv = merged_parts(self.qkv, (self.q_proj, self.k_proj, self.v_proj))
+        if qkv is not None:
+            q, k, v = merged_linear(x, qkv).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.rotary.apply_into(q.view(T, self.h, self.d), cos, sin, norm=self.q_norm)
@@ -142,8 +143,9 @@ class MLAttention(nn.Module):
         if hasattr(self, "q_proj"):
             q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
         else:
-            if self.qkv_a is not None:
-                q_a, kv_a = merged_linear(x, self.qkv_a).split([self.q_b_proj.in_features, self.rank + self.rope_d], -1)
+            qkv_a = merged_parts(self.qkv_a, (self.q_a_proj, self.kv_a_proj_with_mqa))
+            if qkv_a is not None:
+                q_a, kv_a = merged_linear(x, qkv_a).split([self.q_b_proj.in_features, self.rank + self.rope_d], -1)
             else:
                 q_a, kv_a = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
             q = self.q_b_proj(self.q_a_layernorm(q_a))
