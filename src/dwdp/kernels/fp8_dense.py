@@ -114,7 +114,7 @@ def _scaled_mm_works(device: torch.device) -> bool:
     ws = torch.rand(N // BLOCK, K // BLOCK, device=device, generator=g) + 0.5
     try:
         got = gemm_scaled_mm(xq, xs, w, ws).float()
-    except (RuntimeError, TypeError, NotImplementedError) as e:
+    except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
         log.info("FP8 dense projections: torch block-wise _scaled_mm unavailable (%s); using the Triton kernel",
                  str(e).splitlines()[0][:160])
         return False
