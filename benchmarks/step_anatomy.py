@@ -1,4 +1,28 @@
-"""Where a DWDP step's time goes against the same step on a full replica (issue 16).
+"""Where a step's device time goes.
+
+``--one-gpu``: one prefill step of a full replica on one GPU, profiled; writes one record
+per model and weight format: ``model``, ``expert_dtype``, ``dense_dtype``, ``tokens``,
+``device_ms_by_kind`` (summed kernel and copy time; idle time is not counted) and
+``kernels``, the per-kernel list (name, count, device ms, kind) it was summed from.
+
+How a kernel's kind is found: by what launched it, not by its name. The profiler links
+each kernel to its launch on the host; the launch sits inside a stack of host ranges:
+aten ops, and ranges this script opens around the engine's own entry points while it
+profiles (``dwdp:gemm`` around the Triton GEMMs, ``dwdp:attention`` around the attention
+call, ``dwdp:norm``, ``dwdp:rope``, ``dwdp:quantise``, ``dwdp:router``, and
+``dwdp:experts`` around the routed-expert module). In order:
+1. the innermost aten op or ``dwdp:gemm`` is a matrix product (mm, addmm, bmm,
+   _scaled_mm, _grouped_mm, _scaled_grouped_mm, ...) or ``dwdp:gemm``: ``gemm``, or
+   ``expert_gemm`` inside ``dwdp:experts``;
+2. an attention op (scaled_dot_product_*, flash/cudnn/efficient attention, varlen) or
+   ``dwdp:attention`` on the stack: ``attention`` (the prefix-merge arithmetic included);
+3. ``dwdp:quantise`` / ``dwdp:norm`` / ``dwdp:rope`` on the stack: ``quantise`` / ``norm`` /
+   ``rope``; ``dwdp:router`` or ``dwdp:experts``: ``routing`` (routing, permute, combine);
+4. else by the innermost aten op: copies, casts, concatenations and fills are ``copy``,
+   everything else ``elementwise``; memcpy/memset are ``copy``; no host op at all: ``other``.
+
+The N-GPU mode (default): where a DWDP step's time goes against the same step on a full
+replica (issue 16).
 
 Every rank of an N-GPU group builds three models of the same weights shape: a dp replica,
 a DWDP rank, and a DWDP rank whose pulls are switched off (the communication-free limit of
@@ -45,6 +69,208 @@ def kind_of(name: str) -> str:
         if any(k in low for k in keys):
             return kind
     return "other"
+
+
+# ------------------------------------------------------------------------------------------
+# One-GPU step anatomy record
+# ------------------------------------------------------------------------------------------
+
+_MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::_scaled_mm",
+               "aten::_grouped_mm", "aten::_scaled_grouped_mm", "aten::scaled_mm", "aten::_int_mm")
+_ATTN_KEYS = ("scaled_dot_product", "flash_attention", "cudnn_attention", "efficient_attention", "varlen")
+_COPY_KEYS = ("copy", "cat", "_to_copy", "aten::to", "clone", "contiguous", "fill", "zero", "empty", "stack",
+              "index_put", "expand", "pad")
+
+
+def classify(stack: list[str]) -> str:
+    """A kernel's kind from its launch's host stack (outermost first); see the docstring."""
+    inner = next((n for n in reversed(stack) if n.startswith("aten::") or n == "dwdp:gemm"), None)
+    if inner is not None and (inner == "dwdp:gemm" or inner in _MATMUL_OPS):
+        return "expert_gemm" if "dwdp:experts" in stack else "gemm"
+    if "dwdp:attention" in stack or any(k in n for n in stack for k in _ATTN_KEYS):
+        return "attention"
+    for tag, kind in (("dwdp:quantise", "quantise"), ("dwdp:norm", "norm"), ("dwdp:rope", "rope"),
+                      ("dwdp:router", "routing"), ("dwdp:experts", "routing")):
+        if tag in stack:
+            return kind
+    if inner is None:
+        return "other"
+    return "copy" if any(k in inner for k in _COPY_KEYS) else "elementwise"
+
+
+def _launch_stacks(events: list[dict]) -> dict[int, list[str]]:
+    """Kernel correlation id -> names of the host ranges enclosing its launch."""
+    ranges = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
+    launches = [e for e in events
+                if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})]
+    by_tid: dict = {}
+    for e in ranges:
+        by_tid.setdefault(e["tid"], []).append((e["ts"], 0, -e["dur"], e))
+    for e in launches:
+        by_tid.setdefault(e["tid"], []).append((e["ts"], 1, 0, e))
+    out: dict[int, list[str]] = {}
+    for items in by_tid.values():
+        items.sort(key=lambda t: (t[0], t[1], t[2]))
+        stack: list[dict] = []
+        for ts, is_launch, _, e in items:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= ts:
+                stack.pop()
+            if is_launch:
+                out[e["args"]["correlation"]] = [r["name"] for r in stack]
+            else:
+                stack.append(e)
+    return out
+
+
+def kernel_record(events: list[dict]) -> tuple[dict, list[dict]]:
+    """(device ms by kind, per-kernel rows) from a chrome trace's events."""
+    stacks = _launch_stacks(events)
+    rows: dict[tuple[str, str], list] = {}
+    for e in events:
+        cat = e.get("cat")
+        if cat == "kernel":
+            kind = classify(stacks.get(e.get("args", {}).get("correlation"), []))
+        elif cat in ("gpu_memcpy", "gpu_memset"):
+            kind = "copy"
+        else:
+            continue
+        r = rows.setdefault((e["name"], kind), [0, 0.0])
+        r[0] += 1
+        r[1] += e["dur"] / 1e3
+    by_kind: dict[str, float] = {}
+    for (_, kind), (_, ms) in rows.items():
+        by_kind[kind] = by_kind.get(kind, 0.0) + ms
+    table = sorted(({"name": n, "kind": k, "count": c, "device_ms": round(ms, 4)} for (n, k), (c, ms) in rows.items()),
+                   key=lambda r: -r["device_ms"])
+    return {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])}, table
+
+
+@contextlib.contextmanager
+def _instrumented(model):
+    """Host ranges naming the engine's entry points (see the docstring), while profiling."""
+    import importlib
+
+    from torch.profiler import record_function
+
+    patches, hooks = [], []
+
+    def wrap(modname: str, attr: str, tag: str):
+        try:
+            mod = importlib.import_module(modname)
+        except ImportError:
+            return
+        fn = getattr(mod, attr, None)
+        if fn is None:
+            return
+
+        def wrapped(*a, **k):
+            with record_function(tag):
+                return fn(*a, **k)
+
+        patches.append(mock.patch.object(mod, attr, wrapped))
+
+    for modname, attr, tag in (
+            ("dwdp.kernels.fp8_dense", "fp8_gemm", "dwdp:gemm"),
+            ("dwdp.kernels.fp8_grouped", "grouped_gemm_fp8", "dwdp:gemm"),
+            ("dwdp.kernels.fp8_grouped", "grouped_gemm_bf16", "dwdp:gemm"),
+            ("dwdp.kernels.fp8_grouped", "quantize_rows", "dwdp:quantise"),
+            ("dwdp.quant", "quantize_act_1x128", "dwdp:quantise"),
+            ("dwdp.models.transformer", "packed_causal_attention", "dwdp:attention"),
+            ("dwdp.models.transformer", "decode_attention", "dwdp:attention")):
+        wrap(modname, attr, tag)
+    from dwdp.models import layers as L
+    from dwdp.models import moe as M
+
+    for cls, attr, tag in ((L.RMSNorm, "forward", "dwdp:norm"), (L.RMSNorm, "add_forward", "dwdp:norm"),
+                           (L.Rotary, "apply", "dwdp:rope"), (L.Rotary, "apply_into", "dwdp:rope"),
+                           (M.Router, "forward", "dwdp:router")):
+        fn = getattr(cls, attr, None)
+        if fn is None:
+            continue
+
+        def wrapped(self, *a, _fn=fn, _tag=tag, **k):
+            with record_function(_tag):
+                return _fn(self, *a, **k)
+
+        patches.append(mock.patch.object(cls, attr, wrapped))
+    for block in model.moe_blocks():
+        def pre(mod, args):
+            mod._dwdp_rf = record_function("dwdp:experts")
+            mod._dwdp_rf.__enter__()
+
+        def post(mod, args, out):
+            mod._dwdp_rf.__exit__(None, None, None)
+
+        hooks += [block.experts.register_forward_pre_hook(pre), block.experts.register_forward_hook(post)]
+    with contextlib.ExitStack() as st:
+        for p in patches:
+            st.enter_context(p)
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def one_gpu(a) -> list[dict]:
+    """One record per (expert dtype, dense dtype) of --formats, for --model."""
+    from dwdp.models import build_model, init_random
+    from dwdp.presets import resolve_model
+
+    cfg, _ = resolve_model(a.model, a.layers)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist() for n in a.lengths]
+    out = []
+    for fmt in a.formats.split(","):
+        edt, ddt = fmt.split("/")
+        kw = {"expert_dtype": edt, "dense_dtype": ddt}
+        try:
+            model = build_model(cfg, torch.bfloat16, "cuda", **kw)
+        except TypeError:  # an engine without FP8 projections (a base commit)
+            model = build_model(cfg, torch.bfloat16, "cuda", expert_dtype=edt)
+            ddt = "bf16"
+        init_random(model, 0)
+        dense = "fp8" if any(p.dtype == torch.float8_e4m3fn for n, p in model.named_parameters()
+                             if ".self_attn." in n) else "bf16"
+        batch = PackedBatch.from_sequences(seqs, "cuda")
+        batch.meta()
+        with torch.no_grad():
+            for _ in range(3):
+                model(batch)
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(a.iters):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                model(batch)
+                e1.record()
+                e1.synchronize()
+                ts.append(e0.elapsed_time(e1))
+            with _instrumented(model):
+                model(batch)  # the wrappers' first call outside the profile
+                torch.cuda.synchronize()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                        torch.profiler.ProfilerActivity.CPU]) as prof:
+                    model(batch)
+                    torch.cuda.synchronize()
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "trace.json")
+            prof.export_chrome_trace(path)
+            with open(path) as f:
+                events = json.load(f)["traceEvents"]
+        by_kind, table = kernel_record(events)
+        total = sum(by_kind.values())
+        core = sum(by_kind.get(k, 0.0) for k in ("expert_gemm", "gemm", "attention"))
+        ts.sort()
+        out.append({"model": a.model, "num_layers": a.layers, "expert_dtype": edt,
+                    "dense_dtype": dense,
+                    "tokens": sum(a.lengths), "lengths": a.lengths, "step_ms_median": round(ts[len(ts) // 2], 3),
+                    "device_ms_total": round(total, 3), "device_ms_by_kind": by_kind,
+                    "outside_gemm_attention_share": round(1 - core / total, 4) if total else None,
+                    "kernels": table})
+        del model, batch
+        torch.cuda.empty_cache()
+    return out
 
 
 def _median_step(model, batch, iters: int, group) -> float:
@@ -179,8 +405,24 @@ def main():
     p.add_argument("--expert-dtype", default="auto")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--out", default="anatomy.json")
+    p.add_argument("--one-gpu", action="store_true", help="the one-GPU step anatomy record (see the docstring)")
+    p.add_argument("--formats", default="fp8/fp8,fp8/same",
+                   help="--one-gpu: expert dtype/dense dtype pairs (dense: fp8, same or auto)")
+    p.add_argument("--label", default="", help="--one-gpu: a note stored with the records (e.g. the commit)")
     a = p.parse_args()
     a.lengths = [int(x) for x in a.lengths.split(",")]
+    if a.one_gpu:
+        recs = one_gpu(a)
+        for r in recs:
+            r["label"] = a.label
+        with open(a.out, "w") as f:
+            json.dump({"machine": machine_info(), "torch": torch.__version__, "records": recs}, f, indent=1)
+        for r in recs:
+            kinds = " ".join(f"{k} {v:.1f}" for k, v in r["device_ms_by_kind"].items())
+            print(f"{a.label} {r['model']} L{r['num_layers']} experts {r['expert_dtype']} dense {r['dense_dtype']}: "
+                  f"step {r['step_ms_median']:.1f} ms, device {r['device_ms_total']:.1f} ms ({kinds}); "
+                  f"outside GEMM+attention {100 * r['outside_gemm_attention_share']:.1f}%")
+        return
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
         os.environ.setdefault(k, v)
     ranks = spawn_local(worker, a.N, (a,), timeout_s=500)

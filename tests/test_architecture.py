@@ -167,20 +167,6 @@ def _is_strategy_module(path: Path) -> bool:
     return any(rel == m or (m.endswith("/") and rel.startswith(m)) for m in STRATEGY_MODULES)
 
 
-def test_strategy_names_live_in_the_registry():
-    """Outside the strategy modules no module spells a strategy's name: they use the
-    registry (STRATEGIES, DP/DEP/DWDP) and its attributes (lockstep, grouped, ...)."""
-    pattern = re.compile(r'"(dwdp|dep|dp)"')
-    hits = []
-    for path in SRC.rglob("*.py"):
-        if _is_strategy_module(path):
-            continue
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if pattern.search(line):
-                hits.append(f"{path.relative_to(SRC)}:{i}: {line.strip()}")
-    assert not hits, "strategy names outside the registry:\n" + "\n".join(hits)
-
-
 def test_models_know_nothing_of_parallelism():
     for path in (SRC / "models").rglob("*.py"):
         deps = _imports(path)

@@ -12,9 +12,12 @@ FP8 checkpoints (``*.weight`` e4m3 with ``*.weight_scale_inv`` 128x128 block sca
 DeepSeek-V3/R1 and Qwen3-*-FP8 ship):
 - routed experts stored as FP8 (``build_model(expert_dtype="fp8"/"auto")``) receive the
   stored bytes and scales unchanged, no dequantise/requantise round trip;
-- everything else (non-expert weights, and experts stored in the compute dtype) is
+- projections built FP8 (``build_model(dense_dtype="fp8"/"auto")``, :class:`~dwdp.models.
+  layers.Fp8Linear`) likewise receive the stored bytes and scales unchanged;
+- everything else (other non-expert weights, and weights stored in the compute dtype) is
   dequantised in fp32 and rounded once to the compute dtype, a few rows at a time.
-Full-precision experts loaded into FP8 storage are quantised one expert at a time.
+Full-precision experts (projections) loaded into FP8 storage are quantised one expert
+(one matrix) at a time.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def _expected_tensors(model: MoECausalLM) -> dict[str, tuple[torch.Tensor, tuple
     cfg = model.config
     out: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
     for name, p in model.named_parameters():
-        if name.endswith((".w13", ".w2", "_scale")):
+        if name.endswith((".w13", ".w2", "_scale", SCALE_SUFFIX)) or p.dtype == FP8:
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -130,6 +133,23 @@ def _expert_names(model: MoECausalLM) -> list[tuple[RoutedExperts, list[tuple[st
     return [(mod, [tuple(f"{mod_name}.{e}.{p}.weight" for p in _PROJ) for e in mod.expert_range])
             for mod_name, mod in model.named_modules()  # model.layers.{l}.mlp.experts
             if isinstance(mod, RoutedExperts)]
+
+
+def _fp8_linears(model: MoECausalLM) -> dict[str, object]:
+    """HF weight name -> its Fp8Linear (weight and scales filled together)."""
+    from .models.layers import Fp8Linear
+
+    return {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+
+
+def _load_fp8_linear(reader: _Reader, name: str, mod, wide: torch.dtype) -> None:
+    """Stored FP8 bytes and scales verbatim; a full-precision weight quantised once."""
+    src = reader.get(name)
+    if src.dtype == FP8:
+        mod.weight.copy_(src)
+        mod.weight_scale_inv.copy_(_scale(reader, name))
+    else:
+        quantize_fp8_blockwise(src.to(mod.weight.device, wide), out=(mod.weight, mod.weight_scale_inv))
 
 
 def _ignorable(name: str, model: MoECausalLM, expected: set[str]) -> bool:
@@ -255,7 +275,9 @@ def load_checkpoint(model: MoECausalLM, ckpt_dir: str | Path, progress: bool = F
     cfg = model.config
     plain = _expected_tensors(model)
     experts = _expert_names(model)
+    fp8_linears = _fp8_linears(model)
     shapes = {n: s for n, (_, s) in plain.items()}
+    shapes.update({n: tuple(m.weight.shape) for n, m in fp8_linears.items()})
     H, I = cfg.hidden_size, cfg.moe_intermediate_size
     for _, per_expert in experts:
         for g, u, d in per_expert:
@@ -272,6 +294,10 @@ def load_checkpoint(model: MoECausalLM, ckpt_dir: str | Path, progress: bool = F
         reader = _Reader(index, stack)
         for name, (dest, _) in plain.items():
             _read_into(reader, name, reader.get(name), dest)
+            if bar:
+                bar.update()
+        for name, mod in fp8_linears.items():
+            _load_fp8_linear(reader, name, mod, wide)
             if bar:
                 bar.update()
         for mod, per_expert in experts:  # layer by layer, one expert at a time

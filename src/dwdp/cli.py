@@ -18,6 +18,7 @@ import torch
 from . import __version__
 from .config import DTYPES, ConfigError
 from .errors import UserError, check_port_free, float_list, int_list, nonnegative_int, positive_float, positive_int
+from .models.build import DENSE_DTYPES
 from .presets import DEFAULT_MODEL, PRESETS
 from .strategy.registry import STRATEGIES, describe
 from .strategy.spec import (BASELINE, DEP, DP, DWDP, EXPERT_DTYPES, DEPConfig, DWDPConfig, expert_format,
@@ -92,6 +93,13 @@ def _add_expert_dtype(p, default: str, runs: bool = True) -> None:
                         + f" (default {default})")
 
 
+def _add_dense_dtype(p, default: str) -> None:
+    p.add_argument("--dense-dtype", default=default, choices=DENSE_DTYPES,
+                   help="attention, dense-MLP and shared-expert projections: auto = as the checkpoint ships them "
+                        "(FP8 releases stay FP8), same = the model dtype, fp8 = e4m3 with 128x128 block scales "
+                        f"(quantised at load) (default {default})")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_model_args(p)
     p.add_argument("--device", type=_device, default="cpu", help="cpu or cuda[:i] (default: cpu)")
@@ -109,6 +117,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--strategy", default=DWDP, choices=list(STRATEGIES),
                    help="how the group shares the experts (default dwdp; dep and dp for comparison)")
     _add_expert_dtype(d, "auto")
+    _add_dense_dtype(d, "auto")
     _add_options(d, DWDPConfig, DEPConfig)
     _add_removed_flags(d, "--pull-pacing", "--short-steps", "--ship-max-tokens")
     d.add_argument("--world-size", type=positive_int, default=None, help="local processes to spawn (default N; W/N groups)")
@@ -134,8 +143,8 @@ def _rank_spec(args, strategy: str = DP, group_size: int = 1):
 
     return RankSpec(model=args.model, strategy=strategy, num_layers=args.num_layers, dtype=args.dtype,
                     device="cuda" if args.device.startswith("cuda") else "cpu", group_size=group_size,
-                    expert_dtype=getattr(args, "expert_dtype", "auto"), dwdp=options_from(DWDPConfig, args),
-                    dep=options_from(DEPConfig, args), seed=args.seed,
+                    expert_dtype=getattr(args, "expert_dtype", "auto"), dense_dtype=getattr(args, "dense_dtype", "auto"),
+                    dwdp=options_from(DWDPConfig, args), dep=options_from(DEPConfig, args), seed=args.seed,
                     max_num_tokens=args.max_num_tokens, peer_timeout_s=getattr(args, "peer_timeout", 60.0))
 
 
@@ -313,6 +322,7 @@ def cmd_info(args) -> int:
     cfg, _ = resolve_model(args.model, args.num_layers)
     bpp = torch.empty(0, dtype=DTYPES[args.dtype]).element_size()
     ebpp = bytes_per_expert_weight(expert_format(args.expert_dtype, cfg.fp8_checkpoint, args.dtype))
+    dbpp = bytes_per_expert_weight(expert_format(args.dense_dtype, cfg.fp8_checkpoint, args.dtype))  # projections
     pb = param_breakdown(cfg)
     # An impossible placement is refused before anything is printed.
     pl = Placement.create(cfg.num_experts, args.group_size, args.local_experts) if args.group_size else None
@@ -321,9 +331,9 @@ def cmd_info(args) -> int:
                     f"({len(cfg.moe_layers)} MoE), {cfg.num_experts} routed experts, top-{cfg.top_k}")
     for col in ("part", "parameters", "bytes", "share"):
         t.add_column(col, justify="right" if col != "part" else "left")
-    rows = [("embeddings + lm_head", pb.embeddings, bpp), ("attention", pb.attention, bpp),
-            ("norms", pb.norms, bpp), ("dense MLP", pb.dense_mlp, bpp),
-            ("shared experts", pb.shared_experts, bpp), ("routers", pb.routers, bpp),
+    rows = [("embeddings + lm_head", pb.embeddings, bpp), ("attention", pb.attention, dbpp),
+            ("norms", pb.norms, bpp), ("dense MLP", pb.dense_mlp, dbpp),
+            ("shared experts", pb.shared_experts, dbpp), ("routers", pb.routers, bpp),
             ("routed experts", pb.routed_experts, ebpp)]
     total_bytes = sum(n * b for _, n, b in rows)
     for name, n, b in rows:
@@ -335,7 +345,7 @@ def cmd_info(args) -> int:
         console.print(f"routed experts per MoE layer: {cfg.num_experts} x {pb.expert_numel:,} params = "
                       f"{_fmt_bytes(cfg.num_experts * e_bytes)}; one expert: {_fmt_bytes(e_bytes)}")
     if pl is not None:
-        mem = dwdp_rank_memory(cfg, pl, bpp, ebpp)
+        mem = dwdp_rank_memory(cfg, pl, bpp, ebpp, dense_bytes_per_param=dbpp)
         t2 = Table(title=f"DWDP per-rank memory: {pl.describe()}")
         for col in ("part", "bytes"):
             t2.add_column(col)
@@ -401,7 +411,7 @@ def cmd_bench(args) -> int:
                      world_size=args.world_size, group_size=args.group_size, strategies=strategies,
                      workload=workload, max_num_tokens=mnts[0], skew=args.skew, balance_tail=args.balance_tail,
                      dwdp=options_from(DWDPConfig, args), dep=options_from(DEPConfig, args), hold_ms=args.hold_ms,
-                     expert_dtype=args.expert_dtype,
+                     expert_dtype=args.expert_dtype, dense_dtype=args.dense_dtype,
                      seed=args.seed,
                      peer_timeout_s=args.peer_timeout,
                      ceilings=args.ceilings, diagnostic=args.diagnostic, progress=sys.stderr.isatty())
@@ -631,7 +641,7 @@ def cmd_plan(args) -> int:
         t.add_column(c, justify="left" if c in ("strategy", "where the time goes") else "right")
     budget = hw.memory_gib * FIT_HEADROOM
     for name, x in pr.items():
-        mem = memory_per_gpu(p.cfg, name, p.group_size, p.local_experts, p.expert_dtype, p.mnt) / 2**30
+        mem = memory_per_gpu(p.cfg, name, p.group_size, p.local_experts, p.expert_dtype, p.mnt, p.dense_dtype) / 2**30
         steps = [s for rank in x.step_s for s in rank]
         note = describe(name).time_note(x, p.group_size)
         fits = "" if mem <= budget else " [red](does not fit)[/red]"
@@ -920,6 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(info)
     info.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
     _add_expert_dtype(info, "same", runs=False)
+    _add_dense_dtype(info, "same")
     info.add_argument("--group-size", "-N", type=nonnegative_int, default=0,
                       help="DWDP group size N: show per-rank memory (0: do not)")
     info.add_argument("--local-experts", "-L", type=_fixed_local_count, default=None, help="DWDP local experts per rank L")
@@ -960,6 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="DWDP with timed arrivals (--rate, traces): hold a step below the measured break-even "
                             "size up to this long for more requests (default 3; 0: never)")
     _add_expert_dtype(bench, "auto")
+    _add_dense_dtype(bench, "auto")
     _add_removed_flags(bench, "--dep-transport", "--dep-overlap")
     bench.add_argument("--peer-timeout", type=positive_float, default=120.0, help="seconds before a silent peer fails the run")
     bench.add_argument("--ceilings", action="store_true", help="GPU: also measure all-to-all bandwidth")
@@ -1049,6 +1061,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-tokens", type=positive_int, default=8192, help="prefill token budget per step")
     srv.add_argument("--max-batch", type=positive_int, default=64, help="requests decoded together")
     _add_expert_dtype(srv, "auto")
+    _add_dense_dtype(srv, "auto")
     srv.add_argument("--decode-ranks", type=nonnegative_int, default=0,
                      help="decode in an expert-parallel (DEP) group of this many processes (GPUs cuda:0..N-1 with "
                           "--device cuda), each holding E/N experts; 0: decode in the server process")

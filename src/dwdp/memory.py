@@ -47,6 +47,16 @@ class ParamBreakdown:
         return (self.embeddings + self.attention + self.norms + self.dense_mlp + self.shared_experts
                 + self.routers)
 
+    @property
+    def projections(self) -> int:
+        """The weights ``--dense-dtype fp8`` stores as FP8: attention, dense MLP, shared experts."""
+        return self.attention + self.dense_mlp + self.shared_experts
+
+    def non_expert_bytes(self, bytes_per_param: float, dense_bytes_per_param: float | None = None) -> float:
+        """Non-expert bytes with the projections at ``dense_bytes_per_param`` (FP8: 1 + 1/4096)."""
+        dense = bytes_per_param if dense_bytes_per_param is None else dense_bytes_per_param
+        return (self.non_expert - self.projections) * bytes_per_param + self.projections * dense
+
 
 @functools.lru_cache(maxsize=64)
 def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
@@ -91,14 +101,16 @@ class BuildBytes:
 
 
 @functools.lru_cache(maxsize=64)
-def build_bytes(cfg: ModelConfig, dtype: torch.dtype, expert_dtype: str | torch.dtype = "auto") -> BuildBytes:
+def build_bytes(cfg: ModelConfig, dtype: torch.dtype, expert_dtype: str | torch.dtype = "auto",
+                dense_dtype: str | torch.dtype = "auto") -> BuildBytes:
     """Exact bytes of ``build_model(cfg, dtype, expert_dtype=expert_dtype)`` (any shard:
     ``total(experts per MoE layer)``). Checkpoint loading and init_random allocate nothing
-    that outlives them, so this is also the resident size after loading."""
+    that outlives them, so this is also the resident size after loading. FP8 projections
+    (``dense_dtype``) count 1 byte per weight plus their block scales."""
     from .models.build import build_model, resolve_expert_dtype
     from .quant import expert_bytes
 
-    model = build_model(cfg, dtype, "meta", lambda _: (0, 0), expert_dtype=expert_dtype)
+    model = build_model(cfg, dtype, "meta", lambda _: (0, 0), expert_dtype=expert_dtype, dense_dtype=dense_dtype)
     seen: set[int] = set()
     non_expert = 0
     for t in [*model.parameters(), *model.buffers()]:  # parameters() yields tied weights once
@@ -122,38 +134,40 @@ class RankMemory:
 
 
 def rank_memory(cfg: ModelConfig, dtype: torch.dtype, expert_dtype: str | torch.dtype = "auto",
-                local_experts: int | None = None, slot_experts: int = 0) -> RankMemory:
+                local_experts: int | None = None, slot_experts: int = 0,
+                dense_dtype: str | torch.dtype = "auto") -> RankMemory:
     """Exact weight bytes of one rank: the model as built with ``local_experts`` routed
     experts per MoE layer (default all: a ``dp`` replica), plus ``slot_experts`` experts'
     worth of prefetch slots (DWDP: ``2 * placement.remote``)."""
-    bb = build_bytes(cfg, dtype, expert_dtype)
+    bb = build_bytes(cfg, dtype, expert_dtype, dense_dtype)
     local = cfg.num_experts if local_experts is None else local_experts
     return RankMemory(non_expert=bb.non_expert, resident_experts=bb.total(local) - bb.non_expert,
                       slots=slot_experts * bb.per_expert)
 
 
 def dwdp_rank_memory(cfg: ModelConfig, placement: Placement, bytes_per_param: float | None = None,
-                     expert_bytes_per_param: float | None = None, *, dtype: torch.dtype | None = None,
-                     expert_dtype: str | torch.dtype = "auto") -> RankMemory:
+                     expert_bytes_per_param: float | None = None, *, dense_bytes_per_param: float | None = None,
+                     dtype: torch.dtype | None = None,
+                     expert_dtype: str | torch.dtype = "auto", dense_dtype: str | torch.dtype = "auto") -> RankMemory:
     """A DWDP rank's weights. With ``dtype`` (preferred) exactly what it allocates (see
     :func:`rank_memory`); with bytes per parameter only, the older estimate."""
     if dtype is not None:
         slots = 2 * placement.remote if placement.group_size > 1 else 0
-        return rank_memory(cfg, dtype, expert_dtype, placement.local, slots)
+        return rank_memory(cfg, dtype, expert_dtype, placement.local, slots, dense_dtype)
     if bytes_per_param is None:
         raise TypeError("dwdp_rank_memory needs dtype= (exact) or bytes_per_param")
     pb = param_breakdown(cfg)
     ebpp = bytes_per_param if expert_bytes_per_param is None else expert_bytes_per_param
     expert_bytes = pb.expert_numel * ebpp
     return RankMemory(
-        non_expert=int(pb.non_expert * bytes_per_param),
+        non_expert=int(pb.non_expert_bytes(bytes_per_param, dense_bytes_per_param)),
         resident_experts=int(placement.local * pb.num_moe_layers * expert_bytes),
         slots=int(2 * placement.remote * expert_bytes) if placement.group_size > 1 else 0,
     )
 
 
 def auto_local_experts(cfg: ModelConfig, group_size: int, dtype: torch.dtype, expert_dtype: str | torch.dtype,
-                       max_num_tokens: int, budget_bytes: float) -> int:
+                       max_num_tokens: int, budget_bytes: float, dense_dtype: str | torch.dtype = "auto") -> int:
     """DWDP's ``-L auto``: the largest valid L whose weights (resident experts, both prefetch
     slots, non-expert) plus one step's activations fit ``budget_bytes``. Spare memory then
     holds experts a rank would otherwise pull every layer: fewer bytes on NVLink and less HBM
@@ -165,7 +179,8 @@ def auto_local_experts(cfg: ModelConfig, group_size: int, dtype: torch.dtype, ex
     act = activation_bytes(cfg, max_num_tokens, torch.empty(0, dtype=dtype).element_size())
     best = valid[0]
     for L in valid:
-        mem = dwdp_rank_memory(cfg, Placement(cfg.num_experts, group_size, L), dtype=dtype, expert_dtype=expert_dtype)
+        mem = dwdp_rank_memory(cfg, Placement(cfg.num_experts, group_size, L), dtype=dtype, expert_dtype=expert_dtype,
+                               dense_dtype=dense_dtype)
         if mem.total + act <= budget_bytes:
             best = L
     return best

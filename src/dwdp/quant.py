@@ -135,3 +135,40 @@ def quantize_experts_fp8(model) -> None:
     experts at all."""
     for block in model.moe_blocks():
         block.experts.quantize_fp8()
+
+
+# --------------------------------------------------------------------------------------
+# FP8 dense projections: e4m3 weights with 128x128 block scales (as the releases ship
+# them), activations quantised per token and per 128 columns at run time (DeepSeek-V3's
+# recipe), so each 128-wide K step has one activation scale per row and one weight scale
+# per 128 output columns.
+# --------------------------------------------------------------------------------------
+
+
+def quantize_act_1x128(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/128)]), x ~= q * scale per 1x128 block.
+
+    The reference of the GPU kernel (``kernels.fp8_grouped.quantize_rows``): amax over
+    each block (floored at 1e-10, so an all-zero block quantises to zeros), scale =
+    amax / 448, q = x / scale rounded once to e4m3."""
+    M, K = x.shape
+    nb = -(-K // BLOCK)
+    xf = torch.zeros(M, nb * BLOCK, dtype=torch.float32, device=x.device)
+    xf[:, :K] = x
+    blocks = xf.view(M, nb, BLOCK)
+    scale = blocks.abs().amax(-1).clamp_min(1e-10) / FP8_MAX
+    q = (blocks / scale[:, :, None]).view(M, nb * BLOCK)[:, :K].to(FP8)
+    return q, scale
+
+
+def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """What the GPU path computes, in plain torch: activations quantised 1x128, both
+    operands dequantised and multiplied in fp32, rounded once to x's dtype."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    q, s = quantize_act_1x128(x.reshape(-1, K))
+    xd = q.float() * s.repeat_interleave(BLOCK, 1)[:, :K]
+    y = xd @ dequantize_fp8_blockwise(w, w_scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*lead, w.shape[0])

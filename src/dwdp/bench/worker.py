@@ -34,6 +34,7 @@ class BenchSpec:
     dep: DEPConfig = field(default_factory=DEPConfig)
     hold_ms: float = 3.0  # DWDP, timed arrivals: hold a step below the measured break-even this long
     expert_dtype: str = "auto"  # as the checkpoint ships them; "fp8": stored, pulled and computed as e4m3
+    dense_dtype: str = "auto"  # the projections: as the checkpoint ships them; "same"; "fp8"
     warmup: bool = True
     seed: int = 0  # random weights
     peer_timeout_s: float = 120.0
@@ -51,8 +52,8 @@ class BenchSpec:
 
     def rank_spec(self, strategy: str, max_num_tokens: int) -> RankSpec:
         return RankSpec(model=self.model, strategy=strategy, num_layers=self.num_layers, dtype=self.dtype,
-                        device=self.device, group_size=self.n, expert_dtype=self.expert_dtype, dwdp=self.dwdp,
-                        dep=self.dep,
+                        device=self.device, group_size=self.n, expert_dtype=self.expert_dtype,
+                        dense_dtype=self.dense_dtype, dwdp=self.dwdp, dep=self.dep,
                         seed=self.seed, max_num_tokens=max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
     def to_dict(self) -> dict:

@@ -27,6 +27,81 @@ already allocated (e.g. DWDP's peer-visible rows) that the layer's routed expert
 live in instead of fresh allocations (scales None unless the experts are FP8)."""
 
 EXPERT_DTYPES = ("auto", "same", "fp8")
+DENSE_DTYPES = ("auto", "same", "fp8")
+
+
+def resolve_dense_dtype(cfg: ModelConfig, dense_dtype: str | torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """How the decoder layers' projections (attention, dense MLPs, shared experts) are
+    stored: ``"auto"`` as the checkpoint ships them (FP8 for an FP8 release), ``"same"`` in
+    ``dtype`` (an FP8 release's are dequantised), ``"fp8"`` as e4m3 + 128x128 block scales
+    (a bf16 checkpoint's are quantised at load). Embeddings, lm_head, norms and routers
+    always stay in their own dtypes."""
+    from ..config import DTYPES
+    from ..quant import FP8
+
+    if isinstance(dense_dtype, torch.dtype):
+        if dense_dtype not in (FP8, dtype):
+            raise ValueError(f"dense dtype {dense_dtype}: choose the model dtype {dtype} or {FP8}")
+        return dense_dtype
+    if dense_dtype in DTYPES:  # a dtype name, as `dwdp plan --dense-dtype bf16` says it
+        if DTYPES[dense_dtype] != dtype:
+            raise ValueError(f"dense dtype {dense_dtype!r}: projections are stored in the model dtype ({dtype}) "
+                             f"or as fp8; choose from {', '.join(DENSE_DTYPES)} or pass --dtype {dense_dtype}")
+        return dtype
+    if dense_dtype not in DENSE_DTYPES:
+        raise ValueError(f"dense dtype {dense_dtype!r}: choose from {', '.join(DENSE_DTYPES)} "
+                         f"(or the model dtype's name)")
+    if dense_dtype == "auto":
+        return FP8 if cfg.fp8_checkpoint else dtype
+    return FP8 if dense_dtype == "fp8" else dtype
+
+
+def _to_fp8_projections(model: MoECausalLM) -> None:
+    """Every nn.Linear of the decoder layers becomes an Fp8Linear (on the meta device)."""
+    from .layers import Fp8Linear
+
+    for layer in model.model.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    setattr(parent, name, Fp8Linear(child.in_features, child.out_features, child.bias is not None))
+
+
+def _merge_groups(model: MoECausalLM):
+    """(owner, attribute, projections reading the same input) whose weights share one
+    tensor, so one GEMM (and one activation quantise) serves them all."""
+    from .layers import DenseMLP
+    from .transformer import GQAAttention, MLAttention
+
+    for mod in model.modules():
+        if isinstance(mod, DenseMLP):
+            yield mod, "gate_up", [mod.gate_proj, mod.up_proj]
+        elif isinstance(mod, GQAAttention):
+            yield mod, "qkv", [mod.q_proj, mod.k_proj, mod.v_proj]
+        elif isinstance(mod, MLAttention) and hasattr(mod, "q_a_proj"):
+            yield mod, "qkv_a", [mod.q_a_proj, mod.kv_a_proj_with_mqa]
+
+
+def _merge_projections(model: MoECausalLM, made: dict, device, dtype: torch.dtype, fp8: bool) -> None:
+    """Allocate each group's weights as row blocks of one tensor (``made``: meta parameter
+    -> its allocation, as build_model fills it). FP8 rows stay whole 128-row scale blocks,
+    so every projection but the last must have a multiple of 128 outputs."""
+    from ..quant import BLOCK, FP8, SCALE_DTYPE, scale_shape
+
+    for owner, attr, mods in _merge_groups(model):
+        if any(m.bias is not None for m in mods) or (fp8 and any(m.out_features % BLOCK for m in mods[:-1])):
+            continue
+        n, k = sum(m.out_features for m in mods), mods[0].in_features
+        w = torch.empty(n, k, dtype=FP8 if fp8 else dtype, device=device)
+        s = torch.empty(*scale_shape(n, k), dtype=SCALE_DTYPE, device=device) if fp8 else None
+        r0 = 0
+        for m in mods:
+            r1 = r0 + m.out_features
+            made[id(m.weight)] = nn.Parameter(w[r0:r1], requires_grad=False)
+            if fp8:
+                made[id(m.weight_scale_inv)] = nn.Parameter(s[r0 // BLOCK:-(-r1 // BLOCK)], requires_grad=False)
+            r0 = r1
+        setattr(owner, attr, (w, s) if fp8 else (w,))
 
 
 def resolve_expert_dtype(cfg: ModelConfig, expert_dtype: str | torch.dtype, dtype: torch.dtype) -> torch.dtype:
@@ -59,6 +134,10 @@ def resolve_expert_dtype(cfg: ModelConfig, expert_dtype: str | torch.dtype, dtyp
 
 
 def _param_dtype(module: nn.Module, name: str, dtype: torch.dtype, expert_dtype: torch.dtype) -> torch.dtype:
+    from .layers import Fp8Linear
+
+    if isinstance(module, Fp8Linear) and name != "bias":
+        return module.weight.dtype if name == "weight" else module.weight_scale_inv.dtype
     if isinstance(module, RoutedExperts):
         return torch.float32 if name.endswith("_scale") else expert_dtype
     if isinstance(module, Router):
@@ -68,7 +147,7 @@ def _param_dtype(module: nn.Module, name: str, dtype: torch.dtype, expert_dtype:
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                 expert_shard: ExpertShard | None = None, *, expert_dtype: str | torch.dtype = "auto",
-                expert_storage: ExpertStorage | None = None) -> MoECausalLM:
+                expert_storage: ExpertStorage | None = None, dense_dtype: str | torch.dtype = "auto") -> MoECausalLM:
     """Allocate an uninitialised model (no values written: load or init_random next).
 
     With ``expert_shard`` each MoE layer stores only the given run of routed experts,
@@ -77,9 +156,11 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: st
     :func:`~dwdp.checkpoint.load_checkpoint` / :func:`init_random` fill them an expert
     at a time. Exactly the bytes :func:`dwdp.memory.build_bytes` predicts are allocated.
     With ``expert_storage`` the routed experts are placed in the caller's tensors (views
-    are fine) and only the non-expert bytes are allocated here.
+    are fine) and only the non-expert bytes are allocated here. ``dense_dtype``: see
+    :func:`resolve_dense_dtype`.
     """
     edt = resolve_expert_dtype(cfg, expert_dtype, dtype)
+    dense_fp8 = resolve_dense_dtype(cfg, dense_dtype, dtype) == torch.float8_e4m3fn
     with torch.device("meta"):
         model = MoECausalLM(cfg)
         for layer in model.model.layers:
@@ -89,7 +170,10 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: st
                     raise ValueError(f"expert shard ({start}, {count}) does not fit {cfg.num_experts} experts")
                 layer.mlp.experts = RoutedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size,
                                                   start, count, fp8=edt == torch.float8_e4m3fn)
+        if dense_fp8:
+            _to_fp8_projections(model)
     made: dict[int, nn.Parameter] = {}  # meta parameter -> its allocation (keeps tied weights tied)
+    _merge_projections(model, made, device, dtype, dense_fp8)
     if expert_storage is not None:
         for layer in model.model.layers:
             if layer.is_moe:
@@ -177,8 +261,14 @@ def init_random(model: MoECausalLM, seed: int = 0, std: float = 0.02) -> MoECaus
                     buf2 = torch.empty(mod.w2.shape[1:], dtype=wide, device=dev)
                 quantize_fp8_blockwise(fill(buf13, f"{name}.{e}.w13"), out=(mod.w13[i], mod.w13_scale[i]))
                 quantize_fp8_blockwise(fill(buf2, f"{name}.{e}.w2"), out=(mod.w2[i], mod.w2_scale[i]))
+    from .layers import Fp8Linear
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, Fp8Linear):  # drawn in the compute dtype, then quantised
+            buf = fill(torch.empty(mod.weight.shape, dtype=wide, device=dev), f"{name}.weight")
+            quantize_fp8_blockwise(buf, out=(mod.weight, mod.weight_scale_inv))
     for name, p in model.named_parameters():
-        if name.endswith((".w13", ".w2", "_scale")):
+        if name.endswith((".w13", ".w2", "_scale", "_scale_inv")) or p.dtype == torch.float8_e4m3fn:
             continue
         if "norm" in name.rsplit(".", 1)[0].rsplit(".", 1)[-1]:
             p.fill_(1.0)

@@ -18,7 +18,7 @@ from torch import nn
 from ..batch import PackedBatch
 from ..config import ModelConfig
 from .attention import decode_attention, packed_causal_attention
-from .layers import DenseMLP, RMSNorm, Rotary, yarn_softmax_scale
+from .layers import DenseMLP, RMSNorm, Rotary, merged_linear, merged_parts, weight_of, yarn_softmax_scale
 from .moe import MoEBlock
 
 # DeepSeek's reference code (and transformers') builds the two MLA latent norms with the
@@ -75,13 +75,24 @@ class GQAAttention(nn.Module):
         self.k_norm = RMSNorm(self.d, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.rope, self.d)
         self.scale = self.d ** -0.5
+        self.qkv: tuple[torch.Tensor, ...] | None = None  # q/k/v weights as one tensor (build_model)
+
+    def _qkv(self, x, cos, sin):
+        """q, k (normed and roped, one kernel each on CUDA), v: [T, heads, d]."""
+        T = x.shape[0]
+        qkv = merged_parts(self.qkv, (self.q_proj, self.k_proj, self.v_proj))
+        if qkv is not None:
+            q, k, v = merged_linear(x, qkv).split([self.h * self.d, self.hkv * self.d, self.hkv * self.d], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.rotary.apply_into(q.view(T, self.h, self.d), cos, sin, norm=self.q_norm)
+        k = self.rotary.apply_into(k.view(T, self.hkv, self.d), cos, sin, norm=self.k_norm)
+        # v contiguous: it is kept as the KV cache entry, which must not hold the q|k|v buffer alive.
+        return q, k, v.reshape(T, self.hkv, self.d).contiguous()
 
     def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
         T = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(T, self.h, self.d))
-        k = self.k_norm(self.k_proj(x).view(T, self.hkv, self.d))
-        v = self.v_proj(x).view(T, self.hkv, self.d)
-        q, k = self.rotary.apply(q, ctx.cos, ctx.sin), self.rotary.apply(k, ctx.cos, ctx.sin)
+        q, k, v = self._qkv(x, ctx.cos, ctx.sin)
         k_all, v_all = (k, v) if past is None else (_with_prefix(past[0], k, ctx.batch),
                                                      _with_prefix(past[1], v, ctx.batch))
         b = ctx.batch
@@ -91,10 +102,7 @@ class GQAAttention(nn.Module):
     def decode(self, x, ctx: DecodeContext, cache: tuple[torch.Tensor, torch.Tensor]):
         """Write this step's keys/values into the cache slots in place, attend over them."""
         B = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(B, self.h, self.d))
-        k = self.k_norm(self.k_proj(x).view(B, self.hkv, self.d))
-        v = self.v_proj(x).view(B, self.hkv, self.d)
-        q, k = self.rotary.apply(q, ctx.cos, ctx.sin), self.rotary.apply(k, ctx.cos, ctx.sin)
+        q, k, v = self._qkv(x, ctx.cos, ctx.sin)
         cache[0].index_put_((ctx.slots, ctx.positions), k)
         cache[1].index_put_((ctx.slots, ctx.positions), v)
         o = decode_attention(q, cache[0], cache[1], ctx.slots, ctx.lens, self.scale, ctx.max_len)
@@ -126,27 +134,41 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.h * self.vd, cfg.hidden_size, bias=cfg.attention_bias)
         self.rotary = Rotary(cfg.rope, self.rope_d, interleaved=cfg.rope_interleave)
         self.scale = qd ** -0.5 * yarn_softmax_scale(cfg.rope)
+        self.qkv_a: tuple[torch.Tensor, ...] | None = None  # q_a and kv_a weights as one tensor (build_model)
+
+    def _q_and_latent(self, x, cos, sin):
+        """q [T, h, nope + rope] with its rope part rotated in place (no concatenation),
+        the normed latent c_kv [T, rank] and the roped shared key [T, rope]."""
+        T = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q, kv_a = self.q_proj(x), self.kv_a_proj_with_mqa(x)
+        else:
+            qkv_a = merged_parts(self.qkv_a, (self.q_a_proj, self.kv_a_proj_with_mqa))
+            if qkv_a is not None:
+                q_a, kv_a = merged_linear(x, qkv_a).split([self.q_b_proj.in_features, self.rank + self.rope_d], -1)
+            else:
+                q_a, kv_a = self.q_a_proj(x), self.kv_a_proj_with_mqa(x)
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
+        q = q.view(T, self.h, self.nope + self.rope_d)
+        q_rot = q[..., self.nope:]
+        self.rotary.apply_into(q_rot, cos, sin, out=q_rot)
+        c_kv, k_rot = kv_a.split([self.rank, self.rope_d], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_rot = self.rotary.apply_into(k_rot[:, None, :], cos, sin)[:, 0]
+        return q, c_kv, k_rot
 
     def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
         T = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(T, self.h, self.nope + self.rope_d)
-        q_nope, q_rot = q.split([self.nope, self.rope_d], dim=-1)
-        c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_d], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        q_rot = self.rotary.apply(q_rot, ctx.cos, ctx.sin)
-        k_rot = self.rotary.apply(k_rot[:, None, :], ctx.cos, ctx.sin)[:, 0]
+        q, c_kv, k_rot = self._q_and_latent(x, ctx.cos, ctx.sin)
         new_kv = (c_kv, k_rot)
         if past is not None:
             c_kv, k_rot = _with_prefix(past[0], c_kv, ctx.batch), _with_prefix(past[1], k_rot, ctx.batch)
         Tk = c_kv.shape[0]
         kv = self.kv_b_proj(c_kv).view(Tk, self.h, self.nope + self.vd)
         k_nope, v = kv.split([self.nope, self.vd], dim=-1)
-        k = torch.cat([k_nope, k_rot[:, None, :].expand(Tk, self.h, self.rope_d)], dim=-1)
-        q = torch.cat([q_nope, q_rot], dim=-1)
+        k = kv.new_empty(Tk, self.h, self.nope + self.rope_d)  # [k_nope | shared roped key], no cat
+        k[..., :self.nope] = k_nope
+        k[..., self.nope:] = k_rot[:, None, :]
         b = ctx.batch
         o = packed_causal_attention(q, k, v, b.cu_q, b.cu_k, self.scale, ctx.cu_q_dev, ctx.cu_k_dev)
         return self.o_proj(o.reshape(T, -1)), new_kv
@@ -156,17 +178,10 @@ class MLAttention(nn.Module):
         compressed cache [latent | roped key] as one head, the output leaves it through W_UV.
         The same scores and outputs as :meth:`forward`'s expanded form, in exact arithmetic."""
         B = x.shape[0]
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_rot = q.view(B, self.h, self.nope + self.rope_d).split([self.nope, self.rope_d], dim=-1)
-        c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope_d], dim=-1)
-        c_kv = self.kv_a_layernorm(c_kv)
-        q_rot = self.rotary.apply(q_rot, ctx.cos, ctx.sin)
-        k_rot = self.rotary.apply(k_rot[:, None, :], ctx.cos, ctx.sin)[:, 0]
+        q, c_kv, k_rot = self._q_and_latent(x, ctx.cos, ctx.sin)
+        q_nope, q_rot = q.split([self.nope, self.rope_d], dim=-1)
         cache[0].index_put_((ctx.slots, ctx.positions), torch.cat([c_kv, k_rot], dim=-1)[:, None, :])
-        w = self.kv_b_proj.weight.view(self.h, self.nope + self.vd, self.rank)
+        w = weight_of(self.kv_b_proj, x.dtype).view(self.h, self.nope + self.vd, self.rank)
         q_lat = torch.bmm(q_nope.transpose(0, 1), w[:, :self.nope])  # [h, B, rank]
         q_full = torch.cat([q_lat.transpose(0, 1), q_rot], dim=-1)  # [B, h, rank + rope]
         o_lat = decode_attention(q_full, cache[0], cache[1], ctx.slots, ctx.lens, self.scale, ctx.max_len,
@@ -185,14 +200,25 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, ctx: ForwardContext, past: LayerKV | None):
-        a, kv = self.self_attn(self.input_layernorm(x), ctx, past)
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+    def _norm_in(self, y, resid):
+        """The residual stream after adding the previous layer's MLP output ``y`` (none for
+        the first layer: ``y`` is the stream) and its input norm, in one pass on CUDA."""
+        if resid is None:
+            return self.input_layernorm(y), y
+        return self.input_layernorm.add_forward(y, resid)
 
-    def decode(self, x, ctx: DecodeContext, cache):
-        x = x + self.self_attn.decode(self.input_layernorm(x), ctx, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, y, ctx: ForwardContext, past: LayerKV | None, resid: torch.Tensor | None = None):
+        """-> (this layer's MLP output, the residual stream before it is added, KV): the
+        add happens fused with the next layer's input norm (or the final norm)."""
+        h, resid = self._norm_in(y, resid)
+        a, kv = self.self_attn(h, ctx, past)
+        h, resid = self.post_attention_layernorm.add_forward(a, resid)  # resid + a and its norm in one pass
+        return self.mlp(h), resid, kv
+
+    def decode(self, y, ctx: DecodeContext, cache, resid: torch.Tensor | None = None):
+        h, resid = self._norm_in(y, resid)
+        h, resid = self.post_attention_layernorm.add_forward(self.self_attn.decode(h, ctx, cache), resid)
+        return self.mlp(h), resid
 
 
 class Backbone(nn.Module):
@@ -253,11 +279,14 @@ class MoECausalLM(nn.Module):
         cu_q_dev, cu_k_dev = meta.cu_q, meta.cu_k
         ctx = ForwardContext(batch, cos, sin, cu_q_dev, cu_k_dev)
         kvs: list[LayerKV] = []
+        resid = None
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, ctx, None if past is None else past[i])
+            x, resid, kv = layer(x, ctx, None if past is None else past[i], resid)
             kvs.append(kv)
-        last = self.model.norm(x[meta.last_index])
-        extra = None if logits_at is None else self.lm_head(self.model.norm(x[logits_at])).float()
+        li = meta.last_index
+        last = self.model.norm(x[li] if resid is None else resid[li] + x[li])  # the last add: last tokens only
+        extra = None if logits_at is None else self.lm_head(
+            self.model.norm(x[logits_at] if resid is None else resid[logits_at] + x[logits_at])).float()
         return PrefillOutput(self.lm_head(last).float(), kvs, extra)
 
     @torch.inference_mode()
@@ -271,6 +300,8 @@ class MoECausalLM(nn.Module):
         x = self.model.embed_tokens(tokens)
         cos, sin = self.model.layers[0].self_attn.rotary.cos_sin(positions, x.dtype)
         ctx = DecodeContext(cos, sin, slots, positions, (positions + 1).to(torch.int32), max_len)
+        resid = None
         for layer, cache in zip(self.model.layers, cache_layers):
-            x = layer.decode(x, ctx, cache)
-        return self.lm_head(self.model.norm(x)).float()
+            x, resid = layer.decode(x, ctx, cache, resid)
+        h = self.model.norm(x) if resid is None else self.model.norm.add_forward(x, resid)[0]
+        return self.lm_head(h).float()

@@ -72,13 +72,15 @@ def build_rank(spec: RankSpec, ctx, hooks: RuntimeHooks = NO_HOOKS, progress: bo
         check_agreement(ctx, {"model config": cfg.to_dict(), "strategy": spec.strategy, "plan": plan.label,
                               "checkpoint": fingerprint_checkpoint(str(ckpt) if ckpt else None),
                               "dtype": str(dtype), "expert dtype": spec.expert_dtype,
+                              "dense dtype": spec.dense_dtype,
                               "seed": spec.seed if ckpt is None else None})
     shard = plan.expert_shard
     # Every tensor allocated once in its final dtype; FP8 experts stay FP8 from allocation on
     # (stored, pulled by DWDP and sent to the GEMMs as FP8 + block scales).
     store = strategy.expert_store(cfg, ctx, spec, plan, dtype)
     model = build_model(cfg, dtype, ctx.device, (lambda _: shard) if shard else None,
-                        expert_dtype=spec.expert_dtype, expert_storage=store.views if store else None)
+                        expert_dtype=spec.expert_dtype, expert_storage=store.views if store else None,
+                        dense_dtype=spec.dense_dtype)
     if ckpt is not None:
         load_checkpoint(model, ckpt, progress=progress)
     else:

@@ -57,10 +57,11 @@ class PlanInput:
         return [[len(r.prompt) for r in part] for part in assign(reqs, world, wl.assign)]
 
 
-def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, expert_dtype: str, mnt: int) -> float:
+def memory_per_gpu(cfg: ModelConfig, strategy: str, n: int, local: int | None, expert_dtype: str, mnt: int,
+                   dense_dtype: str = "bf16") -> float:
     """Bytes per GPU of ``strategy`` as the planner prices it (see
     :meth:`~dwdp.strategy.base.StrategyDescription.memory_per_gpu`)."""
-    return describe(strategy).memory_per_gpu(cfg, n, local, expert_dtype, mnt)
+    return describe(strategy).memory_per_gpu(cfg, n, local, expert_dtype, mnt, dense_dtype)
 
 
 def predict(cm: CostModel, per_rank_lengths: list[list[int]], mnt: int, strategy: str, n: int,
@@ -114,7 +115,7 @@ def recommend(p: PlanInput, memory_gib: float | None = None, max_group: int | No
         cands = valid_local_counts(E, n)
         for L in sorted(set([cands[0], cands[len(cands) // 4], cands[len(cands) // 2]])):
             try:
-                mem = memory_per_gpu(p.cfg, DWDP, n, L, p.expert_dtype, p.mnt)
+                mem = memory_per_gpu(p.cfg, DWDP, n, L, p.expert_dtype, p.mnt, p.dense_dtype)
             except PlacementError:
                 continue
             q = copy.deepcopy(p)

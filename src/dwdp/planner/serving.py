@@ -84,7 +84,8 @@ def max_batch_in_memory(cm: CostModel, isl: int, osl: int, gen_gpus: int) -> int
     (non-expert weights + E/G experts per MoE layer), within FIT_HEADROOM (92%) of its memory."""
     cfg = cm.cfg
     pb = param_breakdown(cfg)
-    weights = pb.non_expert * 2 + -(-cfg.num_experts // gen_gpus) * len(cfg.moe_layers) * cm.expert_bytes
+    dense = 1 + 4 / 128**2 if cm.dense_dtype == "fp8" else 2  # FP8 projections: 1 byte + block scales
+    weights = pb.non_expert_bytes(2, dense) + -(-cfg.num_experts // gen_gpus) * len(cfg.moe_layers) * cm.expert_bytes
     free = FIT_HEADROOM * cm.hw.memory_gib * 2**30 - weights
     return max(0, int(free // ((isl + osl) * cache_bytes_per_token(cfg, torch.bfloat16))))
 

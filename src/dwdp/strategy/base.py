@@ -38,9 +38,10 @@ class StrategyDescription:
         raise NotImplementedError
 
     # -- the planner ------------------------------------------------------------------------
-    def memory_per_gpu(self, cfg: ModelConfig, n: int, local: int | None, expert_dtype: str, mnt: int) -> float:
-        """The planner's bytes per GPU (bf16 non-expert weights, ``expert_dtype`` experts, one
-        step's activations), for hardware the engine need not run on."""
+    def memory_per_gpu(self, cfg: ModelConfig, n: int, local: int | None, expert_dtype: str, mnt: int,
+                       dense_dtype: str = "bf16") -> float:
+        """The planner's bytes per GPU (bf16 non-expert weights with ``dense_dtype`` projections,
+        ``expert_dtype`` experts, one step's activations), for hardware the engine need not run on."""
         raise NotImplementedError
 
     def predict(self, cm: "CostModel", plans: list, n: int, local: int | None, skew: float, sliced: bool,

@@ -25,14 +25,14 @@ class ExpertParallel(StrategyDescription):
         wire = fp8_wire(spec.dep.wire, fp8_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         buffers = dep_buffer_bytes(cfg, group_size, spec.max_num_tokens, wire, torch.empty(0, dtype=dtype).element_size())
         return RankPlan(f"dep (EP{group_size})", (mine.start, len(mine)),
-                        rank_memory(cfg, dtype, spec.expert_dtype, len(mine)).total + buffers)
+                        rank_memory(cfg, dtype, spec.expert_dtype, len(mine), dense_dtype=spec.dense_dtype).total + buffers)
 
-    def memory_per_gpu(self, cfg, n, local, expert_dtype, mnt):
+    def memory_per_gpu(self, cfg, n, local, expert_dtype, mnt, dense_dtype="bf16"):
         pb = param_breakdown(cfg)
         eb = EXPERT_BYTES[expert_dtype]
         share = -(-cfg.num_experts // n)
         wire = fp8_wire("auto", expert_dtype != "bf16", cfg.hidden_size, cfg.moe_intermediate_size)
-        return (pb.non_expert * 2 + share * pb.num_moe_layers * pb.expert_numel * eb + activation_bytes(cfg, mnt, 2)
+        return (pb.non_expert_bytes(2, EXPERT_BYTES[dense_dtype]) + share * pb.num_moe_layers * pb.expert_numel * eb + activation_bytes(cfg, mnt, 2)
                 + dep_buffer_bytes(cfg, n, mnt, wire))
 
     def predict(self, cm, plans, n, local, skew, sliced, seed, tokens):

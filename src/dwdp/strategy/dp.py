@@ -13,11 +13,11 @@ class DataParallel(StrategyDescription):
     summary = "a full replica per rank, no communication (the upper bound where it fits)"
 
     def plan(self, cfg, spec, dtype, group_size, group_rank):
-        return RankPlan("dp (a full replica per GPU)", None, rank_memory(cfg, dtype, spec.expert_dtype).total)
+        return RankPlan("dp (a full replica per GPU)", None, rank_memory(cfg, dtype, spec.expert_dtype, dense_dtype=spec.dense_dtype).total)
 
-    def memory_per_gpu(self, cfg, n, local, expert_dtype, mnt):
+    def memory_per_gpu(self, cfg, n, local, expert_dtype, mnt, dense_dtype="bf16"):
         pb = param_breakdown(cfg)
-        return pb.non_expert * 2 + pb.routed_experts * EXPERT_BYTES[expert_dtype] + activation_bytes(cfg, mnt, 2)
+        return pb.non_expert_bytes(2, EXPERT_BYTES[dense_dtype]) + pb.routed_experts * EXPERT_BYTES[expert_dtype] + activation_bytes(cfg, mnt, 2)
 
     def predict(self, cm, plans, n, local, skew, sliced, seed, tokens):
         steps = [[cm.step_dp(s, p) for s, p in plan] for plan in plans]

@@ -33,7 +33,8 @@ class DistributedWeights(StrategyDescription):
             # buffers), so a GPU shared with decode ranks is not overfilled.
             free, total = torch.cuda.mem_get_info(torch.device(device))
             budget = min(FIT_HEADROOM * total, free - AUTO_L_MARGIN_BYTES)
-            L = auto_local_experts(cfg, spec.group_size, dtype, spec.expert_dtype, spec.max_num_tokens, budget)
+            L = auto_local_experts(cfg, spec.group_size, dtype, spec.expert_dtype, spec.max_num_tokens, budget,
+                                   dense_dtype=spec.dense_dtype)
         else:  # the default placement's L (raises, saying why, for an impossible E and N)
             L = Placement.create(cfg.num_experts, max(spec.group_size, 1)).local
         return replace(spec, dwdp=replace(spec.dwdp, local_experts=L))
@@ -42,11 +43,13 @@ class DistributedWeights(StrategyDescription):
         placement = spec.dwdp.placement(cfg.num_experts, group_size)
         mine = placement.local_range(group_rank)
         return RankPlan(f"dwdp ({placement.describe()})", (mine.start, len(mine)),
-                        dwdp_rank_memory(cfg, placement, dtype=dtype, expert_dtype=spec.expert_dtype).total, placement)
+                        dwdp_rank_memory(cfg, placement, dtype=dtype, expert_dtype=spec.expert_dtype,
+                                         dense_dtype=spec.dense_dtype).total, placement)
 
-    def memory_per_gpu(self, cfg, n, local, expert_dtype, mnt):
+    def memory_per_gpu(self, cfg, n, local, expert_dtype, mnt, dense_dtype="bf16"):
         pl = Placement.create(cfg.num_experts, n, local)
-        return dwdp_rank_memory(cfg, pl, 2, EXPERT_BYTES[expert_dtype]).total + activation_bytes(cfg, mnt, 2)
+        return dwdp_rank_memory(cfg, pl, 2, EXPERT_BYTES[expert_dtype],
+                                dense_bytes_per_param=EXPERT_BYTES[dense_dtype]).total + activation_bytes(cfg, mnt, 2)
 
     def predict(self, cm, plans, n, local, skew, sliced, seed, tokens):
         cfg = cm.cfg

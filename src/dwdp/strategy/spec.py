@@ -142,6 +142,7 @@ class RankSpec:
     device: str = "cpu"  # "cpu" or "cuda" (each rank takes cuda:LOCAL_RANK)
     group_size: int = 1
     expert_dtype: str = "auto"  # see EXPERT_DTYPES
+    dense_dtype: str = "auto"  # the projections: as the checkpoint ships them; "same"; "fp8"
     dwdp: DWDPConfig = field(default_factory=DWDPConfig)
     dep: DEPConfig = field(default_factory=DEPConfig)
     seed: int = 0  # random weights (presets)
