@@ -18,25 +18,23 @@ class UserError(ValueError):
     A ``ValueError`` so library callers that already catch those keep working."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (``-N 0`` is refused, not read as 1)."""
+def _whole_number(text: str, least: int) -> int:
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v} is not allowed; give 1 or more")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give {least} or more") from None
+    if v < least:
+        raise argparse.ArgumentTypeError(f"{v} is not allowed; give {least} or more")
     return v
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``-N 0`` is refused, not read as 1)."""
+    return _whole_number(text, 1)
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 0 or more") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is not allowed; give 0 or more")
-    return v
+    return _whole_number(text, 0)
 
 
 def positive_float(text: str) -> float:
