@@ -18,7 +18,7 @@ from .common import (_add_dense_dtype, _add_expert_dtype, _add_model_args, _add_
 
 def add_parser(subparsers) -> None:
     bench = subparsers.add_parser("bench", help="compare dp / dep / dwdp on one seeded workload, each in its own local "
-                                         "processes (default: tiny model, 2 CPU processes)")
+                                                "processes (default: tiny model, 2 CPU processes)")
     _add_model_args(bench)
     bench.add_argument("--device", type=_device, default="cpu", help="cpu (processes) or cuda (one GPU per rank)")
     bench.add_argument("--dtype", default=None, choices=sorted(DTYPES),

@@ -11,7 +11,7 @@ from .common import _console
 
 def add_parser(subparsers) -> None:
     lt = subparsers.add_parser("loadtest", help="replay a workload against a dwdp serve on this machine: TTFT / TPOT / "
-                                         "ITL / E2E percentiles and throughput")
+                                                "ITL / E2E percentiles and throughput")
     lt.add_argument("--url", default="http://127.0.0.1:8000",
                     help="the server's address (an OpenAI base URL ending in /v1 works too)")
     lt.add_argument("--num-requests", type=positive_int, default=32, help="requests in total")

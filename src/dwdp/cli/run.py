@@ -21,7 +21,7 @@ from .common import (_add_dense_dtype, _add_expert_dtype, _add_model_args, _add_
 
 def add_parser(subparsers) -> None:
     run = subparsers.add_parser("run", help="prefill prompts in this process, or in a local DWDP group with -N "
-                                     "(default: a tiny model on CPU)")
+                                            "(default: a tiny model on CPU)")
     _add_run_args(run)
     run.set_defaults(func=cmd_run)
 

@@ -17,7 +17,7 @@ from .common import (_add_dense_dtype, _add_expert_dtype, _add_model_args, _add_
 
 def add_parser(subparsers) -> None:
     srv = subparsers.add_parser("serve", help="OpenAI-compatible completions and chat server (default: tiny model, "
-                                       "CPU, 127.0.0.1:8000)")
+                                              "CPU, 127.0.0.1:8000)")
     _add_model_args(srv)
     srv.add_argument("--device", type=_device, default="cpu",
                      help="where decode (and local prefill) runs: cpu or cuda[:i]")
