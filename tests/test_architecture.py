@@ -158,7 +158,8 @@ def test_layer_check_catches_an_upward_import():
 
 
 def test_nothing_below_the_cli_imports_it():
-    importers = sorted(n for n, deps in _graph().items() if "dwdp.cli" in deps)
+    # The CLI's own modules may (its __main__ runs main()).
+    importers = sorted(n for n, deps in _graph().items() if "dwdp.cli" in deps and not n.startswith("dwdp.cli."))
     assert importers == [], f"lower layers import the CLI: {importers}"
 
 

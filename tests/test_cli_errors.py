@@ -34,7 +34,9 @@ def nothing_expensive(monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the mistake should have been refused before this")
 
-    monkeypatch.setattr(cli, "load_model_from_args", forbidden)
+    for command in cli.COMMANDS:  # each subcommand that loads a model in this process
+        if hasattr(command, "load_model_from_args"):
+            monkeypatch.setattr(command, "load_model_from_args", forbidden)
     monkeypatch.setattr(launch, "spawn_local", forbidden)
     before = _shm()
     yield
@@ -183,7 +185,7 @@ def test_malformed_numbers_are_errors_not_coerced(nothing_expensive, capsys):
 def test_a_real_process_prints_one_line_and_no_traceback():
     """The installed entry point as a user runs it (a subprocess, so exit code and stderr are
     the real ones)."""
-    env = dict(os.environ, PYTHONPATH=str(Path(cli.__file__).parents[1]))
+    env = dict(os.environ, PYTHONPATH=str(Path(cli.__file__).parents[2]))
     r = subprocess.run([sys.executable, "-m", "dwdp.cli", "bench", "-W", "13"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
