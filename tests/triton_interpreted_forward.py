@@ -7,7 +7,10 @@ The interpreter's fp32 -> e4m3 conversion is not the GPU's round-to-nearest, so
 ``--torch-quant`` swaps the activation quantiser for the torch reference; the rest is then
 the kernels' arithmetic (expected agreement: fp32 rounding, ~1e-6).
 
-    TRITON_INTERPRET=1 PYTHONPATH=<numpy<2>:src:<triton> python benchmarks/triton_interpreter_check.py --torch-quant
+    TRITON_INTERPRET=1 PYTHONPATH=src python tests/triton_interpreted_forward.py --torch-quant
+
+Run by tests/test_triton_interpreted.py where Triton is installed (it prints one line per
+model and dense format: ``<name> dense <fmt>: ... rel. diff <x>``).
 """
 
 from __future__ import annotations
