@@ -1,4 +1,4 @@
-"""NCCL's all-to-all per-rank bandwidth against the message size (issue 15's ceiling).
+"""NCCL's all-to-all per-rank bandwidth against the message size (the ceiling DEP's all-to-alls are held against).
 
 The bench's DEP ceiling (``--ceilings``) is NCCL ``all_to_all_single`` with equal splits at
 one step's dispatch size. On 4x H200 it read 161-165 GB/s at ~0.5-1 GiB per rank where a fixed

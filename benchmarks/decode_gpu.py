@@ -1,5 +1,5 @@
-"""Decode step time on one GPU against its memory-bound limit (issue 18), and the memory a
-built replica takes against ``dwdp info``'s prediction (issue 17).
+"""Decode step time on one GPU against its memory-bound limit, and the memory a
+built replica takes against ``dwdp info``'s prediction.
 
 For each model / expert dtype: build an N-layer replica with random weights, fill
 ``batch`` cache slots with ``context`` tokens each, and time whole engine steps (CUDA

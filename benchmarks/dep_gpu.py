@@ -1,4 +1,4 @@
-"""DEP's MoE layer on N GPUs of one host (issue 15): compute outside collectives vs dp,
+"""DEP's MoE layer on N GPUs of one host: compute outside collectives vs dp,
 dispatch + combine bandwidth vs NCCL's all-to-all ceiling.
 
 One MoE layer of the qwen3-235b-a22b shape (hidden 4096, expert inter 1536, 128 experts,

@@ -50,7 +50,7 @@ def paper_section() -> list[str]:
             f"| DEP all-to-all share of the iteration | 9.6% | {100 * b['a2a_share']:.1f}% |",
             f"| DEP waiting for the slowest rank | 12.3% | {100 * b['sync_share']:.1f}% |",
             f"| DWDP exposed prefetch wait | hidden | {100 * b['dwdp_exposed_share']:.1f}% |",
-            f"| DWDP compute slowdown under pulls | +9.7% (as issue 19 reads the paper) | "
+            f"| DWDP compute slowdown under pulls | +9.7% (the paper's figures as we read them) | "
             f"{pct(b['dwdp_compute_slowdown'])} |",
             f"| DWDP iteration / DEP iteration | 0.857 | {b['dwdp_over_dep_step']:.3f} |", ""]
     return out

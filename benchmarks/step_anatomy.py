@@ -22,7 +22,7 @@ call, ``dwdp:norm``, ``dwdp:rope``, ``dwdp:quantise``, ``dwdp:router``, and
    everything else ``elementwise``; memcpy/memset are ``copy``; no host op at all: ``other``.
 
 The N-GPU mode (default): where a DWDP step's time goes against the same step on a full
-replica (issue 16).
+replica.
 
 Every rank of an N-GPU group builds three models of the same weights shape: a dp replica,
 a DWDP rank, and a DWDP rank whose pulls are switched off (the communication-free limit of

@@ -1,5 +1,5 @@
 """What the field's kernels reach on this GPU, next to ours: the achievable fractions the
-planner's "vendor" kernel set uses (issue 19: the paper's engine, TensorRT-LLM, runs vendor
+planner's "vendor" kernel set uses (the paper's engine, TensorRT-LLM, runs vendor
 GEMMs and attention, not our Triton kernels).
 
 Per shape, measured in one run on one GPU against the same run's ceilings (a bf16 8192^3

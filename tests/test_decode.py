@@ -68,7 +68,7 @@ def test_seeded_sampling_is_reproducible(ref_cases):
 
 
 def test_sampling_degenerate_parameters_are_well_defined():
-    """Issue 14: a tiny temperature or top_p used to give NaN probabilities (a crash)."""
+    """A tiny temperature or top_p used to give NaN probabilities (a crash)."""
     logits = torch.tensor([0.3, 2.0, -1.0, 1.9])
     g = make_stream(1)
     for p in (SamplingParams(temperature=1e-300), SamplingParams(temperature=1.0, top_p=1e-300),

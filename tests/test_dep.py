@@ -104,7 +104,7 @@ def test_dep_options_validated():
 
 
 def test_dep_decode_in_lockstep_equals_single_process():
-    """Decode across ranks with expert parallelism (issue 18): each rank decodes its own
+    """Decode across ranks with expert parallelism: each rank decodes its own
     requests with its expert share; rank 1 has one short request, so it runs dummy steps
     while rank 0 still decodes. Tokens equal the full single-process model's."""
     from dep_workers import dep_decode_worker

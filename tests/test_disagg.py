@@ -128,7 +128,7 @@ def test_dead_idle_rank_is_reported_without_a_request(ref_cases):
 
 
 def test_expert_parallel_decode_group_serves_like_transformers(ref_cases):
-    """Issue 18: decode in a DEP group of 2 processes (5 of the 10 experts each, attention
+    """Decode in a DEP group of 2 processes (5 of the 10 experts each, attention
     data parallel, lockstep with dummy steps): greedy output equals transformers' generate,
     requests spread over both ranks, a cancel frees its slot, every rank closes cleanly."""
     from dwdp.serve.decode_pool import DecodePool, DecodePoolSpec

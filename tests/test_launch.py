@@ -58,7 +58,7 @@ def test_a_failing_group_is_one_clean_error(tmp_path, capsys):
 
 
 def test_two_torchrun_nodes_form_node_local_dwdp_groups(tmp_path):
-    """Issue 19: two torchrun agents on 127.0.0.1 act as two nodes (--nnodes 2, c10d
+    """Two torchrun agents on 127.0.0.1 act as two nodes (--nnodes 2, c10d
     rendezvous) and form W/N = 2 DWDP groups of 2, each inside one node; every sequence's
     next token equals the single-process model's."""
     import json

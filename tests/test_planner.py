@@ -220,7 +220,7 @@ def test_calibrate_without_gpu_says_so(capsys):
 
 
 def test_dep_routing_is_drawn_per_layer():
-    """Issue 19: each DEP layer's expert load is a multinomial draw from the router
+    """Each DEP layer's expert load is a multinomial draw from the router
     distribution; the lockstep layer waits for the most loaded rank, so fewer tokens per
     step (more sampling noise) or hotter experts mean more waiting."""
     from dwdp.planner.model import draw_ep_loads, expert_popularity
@@ -277,7 +277,7 @@ def test_vendor_kernels_and_fp8_dense_projections():
 
 
 def test_ttft_simulation_follows_the_schedule():
-    """Issue 19: TTFT = end of the step that holds a request's last chunk - its arrival,
+    """TTFT = end of the step that holds a request's last chunk - its arrival,
     with the engine's online packing; DEP ranks share every step's length."""
     from dwdp.planner.ttft import simulate_ttft
 
@@ -312,7 +312,7 @@ def test_plan_rate_prints_ttft(capsys):
 
 
 def test_decode_step_model_against_the_h200_measurement():
-    """Issue 19: the decode step model (bytes at HBM + a per-layer launch floor) against
+    """The decode step model (bytes at HBM + a per-layer launch floor) against
     decode steps measured on one H200 (benchmarks/results/2026-11-28_decode_h200): within
     20% at every batch for both families (mean 9%)."""
     from pathlib import Path
@@ -344,7 +344,7 @@ def test_fp8_projections_halve_the_decode_weight_bytes_but_the_head():
 
 
 def test_datasheet_profile_against_prefill_steps_measured_on_one_h200():
-    """Issue 19: the built-in `h200` profile, no calibration, against one-GPU prefill steps of
+    """The built-in `h200` profile, no calibration, against one-GPU prefill steps of
     the engine with cuDNN attention (benchmarks/results/2026-11-29_cudnn_attention_h200): every
     step within 25% (the issue's bar for datasheet profiles), the mean within 10%. The same
     steps with the older FlashAttention-2 attention are slower than predicted: the profile
@@ -390,7 +390,7 @@ def test_colocated_server_simulation_follows_the_serving_loop():
 
 
 def test_colocated_server_against_the_measured_h200_server():
-    """Issue 19: TTFT and throughput of `dwdp serve` on one H200 under loadtests at 2-64 in
+    """TTFT and throughput of `dwdp serve` on one H200 under loadtests at 2-64 in
     flight (benchmarks/results/2026-11-29_serve_anatomy_h200), predicted from the planner's
     step times plus the server's own overhead fitted from the server's step histograms at the
     two lowest concurrencies (not from TTFT or throughput): within 25% up to 32 in flight; at
@@ -457,7 +457,7 @@ def test_paper_table(paper_pts, capsys, monkeypatch):
     imbalance sweep's ratios (a loaded server: no finite-run tail) within 5% and growing with
     the length spread, as the paper's do; DEP's synchronization share grows from near-equal
     lengths (ratio 0.8) to CV 0.2. (It is still under the paper's 12% there, by more than
-    issue 19's factor 1.5: PLANNER.md says why.)"""
+    the factor 1.5 we hold it to: PLANNER.md says why.)"""
     from dwdp.planner import paper
 
     pts = paper_pts

@@ -1,6 +1,6 @@
 """The HTTP server end to end on CPU: OpenAI-compatible completions against transformers'
 generate, streaming, errors with reasons, back-pressure, a crashed worker, shutdown,
-metrics, the load generator, and hostile clients (every repro of issue 14)."""
+metrics, the load generator, and hostile clients (every hostile case found so far)."""
 
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def test_bad_requests_get_400_with_reason(served, body, msg, param):
 
 
 def test_one_request_never_takes_the_server_down(served):
-    """Issue 14's killers: each used to crash the loop (500, then 503 until restart)."""
+    """Hostile requests: each used to crash the loop (500, then 503 until restart)."""
     ref, url, _ = served
     greedy = _greedy_ref(ref, [1, 2, 3], 4)
     for extra in ({"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}):  # degenerate to greedy
@@ -555,7 +555,7 @@ def test_loadtest_against_server(served):
 
 
 def test_loadtest_sweep_draws_the_frontier(served, tmp_path, capsys):
-    """Issue 18: ``dwdp loadtest --sweep-concurrency`` writes one frontier file;
+    """``dwdp loadtest --sweep-concurrency`` writes one frontier file;
     ``dwdp report`` plots it and tabulates it."""
     import json
 
@@ -638,7 +638,7 @@ def test_chat_completions_with_the_chat_template(ref_cases, tmp_path):
 
 
 def test_cpu_serving_loop_runs_single_threaded(ref_cases):
-    """Issue 14: on CPU the serving loop computes with one intra-op thread by default.
+    """On CPU the serving loop computes with one intra-op thread by default.
     With a thread pool every one of a decode step's hundreds of tiny ops ends on a
     barrier that waits for each pool thread to get a core; once the cores are shared
     (HTTP threads, clients, anything else on the box) steps went from 0.07 s to seconds

@@ -19,7 +19,7 @@ step is hundreds of tiny ops; with an intra-op pool each is a fork/join whose ba
 waits for every pool thread to be on a core. The server shares its cores with its own
 HTTP threads and, on a test box, with the clients and whatever else runs: as soon as
 the cores are oversubscribed a pool thread is descheduled at most barriers and a step
-that takes 0.07 s takes seconds (issue 14: 64 streaming clients on 2 cores fell from
+that takes 0.07 s takes seconds (64 streaming clients on 2 cores fell from
 ~600 to ~30 tok/s on some runs, TTFT ~10 s). One thread has no barrier to wait on.
 """
 
