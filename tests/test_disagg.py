@@ -238,3 +238,12 @@ def test_kv_pack_round_trip_is_exact():
     assert len(back) == len(kv)
     for (a, b), (c, d) in zip(kv, back):
         assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_pool_specs_carry_the_projection_format_to_their_ranks():
+    """`dwdp serve --dense-dtype` reaches the ranks of a prefill group and of a decode group."""
+    from dwdp.serve.decode_pool import DecodePoolSpec
+
+    assert PrefillPoolSpec("tiny-deepseek-v3", "dwdp", 2, dense_dtype="fp8").rank_spec(2).dense_dtype == "fp8"
+    assert DecodePoolSpec("tiny-deepseek-v3", 2, dense_dtype="same").rank_spec().dense_dtype == "same"
+    assert PrefillPoolSpec("tiny-deepseek-v3", "dwdp", 2).rank_spec(2).dense_dtype == "auto"

@@ -116,7 +116,8 @@ def cmd_serve(args) -> int:
 
         decode_spec = DecodePoolSpec(args.model, args.decode_ranks, args.num_layers, args.dtype,
                                      "cuda" if on_gpu else "cpu", args.expert_dtype, args.max_batch,
-                                     args.max_context, args.seed, dep=options_from(DEPConfig, args))
+                                     args.max_context, args.seed, dep=options_from(DEPConfig, args),
+                                     dense_dtype=args.dense_dtype)
         _plan_or_explain(decode_spec.rank_spec(), "--decode-ranks")
     if args.prefill != "local":
         from ..serve.disagg import PrefillPoolSpec
@@ -132,7 +133,7 @@ def cmd_serve(args) -> int:
                                            "cuda" if on_gpu else "cpu", options_from(DWDPConfig, args),
                                            args.max_num_tokens, args.seed, expert_dtype=args.expert_dtype,
                                            hold_ms=args.prefill_hold_ms,
-                                           kv_transport=kv_transport)
+                                           kv_transport=kv_transport, dense_dtype=args.dense_dtype)
         except ValueError as e:
             raise UserError(f"--kv-transport: {e}") from None
         _plan_or_explain(prefill_spec.rank_spec(args.prefill_ranks), "--prefill-ranks")

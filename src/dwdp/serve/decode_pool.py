@@ -57,10 +57,12 @@ class DecodePoolSpec:
     seed: int = 0
     peer_timeout_s: float = 60.0
     dep: DEPConfig = field(default_factory=DEPConfig)
+    dense_dtype: str = "auto"  # the projections, as --dense-dtype
 
     def rank_spec(self) -> RankSpec:
         return RankSpec(model=self.model, strategy=DEP, num_layers=self.num_layers, dtype=self.dtype,
-                        device=self.device, group_size=self.world_size, expert_dtype=self.expert_dtype, dep=self.dep,
+                        device=self.device, group_size=self.world_size, expert_dtype=self.expert_dtype,
+                        dense_dtype=self.dense_dtype, dep=self.dep,
                         seed=self.seed, max_num_tokens=self.max_batch, peer_timeout_s=self.peer_timeout_s)
 
 

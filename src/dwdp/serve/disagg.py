@@ -81,6 +81,7 @@ class PrefillPoolSpec:
     # memory -> decode device) or "cuda_ipc" (the rank shares its GPU tensors, the server
     # copies them GPU to GPU over NVLink; both sides on CUDA GPUs of one host).
     kv_transport: str = "host"
+    dense_dtype: str = "auto"  # the projections, as --dense-dtype
 
     def __post_init__(self):
         if self.kv_transport not in KV_TRANSPORTS:
@@ -92,7 +93,7 @@ class PrefillPoolSpec:
     def rank_spec(self, group_size: int) -> RankSpec:
         return RankSpec(model=self.model, strategy=self.strategy, num_layers=self.num_layers, dtype=self.dtype,
                         device=self.device, group_size=group_size, dwdp=self.dwdp, seed=self.seed,
-                        expert_dtype=self.expert_dtype,
+                        expert_dtype=self.expert_dtype, dense_dtype=self.dense_dtype,
                         max_num_tokens=self.max_num_tokens, peer_timeout_s=self.peer_timeout_s)
 
 
