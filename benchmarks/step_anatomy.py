@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -248,16 +249,7 @@ def one_gpu(a) -> list[dict]:
                 ts.append(e0.elapsed_time(e1))
             with _instrumented(model):
                 model(batch)  # the wrappers' first call outside the profile
-                torch.cuda.synchronize()
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
-                                                        torch.profiler.ProfilerActivity.CPU]) as prof:
-                    model(batch)
-                    torch.cuda.synchronize()
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "trace.json")
-            prof.export_chrome_trace(path)
-            with open(path) as f:
-                events = json.load(f)["traceEvents"]
+                events = _trace_events(functools.partial(model, batch))
         by_kind, table = kernel_record(events)
         total = sum(by_kind.values())
         core = sum(by_kind.get(k, 0.0) for k in ("expert_gemm", "gemm", "attention"))
@@ -273,34 +265,34 @@ def one_gpu(a) -> list[dict]:
     return out
 
 
-def _median_step(model, batch, iters: int, group) -> float:
-    ts = []
-    for _ in range(iters):
-        dist.barrier(group=group)
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        model(batch)
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
-def _anatomy(model, batch, group) -> dict:
-    """One profiled step: compute-stream device time by kernel kind, its idle time, copies."""
-    dist.barrier(group=group)
+def _trace_events(step) -> list[dict]:
+    """The profiler's trace events (CPU ops and CUDA kernels) of one call of ``step``."""
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
-        model(batch)
+        step()
         torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
-            events = json.load(f)["traceEvents"]
+            return json.load(f)["traceEvents"]
+
+
+def _median_step(model, batch, iters: int, group) -> float:
+    from dwdp.timing import time_cuda  # here, not at the top: --one-gpu also runs a base commit's src
+
+    def meet():
+        dist.barrier(group=group)
+        torch.cuda.synchronize()
+
+    return time_cuda(lambda: model(batch), warmup=0, iters=iters, before=meet)
+
+
+def _anatomy(model, batch, group) -> dict:
+    """One profiled step: compute-stream device time by kernel kind, its idle time, copies."""
+    dist.barrier(group=group)
+    events = _trace_events(functools.partial(model, batch))
     kernels = [e for e in events if e.get("cat") == "kernel"]
     copies = [e for e in events if e.get("cat") in ("gpu_memcpy", "gpu_memset")]
     streams: dict[int, float] = {}
