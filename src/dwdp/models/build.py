@@ -30,31 +30,37 @@ EXPERT_DTYPES = ("auto", "same", "fp8")
 DENSE_DTYPES = ("auto", "same", "fp8")
 
 
+def _storage_dtype(kind: str, what: str, choice: str | torch.dtype, dtype: torch.dtype, choices: tuple[str, ...],
+                   keep_fp8: bool) -> torch.dtype:
+    """``choice`` ("auto", "same", "fp8", a dtype name or a torch dtype) as the dtype ``what``
+    is stored in; ``keep_fp8``: what "auto" keeps (the checkpoint ships them FP8, usably)."""
+    from ..config import DTYPES
+    from ..quant import FP8
+
+    if isinstance(choice, torch.dtype):
+        if choice not in (FP8, dtype):
+            raise ValueError(f"{kind} dtype {choice}: choose the model dtype {dtype} or {FP8}")
+        return choice
+    if choice in DTYPES:  # a dtype name: the model's own dtype is "same" (`dwdp plan` says bf16)
+        if DTYPES[choice] != dtype:
+            raise ValueError(f"{kind} dtype {choice!r}: {what} are stored in the model dtype ({dtype}) "
+                             f"or as fp8; choose from {', '.join(choices)} or pass --dtype {choice}")
+        return dtype
+    if choice not in choices:
+        raise ValueError(f"{kind} dtype {choice!r}: choose from {', '.join(choices)} "
+                         f"(or the model dtype's name)")
+    if choice == "auto":
+        return FP8 if keep_fp8 else dtype
+    return FP8 if choice == "fp8" else dtype
+
+
 def resolve_dense_dtype(cfg: ModelConfig, dense_dtype: str | torch.dtype, dtype: torch.dtype) -> torch.dtype:
     """How the decoder layers' projections (attention, dense MLPs, shared experts) are
     stored: ``"auto"`` as the checkpoint ships them (FP8 for an FP8 release), ``"same"`` in
     ``dtype`` (an FP8 release's are dequantised), ``"fp8"`` as e4m3 + 128x128 block scales
     (a bf16 checkpoint's are quantised at load). Embeddings, lm_head, norms and routers
     always stay in their own dtypes."""
-    from ..config import DTYPES
-    from ..quant import FP8
-
-    if isinstance(dense_dtype, torch.dtype):
-        if dense_dtype not in (FP8, dtype):
-            raise ValueError(f"dense dtype {dense_dtype}: choose the model dtype {dtype} or {FP8}")
-        return dense_dtype
-    if dense_dtype in DTYPES:  # a dtype name, as `dwdp plan --dense-dtype bf16` says it
-        if DTYPES[dense_dtype] != dtype:
-            raise ValueError(f"dense dtype {dense_dtype!r}: projections are stored in the model dtype ({dtype}) "
-                             f"or as fp8; choose from {', '.join(DENSE_DTYPES)} or pass --dtype {dense_dtype}")
-        return dtype
-    if dense_dtype not in DENSE_DTYPES:
-        raise ValueError(f"dense dtype {dense_dtype!r}: choose from {', '.join(DENSE_DTYPES)} "
-                         f"(or the model dtype's name)")
-    if dense_dtype == "auto":
-        return FP8 if cfg.fp8_checkpoint else dtype
-    return FP8 if dense_dtype == "fp8" else dtype
-
+    return _storage_dtype("dense", "projections", dense_dtype, dtype, DENSE_DTYPES, cfg.fp8_checkpoint)
 
 def _to_fp8_projections(model: MoECausalLM) -> None:
     """Every nn.Linear of the decoder layers becomes an Fp8Linear (on the meta device)."""
@@ -109,29 +115,12 @@ def resolve_expert_dtype(cfg: ModelConfig, expert_dtype: str | torch.dtype, dtyp
     checkpoint's experts are dequantised), ``"fp8"`` as e4m3 + 128x128 fp32 block scales
     (a bf16 checkpoint's experts are quantised at load), ``"auto"`` as the checkpoint ships
     them (FP8 for an FP8 checkpoint, else ``dtype``)."""
-    from ..quant import BLOCK, FP8
+    from ..quant import BLOCK
 
-    if isinstance(expert_dtype, torch.dtype):
-        if expert_dtype not in (FP8, dtype):
-            raise ValueError(f"expert dtype {expert_dtype}: choose the model dtype {dtype} or {FP8}")
-        return expert_dtype
-    from ..config import DTYPES
-
-    if expert_dtype in DTYPES:  # a dtype name: the model's own dtype is "same" (`dwdp plan` says bf16)
-        if DTYPES[expert_dtype] != dtype:
-            raise ValueError(f"expert dtype {expert_dtype!r}: experts are stored in the model dtype ({dtype}) "
-                             f"or as fp8; choose from {', '.join(EXPERT_DTYPES)} or pass --dtype {expert_dtype}")
-        return dtype
-    if expert_dtype not in EXPERT_DTYPES:
-        raise ValueError(f"expert dtype {expert_dtype!r}: choose from {', '.join(EXPERT_DTYPES)} "
-                         f"(or the model dtype's name)")
-    if expert_dtype == "auto":
-        # Stored FP8 experts can be kept only when gate's and up's 128-row scale blocks
-        # stack into whole w13 blocks (moe_intermediate_size % 128 == 0, true of every release).
-        keep = cfg.fp8_checkpoint and cfg.moe_intermediate_size % BLOCK == 0
-        return FP8 if keep else dtype
-    return FP8 if expert_dtype == "fp8" else dtype
-
+    # Stored FP8 experts can be kept only when gate's and up's 128-row scale blocks stack
+    # into whole w13 blocks (moe_intermediate_size % 128 == 0, true of every release).
+    keep = cfg.fp8_checkpoint and cfg.moe_intermediate_size % BLOCK == 0
+    return _storage_dtype("expert", "experts", expert_dtype, dtype, EXPERT_DTYPES, keep)
 
 def _param_dtype(module: nn.Module, name: str, dtype: torch.dtype, expert_dtype: torch.dtype) -> torch.dtype:
     from .layers import Fp8Linear
