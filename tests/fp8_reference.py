@@ -94,3 +94,18 @@ def write_fp8_release(dst: Path, tensors: dict[str, torch.Tensor], config: dict,
         weight_map.update({k: fname for k in group})
     (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return dst
+
+
+def round_inputs_to_fp8(modules) -> list:
+    """Forward pre-hooks rounding each module's input to e4m3 per token and 128 columns, as an
+    FP8 GEMM sees it (a float64 quantiser of the tests' own, not dwdp's). Returns the handles."""
+    def hook(mod, args):
+        x = args[0].double()
+        K = x.shape[-1]
+        nb = -(-K // 128)
+        xp = torch.nn.functional.pad(x, (0, nb * 128 - K)).view(*x.shape[:-1], nb, 128)
+        s = xp.abs().amax(-1, keepdim=True).clamp_min(1e-10) / FP8_MAX
+        q = (xp / s).float().to(torch.float8_e4m3fn).double() * s
+        return (q.view(*x.shape[:-1], nb * 128)[..., :K].to(args[0].dtype),)
+
+    return [m.register_forward_pre_hook(hook) for m in modules]

@@ -18,7 +18,7 @@ from dwdp.checkpoint import CheckpointError, load_checkpoint
 from dwdp.config import ConfigError, ModelConfig
 from dwdp.models import build_model, init_random
 from dwdp.quant import FP8, quantize_experts_fp8
-from fp8_reference import QUANTIZATION_CONFIG, to_official_fp8, write_fp8_release
+from fp8_reference import QUANTIZATION_CONFIG, round_inputs_to_fp8, to_official_fp8, write_fp8_release
 from hf_reference import make_hf_model
 
 # hidden 192: one full and one partial column block; moe_intermediate_size 256: gate and
@@ -105,20 +105,9 @@ def test_experts_are_kept_verbatim_and_the_rest_dequantised_exactly(release):
 
 
 def _quantised_inputs(hf, release) -> list:
-    """Forward pre-hooks making transformers' projections that the release stores FP8 see
-    their input as the FP8 path does: rounded to e4m3 per token and 128 columns (the test's
-    own float64 quantiser, not dwdp's)."""
-    def hook(mod, args):
-        x = args[0].double()
-        K = x.shape[-1]
-        nb = -(-K // 128)
-        xp = torch.nn.functional.pad(x, (0, nb * 128 - K)).view(*x.shape[:-1], nb, 128)
-        s = xp.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 448.0
-        q = (xp / s).float().to(FP8).double() * s
-        return (q.view(*x.shape[:-1], nb * 128)[..., :K].to(args[0].dtype),)
-
-    return [m.register_forward_pre_hook(hook) for n, m in hf.named_modules()
-            if isinstance(m, torch.nn.Linear) and release.stored.get(n + ".weight", torch.empty(0)).dtype == FP8]
+    """transformers' projections that the release stores FP8 see their input as the FP8 path does."""
+    return round_inputs_to_fp8([m for n, m in hf.named_modules() if isinstance(m, torch.nn.Linear)
+                                and release.stored.get(n + ".weight", torch.empty(0)).dtype == FP8])
 
 
 @pytest.mark.parametrize("dense_dtype", ["same", "auto"])

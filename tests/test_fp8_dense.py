@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from alloc_tracker import AllocTracker
+from fp8_reference import round_inputs_to_fp8
 from dwdp.batch import PackedBatch
 from dwdp.checkpoint import load_checkpoint
 from dwdp.memory import build_bytes, param_breakdown, rank_memory
@@ -21,21 +22,6 @@ from dwdp.quant import FP8, dequantize_fp8_blockwise, fp8_linear_reference, quan
 
 def _fp8_linears(model) -> dict[str, Fp8Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
-
-
-def _quantise_inputs_f64(modules) -> list:
-    """Pre-hooks rounding a module's input to e4m3 per token and 128 columns (the test's own
-    float64 quantiser): what the FP8 GEMM sees."""
-    def hook(mod, args):
-        x = args[0].double()
-        K = x.shape[-1]
-        nb = -(-K // 128)
-        xp = torch.nn.functional.pad(x, (0, nb * 128 - K)).view(*x.shape[:-1], nb, 128)
-        s = xp.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 448.0
-        q = (xp / s).float().to(FP8).double() * s
-        return (q.view(*x.shape[:-1], nb * 128)[..., :K].to(args[0].dtype),)
-
-    return [m.register_forward_pre_hook(hook) for m in modules]
 
 
 def test_reference_gemm_matches_float64_with_partial_blocks():
@@ -75,7 +61,7 @@ def test_bf16_checkpoint_quantised_at_load_tracks_transformers(ref_name, request
         assert m.weight.float().abs().max() == 448.0, name
         hf_mods[name].weight.data = deq.float()
     assert all(hf_mods[n].weight.dtype == torch.float32 for n in lin)
-    hooks = _quantise_inputs_f64([hf_mods[n] for n in lin])
+    hooks = round_inputs_to_fp8([hf_mods[n] for n in lin])
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, ref.vocab, (n,), generator=g).tolist() for n in (13, 5)]
     got = model(PackedBatch.from_sequences(seqs)).logits
