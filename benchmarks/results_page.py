@@ -629,7 +629,7 @@ router's counts; Triton where the library is not built), `benchmarks/vendor_kern
 grouped`, uneven rows per expert for ours, equal rows for torch (TFLOP/s and fractions of the
 dense FP8 matmul). It is 1.2-1.7x the Triton kernel and stays below the 0.75x-of-dense the field
 reaches (DeepGEMM publishes 0.86-0.94 on H800): reading the activation scales K-major and
-partial 128-row tiles are the known losses.
+partial 128-row tiles are the likely losses (not yet measured apart).
 
 {fp8_grouped_table()}
 
