@@ -10,7 +10,7 @@ import torch
 QWEN3_KW = dict(
     vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=10, num_experts_per_tok=3,
-    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], max_position_embeddings=512,
+    norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[1], max_position_embeddings=2048,
     rope_theta=10000.0, tie_word_embeddings=False,
 )
 
@@ -19,7 +19,7 @@ DSV3_KW = dict(
     num_attention_heads=4, num_key_value_heads=4, n_routed_experts=12, n_shared_experts=1,
     num_experts_per_tok=3, n_group=4, topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1,
     q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12,
-    max_position_embeddings=512, rope_interleave=True, tie_word_embeddings=False,
+    max_position_embeddings=2048, rope_interleave=True, tie_word_embeddings=False,
     rope_scaling=dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=128, beta_fast=32,
                       beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
     rope_theta=10000.0,

@@ -39,7 +39,8 @@ DSV3 = dict(preset_hf_dict("tiny-deepseek-v3"), vocab_size=512, hidden_size=256,
             n_group=2, topk_group=1, num_experts_per_tok=2)
 
 
-def _torch_quantize_rows(x, swiglu=False, row_range=None):
+def _torch_quantize_rows(x, swiglu=False, row_range=None, m_major_pad=0):
+    assert row_range is None and not m_major_pad  # the GPU-only variants
     if swiglu:
         C = x.shape[1] // 2
         x = torch.nn.functional.silu(x[:, :C].float()) * x[:, C:].float()

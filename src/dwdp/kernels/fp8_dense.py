@@ -36,7 +36,7 @@ def set_backend(name: str) -> None:
 
 
 @triton.jit(do_not_specialize=["M"])  # rows vary per step: one compiled variant
-def _fp8_dense_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, s_am, s_asm, s_bn, s_bsn, s_cm,
+def _fp8_dense_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, s_am, s_asm, s_ask, s_bn, s_bsn, s_cm,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # GROUP_M row tiles walk all column tiles together: their activations and the weight
     # columns they share are re-read from L2.
@@ -59,7 +59,7 @@ def _fp8_dense_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, s_am, s_asm,
     for kb in range(0, K // BLOCK_K):
         a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
         b = tl.load(b_ptrs, mask=mask_n[None, :], other=0.0)
-        sa = tl.load(as_ptrs + kb, mask=mask_m, other=0.0)
+        sa = tl.load(as_ptrs + kb * s_ask, mask=mask_m, other=0.0)
         sb = tl.load(bs_ptrs + kb, mask=mask_n, other=0.0)
         acc += tl.dot(a, b) * (sa[:, None] * sb[None, :])
         a_ptrs += BLOCK_K
@@ -89,49 +89,79 @@ def gemm_triton(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.T
         return out
     bm, bn, warps, stages, group_m = _config(M)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _fp8_dense_kernel[grid](xq, xs, w, ws, out, M, N, K, xq.stride(0), xs.stride(0), w.stride(0), ws.stride(0),
-                            out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=group_m,
+    _fp8_dense_kernel[grid](xq, xs, w, ws, out, M, N, K, xq.stride(0), xs.stride(0), xs.stride(1), w.stride(0),
+                            ws.stride(0), out.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK, GROUP_M=group_m,
                             num_warps=warps, num_stages=stages)
     return out
 
 
 def gemm_scaled_mm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
                    out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """torch's block-wise ``_scaled_mm``: activation scales outer-dim-major [M, K/128]
-    (column-major), weight scales [K/128, N/128] as a transposed view of the stored grid."""
-    xs_t = xs.t().contiguous().t()  # same values, M-major
-    return torch._scaled_mm(xq, w.t(), scale_a=xs_t, scale_b=ws.t(), out_dtype=out_dtype)
+    """torch's block-wise ``_scaled_mm``: activation scales M-major [M, K/128] (strides
+    (1, M); copied into that layout if given K-major), weight scales [K/128, N/128] as a
+    transposed view of the stored grid."""
+    if xs.stride(0) != 1 or xs.stride(1) != xs.shape[0]:
+        xs = xs.t().contiguous().t()
+    return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=ws.t(), out_dtype=out_dtype)
+
+
+# cuBLASLt's block-wise FP8 GEMM (H100, torch 2.11) refused M = 1 and M = 777 (the M-major
+# activation scales' leading dimension) and returned garbage for K = 640 (weight-scale
+# rows of 5 floats): activations are padded to ROW_PAD rows by the quantiser, and K must
+# be a multiple of 512 (16-byte weight-scale rows); other shapes take the Triton kernel.
+ROW_PAD = 16
+_REFUSED: set[tuple[int, int]] = set()  # (N, K) cuBLASLt turned down in this process
 
 
 @functools.lru_cache(maxsize=8)
-def _scaled_mm_works(device: torch.device) -> bool:
-    """Does this torch build run the block-wise recipe here, and agree with the Triton kernel?"""
+def _scaled_mm_works(device: torch.device, ragged_n: bool) -> bool:
+    """Does this torch build run the block-wise recipe here (N a multiple of 128, or not with
+    ``ragged_n``), and agree with the Triton kernel?"""
     g = torch.Generator(device=device).manual_seed(0)
-    M, N, K = 256, 256, 512
+    M, N, K = 256, 320 if ragged_n else 256, 512
     xq = (torch.randn(M, K, device=device, generator=g) * 50).to(torch.float8_e4m3fn)
     w = (torch.randn(N, K, device=device, generator=g) * 50).to(torch.float8_e4m3fn)
     xs = torch.rand(M, K // BLOCK, device=device, generator=g) + 0.5
-    ws = torch.rand(N // BLOCK, K // BLOCK, device=device, generator=g) + 0.5
+    ws = torch.rand(-(-N // BLOCK), K // BLOCK, device=device, generator=g) + 0.5
     try:
         got = gemm_scaled_mm(xq, xs, w, ws).float()
     except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:
-        log.info("FP8 dense projections: torch block-wise _scaled_mm unavailable (%s); using the Triton kernel",
-                 str(e).splitlines()[0][:160])
+        log.info("FP8 dense projections: torch block-wise _scaled_mm unavailable%s (%s); using the Triton kernel",
+                 " for N not a multiple of 128" if ragged_n else "", str(e).splitlines()[0][:160])
         return False
     want = gemm_triton(xq, xs, w, ws).float()
     ok = bool(((got - want).norm() / want.norm()) < 1e-2)
     if not ok:
-        log.warning("FP8 dense projections: torch block-wise _scaled_mm disagrees with the reference kernel here; "
-                    "using the Triton kernel")
+        log.warning("FP8 dense projections: torch block-wise _scaled_mm disagrees with the reference kernel here%s; "
+                    "using the Triton kernel", " for N not a multiple of 128" if ragged_n else "")
     return ok
+
+
+def use_scaled_mm(M: int, N: int, K: int, device: torch.device) -> bool:
+    """Whether :func:`fp8_gemm` takes torch's ``_scaled_mm`` for this shape (then its
+    activations should come padded to ROW_PAD rows with M-major scales)."""
+    b = _BACKEND["cuda"]
+    if device.type != "cuda" or b == "triton" or M == 0 or K % (4 * BLOCK) or (N, K) in _REFUSED:
+        return False
+    if b == "scaled_mm":
+        return True
+    return _scaled_mm_works(device, False) and (N % BLOCK == 0 or _scaled_mm_works(device, True))
 
 
 def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tensor,
              out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """The block-scaled product through the chosen backend (see the module docstring)."""
-    b = _BACKEND["cuda"]
-    aligned = w.shape[0] % BLOCK == 0 and xq.shape[1] % BLOCK == 0
-    if b == "scaled_mm" or (b == "auto" and aligned and _scaled_mm_works(xq.device)):
-        if aligned:
+    """The block-scaled product through the chosen backend (see the module docstring). A
+    shape cuBLASLt refuses outside graph capture runs on the Triton kernel from then on,
+    with one log line."""
+    M, K = xq.shape
+    N = w.shape[0]
+    if use_scaled_mm(M, N, K, xq.device):
+        try:
             return gemm_scaled_mm(xq, xs, w, ws, out_dtype)
+        except RuntimeError as e:
+            if torch.cuda.is_current_stream_capturing() or _BACKEND["cuda"] == "scaled_mm":
+                raise
+            _REFUSED.add((N, K))
+            log.warning("FP8 dense projections: cuBLASLt refused N=%d K=%d (%s); the Triton kernel runs them",
+                        N, K, str(e).splitlines()[0][:120])
     return gemm_triton(xq, xs, w, ws, out_dtype)

@@ -33,20 +33,21 @@ log = logging.getLogger("dwdp")
 
 
 @triton.jit(do_not_specialize=["M"])  # rows vary per step: one compiled variant
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, range_ptr, M, s_xm, s_qm, s_sm, half,
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, range_ptr, M, M_out, s_xm, s_qm, s_sm, s_sk, half,
                       SWIGLU: tl.constexpr, BLOCK_R: tl.constexpr, FMAX: tl.constexpr, RANGED: tl.constexpr):
     # One program quantises BLOCK_R rows x 128 columns (optionally of silu(gate) * up first).
     # RANGED: only rows [range[0], range[1]) (read on the device), the others are left alone.
+    # Rows [M, M_out) are padding: written as zeros with a tiny scale.
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * 128 + tl.arange(0, 128)
-    lo, hi = 0, M
+    lo, hi = 0, M_out
     if RANGED:
         lo = tl.load(range_ptr)
         hi = tl.minimum(tl.load(range_ptr + 1), M)
         if tl.program_id(0) * BLOCK_R >= hi or tl.program_id(0) * BLOCK_R + BLOCK_R <= lo:
             return
     rows_ok = (rows >= lo) & (rows < hi)
-    rmask = rows_ok[:, None]
+    rmask = (rows_ok & (rows < M))[:, None]
     base = x_ptr + rows[:, None].to(tl.int64) * s_xm + cols[None, :]
     if SWIGLU:
         gate = tl.load(base, mask=rmask, other=0.0).to(tl.float32)
@@ -57,30 +58,38 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, range_ptr, M, s_xm, s_qm, s_sm, half,
     amax = tl.maximum(tl.max(tl.abs(v), axis=1), 1e-10)
     scale = amax / FMAX
     q = (v / scale[:, None]).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + rows[:, None].to(tl.int64) * s_qm + cols[None, :], q, mask=rmask)
-    tl.store(s_ptr + rows.to(tl.int64) * s_sm + tl.program_id(1), scale, mask=rows_ok)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * s_qm + cols[None, :], q, mask=rows_ok[:, None])
+    tl.store(s_ptr + rows.to(tl.int64) * s_sm + tl.program_id(1) * s_sk, scale, mask=rows_ok)
 
 
-def quantize_rows(x: torch.Tensor, swiglu: bool = False, row_range: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, swiglu: bool = False, row_range: torch.Tensor | None = None,
+                  m_major_pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, C] (or [M, 2C] = gate | up with ``swiglu``) -> (e4m3 [M, C], fp32 scales [M, C/128]).
     ``row_range``: a device tensor [r0, r1]; only those rows are quantised (the rest of the
-    outputs is left unwritten), without reading the range back to the host."""
+    outputs is left unwritten), without reading the range back to the host.
+    ``m_major_pad``: rows padded with zeros to a multiple of it, and the scales stored
+    M-major (strides (1, padded M)), as cuBLASLt's block-wise FP8 GEMM reads them."""
     M = x.shape[0]
     C = x.shape[1] // 2 if swiglu else x.shape[1]
     if C % BLOCK or x.stride(-1) != 1:
         raise ValueError(f"FP8 activations need contiguous rows with a multiple of {BLOCK} columns (got {C})")
-    q = torch.empty((M, C), dtype=FP8, device=x.device)
-    s = torch.empty((M, C // BLOCK), dtype=torch.float32, device=x.device)
+    M_out = -(-M // m_major_pad) * m_major_pad if m_major_pad else M
+    q = torch.empty((M_out, C), dtype=FP8, device=x.device)
+    if m_major_pad:
+        s = torch.empty((C // BLOCK, M_out), dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty((M_out, C // BLOCK), dtype=torch.float32, device=x.device)
     if row_range is not None:
+        if m_major_pad:
+            raise ValueError("quantize_rows: row_range and m_major_pad do not combine")
         if row_range.numel() != 2 or row_range.device != x.device or row_range.is_floating_point():
             raise ValueError(f"row_range must be two integer row indices on {x.device}, got {tuple(row_range.shape)} "
                              f"{row_range.dtype} on {row_range.device}")
         row_range = row_range.contiguous()  # the kernel reads [0] and [1]
-    if M:
-        grid = (triton.cdiv(M, 16), C // BLOCK)
+    if M_out:
+        grid = (triton.cdiv(M_out, 16), C // BLOCK)
         rng = row_range if row_range is not None else s  # unread when not RANGED
-        _act_quant_kernel[grid](x, q, s, rng, M, x.stride(0), q.stride(0), s.stride(0), C,
+        _act_quant_kernel[grid](x, q, s, rng, M, M_out, x.stride(0), q.stride(0), s.stride(0), s.stride(1), C,
                                 SWIGLU=swiglu, BLOCK_R=16, FMAX=FP8_MAX, RANGED=row_range is not None)
     return q, s
 

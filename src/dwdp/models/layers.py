@@ -68,24 +68,28 @@ class Fp8Linear(nn.Module):
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-               quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """y = x @ (w * w_scale).T (+ bias) with x quantised 1x128; ``quantized``: x already
-    quantised on the GPU (e.g. by the fused SwiGLU + quantise), x then only gives the dtype."""
+               swiglu: bool = False) -> torch.Tensor:
+    """y = x @ (w * w_scale).T (+ bias) with x quantised 1x128; ``swiglu``: x is gate | up
+    and the product takes silu(gate) * up, fused into the activation quantise on the GPU."""
     K = w.shape[1]
     if kernels.enabled(x) and K % 128 == 0:
-        from ..kernels.fp8_dense import fp8_gemm
+        from ..kernels import fp8_dense
         from ..kernels.fp8_grouped import quantize_rows
 
         lead = x.shape[:-1]
-        if quantized is None:
-            x2 = x.reshape(-1, K)
-            quantized = quantize_rows(x2 if x2.stride(-1) == 1 else x2.contiguous())
-        y = fp8_gemm(*quantized, w, w_scale, x.dtype)
+        x2 = x.reshape(-1, 2 * K if swiglu else K)
+        M = x2.shape[0]
+        cublas = fp8_dense.use_scaled_mm(M, w.shape[0], K, x.device)
+        xq, xs = quantize_rows(x2 if x2.stride(-1) == 1 else x2.contiguous(), swiglu=swiglu,
+                               m_major_pad=fp8_dense.ROW_PAD if cublas else 0)
+        y = fp8_dense.fp8_gemm(xq, xs, w, w_scale, x.dtype)[:M]
         if bias is not None:
             y += bias
         return y.view(*lead, w.shape[0])
     from ..quant import fp8_linear_reference
 
+    if swiglu:
+        x = F.silu(x[..., :K]) * x[..., K:]
     return fp8_linear_reference(x, w, w_scale, bias)
 
 
@@ -126,11 +130,8 @@ class DenseMLP(nn.Module):
             return self.down_proj(F.silu(h[..., :inter]) * h[..., inter:])
         h = fp8_linear(x, *gate_up)
         down = self.down_proj
-        if kernels.enabled(h) and inter % 128 == 0 and is_fp8(down):
-            from ..kernels.fp8_grouped import quantize_rows
-
-            q = quantize_rows(h.reshape(-1, 2 * inter), swiglu=True)  # SwiGLU and quantise in one pass
-            return fp8_linear(x, down.weight, down.weight_scale_inv, down.bias, quantized=q)
+        if kernels.enabled(h) and inter % 128 == 0 and is_fp8(down):  # SwiGLU and quantise in one pass
+            return fp8_linear(h, down.weight, down.weight_scale_inv, down.bias, swiglu=True)
         return down(F.silu(h[..., :inter]) * h[..., inter:])
 
 

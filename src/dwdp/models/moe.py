@@ -22,6 +22,21 @@ from ..config import ModelConfig
 from .layers import DenseMLP
 
 
+def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x @ w.T``. For bf16/fp16 operands on CUDA, one half-precision GEMM with fp32
+    accumulation and output: the products of 16-bit values are exact in fp32, so this is
+    the fp32 GEMM up to summation order, without an fp32 copy of x and at tensor-core rate."""
+    if _MM_FP32_OUT[0] and x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
+        except (TypeError, NotImplementedError, RuntimeError):  # a torch without mm(out_dtype=)
+            _MM_FP32_OUT[0] = False
+    return F.linear(x.float(), w.float())
+
+
+_MM_FP32_OUT = [True]
+
+
 class Router(nn.Module):
     """Top-k routing: softmax (Qwen3, DeepSeek-V2) or sigmoid + group-limited (DeepSeek-V3).
 
@@ -45,7 +60,7 @@ class Router(nn.Module):
         self.logit_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        logits = router_logits(x, self.weight)
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
