@@ -172,7 +172,7 @@ def test_streaming(served):
     (b'{"prompt": [1], "top_p": Infinity}', "finite number", "top_p"),
     (json.dumps({"prompt": [1], "top_p": 0}).encode(), "greater than 0", "top_p"),
     (json.dumps({"prompt": [1], "max_tokens": "many"}).encode(), "valid integer", "max_tokens"),
-    (json.dumps({"prompt": [1], "max_tokens": 1000}).encode(), "exceeds the model's context", "max_tokens"),
+    (json.dumps({"prompt": [1], "max_tokens": 4000}).encode(), "exceeds the model's context", "max_tokens"),
     (json.dumps({"prompt": [10 ** 6]}).encode(), "token ids must lie", "prompt"),
     (json.dumps({"prompt": [True, 2]}).encode(), "not bool", "prompt"),
     (json.dumps({"prompt": [1.0]}).encode(), "not float", "prompt"),
@@ -306,7 +306,7 @@ def test_routes_health_metrics(served):
     assert _get(url, "/nope")[0] == 404
     assert json.loads(_get(url, "/health")[1]) == {"status": "ok"}
     info = json.loads(_get(url, "/v1/models")[1])["data"][0]
-    assert info["vocab_size"] == 320 and info["max_model_len"] == 512
+    assert info["vocab_size"] == 320 and info["max_model_len"] == 2048
     before = _metric(url, "dwdp_generation_tokens_total")
     reqs = _metric(url, "dwdp_requests_total")
     ttft = _metric(url, "dwdp_time_to_first_token_seconds_count")
