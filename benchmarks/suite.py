@@ -98,13 +98,13 @@ SUITES: dict[str, tuple[str, list[Step]]] = {
     "fp8": ("one GPU: FP8 dense GEMM rates, dp prefill at ISL 8K with FP8 experts and projections vs bf16, "
             "the step anatomy of both", [
         Step("fp8_dense", script("fp8_dense.py", "--tokens", "16384", "--iters", "5", "--out", "{out}"), 30, 90),
-        *[Step(f"dp1_{m}_{fmt}", dwdp("bench", "--device", "cuda", "-W", "1", "--strategies", "dp", "--model", m,
+        *[Step(f"{m}_L{layers}_{fmt}_new", dwdp("bench", "--device", "cuda", "-W", "1", "--strategies", "dp", "--model", m,
                                       "--num-layers", layers, "--isl", "8192", "--dist", "normal", "--cv", "0.2",
                                       "--max-num-tokens", "16384", "--num-requests", "8", "--expert-dtype", dt,
                                       "--dense-dtype", dt, "--out", "{out}"), 60, 150, repeat=True)
           for m, layers in (("qwen3-235b-a22b", "8"), ("deepseek-v3", "5")) for fmt, dt in (("fp8", "fp8"),
                                                                                            ("bf16", "same"))],
-        *[Step(f"anatomy1_{m}", script("step_anatomy.py", "--one-gpu", "--model", m, "--layers", layers,
+        *[Step(f"anatomy_{m}", script("step_anatomy.py", "--one-gpu", "--model", m, "--layers", layers,
                                        "--lengths", "8192,6000,2192", "--formats", "fp8/fp8,same/same",
                                        "--iters", "2", "--out", "{out}"), 50, 120)
           for m, layers in (("qwen3-235b-a22b", "8"), ("deepseek-v3", "5"))],
