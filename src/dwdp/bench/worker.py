@@ -169,9 +169,9 @@ def _run_config(spec: BenchSpec, rank, ctx, workload: WorkloadSpec, mnt: int, wa
             for short in sorted({min(n, cfg.max_position_embeddings) for n in (61, 200)}):  # a short context
                 drive(PrefillEngine(model, mnt, keep_kv=False), [Request(f"warmup-short{short}", [1] * short)])
             # And continuations: a chunk whose sequence has a cached prefix takes other attention
-            # kernels (a pass over the prefix, the varlen kernel's prefix variant for short
-            # chunks), compiled or planned at first use: inside the timed run's first chunked step
-            # (+0.4-0.5 s on one H100) unless here.
+            # work (a pass over the prefix, the varlen kernel's prefix variant for short chunks),
+            # set up at first use. Without these, the first timed step with a prefix took
+            # 0.4-0.5 s longer than the others on one H100.
             for tail in (61, 1100):
                 length = min(mnt + tail, cfg.max_position_embeddings)
                 if length > mnt:

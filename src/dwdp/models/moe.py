@@ -26,15 +26,16 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """fp32 ``x @ w.T``. For bf16/fp16 operands on CUDA, one half-precision GEMM with fp32
     accumulation and output: the products of 16-bit values are exact in fp32, so this is
     the fp32 GEMM up to summation order, without an fp32 copy of x and at tensor-core rate."""
-    if _MM_FP32_OUT[0] and x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16):
+    global _mm_fp32_out
+    if _mm_fp32_out and x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16):
         try:
             return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
-        except (TypeError, NotImplementedError, RuntimeError):  # a torch without mm(out_dtype=)
-            _MM_FP32_OUT[0] = False
+        except (TypeError, NotImplementedError, RuntimeError):  # a torch without mm(out_dtype=): once
+            _mm_fp32_out = False
     return F.linear(x.float(), w.float())
 
 
-_MM_FP32_OUT = [True]
+_mm_fp32_out = True
 
 
 class Router(nn.Module):
