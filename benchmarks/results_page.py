@@ -359,22 +359,27 @@ def fp8_prefill_table() -> str:
     return "\n".join(out) + "\n\n" + Stamp.of(paths).markdown()
 
 
+def _anatomy_records() -> tuple[list[Path], list[dict]]:
+    """The one-GPU step anatomies of the newest FP8 prefill lease: its files and their records."""
+    files = sorted(newest("*_fp8_prefill_*/anatomy_*.json").parent.glob("anatomy_*.json"))
+    return files, [r for f in files for r in json.loads(f.read_text())["records"]]
+
+
 def full_depth_estimate_table() -> str:
     """Prompt tokens/s per GPU at full depth, scaled from the step anatomy's timed FP8 step
     (median wall time of one 16K-token step at the measured depth; per-layer time taken as
     equal)."""
-    files = sorted(newest("*_fp8_prefill_*/anatomy_*.json").parent.glob("anatomy_*.json"))
+    files, records = _anatomy_records()
     out = ["| model | measured layers | FP8 step (16,384 tokens) | tok/s there | full depth | estimate at full depth "
            "| published |", "|---|---:|---:|---:|---:|---:|---|"]
-    for f in files:
-        for r in json.loads(f.read_text())["records"]:
-            if r["expert_dtype"] != "fp8" or r["model"] not in FULL_LAYERS:
-                continue
-            tps = r["tokens"] / (r["step_ms_median"] / 1e3)
-            full = FULL_LAYERS[r["model"]]
-            out.append(f"| {r['model']} | {r['num_layers']} | {r['step_ms_median']:.1f} ms | {tps:,.0f} | {full} | "
-                       f"**{tps * r['num_layers'] / full:,.0f}** | "
-                       f"{PUBLISHED_PREFILL.get(r['model'], 'none found for this card')} |")
+    for r in records:
+        if r["expert_dtype"] != "fp8" or r["model"] not in FULL_LAYERS:
+            continue
+        tps = r["tokens"] / (r["step_ms_median"] / 1e3)
+        full = FULL_LAYERS[r["model"]]
+        out.append(f"| {r['model']} | {r['num_layers']} | {r['step_ms_median']:.1f} ms | {tps:,.0f} | {full} | "
+                   f"**{tps * r['num_layers'] / full:,.0f}** | "
+                   f"{PUBLISHED_PREFILL.get(r['model'], 'none found for this card')} |")
     return "\n".join(out) + "\n\n" + Stamp.of(files).markdown()
 
 
@@ -387,27 +392,27 @@ def fp8_dense_table() -> str:
     for r in d["rows"]:
         blk, row = r.get("blockwise_scaled_mm_tflops"), r["rowwise_tflops"]
         blk_s, ratio_s = (f"{blk:.0f}", f"**{blk / row:.2f}**") if blk else ("n/a", "-")
-        out.append(f"| {r['model']} | {r['proj'].replace('|', chr(92) + '|')} | {r['M']} x {r['N']} x {r['K']} | {r['rowwise_tflops']:.0f} | "
-                   f"{blk_s} | {ratio_s} | "
-                   f"{r['triton_tflops']:.0f} | {r['fp8_linear_tflops']:.0f} | "
-                   f"{r['fp8_linear_tflops'] / r['rowwise_tflops']:.2f} | {r['bf16_tflops']:.0f} |")
+        proj = r["proj"].replace("|", "\\|")  # q_a|kv_a: a literal bar inside a table cell
+        out.append(f"| {r['model']} | {proj} | {r['M']} x {r['N']} x {r['K']} | {row:.0f} | {blk_s} | {ratio_s} | "
+                   f"{r['triton_tflops']:.0f} | {r['fp8_linear_tflops']:.0f} | {r['fp8_linear_tflops'] / row:.2f} | "
+                   f"{r['bf16_tflops']:.0f} |")
     return "\n".join(out) + "\n\n" + Stamp.of([p]).markdown()
 
 
 def step_anatomy_table() -> str:
     """Device time of one 16K-token prefill step by kernel kind (``benchmarks/step_anatomy.py
     --one-gpu``; the kind comes from the op that launched each kernel, listed in the file)."""
-    files = sorted(newest("*_fp8_prefill_*/anatomy_*.json").parent.glob("anatomy_*.json"))
+    files, records = _anatomy_records()
     kinds = ["expert_gemm", "gemm", "attention", "routing", "quantise", "norm", "rope", "copy", "elementwise", "other"]
     out = ["| model (layers) | experts / projections | device ms | " + " | ".join(kinds) + " | outside GEMM + attention |",
            "|---|---|---:|" + "---:|" * len(kinds) + "---:|"]
-    for f in files:
-        for r in json.loads(f.read_text())["records"]:
-            k = r["device_ms_by_kind"]
-            total = sum(k.values())
-            outside = total - sum(k.get(x, 0.0) for x in ("expert_gemm", "gemm", "attention"))
-            out.append(f"| {r['model']} ({r['num_layers']}) | {r['expert_dtype'].replace('same', 'bf16')} / {r['dense_dtype'].replace('same', 'bf16')} | {total:.1f} | "
-                       + " | ".join(f"{k.get(x, 0.0):.1f}" for x in kinds) + f" | **{100 * outside / total:.0f}%** |")
+    for r in records:
+        k = r["device_ms_by_kind"]
+        total = sum(k.values())
+        outside = total - sum(k.get(x, 0.0) for x in ("expert_gemm", "gemm", "attention"))
+        formats = " / ".join(r[d].replace("same", "bf16") for d in ("expert_dtype", "dense_dtype"))
+        out.append(f"| {r['model']} ({r['num_layers']}) | {formats} | {total:.1f} | "
+                   + " | ".join(f"{k.get(x, 0.0):.1f}" for x in kinds) + f" | **{100 * outside / total:.0f}%** |")
     return "\n".join(out) + "\n\n" + Stamp.of(files).markdown()
 
 

@@ -158,6 +158,8 @@ def fp8_gemm(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, ws: torch.Tens
     if use_scaled_mm(M, N, K, xq.device):
         try:
             return gemm_scaled_mm(xq, xs, w, ws, out_dtype)
+        except torch.OutOfMemoryError:
+            raise  # says nothing about the shape
         except RuntimeError as e:
             if torch.cuda.is_current_stream_capturing() or _BACKEND["cuda"] == "scaled_mm":
                 raise

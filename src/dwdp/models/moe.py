@@ -30,6 +30,8 @@ def router_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if _mm_fp32_out and x.is_cuda and x.dtype == w.dtype and x.dtype in (torch.bfloat16, torch.float16):
         try:
             return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
+        except torch.OutOfMemoryError:
+            raise  # says nothing about mm(out_dtype=)
         except (TypeError, NotImplementedError, RuntimeError):  # a torch without mm(out_dtype=): once
             _mm_fp32_out = False
     return F.linear(x.float(), w.float())
